@@ -1,0 +1,128 @@
+//! The one crate an app depends on to be served by the hot-reload host.
+//!
+//! An app is an ordinary async Rust library built as a `cdylib`. It implements [`App`]: build
+//! itself from an [`InitContext`], hand out an [`axum::Router`] for its routes, and optionally shut
+//! down cleanly. [`export_app!`] exports it. The host loads the library, checks that it was built
+//! against a compatible app-api, and serves it; on every reload the host loads the new build next
+//! to the old one, moves new requests to it, lets requests in flight finish on the old one, and
+//! then unloads the old code for real.
+//!
+//! ```no_run
+//! use app_api::axum::{routing::get, Router};
+//! use app_api::{App, InitContext};
+//!
+//! struct Hello;
+//!
+//! impl App for Hello {
+//!     async fn init(_ctx: InitContext) -> Result<Self, app_api::Error> {
+//!         Ok(Hello)
+//!     }
+//!
+//!     fn router(&self) -> Router {
+//!         Router::new().route("/", get(|| async { "hello\n" }))
+//!     }
+//! }
+//!
+//! app_api::export_app!(Hello);
+//! ```
+//!
+//! # What runs where
+//!
+//! Every generation runs on a tokio runtime of its own, started by this crate inside the library
+//! on threads that belong to the generation. App code can use tokio timers, sockets, `spawn` and
+//! tokio-based crates as usual (through the re-exported [`tokio`], or a `tokio` dependency of the
+//! same major version). When the generation retires, its runtime is shut down: every task it
+//! spawned is dropped and every thread joined, before the library is unloaded. A panic in a
+//! handler is caught and answered with `500 Internal Server Error`.
+//!
+//! `tracing` events from app code are forwarded to the host's log, tagged with the generation.
+//!
+//! # Limits
+//!
+//! Request and response bodies are buffered whole (the host bounds request bodies; responses are
+//! bounded by [`MAX_RESPONSE_BODY`]).
+
+pub mod abi;
+mod guest;
+
+pub use axum;
+pub use tokio;
+pub use tracing;
+
+use std::future::Future;
+
+/// The error an app's initialisation may fail with.
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// The largest response body the library will hand to the host (64 MiB); larger ones become a
+/// `500` error.
+pub const MAX_RESPONSE_BODY: usize = 64 * 1024 * 1024;
+
+/// An app the host can serve.
+///
+/// One instance is created per generation, by [`App::init`], on the generation's own runtime.
+pub trait App: Sized + Send + Sync + 'static {
+    /// Creates the app. Failing here (with an error or a panic), or not finishing before the
+    /// host's init timeout, rejects the new version: the previous one keeps serving.
+    fn init(ctx: InitContext) -> impl Future<Output = Result<Self, Error>>;
+
+    /// The routes this app serves. Called once, after `init`.
+    fn router(&self) -> axum::Router;
+
+    /// Called when the generation retires, after its last request was answered or the host's
+    /// drain deadline passed, and before its runtime is stopped.
+    fn shutdown(&self) -> impl Future<Output = ()> {
+        async {}
+    }
+}
+
+/// What the host tells an app when it starts it.
+#[derive(Debug, Clone)]
+pub struct InitContext {
+    generation: u64,
+    config: String,
+}
+
+impl InitContext {
+    /// The generation this instance serves as (1 for the first library the host loaded).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The app's configuration text, as the host read it for this generation (empty if the host
+    /// was given none). Its format is up to the app.
+    pub fn config(&self) -> &str {
+        &self.config
+    }
+}
+
+/// Exports an [`App`] from a `cdylib` so that the host can load it.
+///
+/// Use it once per library, with the type that implements [`App`]:
+///
+/// ```ignore
+/// app_api::export_app!(MyApp);
+/// ```
+#[macro_export]
+macro_rules! export_app {
+    ($app:ty) => {
+        #[unsafe(no_mangle)]
+        pub static HOT_RELOAD_APP_DESCRIPTOR_V1: $crate::abi::AppDescriptor =
+            $crate::abi::AppDescriptor {
+                magic: $crate::abi::DESCRIPTOR_MAGIC,
+                descriptor_version: $crate::abi::DESCRIPTOR_VERSION,
+                api_version: $crate::__private::RStr::from_str($crate::abi::API_VERSION),
+                layout: <$crate::abi::GuestVTable as $crate::__private::StableAbi>::LAYOUT,
+                vtable: &$crate::abi::GuestVTable {
+                    run: $crate::__private::run::<$app>,
+                },
+            };
+    };
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::guest::run;
+    pub use abi_stable::std_types::RStr;
+    pub use abi_stable::StableAbi;
+}

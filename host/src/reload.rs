@@ -1,0 +1,285 @@
+//! Reloading: the current generation, the one-at-a-time reload loop, and the record `/status`
+//! shows.
+//!
+//! A reload stages a private copy of the app library, starts a generation from it, and only if
+//! that fully succeeds swaps it in with one atomic store. The previous generation then retires in
+//! the background. Any failure leaves the serving generation untouched.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::generation::{ms, Generation, Lease, LibraryInfo, StartOptions};
+
+/// How reloads are done.
+#[derive(Debug, Clone)]
+pub struct ReloadSettings {
+    /// The library to serve; read anew on every reload.
+    pub app_path: PathBuf,
+    /// The app's configuration file, read anew on every reload.
+    pub app_config: Option<PathBuf>,
+    /// A private directory for staged copies.
+    pub staging_dir: PathBuf,
+    pub worker_threads: u32,
+    pub init_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub stop_timeout: Duration,
+}
+
+/// The outcome of a reload: the new generation's number, or why it was refused.
+pub type ReloadOutcome = Result<u64, String>;
+
+/// A request for a reload, from a signal, the watcher or the admin endpoint.
+pub struct Trigger {
+    pub source: &'static str,
+    pub reply: Option<oneshot::Sender<ReloadOutcome>>,
+}
+
+/// The last reload, as `/status` reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadRecord {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub at: String,
+    pub duration_ms: f64,
+    pub trigger: String,
+    pub generation: u64,
+}
+
+pub struct Reloader {
+    settings: ReloadSettings,
+    current: ArcSwap<Generation>,
+    live: Mutex<Vec<Arc<Generation>>>,
+    last_reload: Mutex<Option<ReloadRecord>>,
+    attempts: AtomicU64,
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    retiring: TaskTracker,
+    triggers: mpsc::UnboundedSender<Trigger>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Reloader {
+    /// Loads the first generation. The host cannot serve without one, so failing here is fatal.
+    pub async fn start(settings: ReloadSettings) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Trigger>)> {
+        let first = load_generation(&settings, 1)
+            .await
+            .with_context(|| format!("cannot serve {}", settings.app_path.display()))?;
+        let (triggers, receiver) = mpsc::unbounded_channel();
+        let reloader = Arc::new(Reloader {
+            current: ArcSwap::new(Arc::clone(&first)),
+            live: Mutex::new(vec![first]),
+            last_reload: Mutex::new(None),
+            attempts: AtomicU64::new(1),
+            succeeded: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            retiring: TaskTracker::new(),
+            triggers,
+            settings,
+        });
+        Ok((reloader, receiver))
+    }
+
+    /// A lease on the newest generation for one request, or `None` once the host is shutting
+    /// down.
+    pub fn acquire(&self) -> Option<Lease> {
+        loop {
+            let generation = self.current.load_full();
+            if let Some(lease) = generation.try_acquire() {
+                return Some(lease);
+            }
+            // A closed generation that is still current means the host is shutting down;
+            // otherwise it was swapped out just now, and the new one is taken on the next turn.
+            if Arc::ptr_eq(&generation, &self.current.load()) {
+                return None;
+            }
+        }
+    }
+
+    /// Asks for a reload without waiting for it.
+    pub fn trigger(&self, source: &'static str) {
+        // The receiver lives as long as the host serves; after that, reloads no longer matter.
+        let _ = self.triggers.send(Trigger { source, reply: None });
+    }
+
+    /// Asks for a reload and waits for its outcome.
+    pub async fn reload_and_wait(&self, source: &'static str) -> ReloadOutcome {
+        let (reply, outcome) = oneshot::channel();
+        self.triggers
+            .send(Trigger { source, reply: Some(reply) })
+            .map_err(|_| "the host is shutting down".to_string())?;
+        outcome.await.map_err(|_| "the host is shutting down".to_string())?
+    }
+
+    /// Runs reloads one at a time. Triggers that arrive during a reload are answered together by
+    /// the one reload that follows it.
+    /// Returns when `stop` is cancelled, after finishing the reload under way.
+    pub async fn run(self: Arc<Self>, mut triggers: mpsc::UnboundedReceiver<Trigger>, stop: CancellationToken) {
+        loop {
+            let first = tokio::select! {
+                trigger = triggers.recv() => match trigger {
+                    Some(trigger) => trigger,
+                    None => return,
+                },
+                () = stop.cancelled() => return,
+            };
+            let mut batch = vec![first];
+            while let Ok(more) = triggers.try_recv() {
+                batch.push(more);
+            }
+            let sources: Vec<&str> = batch.iter().map(|t| t.source).collect();
+            let outcome = self.reload(&sources.join(",")).await;
+            for trigger in batch {
+                if let Some(reply) = trigger.reply {
+                    let _ = reply.send(outcome.clone());
+                }
+            }
+        }
+    }
+
+    async fn reload(self: &Arc<Self>, trigger: &str) -> ReloadOutcome {
+        let began = Instant::now();
+        let number = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(generation = number, trigger, "reloading");
+        let outcome = match load_generation(&self.settings, number).await {
+            Ok(new) => {
+                lock(&self.live).push(Arc::clone(&new));
+                let old = self.current.swap(new);
+                tracing::info!(
+                    generation = number,
+                    previous = old.number,
+                    duration_ms = ms(began.elapsed()),
+                    "swapped: new requests go to generation {number}"
+                );
+                self.retire(old);
+                self.succeeded.fetch_add(1, Ordering::Relaxed);
+                Ok(number)
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                tracing::error!(
+                    generation = number,
+                    serving = self.current.load().number,
+                    error,
+                    "reload failed; the serving generation stays"
+                );
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                Err(error)
+            }
+        };
+        *lock(&self.last_reload) = Some(ReloadRecord {
+            ok: outcome.is_ok(),
+            error: outcome.as_ref().err().cloned(),
+            at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            duration_ms: ms(began.elapsed()),
+            trigger: trigger.to_string(),
+            generation: number,
+        });
+        outcome
+    }
+
+    fn retire(self: &Arc<Self>, old: Arc<Generation>) {
+        let this = Arc::clone(self);
+        self.retiring.spawn(async move {
+            old.retire(this.settings.drain_timeout, this.settings.stop_timeout).await;
+            lock(&this.live).retain(|g| !Arc::ptr_eq(g, &old));
+        });
+    }
+
+    /// Stops serving: requests in flight finish (within the drain timeout), then every
+    /// generation is stopped and unloaded.
+    pub async fn shutdown(self: &Arc<Self>) {
+        self.retire(self.current.load_full());
+        self.retiring.close();
+        self.retiring.wait().await;
+    }
+
+    /// The JSON document `GET /status` answers with.
+    pub fn status(&self) -> serde_json::Value {
+        let current = self.current.load();
+        let generations: Vec<serde_json::Value> = lock(&self.live)
+            .iter()
+            .map(|g| {
+                serde_json::json!({
+                    "generation": g.number,
+                    "phase": g.phase(),
+                    "in_flight": g.in_flight(),
+                    "sha256": g.library.sha256,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "generation": current.number,
+            "library": current.library,
+            "generations": generations,
+            "last_reload": *lock(&self.last_reload),
+            "reloads": {
+                "ok": self.succeeded.load(Ordering::Relaxed),
+                "failed": self.failed.load(Ordering::Relaxed),
+            },
+        })
+    }
+}
+
+/// Stages a copy of the library and starts a generation from it.
+async fn load_generation(settings: &ReloadSettings, number: u64) -> anyhow::Result<Arc<Generation>> {
+    let began = Instant::now();
+    let library = stage(settings, number).await?;
+    tracing::info!(
+        generation = number,
+        staged_copy = %library.staged_copy.display(),
+        sha256 = library.sha256,
+        duration_ms = ms(began.elapsed()),
+        "staged"
+    );
+    let config = match &settings.app_config {
+        Some(path) => tokio::fs::read_to_string(path)
+            .await
+            .with_context(|| format!("cannot read the app config {}", path.display()))?,
+        None => String::new(),
+    };
+    let started = Instant::now();
+    let generation = Generation::start(StartOptions {
+        number,
+        library,
+        config,
+        worker_threads: settings.worker_threads,
+        init_timeout: settings.init_timeout,
+        stop_timeout: settings.stop_timeout,
+    })
+    .await?;
+    tracing::info!(generation = number, duration_ms = ms(started.elapsed()), "started");
+    Ok(generation)
+}
+
+/// Copies the library at the app path to a fresh, uniquely named file: `dlopen` of a path that
+/// is already loaded would return the old copy, and the original may be replaced at any moment.
+async fn stage(settings: &ReloadSettings, number: u64) -> anyhow::Result<LibraryInfo> {
+    let path = settings.app_path.clone();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "app.so".into());
+    let staged_copy = settings.staging_dir.join(format!("gen{number}-{file_name}"));
+    let staged = staged_copy.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read the app library {}", path.display()))?;
+        anyhow::ensure!(!bytes.is_empty(), "the app library {} is empty", path.display());
+        std::fs::write(&staged, &bytes).with_context(|| format!("cannot stage a copy at {}", staged.display()))?;
+        Ok(format!("{:x}", Sha256::digest(&bytes)))
+    })
+    .await
+    .context("the staging task failed")?
+    .map(|sha256| LibraryInfo { path: settings.app_path.clone(), staged_copy, sha256 })
+}

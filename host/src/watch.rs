@@ -1,0 +1,68 @@
+//! `--watch`: reload when the file at the app path is replaced or rewritten.
+//!
+//! The parent directory is watched rather than the file, because deployments replace the file
+//! (rename over it, or switch a symlink) and a watch on the old inode would go quiet. If the path
+//! is a symlink, the directory of its target is watched too, so rebuilding the target counts.
+//! Events are debounced: a burst of writes makes one reload.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use notify::{EventKind, RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
+
+use crate::reload::Reloader;
+
+/// How long the file must stay quiet before a reload starts.
+const DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// Starts watching; the watch lasts as long as the returned watcher is kept.
+pub fn watch(app_path: &Path, reloader: Arc<Reloader>) -> anyhow::Result<notify::RecommendedWatcher> {
+    let mut watched: HashSet<PathBuf> = HashSet::new();
+    watched.insert(absolute(app_path));
+    if let Ok(target) = std::fs::canonicalize(app_path) {
+        watched.insert(target);
+    }
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let files = watched.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+        Ok(event) if is_change(&event.kind) && event.paths.iter().any(|p| files.contains(p)) => {
+            let _ = events_tx.send(());
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "file watcher error"),
+    })
+    .context("cannot start the file watcher")?;
+    let directories: HashSet<&Path> = watched.iter().filter_map(|p| p.parent()).collect();
+    for directory in directories {
+        watcher
+            .watch(directory, RecursiveMode::NonRecursive)
+            .with_context(|| format!("cannot watch {}", directory.display()))?;
+        tracing::info!(directory = %directory.display(), "watching for new app libraries");
+    }
+
+    tokio::spawn(async move {
+        while events.recv().await.is_some() {
+            // Wait for the burst to end: every further event restarts the quiet period.
+            while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, events.recv()).await {}
+            reloader.trigger("watch");
+        }
+    });
+    Ok(watcher)
+}
+
+fn is_change(kind: &EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        EventKind::Create(_) | EventKind::Modify(_) => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        _ => false,
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
