@@ -65,7 +65,10 @@ async fn serve<A: App>(host: &HostApi<'_>) -> Result<(), String> {
             return Err(message);
         }
     };
-    let ctx = InitContext { generation: host.generation, config: host.config.to_string() };
+    let ctx = InitContext {
+        generation: host.generation,
+        config: host.config.to_string(),
+    };
     let init = AssertUnwindSafe(A::init(ctx)).catch_unwind();
     let app = tokio::select! {
         result = init => match result {
@@ -79,7 +82,12 @@ async fn serve<A: App>(host: &HostApi<'_>) -> Result<(), String> {
     };
     let router = match std::panic::catch_unwind(AssertUnwindSafe(|| app.router())) {
         Ok(router) => router,
-        Err(panic) => return Err(refuse(host, format!("the app's router() panicked: {}", panic_message(&*panic)))),
+        Err(panic) => {
+            return Err(refuse(
+                host,
+                format!("the app's router() panicked: {}", panic_message(&*panic)),
+            ))
+        }
     };
     (host.started)(host.handle, ROk(()));
 
@@ -139,7 +147,12 @@ struct PendingResponse(Option<Responder>);
 impl PendingResponse {
     fn send(mut self, status: u16, headers: &[HeaderRef<'_>], body: &[u8]) {
         if let Some(responder) = self.0.take() {
-            (responder.respond)(responder.handle, status, RSlice::from_slice(headers), RSlice::from_slice(body));
+            (responder.respond)(
+                responder.handle,
+                status,
+                RSlice::from_slice(headers),
+                RSlice::from_slice(body),
+            );
         }
     }
 
@@ -161,7 +174,14 @@ impl Drop for PendingResponse {
 }
 
 async fn handle_request(router: axum::Router, request: HostRequest) {
-    let HostRequest { method, uri, version, headers, body, responder } = request;
+    let HostRequest {
+        method,
+        uri,
+        version,
+        headers,
+        body,
+        responder,
+    } = request;
     let pending = PendingResponse(Some(responder));
 
     let mut builder = http::Request::builder()
@@ -190,7 +210,10 @@ async fn handle_request(router: axum::Router, request: HostRequest) {
     };
 
     let (parts, body) = response.into_parts();
-    let body = match AssertUnwindSafe(Limited::new(body, MAX_RESPONSE_BODY).collect()).catch_unwind().await {
+    let body = match AssertUnwindSafe(Limited::new(body, MAX_RESPONSE_BODY).collect())
+        .catch_unwind()
+        .await
+    {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(e)) => {
             tracing::error!("could not produce a response body: {e}");

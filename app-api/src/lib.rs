@@ -107,16 +107,15 @@ impl InitContext {
 macro_rules! export_app {
     ($app:ty) => {
         #[unsafe(no_mangle)]
-        pub static HOT_RELOAD_APP_DESCRIPTOR_V1: $crate::abi::AppDescriptor =
-            $crate::abi::AppDescriptor {
-                magic: $crate::abi::DESCRIPTOR_MAGIC,
-                descriptor_version: $crate::abi::DESCRIPTOR_VERSION,
-                api_version: $crate::__private::RStr::from_str($crate::abi::API_VERSION),
-                layout: <$crate::abi::GuestVTable as $crate::__private::StableAbi>::LAYOUT,
-                vtable: &$crate::abi::GuestVTable {
-                    run: $crate::__private::run::<$app>,
-                },
-            };
+        pub static HOT_RELOAD_APP_DESCRIPTOR_V1: $crate::abi::AppDescriptor = $crate::abi::AppDescriptor {
+            magic: $crate::abi::DESCRIPTOR_MAGIC,
+            descriptor_version: $crate::abi::DESCRIPTOR_VERSION,
+            api_version: $crate::__private::RStr::from_str($crate::abi::API_VERSION),
+            layout: <$crate::abi::GuestVTable as $crate::__private::StableAbi>::LAYOUT,
+            vtable: &$crate::abi::GuestVTable {
+                run: $crate::__private::run::<$app>,
+            },
+        };
     };
 }
 

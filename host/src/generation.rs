@@ -70,14 +70,25 @@ impl AppResponse {
                 _ => tracing::warn!(header = name, "dropped an invalid response header from the app"),
             }
         }
-        AppResponse { status, headers: map, body }
+        AppResponse {
+            status,
+            headers: map,
+            body,
+        }
     }
 
     /// A plain-text response made by the host itself.
     pub fn error(status: StatusCode, message: &'static str) -> Self {
         let mut headers = HeaderMap::new();
-        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-        AppResponse { status, headers, body: Bytes::from_static(message.as_bytes()) }
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        AppResponse {
+            status,
+            headers,
+            body: Bytes::from_static(message.as_bytes()),
+        }
     }
 }
 
@@ -133,8 +144,11 @@ impl Generation {
     pub async fn start(options: StartOptions) -> Result<Arc<Generation>, StartError> {
         let number = options.number;
         let staged = options.library.staged_copy.clone();
-        let wake = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)
-            .map_err(|e| StartError::Setup(format!("eventfd: {e}")))?;
+        let wake = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )
+        .map_err(|e| StartError::Setup(format!("eventfd: {e}")))?;
         let (started_tx, started_rx) = oneshot::channel();
         let generation = Arc::new(Generation {
             number,
@@ -164,7 +178,11 @@ impl Generation {
                         return None;
                     }
                 };
-                tracing::info!(generation = number, duration_ms = ms(loaded.elapsed()), "loaded and verified");
+                tracing::info!(
+                    generation = number,
+                    duration_ms = ms(loaded.elapsed()),
+                    "loaded and verified"
+                );
                 if let Err(e) = library.run(&generation, &config, worker_threads) {
                     tracing::error!(generation = number, error = %e, "the generation stopped with an error");
                     generation.report_started(Err(e));
@@ -177,7 +195,9 @@ impl Generation {
         let outcome = match tokio::time::timeout(options.init_timeout, started_rx).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(message))) => Err(StartError::Failed(message)),
-            Ok(Err(_)) => Err(StartError::Failed("the generation's thread ended without starting the app".into())),
+            Ok(Err(_)) => Err(StartError::Failed(
+                "the generation's thread ended without starting the app".into(),
+            )),
             Err(_) => Err(StartError::InitTimeout(options.init_timeout)),
         };
         match outcome {
@@ -279,7 +299,9 @@ impl Generation {
         self.set_phase(Phase::Stopping);
         self.shutdown.store(true, Ordering::Release);
         self.wake();
-        let Some(thread) = lock(&self.thread).take() else { return };
+        let Some(thread) = lock(&self.thread).take() else {
+            return;
+        };
         let number = self.number;
         let staged = self.library.staged_copy.clone();
         let join = tokio::task::spawn_blocking(move || match thread.join() {
@@ -290,7 +312,10 @@ impl Generation {
             }
             Ok(None) => (began.elapsed(), None),
             Err(_) => {
-                tracing::error!(generation = number, "the generation's thread panicked; its library stays loaded");
+                tracing::error!(
+                    generation = number,
+                    "the generation's thread panicked; its library stays loaded"
+                );
                 (began.elapsed(), None)
             }
         });
@@ -307,7 +332,11 @@ impl Generation {
                         if still_mapped == 0 {
                             tracing::info!(generation = number, duration_ms = ms(began.elapsed()), "unloaded");
                         } else {
-                            tracing::warn!(generation = number, still_mapped, "closed, but the library is still mapped");
+                            tracing::warn!(
+                                generation = number,
+                                still_mapped,
+                                "closed, but the library is still mapped"
+                            );
                         }
                     }
                     Some(Err(e)) => tracing::error!(generation = number, error = %e, "dlclose failed"),
@@ -382,7 +411,9 @@ impl Drop for Lease {
 
 /// How many mappings of `path` this process has.
 pub fn mapped_copies(path: &Path) -> usize {
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return 0 };
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return 0;
+    };
     let needle = path.to_string_lossy();
     maps.lines().filter(|line| line.contains(needle.as_ref())).count()
 }

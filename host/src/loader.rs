@@ -16,8 +16,8 @@ use abi_stable::abi_stability::abi_checking::{check_layout_compatibility_with_gl
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr};
 use abi_stable::StableAbi;
 use app_api::abi::{
-    AppDescriptor, GuestVTable, HeaderRef, HostApi, HostHandle, LogLevel, Responder, ResponderHandle,
-    API_VERSION, DESCRIPTOR_MAGIC, DESCRIPTOR_SYMBOL, DESCRIPTOR_VERSION,
+    AppDescriptor, GuestVTable, HeaderRef, HostApi, HostHandle, LogLevel, Responder, ResponderHandle, API_VERSION,
+    DESCRIPTOR_MAGIC, DESCRIPTOR_SYMBOL, DESCRIPTOR_VERSION,
 };
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -38,7 +38,11 @@ pub enum LoadError {
     #[error("{path} was built against app-api {library}, which this host (app-api {API_VERSION}) cannot serve: rebuild it against app-api {API_VERSION}")]
     ApiVersion { path: String, library: String },
     #[error("{path} (app-api {library}) does not match the interface of this host (app-api {API_VERSION}): {details}")]
-    Layout { path: String, library: String, details: String },
+    Layout {
+        path: String,
+        library: String,
+        details: String,
+    },
 }
 
 /// An app library, opened and verified, ready to run one generation.
@@ -63,8 +67,11 @@ impl LoadedLibrary {
         // SAFETY: loading runs the library's initialisers. A Rust cdylib's only initialisers are
         // std's, which register no thread-local destructors. This runs on the generation's own
         // thread, which is joined before the library is closed.
-        let library = unsafe { libloading::os::unix::Library::open(Some(path), flags) }
-            .map_err(|source| LoadError::Open { path: display.clone(), source })?;
+        let library =
+            unsafe { libloading::os::unix::Library::open(Some(path), flags) }.map_err(|source| LoadError::Open {
+                path: display.clone(),
+                source,
+            })?;
         let library = libloading::Library::from(library);
 
         // SAFETY: we only take the symbol's address here; it is dereferenced below, after checks.
@@ -86,14 +93,20 @@ impl LoadedLibrary {
         // fields keep their place across versions.
         let descriptor_version = unsafe { std::ptr::addr_of!((*descriptor_ptr).descriptor_version).read_unaligned() };
         if descriptor_version != DESCRIPTOR_VERSION {
-            return Err(LoadError::DescriptorVersion { path: display, found: descriptor_version });
+            return Err(LoadError::DescriptorVersion {
+                path: display,
+                found: descriptor_version,
+            });
         }
         // SAFETY: magic and version match, so the whole descriptor has this layout and lives in
         // the library's static data, valid while `library` is open.
         let descriptor = unsafe { &*descriptor_ptr };
         let library_api = descriptor.api_version.as_str().to_owned();
         if !api_versions_compatible(API_VERSION, &library_api) {
-            return Err(LoadError::ApiVersion { path: display, library: library_api });
+            return Err(LoadError::ApiVersion {
+                path: display,
+                library: library_api,
+            });
         }
 
         // A fresh `CheckingGlobals` per check: abi_stable's process-wide one would keep pointers
@@ -107,7 +120,10 @@ impl LoadedLibrary {
             })?;
         drop(globals);
 
-        Ok(LoadedLibrary { vtable: descriptor.vtable, library })
+        Ok(LoadedLibrary {
+            vtable: descriptor.vtable,
+            library,
+        })
     }
 
     /// Runs one generation of the app on the calling thread, until the host asks it to stop.
@@ -256,7 +272,12 @@ extern "C" fn on_log(handle: HostHandle, level: LogLevel, target: RStr<'_>, mess
     })
 }
 
-extern "C" fn on_respond(handle: ResponderHandle, status: u16, headers: RSlice<'_, HeaderRef<'_>>, body: RSlice<'_, u8>) {
+extern "C" fn on_respond(
+    handle: ResponderHandle,
+    status: u16,
+    headers: RSlice<'_, HeaderRef<'_>>,
+    body: RSlice<'_, u8>,
+) {
     guarded("respond", (), || {
         // SAFETY: app-api's guest side consumes each responder exactly once.
         let slot = unsafe { take_slot(handle) };

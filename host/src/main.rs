@@ -125,18 +125,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let mut listeners = Vec::new();
     for address in &cli.listen {
-        let listener = TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address}"))?;
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on {address}"))?;
         listeners.push(listener);
     }
-    let admin_listener =
-        TcpListener::bind(cli.admin).await.with_context(|| format!("cannot listen on {} (admin)", cli.admin))?;
+    let admin_listener = TcpListener::bind(cli.admin)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin)", cli.admin))?;
 
     let settings = ReloadSettings {
         app_path: cli.app.clone(),
         app_config: cli.app_config.clone(),
         staging_dir: staging.path().to_owned(),
         worker_threads: cli.app_threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(2)
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(2)
         }),
         init_timeout: cli.init_timeout,
         drain_timeout: cli.drain_timeout,
@@ -146,7 +151,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let stop_reloads = CancellationToken::new();
     let reload_loop = tokio::spawn(reloader.clone().run(triggers, stop_reloads.clone()));
-    let _watcher = if cli.watch { Some(watch::watch(&cli.app, reloader.clone())?) } else { None };
+    let _watcher = if cli.watch {
+        Some(watch::watch(&cli.app, reloader.clone())?)
+    } else {
+        None
+    };
 
     let stop_serving = CancellationToken::new();
     let admin = tokio::spawn(admin::serve(admin_listener, reloader.clone(), stop_serving.clone()));

@@ -117,7 +117,10 @@ impl Reloader {
     pub async fn reload_and_wait(&self, source: &'static str) -> ReloadOutcome {
         let (reply, outcome) = oneshot::channel();
         self.triggers
-            .send(Trigger { source, reply: Some(reply) })
+            .send(Trigger {
+                source,
+                reply: Some(reply),
+            })
             .map_err(|_| "the host is shutting down".to_string())?;
         outcome.await.map_err(|_| "the host is shutting down".to_string())?
     }
@@ -192,7 +195,8 @@ impl Reloader {
     fn retire(self: &Arc<Self>, old: Arc<Generation>) {
         let this = Arc::clone(self);
         self.retiring.spawn(async move {
-            old.retire(this.settings.drain_timeout, this.settings.stop_timeout).await;
+            old.retire(this.settings.drain_timeout, this.settings.stop_timeout)
+                .await;
             lock(&this.live).retain(|g| !Arc::ptr_eq(g, &old));
         });
     }
@@ -281,5 +285,9 @@ async fn stage(settings: &ReloadSettings, number: u64) -> anyhow::Result<Library
     })
     .await
     .context("the staging task failed")?
-    .map(|sha256| LibraryInfo { path: settings.app_path.clone(), staged_copy, sha256 })
+    .map(|sha256| LibraryInfo {
+        path: settings.app_path.clone(),
+        staged_copy,
+        sha256,
+    })
 }

@@ -63,7 +63,10 @@ impl Body for ServedBody {
 }
 
 fn into_response(response: AppResponse, lease: Option<Lease>) -> Response<ServedBody> {
-    let mut built = Response::new(ServedBody { body: Full::new(response.body), _lease: lease });
+    let mut built = Response::new(ServedBody {
+        body: Full::new(response.body),
+        _lease: lease,
+    });
     *built.status_mut() = response.status;
     *built.headers_mut() = response.headers;
     built
@@ -95,8 +98,13 @@ pub async fn serve(
 
     let mut accept_loops = JoinSet::new();
     for listener in listeners {
-        let (builder, graceful, reloader, limits, stop) =
-            (builder.clone(), graceful.clone(), reloader.clone(), limits.clone(), stop.clone());
+        let (builder, graceful, reloader, limits, stop) = (
+            builder.clone(),
+            graceful.clone(),
+            reloader.clone(),
+            limits.clone(),
+            stop.clone(),
+        );
         accept_loops.spawn(async move {
             loop {
                 let (stream, peer) = tokio::select! {
@@ -126,7 +134,9 @@ pub async fn serve(
     }
     while accept_loops.join_next().await.is_some() {}
 
-    let Some(graceful) = Arc::into_inner(graceful) else { return };
+    let Some(graceful) = Arc::into_inner(graceful) else {
+        return;
+    };
     tracing::info!(connections = graceful.count(), "closing client connections");
     if tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_err() {
         tracing::warn!("connections still open after the drain timeout");
@@ -143,14 +153,23 @@ async fn dispatch(
     let body = match Limited::new(body, limits.max_body_bytes).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Ok(into_response(AppResponse::error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"), None));
+            return Ok(into_response(
+                AppResponse::error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
+                None,
+            ));
         }
         Err(_) => {
-            return Ok(into_response(AppResponse::error(StatusCode::BAD_REQUEST, "could not read the request body\n"), None));
+            return Ok(into_response(
+                AppResponse::error(StatusCode::BAD_REQUEST, "could not read the request body\n"),
+                None,
+            ));
         }
     };
     let Some(lease) = reloader.acquire() else {
-        return Ok(into_response(AppResponse::error(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"), None));
+        return Ok(into_response(
+            AppResponse::error(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+            None,
+        ));
     };
 
     let (slot, answer) = oneshot::channel();
@@ -162,7 +181,10 @@ async fn dispatch(
     let headers: RVec<HostHeader> = parts
         .headers
         .iter()
-        .map(|(name, value)| HostHeader { name: RString::from(name.as_str()), value: RVec::from(value.as_bytes()) })
+        .map(|(name, value)| HostHeader {
+            name: RString::from(name.as_str()),
+            value: RVec::from(value.as_bytes()),
+        })
         .collect();
     lease.generation().submit(HostRequest {
         method: RString::from(parts.method.as_str()),
