@@ -52,7 +52,7 @@ pub struct AppDescriptor {
 #[derive(StableAbi)]
 pub struct GuestVTable {
     /// Runs the whole life of one generation on the calling thread: initialise the app, report
-    /// through [`HostApi::started`], serve requests until [`HostApi::shutting_down`], shut the app
+    /// through [`HostApi::started`], serve requests until [`HostApi::lifecycle`] says stop, shut the app
     /// down, stop every thread the library started, and return. Never unwinds.
     pub run: extern "C" fn(host: &HostApi<'_>) -> RResult<(), RString>,
 }
@@ -101,10 +101,47 @@ pub struct HostApi<'a> {
     pub reset_wake: extern "C" fn(HostHandle),
     /// Takes the next queued request, if any.
     pub pop_request: extern "C" fn(HostHandle) -> ROption<HostRequest>,
-    /// Whether the host has asked the generation to stop.
-    pub shutting_down: extern "C" fn(HostHandle) -> bool,
+    /// Where the generation is in its life; the host wakes the library when this changes.
+    pub lifecycle: extern "C" fn(HostHandle) -> Lifecycle,
     /// Records a log event from app code.
     pub log: extern "C" fn(HostHandle, LogLevel, RStr<'_>, RStr<'_>),
+    /// The state store's cell API, shared by every generation.
+    pub state: StateApi,
+}
+
+/// Where a generation is in its life, as the library sees it.
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Receiving new requests.
+    Serving = 0,
+    /// Swapped out: finishing requests in flight, no new ones; background work should stop.
+    Retiring = 1,
+    /// Told to stop: shut the app down and return from `run`.
+    Stopping = 2,
+}
+
+/// The host-owned state store: named cells of bytes that outlive generations.
+///
+/// Each cell has a version that grows with every write, so a library updates a cell by reading
+/// it and then writing with the version it read (compare-and-set), retrying if another writer,
+/// possibly another generation, came first. No lock is held across the boundary.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct StateApi {
+    pub handle: HostHandle,
+    /// Reads a cell; version 0 and no bytes if it was never written.
+    pub read: extern "C" fn(HostHandle, RStr<'_>) -> StateValue,
+    /// Writes a cell if its version is still the given one; returns whether it did.
+    pub compare_and_set: extern "C" fn(HostHandle, RStr<'_>, u64, RSlice<'_, u8>) -> bool,
+}
+
+/// A copy of a state cell, allocated by the host.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct StateValue {
+    pub version: u64,
+    pub bytes: ROption<RVec<u8>>,
 }
 
 /// One header, owned by the host.

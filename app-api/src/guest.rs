@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Limited};
 use tokio::io::unix::AsyncFd;
 use tower::ServiceExt;
 
-use crate::abi::{HeaderRef, HostApi, HostHandle, HostRequest, HttpVersion, LogLevel, Responder};
+use crate::abi::{HeaderRef, HostApi, HostHandle, HostRequest, HttpVersion, Lifecycle, LogLevel, Responder};
 use crate::{App, InitContext, MAX_RESPONSE_BODY};
 
 /// The entry point the export macro puts in the library's descriptor. Never unwinds.
@@ -65,9 +65,12 @@ async fn serve<A: App>(host: &HostApi<'_>) -> Result<(), String> {
             return Err(message);
         }
     };
+    let background = tokio_util::sync::CancellationToken::new();
     let ctx = InitContext {
         generation: host.generation,
         config: host.config.to_string(),
+        state: host.state,
+        background: background.clone(),
     };
     let init = AssertUnwindSafe(A::init(ctx)).catch_unwind();
     let app = tokio::select! {
@@ -105,10 +108,13 @@ async fn serve<A: App>(host: &HostApi<'_>) -> Result<(), String> {
         while let ROption::RSome(request) = (host.pop_request)(host.handle) {
             tokio::spawn(handle_request(router.clone(), request));
         }
-        if (host.shutting_down)(host.handle) {
-            break;
+        match (host.lifecycle)(host.handle) {
+            Lifecycle::Serving => {}
+            Lifecycle::Retiring => background.cancel(),
+            Lifecycle::Stopping => break,
         }
     }
+    background.cancel();
     if let Err(panic) = AssertUnwindSafe(app.shutdown()).catch_unwind().await {
         tracing::error!("the app's shutdown panicked: {}", panic_message(&*panic));
     }
@@ -125,7 +131,7 @@ async fn wait_for_shutdown(wake: &AsyncFd<WakeFd>, host: &HostApi<'_>) {
         let Ok(mut guard) = wake.readable().await else { return };
         (host.reset_wake)(host.handle);
         guard.clear_ready();
-        if (host.shutting_down)(host.handle) {
+        if (host.lifecycle)(host.handle) == Lifecycle::Stopping {
             return;
         }
     }

@@ -44,8 +44,11 @@
 
 pub mod abi;
 mod guest;
+mod state;
 
 pub use axum;
+pub use serde;
+pub use state::{State, StateError};
 pub use tokio;
 pub use tracing;
 
@@ -76,11 +79,13 @@ pub trait App: Sized + Send + Sync + 'static {
     }
 }
 
-/// What the host tells an app when it starts it.
-#[derive(Debug, Clone)]
+/// What the host tells an app when it starts it, and what the app may ask of the host.
+#[derive(Debug)]
 pub struct InitContext {
-    generation: u64,
-    config: String,
+    pub(crate) generation: u64,
+    pub(crate) config: String,
+    pub(crate) state: abi::StateApi,
+    pub(crate) background: tokio_util::sync::CancellationToken,
 }
 
 impl InitContext {
@@ -93,6 +98,35 @@ impl InitContext {
     /// was given none). Its format is up to the app.
     pub fn config(&self) -> &str {
         &self.config
+    }
+
+    /// Opens the host-owned state cell `key`, which outlives reloads (see [`State`]).
+    ///
+    /// Fails if the cell holds a value this version cannot read as `T`; returning that error
+    /// from `init` refuses the new version and keeps the old one serving.
+    pub fn state<T>(&self, key: &str) -> Result<State<T>, StateError>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned + Default,
+    {
+        State::open(self.state, key)
+    }
+
+    /// Runs `task` in the background for as long as this generation is current.
+    ///
+    /// The task is dropped as soon as a newer generation takes over (requests still in flight
+    /// on this one finish, but its background work stops), and in any case before its library
+    /// is unloaded. The new generation starts its own.
+    pub fn spawn_background<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let retired = self.background.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = retired.cancelled() => {}
+            }
+        });
     }
 }
 

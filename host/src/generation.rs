@@ -9,18 +9,19 @@
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use app_api::abi::HostRequest;
+use app_api::abi::{HostRequest, Lifecycle};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::loader::{self, LoadedLibrary};
+use crate::state::StateStore;
 
 /// Where the code of a generation came from.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -102,7 +103,7 @@ pub struct Generation {
     pub library: LibraryInfo,
     queue: Mutex<VecDeque<HostRequest>>,
     wake: OwnedFd,
-    shutdown: AtomicBool,
+    pub state: Arc<StateStore>,
     leases: AtomicU64,
     drained: Notify,
     cancelled: CancellationToken,
@@ -117,6 +118,7 @@ pub struct StartOptions {
     pub library: LibraryInfo,
     pub config: String,
     pub worker_threads: u32,
+    pub state: Arc<StateStore>,
     pub init_timeout: Duration,
     /// How long to wait for a failed or retired generation's thread before leaking its library.
     pub stop_timeout: Duration,
@@ -155,7 +157,7 @@ impl Generation {
             library: options.library,
             queue: Mutex::new(VecDeque::new()),
             wake,
-            shutdown: AtomicBool::new(false),
+            state: options.state,
             leases: AtomicU64::new(0),
             drained: Notify::new(),
             cancelled: CancellationToken::new(),
@@ -213,7 +215,7 @@ impl Generation {
     }
 
     pub fn phase(&self) -> Phase {
-        match self.phase.load(Ordering::Relaxed) {
+        match self.phase.load(Ordering::Acquire) {
             0 => Phase::Starting,
             1 => Phase::Serving,
             2 => Phase::Draining,
@@ -222,7 +224,8 @@ impl Generation {
     }
 
     fn set_phase(&self, phase: Phase) {
-        self.phase.store(phase as u8, Ordering::Relaxed);
+        // Release pairs with the Acquire in `phase`: the library, woken by the eventfd, must see it.
+        self.phase.store(phase as u8, Ordering::Release);
     }
 
     /// Requests currently holding this generation.
@@ -267,6 +270,8 @@ impl Generation {
         let began = Instant::now();
         self.set_phase(Phase::Draining);
         self.leases.fetch_or(CLOSED, Ordering::AcqRel);
+        // Tells the library to stop its background work now, not only once drained.
+        self.wake();
         if tokio::time::timeout(drain_timeout, self.drained()).await.is_err() {
             tracing::warn!(
                 generation = self.number,
@@ -297,7 +302,6 @@ impl Generation {
     async fn stop(&self, stop_timeout: Duration) {
         let began = Instant::now();
         self.set_phase(Phase::Stopping);
-        self.shutdown.store(true, Ordering::Release);
         self.wake();
         let Some(thread) = lock(&self.thread).take() else {
             return;
@@ -386,8 +390,12 @@ impl Generation {
         lock(&self.queue).pop_front()
     }
 
-    pub fn shutting_down(&self) -> bool {
-        self.shutdown.load(Ordering::Acquire)
+    pub fn lifecycle(&self) -> Lifecycle {
+        match self.phase() {
+            Phase::Starting | Phase::Serving => Lifecycle::Serving,
+            Phase::Draining => Lifecycle::Retiring,
+            Phase::Stopping => Lifecycle::Stopping,
+        }
     }
 }
 

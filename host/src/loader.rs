@@ -13,11 +13,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use abi_stable::abi_stability::abi_checking::{check_layout_compatibility_with_globals, CheckingGlobals};
-use abi_stable::std_types::{ROption, RResult, RSlice, RStr};
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RVec};
 use abi_stable::StableAbi;
 use app_api::abi::{
-    AppDescriptor, GuestVTable, HeaderRef, HostApi, HostHandle, LogLevel, Responder, ResponderHandle, API_VERSION,
-    DESCRIPTOR_MAGIC, DESCRIPTOR_SYMBOL, DESCRIPTOR_VERSION,
+    AppDescriptor, GuestVTable, HeaderRef, HostApi, HostHandle, Lifecycle, LogLevel, Responder, ResponderHandle,
+    StateApi, StateValue, API_VERSION, DESCRIPTOR_MAGIC, DESCRIPTOR_SYMBOL, DESCRIPTOR_VERSION,
 };
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -138,8 +138,13 @@ impl LoadedLibrary {
             started: on_started,
             reset_wake: on_reset_wake,
             pop_request: on_pop_request,
-            shutting_down: on_shutting_down,
+            lifecycle: on_lifecycle,
             log: on_log,
+            state: StateApi {
+                handle: HostHandle(Arc::as_ptr(generation) as usize),
+                read: on_state_read,
+                compare_and_set: on_state_compare_and_set,
+            },
         };
         // SAFETY: `vtable` was checked against this host's layout in `open` and points into the
         // library, which `self` keeps open.
@@ -250,10 +255,44 @@ extern "C" fn on_pop_request(handle: HostHandle) -> ROption<app_api::abi::HostRe
     })
 }
 
-extern "C" fn on_shutting_down(handle: HostHandle) -> bool {
-    guarded("shutting_down", true, || {
+extern "C" fn on_lifecycle(handle: HostHandle) -> Lifecycle {
+    guarded("lifecycle", Lifecycle::Stopping, || {
         // SAFETY: the library calls this only during `run`.
-        unsafe { generation_from(handle) }.shutting_down()
+        unsafe { generation_from(handle) }.lifecycle()
+    })
+}
+
+extern "C" fn on_state_read(handle: HostHandle, key: RStr<'_>) -> StateValue {
+    guarded(
+        "state_read",
+        StateValue {
+            version: 0,
+            bytes: ROption::RNone,
+        },
+        || {
+            // SAFETY: the library calls this only during `run`.
+            let generation = unsafe { generation_from(handle) };
+            let (version, bytes) = generation.state.read(key.as_str(), RVec::from_slice);
+            StateValue {
+                version,
+                bytes: bytes.into(),
+            }
+        },
+    )
+}
+
+extern "C" fn on_state_compare_and_set(
+    handle: HostHandle,
+    key: RStr<'_>,
+    expected: u64,
+    bytes: RSlice<'_, u8>,
+) -> bool {
+    guarded("state_compare_and_set", false, || {
+        // SAFETY: the library calls this only during `run`.
+        let generation = unsafe { generation_from(handle) };
+        generation
+            .state
+            .compare_and_set(key.as_str(), expected, bytes.as_slice())
     })
 }
 

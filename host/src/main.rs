@@ -5,6 +5,7 @@
 //! - `generation`: one loaded copy, its thread and its requests in flight; retire and unload.
 //! - `reload`: the current generation, the one-at-a-time reload loop, `/status`.
 //! - `server`: public listeners (HTTP/1.1 and HTTP/2) and the hand-off of requests.
+//! - `state`: the state store that outlives generations.
 //! - `admin`: `/status`, `/healthz`, `POST /reload`.
 //! - `watch`: `--watch`, reload when the library file changes.
 
@@ -13,6 +14,7 @@ mod generation;
 mod loader;
 mod reload;
 mod server;
+mod state;
 mod watch;
 
 use std::net::SocketAddr;

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::generation::{ms, Generation, Lease, LibraryInfo, StartOptions};
+use crate::state::StateStore;
 
 /// How reloads are done.
 #[derive(Debug, Clone)]
@@ -63,6 +64,7 @@ pub struct Reloader {
     succeeded: AtomicU64,
     failed: AtomicU64,
     retiring: TaskTracker,
+    state: Arc<StateStore>,
     triggers: mpsc::UnboundedSender<Trigger>,
 }
 
@@ -73,7 +75,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Reloader {
     /// Loads the first generation. The host cannot serve without one, so failing here is fatal.
     pub async fn start(settings: ReloadSettings) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Trigger>)> {
-        let first = load_generation(&settings, 1)
+        let state = Arc::new(StateStore::default());
+        let first = load_generation(&settings, &state, 1)
             .await
             .with_context(|| format!("cannot serve {}", settings.app_path.display()))?;
         let (triggers, receiver) = mpsc::unbounded_channel();
@@ -85,6 +88,7 @@ impl Reloader {
             succeeded: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             retiring: TaskTracker::new(),
+            state,
             triggers,
             settings,
         });
@@ -155,7 +159,7 @@ impl Reloader {
         let began = Instant::now();
         let number = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::info!(generation = number, trigger, "reloading");
-        let outcome = match load_generation(&self.settings, number).await {
+        let outcome = match load_generation(&self.settings, &self.state, number).await {
             Ok(new) => {
                 lock(&self.live).push(Arc::clone(&new));
                 let old = self.current.swap(new);
@@ -228,6 +232,7 @@ impl Reloader {
             "library": current.library,
             "generations": generations,
             "last_reload": *lock(&self.last_reload),
+            "state_cells": self.state.len(),
             "reloads": {
                 "ok": self.succeeded.load(Ordering::Relaxed),
                 "failed": self.failed.load(Ordering::Relaxed),
@@ -237,7 +242,11 @@ impl Reloader {
 }
 
 /// Stages a copy of the library and starts a generation from it.
-async fn load_generation(settings: &ReloadSettings, number: u64) -> anyhow::Result<Arc<Generation>> {
+async fn load_generation(
+    settings: &ReloadSettings,
+    state: &Arc<StateStore>,
+    number: u64,
+) -> anyhow::Result<Arc<Generation>> {
     let began = Instant::now();
     let library = stage(settings, number).await?;
     tracing::info!(
@@ -259,6 +268,7 @@ async fn load_generation(settings: &ReloadSettings, number: u64) -> anyhow::Resu
         library,
         config,
         worker_threads: settings.worker_threads,
+        state: Arc::clone(state),
         init_timeout: settings.init_timeout,
         stop_timeout: settings.stop_timeout,
     })

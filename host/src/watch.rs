@@ -56,11 +56,10 @@ pub fn watch(app_path: &Path, reloader: Arc<Reloader>) -> anyhow::Result<notify:
 
 fn is_change(kind: &EventKind) -> bool {
     use notify::event::{AccessKind, AccessMode};
-    match kind {
-        EventKind::Create(_) | EventKind::Modify(_) => true,
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-        _ => false,
-    }
+    matches!(
+        kind,
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Access(AccessKind::Close(AccessMode::Write))
+    )
 }
 
 fn absolute(path: &Path) -> PathBuf {

@@ -1,0 +1,188 @@
+//! State that survives reloads.
+//!
+//! A generation's memory disappears with its library, so state that must outlive a reload lives in
+//! the host: a store of named cells, each holding one serde value as JSON. A [`State<T>`] is a typed
+//! handle on one cell.
+//!
+//! - **No lost update.** [`State::update`] is an atomic read-modify-write: it reads the cell,
+//!   applies the closure, and writes back only if no other writer (another request, or the other
+//!   generation during a reload) wrote in between; otherwise it retries with the fresh value. Old
+//!   and new generations may serve side by side during a reload and both see one value.
+//! - **Schema evolution.** A new version may add fields (give them `#[serde(default)]`), and it
+//!   reads what the old version wrote. Writes merge into the stored JSON object, so an older
+//!   version still draining does not erase fields it does not know.
+//! - **Refusal.** [`InitContext::state`](crate::InitContext::state) checks, during `init`, that the
+//!   cell's current value can be read as `T`. If it cannot, `init` fails with a clear error, the
+//!   reload is refused, and the old version keeps serving.
+//!
+//! ```no_run
+//! use app_api::axum::{extract::State as Extract, routing::post, Router};
+//! use app_api::{App, InitContext, State};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize, Default)]
+//! struct Visits {
+//!     count: u64,
+//! }
+//!
+//! struct Counter {
+//!     visits: State<Visits>,
+//! }
+//!
+//! impl App for Counter {
+//!     async fn init(ctx: InitContext) -> Result<Self, app_api::Error> {
+//!         Ok(Counter { visits: ctx.state("visits")? })
+//!     }
+//!
+//!     fn router(&self) -> Router {
+//!         Router::new()
+//!             .route("/visit", post(|Extract(visits): Extract<State<Visits>>| async move {
+//!                 match visits.update(|v| { v.count += 1; v.count }) {
+//!                     Ok(count) => count.to_string(),
+//!                     Err(e) => e.to_string(),
+//!                 }
+//!             }))
+//!             .with_state(self.visits.clone())
+//!     }
+//! }
+//! # app_api::export_app!(Counter);
+//! ```
+//!
+//! A `State` is only usable while its generation runs; keep it in the app, its router and its
+//! tasks, not in a `static`.
+
+use std::marker::PhantomData;
+
+use abi_stable::std_types::{RSlice, RStr};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::abi::StateApi;
+
+/// Why a state cell could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state `{key}` holds a value this version cannot read as {type_name}: {source}")]
+    Incompatible {
+        key: String,
+        type_name: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("state `{key}` cannot be stored: {source}")]
+    Serialize { key: String, source: serde_json::Error },
+}
+
+/// A typed handle on one host-owned state cell. Cheap to clone; see the [module docs](self).
+pub struct State<T> {
+    key: String,
+    api: StateApi,
+    _value: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for State<T> {
+    fn clone(&self) -> Self {
+        State {
+            key: self.key.clone(),
+            api: self.api,
+            _value: PhantomData,
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for State<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State").field("key", &self.key).finish_non_exhaustive()
+    }
+}
+
+impl<T: Serialize + DeserializeOwned + Default> State<T> {
+    pub(crate) fn open(api: StateApi, key: &str) -> Result<Self, StateError> {
+        let state = State {
+            key: key.to_owned(),
+            api,
+            _value: PhantomData,
+        };
+        state.get()?;
+        Ok(state)
+    }
+
+    /// The cell's name.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The current value (`T::default()` if the cell was never written).
+    pub fn get(&self) -> Result<T, StateError> {
+        self.read_raw().2
+    }
+
+    /// Replaces the value.
+    pub fn set(&self, value: T) -> Result<(), StateError> {
+        let mut value = Some(value);
+        self.update(|current| {
+            if let Some(value) = value.take() {
+                *current = value;
+            }
+        })
+    }
+
+    /// Atomically applies `change` to the current value and stores the result, returning what
+    /// `change` returned. `change` may run more than once if other writers race with it, each
+    /// time on the freshest value, so it should only compute from its argument.
+    pub fn update<R>(&self, mut change: impl FnMut(&mut T) -> R) -> Result<R, StateError> {
+        loop {
+            let (version, stored, value) = self.read_raw();
+            let mut value = value?;
+            let result = change(&mut value);
+            let bytes = self.encode(&value, stored)?;
+            if (self.api.compare_and_set)(
+                self.api.handle,
+                RStr::from_str(&self.key),
+                version,
+                RSlice::from_slice(&bytes),
+            ) {
+                return Ok(result);
+            }
+            // Another writer came first: go again on its value.
+            std::thread::yield_now();
+        }
+    }
+
+    fn read_raw(&self) -> (u64, Option<serde_json::Value>, Result<T, StateError>) {
+        let cell = (self.api.read)(self.api.handle, RStr::from_str(&self.key));
+        let Some(bytes) = cell.bytes.into_option() else {
+            return (cell.version, None, Ok(T::default()));
+        };
+        match serde_json::from_slice::<serde_json::Value>(bytes.as_slice()) {
+            Ok(stored) => {
+                let value = T::deserialize(&stored).map_err(|source| self.incompatible(source));
+                (cell.version, Some(stored), value)
+            }
+            Err(source) => (cell.version, None, Err(self.incompatible(source))),
+        }
+    }
+
+    /// Serialises `value`, keeping fields of the stored object that `T` does not know.
+    fn encode(&self, value: &T, stored: Option<serde_json::Value>) -> Result<Vec<u8>, StateError> {
+        let serialize = |source| StateError::Serialize {
+            key: self.key.clone(),
+            source,
+        };
+        let new = serde_json::to_value(value).map_err(serialize)?;
+        let merged = match (stored, new) {
+            (Some(serde_json::Value::Object(mut stored)), serde_json::Value::Object(new)) => {
+                stored.extend(new);
+                serde_json::Value::Object(stored)
+            }
+            (_, new) => new,
+        };
+        serde_json::to_vec(&merged).map_err(serialize)
+    }
+
+    fn incompatible(&self, source: serde_json::Error) -> StateError {
+        StateError::Incompatible {
+            key: self.key.clone(),
+            type_name: std::any::type_name::<T>(),
+            source,
+        }
+    }
+}
