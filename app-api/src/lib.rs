@@ -37,6 +37,14 @@
 //!
 //! `tracing` events from app code are forwarded to the host's log, tagged with the generation.
 //!
+//! # State and background work
+//!
+//! Anything in the library's memory is gone after a reload. State that must survive goes in
+//! host-owned cells opened with [`InitContext::state`]: see [`State`] for the guarantees (no lost
+//! update while old and new code serve side by side, schema evolution, refusal of a version that
+//! cannot read the current state). Periodic or long-running work is started with
+//! [`InitContext::spawn_background`] and stops when a newer generation takes over.
+//!
 //! # Limits
 //!
 //! Request and response bodies are buffered whole (the host bounds request bodies; responses are
