@@ -1,4 +1,5 @@
-//! The admin listener: status, health and on-demand reloads, kept off the public listeners.
+//! The admin listener: status, health, readiness, metrics and on-demand reloads, kept off the
+//! public listeners.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,8 +16,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::reload::Reloader;
 
+/// How the admin endpoints behave.
+#[derive(Debug, Clone)]
+pub struct AdminOptions {
+    /// Whether `POST /reload` is allowed (`--admin-reload`).
+    pub allow_reload: bool,
+    /// Cancelled when the host starts shutting down: `/readyz` then answers 503.
+    pub shutting_down: CancellationToken,
+}
+
 /// Serves the admin endpoints until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, reloader: Arc<Reloader>, stop: CancellationToken) {
+pub async fn serve(listener: TcpListener, reloader: Arc<Reloader>, options: AdminOptions, stop: CancellationToken) {
+    let options = Arc::new(options);
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     loop {
         let stream = tokio::select! {
@@ -30,9 +41,9 @@ pub async fn serve(listener: TcpListener, reloader: Arc<Reloader>, stop: Cancell
             },
             () = stop.cancelled() => return,
         };
-        let (builder, reloader) = (builder.clone(), reloader.clone());
+        let (builder, reloader, options) = (builder.clone(), reloader.clone(), options.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |request| route(request, reloader.clone()));
+            let service = service_fn(move |request| route(request, reloader.clone(), options.clone()));
             if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
                 tracing::debug!(error = %e, "admin connection ended with an error");
             }
@@ -40,10 +51,27 @@ pub async fn serve(listener: TcpListener, reloader: Arc<Reloader>, stop: Cancell
     }
 }
 
-async fn route(request: Request<Incoming>, reloader: Arc<Reloader>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn route(
+    request: Request<Incoming>,
+    reloader: Arc<Reloader>,
+    options: Arc<AdminOptions>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") if options.shutting_down.is_cancelled() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+        }
+        (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
         (&Method::GET, "/status") => json(StatusCode::OK, &reloader.status()),
+        (&Method::GET, "/metrics") => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            Bytes::from(crate::metrics::global().render(&reloader.metrics_snapshot())),
+        ),
+        (&Method::POST, "/reload") if !options.allow_reload => text(
+            StatusCode::FORBIDDEN,
+            "POST /reload is turned off (--admin-reload=false); reload with SIGHUP or --watch\n",
+        ),
         (&Method::POST, "/reload") => {
             let began = std::time::Instant::now();
             let outcome = reloader.reload_and_wait("admin").await;
@@ -59,7 +87,9 @@ async fn route(request: Request<Incoming>, reloader: Arc<Reloader>) -> Result<Re
                 ),
             }
         }
-        (_, "/healthz" | "/status" | "/reload") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        (_, "/healthz" | "/readyz" | "/status" | "/metrics" | "/reload") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     })
 }

@@ -283,6 +283,7 @@ impl Generation {
         } else {
             tracing::info!(generation = self.number, duration_ms = ms(began.elapsed()), "drained");
         }
+        crate::metrics::global().observe_drain(began.elapsed());
         self.stop(stop_timeout).await;
     }
 

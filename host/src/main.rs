@@ -4,22 +4,32 @@
 //! - `loader`: the only `unsafe` code — open, verify and call an app library.
 //! - `generation`: one loaded copy, its thread and its requests in flight; retire and unload.
 //! - `reload`: the current generation, the one-at-a-time reload loop, `/status`.
+//! - `trust`: who may have written a library, its sha256 and signature, checked before staging.
 //! - `server`: public listeners (HTTP/1.1 and HTTP/2) and the hand-off of requests.
 //! - `state`: the state store that outlives generations.
-//! - `admin`: `/status`, `/healthz`, `POST /reload`.
+//! - `admin`: `/status`, `/healthz`, `/readyz`, `/metrics`, `POST /reload`.
+//! - `metrics`: the Prometheus counters and their text exposition.
 //! - `watch`: `--watch`, reload when the library file changes.
+//! - `config`: flags, `HOST_*` variables and the TOML file, merged.
+//! - `systemd`: readiness notifications and socket activation.
+//! - `pidfile`: `--pid-file`.
 
 mod admin;
+mod config;
 mod generation;
 mod loader;
+mod metrics;
+mod pidfile;
 mod reload;
 mod server;
 mod state;
+mod systemd;
+mod trust;
 mod watch;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -28,95 +38,122 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use crate::reload::{ReloadSettings, Reloader};
+use crate::admin::AdminOptions;
+use crate::config::{Cli, Command, LogFormat, Settings};
+use crate::reload::{ReloadEvent, ReloadRecord, ReloadSettings, Reloader};
 use crate::server::Limits;
+use crate::systemd::Activated;
+use crate::trust::TrustPolicy;
 
-/// Serve an app library over HTTP and reload it in process, without dropping a connection.
-///
-/// Reload with SIGHUP, `POST /reload` on the admin listener, or `--watch`. A new version that
-/// fails to load, verify or start never replaces the one serving; the reason is logged and shown
-/// in `GET /status` on the admin listener. SIGTERM or SIGINT stop the host gracefully.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Cli {
-    /// The app library (a cdylib that uses app_api::export_app!). It is copied before each load,
-    /// so it may be replaced, rewritten or re-pointed (symlink) at any time.
-    #[arg(long, env = "HOST_APP")]
-    app: PathBuf,
-
-    /// Address to serve the app on; may be given more than once.
-    #[arg(long = "listen", default_value = "127.0.0.1:8080")]
-    listen: Vec<SocketAddr>,
-
-    /// Address of the admin listener (`/status`, `/healthz`, `POST /reload`).
-    #[arg(long, default_value = "127.0.0.1:8081")]
-    admin: SocketAddr,
-
-    /// Reload when the file at `--app` is replaced or rewritten.
-    #[arg(long)]
-    watch: bool,
-
-    /// A file whose text is given to the app's init; read again on every reload.
-    #[arg(long)]
-    app_config: Option<PathBuf>,
-
-    /// How long a retiring generation (or the host, on shutdown) waits for requests in flight
-    /// before cancelling them.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    drain_timeout: Duration,
-
-    /// How long a new version may take to load and initialise before it is refused.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    init_timeout: Duration,
-
-    /// How long a stopping generation may take to stop its threads before its library is left
-    /// loaded (and reported) rather than unloaded under running code.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    stop_timeout: Duration,
-
-    /// Worker threads of each generation's runtime [default: the number of CPUs].
-    #[arg(long)]
-    app_threads: Option<u32>,
-
-    /// Largest request body accepted, in bytes.
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
-    max_body_bytes: usize,
-
-    /// Largest request head (request line and headers) accepted, in bytes.
-    #[arg(long, default_value_t = 64 * 1024)]
-    max_head_bytes: usize,
-
-    /// How long a client may take to send a request head.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    header_read_timeout: Duration,
-
-    /// Directory for the private copies of loaded libraries [default: a new temporary directory].
-    #[arg(long)]
-    staging_dir: Option<PathBuf>,
-}
-
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    if let Some(command) = cli.command {
+        init_logging(LogFormat::Text);
+        return report(run_command(command), ExitCode::FAILURE);
+    }
+    let settings = match config::load(cli.options) {
+        Ok(settings) => settings,
+        Err(e) => {
+            init_logging(LogFormat::Text);
+            return report(Err(e.context("bad configuration")), ExitCode::from(2));
+        }
+    };
+    init_logging(settings.log_format);
+    // Before any thread exists: this edits the environment.
+    let activated = match systemd::take_activated_sockets().context("socket activation") {
+        Ok(activated) => activated,
+        Err(e) => return report(Err(e), ExitCode::FAILURE),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("host")
         .build()
-        .context("cannot start the host's runtime")?;
-    let result = runtime.block_on(run(cli));
-    if let Err(e) = &result {
-        tracing::error!("{e:#}");
-    }
-    result
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return report(Err(e).context("cannot start the host's runtime"), ExitCode::FAILURE),
+    };
+    report(runtime.block_on(run(settings, activated)), ExitCode::FAILURE)
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Logs a fatal error once and turns the outcome into the exit status.
+fn report(result: anyhow::Result<()>, failure: ExitCode) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            failure
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Keygen { secret } => {
+            let public = trust::keygen(&secret)?;
+            tracing::info!(
+                private_key = %secret.display(),
+                public_key = %public.display(),
+                "key pair written; give the public key to --trusted-key"
+            );
+        }
+        Command::Sign { key, library } => {
+            let signature = trust::sign(&key, &library)?;
+            tracing::info!(library = %library.display(), signature = %signature.display(), "signed");
+        }
+    }
+    Ok(())
+}
+
+/// The one-line `STATUS=` systemd shows after a reload.
+fn reload_status(record: &ReloadRecord, serving: u64) -> String {
+    let text = match &record.error {
+        None => format!(
+            "serving generation {} (reload by {} took {} ms)",
+            record.generation, record.trigger, record.duration_ms
+        ),
+        Some(error) => format!(
+            "reload to generation {} failed, still serving generation {serving}: {error}",
+            record.generation
+        ),
+    };
+    text.replace(['\n', '\r'], " ")
+}
+
+async fn run(settings: Settings, activated: Activated) -> anyhow::Result<()> {
+    // Handlers first: a SIGHUP that arrives as soon as the pid file names this process must not
+    // kill it (as PID 1 in a container, signals without a handler are even ignored).
+    let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+
+    let _pid_file = match &settings.pid_file {
+        Some(path) => Some(pidfile::PidFile::create(path)?),
+        None => None,
+    };
+
+    let trust = TrustPolicy {
+        require_sha256: settings.require_sha256.as_ref().map(|s| s.0.clone()),
+        trusted_keys: match &settings.trusted_key {
+            Some(path) => trust::read_trusted_keys(path)?,
+            None => Vec::new(),
+        },
+        trusted_key_file: settings.trusted_key.clone(),
+    };
+
     // Created before anything is loaded so that nothing can be staged outside it; removed when
     // dropped at the end of `run`, after every generation is unloaded.
-    let staging = match &cli.staging_dir {
+    let staging = match &settings.staging_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
             tempfile::Builder::new().prefix("host-").tempdir_in(dir)
@@ -125,62 +162,64 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     .context("cannot create the staging directory")?;
 
-    let mut listeners = Vec::new();
-    for address in &cli.listen {
-        let listener = TcpListener::bind(address)
-            .await
-            .with_context(|| format!("cannot listen on {address}"))?;
-        listeners.push(listener);
-    }
-    let admin_listener = TcpListener::bind(cli.admin)
-        .await
-        .with_context(|| format!("cannot listen on {} (admin)", cli.admin))?;
+    let (listeners, admin_listener) = listen(&settings, activated).await?;
 
-    let settings = ReloadSettings {
-        app_path: cli.app.clone(),
-        app_config: cli.app_config.clone(),
+    let reload_settings = ReloadSettings {
+        app_path: settings.app.clone(),
+        app_config: settings.app_config.clone(),
         staging_dir: staging.path().to_owned(),
-        worker_threads: cli.app_threads.unwrap_or_else(|| {
+        worker_threads: settings.app_threads.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get() as u32)
                 .unwrap_or(2)
         }),
-        init_timeout: cli.init_timeout,
-        drain_timeout: cli.drain_timeout,
-        stop_timeout: cli.stop_timeout,
+        init_timeout: settings.init_timeout,
+        drain_timeout: settings.drain_timeout,
+        stop_timeout: settings.stop_timeout,
+        trust,
     };
-    let (reloader, triggers) = Reloader::start(settings).await?;
+    let (reloader, triggers) = Reloader::start(reload_settings).await?;
+    let notifier = tokio::spawn(notify_reloads(reloader.clone()));
 
     let stop_reloads = CancellationToken::new();
     let reload_loop = tokio::spawn(reloader.clone().run(triggers, stop_reloads.clone()));
-    let _watcher = if cli.watch {
-        Some(watch::watch(&cli.app, reloader.clone())?)
+    let _watcher = if settings.watch {
+        Some(watch::watch(&settings.app, reloader.clone())?)
     } else {
         None
     };
 
-    let stop_serving = CancellationToken::new();
-    let admin = tokio::spawn(admin::serve(admin_listener, reloader.clone(), stop_serving.clone()));
+    // The admin listener outlives the public ones, so that `/readyz` can say the host is
+    // shutting down and `/metrics` can be read while it drains.
+    let shutting_down = CancellationToken::new();
+    let stop_admin = CancellationToken::new();
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        reloader.clone(),
+        AdminOptions {
+            allow_reload: settings.admin_reload,
+            shutting_down: shutting_down.clone(),
+        },
+        stop_admin.clone(),
+    ));
     let limits = Limits {
-        max_body_bytes: cli.max_body_bytes,
-        max_head_bytes: cli.max_head_bytes,
-        header_read_timeout: cli.header_read_timeout,
+        max_body_bytes: settings.max_body_bytes,
+        max_head_bytes: settings.max_head_bytes,
+        header_read_timeout: settings.header_read_timeout,
     };
-    for address in &cli.listen {
-        tracing::info!(%address, "serving");
-    }
-    tracing::info!(address = %cli.admin, "admin listener");
+    let stop_serving = CancellationToken::new();
     let server = tokio::spawn(server::serve(
         listeners,
         reloader.clone(),
         limits,
         stop_serving.clone(),
-        cli.drain_timeout,
+        settings.drain_timeout,
     ));
 
-    let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let (generation, sha256) = reloader.serving();
+    systemd::ready(&format!("serving generation {generation} (sha256 {sha256})"));
+    let watchdog = systemd::spawn_watchdog();
+
     loop {
         tokio::select! {
             _ = hangup.recv() => reloader.trigger("SIGHUP"),
@@ -190,13 +229,79 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     // Stop accepting, let open connections finish what they started, then unload everything.
+    systemd::stopping();
+    shutting_down.cancel();
     stop_serving.cancel();
     stop_reloads.cancel();
     let _ = reload_loop.await;
+    notifier.abort();
     let _ = server.await;
-    let _ = admin.await;
     reloader.shutdown().await;
+    stop_admin.cancel();
+    let _ = admin.await;
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     drop(staging);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds (or takes from socket activation) the public listeners and the admin listener.
+async fn listen(settings: &Settings, activated: Activated) -> anyhow::Result<(Vec<TcpListener>, TcpListener)> {
+    let mut listeners = Vec::new();
+    for listener in activated.public {
+        listeners.push(TcpListener::from_std(listener).context("cannot use a socket passed by socket activation")?);
+    }
+    let addresses: Vec<SocketAddr> = if settings.listen_configured {
+        settings.listen.clone()
+    } else if listeners.is_empty() {
+        vec![config::DEFAULT_LISTEN.parse().context("the default listen address")?]
+    } else {
+        Vec::new()
+    };
+    for address in &addresses {
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on {address}"))?;
+        listeners.push(listener);
+    }
+    anyhow::ensure!(!listeners.is_empty(), "no public listener: give --listen");
+    let admin = match activated.admin {
+        Some(listener) => TcpListener::from_std(listener).context("cannot use the passed admin socket")?,
+        None => TcpListener::bind(settings.admin)
+            .await
+            .with_context(|| format!("cannot listen on {} (admin)", settings.admin))?,
+    };
+    for listener in &listeners {
+        if let Ok(address) = listener.local_addr() {
+            tracing::info!(%address, "serving");
+        }
+    }
+    let admin_address = admin.local_addr().context("the admin listener's address")?;
+    tracing::info!(address = %admin_address, reload_endpoint = settings.admin_reload, "admin listener");
+    if !admin_address.ip().is_loopback() && settings.admin_reload {
+        tracing::warn!(
+            address = %admin_address,
+            "the admin listener is reachable from other machines and POST /reload is on; \
+             consider --admin-reload=false or a firewall"
+        );
+    }
+    Ok((listeners, admin))
+}
+
+/// Tells systemd about every reload (`Type=notify-reload`): `RELOADING=1` when one starts,
+/// `READY=1` with its outcome when it ends.
+async fn notify_reloads(reloader: Arc<Reloader>) {
+    let mut events = reloader.subscribe();
+    loop {
+        match events.recv().await {
+            Ok(ReloadEvent::Started) => systemd::reloading(),
+            Ok(ReloadEvent::Finished(record)) => {
+                systemd::ready(&reload_status(&record, reloader.serving().0));
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
 }

@@ -12,13 +12,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::generation::{ms, Generation, Lease, LibraryInfo, StartOptions};
 use crate::state::StateStore;
+use crate::trust::TrustPolicy;
 
 /// How reloads are done.
 #[derive(Debug, Clone)]
@@ -33,6 +33,8 @@ pub struct ReloadSettings {
     pub init_timeout: Duration,
     pub drain_timeout: Duration,
     pub stop_timeout: Duration,
+    /// What a library must satisfy before it is loaded (`trust.rs`).
+    pub trust: TrustPolicy,
 }
 
 /// The outcome of a reload: the new generation's number, or why it was refused.
@@ -42,6 +44,13 @@ pub type ReloadOutcome = Result<u64, String>;
 pub struct Trigger {
     pub source: &'static str,
     pub reply: Option<oneshot::Sender<ReloadOutcome>>,
+}
+
+/// A reload starting or ending, for observers such as the systemd notifier.
+#[derive(Debug, Clone)]
+pub enum ReloadEvent {
+    Started,
+    Finished(ReloadRecord),
 }
 
 /// The last reload, as `/status` reports it.
@@ -66,6 +75,7 @@ pub struct Reloader {
     retiring: TaskTracker,
     state: Arc<StateStore>,
     triggers: mpsc::UnboundedSender<Trigger>,
+    events: broadcast::Sender<ReloadEvent>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -90,6 +100,7 @@ impl Reloader {
             retiring: TaskTracker::new(),
             state,
             triggers,
+            events: broadcast::channel(16).0,
             settings,
         });
         Ok((reloader, receiver))
@@ -109,6 +120,11 @@ impl Reloader {
                 return None;
             }
         }
+    }
+
+    /// Reloads starting and ending, from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<ReloadEvent> {
+        self.events.subscribe()
     }
 
     /// Asks for a reload without waiting for it.
@@ -159,6 +175,8 @@ impl Reloader {
         let began = Instant::now();
         let number = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::info!(generation = number, trigger, "reloading");
+        // No receiver (not under systemd) is fine.
+        let _ = self.events.send(ReloadEvent::Started);
         let outcome = match load_generation(&self.settings, &self.state, number).await {
             Ok(new) => {
                 lock(&self.live).push(Arc::clone(&new));
@@ -185,14 +203,17 @@ impl Reloader {
                 Err(error)
             }
         };
-        *lock(&self.last_reload) = Some(ReloadRecord {
+        crate::metrics::global().observe_reload(began.elapsed());
+        let record = ReloadRecord {
             ok: outcome.is_ok(),
             error: outcome.as_ref().err().cloned(),
             at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             duration_ms: ms(began.elapsed()),
             trigger: trigger.to_string(),
             generation: number,
-        });
+        };
+        *lock(&self.last_reload) = Some(record.clone());
+        let _ = self.events.send(ReloadEvent::Finished(record));
         outcome
     }
 
@@ -211,6 +232,23 @@ impl Reloader {
         self.retire(self.current.load_full());
         self.retiring.close();
         self.retiring.wait().await;
+    }
+
+    /// The serving generation's number and sha256.
+    pub fn serving(&self) -> (u64, String) {
+        let current = self.current.load();
+        (current.number, current.library.sha256.clone())
+    }
+
+    /// What `GET /metrics` reports about generations and reloads.
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        crate::metrics::Snapshot {
+            serving: self.current.load().number,
+            live: lock(&self.live).iter().map(|g| (g.number, g.in_flight())).collect(),
+            reloads_ok: self.succeeded.load(Ordering::Relaxed),
+            reloads_failed: self.failed.load(Ordering::Relaxed),
+            last_reload_ok: lock(&self.last_reload).as_ref().map(|r| r.ok),
+        }
     }
 
     /// The JSON document `GET /status` answers with.
@@ -279,6 +317,7 @@ async fn load_generation(
 
 /// Copies the library at the app path to a fresh, uniquely named file: `dlopen` of a path that
 /// is already loaded would return the old copy, and the original may be replaced at any moment.
+/// The bytes are checked against the trust policy as read, and exactly those bytes are staged.
 async fn stage(settings: &ReloadSettings, number: u64) -> anyhow::Result<LibraryInfo> {
     let path = settings.app_path.clone();
     let file_name = path
@@ -287,11 +326,12 @@ async fn stage(settings: &ReloadSettings, number: u64) -> anyhow::Result<Library
         .unwrap_or_else(|| "app.so".into());
     let staged_copy = settings.staging_dir.join(format!("gen{number}-{file_name}"));
     let staged = staged_copy.clone();
+    let trust = settings.trust.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        let bytes = std::fs::read(&path).with_context(|| format!("cannot read the app library {}", path.display()))?;
-        anyhow::ensure!(!bytes.is_empty(), "the app library {} is empty", path.display());
-        std::fs::write(&staged, &bytes).with_context(|| format!("cannot stage a copy at {}", staged.display()))?;
-        Ok(format!("{:x}", Sha256::digest(&bytes)))
+        let trusted = crate::trust::read_trusted(&path, &trust)?;
+        std::fs::write(&staged, &trusted.bytes)
+            .with_context(|| format!("cannot stage a copy at {}", staged.display()))?;
+        Ok(trusted.sha256)
     })
     .await
     .context("the staging task failed")?

@@ -63,6 +63,7 @@ impl Body for ServedBody {
 }
 
 fn into_response(response: AppResponse, lease: Option<Lease>) -> Response<ServedBody> {
+    crate::metrics::global().count_request(lease.as_ref().map(|l| l.generation().number), response.status);
     let mut built = Response::new(ServedBody {
         body: Full::new(response.body),
         _lease: lease,

@@ -1,0 +1,442 @@
+//! The host's configuration: command-line flags, `HOST_*` environment variables and a TOML file,
+//! merged into one [`Settings`].
+//!
+//! Production hosts are configured by whatever runs them — a systemd unit, a container spec, a
+//! config-management tool — so every setting can come from any of the three places, with one
+//! naming rule and one precedence: **flags > environment > file > defaults**. The flag
+//! `--drain-timeout` is the variable `HOST_DRAIN_TIMEOUT` and the file key `drain-timeout`.
+//!
+//! Flags and variables are parsed by clap into [`Options`], where every field is optional so that
+//! "not given" stays distinguishable from "given the default"; the file fills what they left
+//! unset, then the defaults fill the rest. A file with an unknown key or a value of the wrong type
+//! is refused with an error that names the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::builder::BoolishValueParser;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+const AFTER_HELP: &str = "\
+Every option can also be set by an environment variable (shown as [env: ...]) or by a key of the
+TOML file given with --config: the key is the flag's name without the dashes in front, for example
+`drain-timeout = \"5s\"`, `listen = [\"0.0.0.0:8080\"]`, `watch = true`. Precedence: flags, then
+environment variables, then the file, then the defaults. Relative paths in the file are relative to
+the file's directory. Durations are written like 30s, 500ms or 2m.
+
+Under systemd socket activation (LISTEN_FDS), the passed sockets are the public listeners, except
+one named `admin` (FileDescriptorName=admin), which becomes the admin listener.
+
+RUST_LOG filters the log (default: info), e.g. RUST_LOG=host=debug,info.";
+
+/// Serve an app library over HTTP and reload it in process, without dropping a connection.
+///
+/// Reload with SIGHUP, `POST /reload` on the admin listener, or `--watch`. A new version that
+/// fails to load, verify or start never replaces the one serving; the reason is logged and shown
+/// in `GET /status` on the admin listener. SIGTERM or SIGINT stop the host gracefully.
+#[derive(Debug, Parser)]
+#[command(version, after_help = AFTER_HELP, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub options: Options,
+}
+
+/// Tools for signing app libraries (see `--trusted-key`).
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Make an ed25519 key pair for signing app libraries: the private key is written to SECRET
+    /// (PKCS#8 PEM, mode 0600) and the public key, for `--trusted-key`, to SECRET.pub (PEM).
+    /// Both are the formats `openssl genpkey -algorithm ed25519` and `openssl pkey -pubout` use.
+    Keygen {
+        /// Where to write the private key; must not exist yet.
+        secret: PathBuf,
+    },
+    /// Sign an app library: writes the detached signature (64 raw bytes, as
+    /// `openssl pkeyutl -sign -rawin` makes) to LIBRARY.sig.
+    Sign {
+        /// The private key (PKCS#8 PEM, from `host keygen` or `openssl genpkey -algorithm ed25519`).
+        #[arg(long)]
+        key: PathBuf,
+        /// The library to sign.
+        library: PathBuf,
+    },
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The options as given on the command line or in the environment; `None` means "not given".
+#[derive(Debug, Default, clap::Args)]
+pub struct Options {
+    /// A TOML file with settings (keys named like the flags); flags and environment variables
+    /// override it.
+    #[arg(long, env = "HOST_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// The app library (a cdylib that uses app_api::export_app!). It is copied before each load,
+    /// so it may be replaced, rewritten or re-pointed (symlink) at any time. Required.
+    #[arg(long, env = "HOST_APP", value_name = "PATH")]
+    pub app: Option<PathBuf>,
+
+    /// Address to serve the app on; may be repeated (or comma-separated in the variable)
+    /// [default: 127.0.0.1:8080, unless sockets are passed by socket activation].
+    #[arg(long, env = "HOST_LISTEN", value_name = "ADDR", value_delimiter = ',')]
+    pub listen: Option<Vec<SocketAddr>>,
+
+    /// Address of the admin listener (`/status`, `/healthz`, `/readyz`, `/metrics`,
+    /// `POST /reload`). Keep it private: it can trigger reloads [default: 127.0.0.1:8081].
+    #[arg(long, env = "HOST_ADMIN", value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+
+    /// Whether `POST /reload` on the admin listener is allowed [default: true].
+    #[arg(long, env = "HOST_ADMIN_RELOAD", value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub admin_reload: Option<bool>,
+
+    /// Reload when the file at `--app` is replaced or rewritten [default: false].
+    #[arg(long, env = "HOST_WATCH", value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub watch: Option<bool>,
+
+    /// A file whose text is given to the app's init; read again on every reload.
+    #[arg(long, env = "HOST_APP_CONFIG", value_name = "FILE")]
+    pub app_config: Option<PathBuf>,
+
+    /// How long a retiring generation (or the host, on shutdown) waits for requests in flight
+    /// before cancelling them [default: 30s].
+    #[arg(long, env = "HOST_DRAIN_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Option<Duration>,
+
+    /// How long a new version may take to load and initialise before it is refused [default: 10s].
+    #[arg(long, env = "HOST_INIT_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub init_timeout: Option<Duration>,
+
+    /// How long a stopping generation may take to stop its threads before its library is left
+    /// loaded (and reported) rather than unloaded under running code [default: 10s].
+    #[arg(long, env = "HOST_STOP_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub stop_timeout: Option<Duration>,
+
+    /// Worker threads of each generation's runtime [default: the number of CPUs].
+    #[arg(long, env = "HOST_APP_THREADS", value_name = "N")]
+    pub app_threads: Option<u32>,
+
+    /// Largest request body accepted, in bytes [default: 16777216].
+    #[arg(long, env = "HOST_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<usize>,
+
+    /// Largest request head (request line and headers) accepted, in bytes [default: 65536].
+    #[arg(long, env = "HOST_MAX_HEAD_BYTES", value_name = "BYTES")]
+    pub max_head_bytes: Option<usize>,
+
+    /// How long a client may take to send a request head [default: 10s].
+    #[arg(long, env = "HOST_HEADER_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Option<Duration>,
+
+    /// Directory for the private copies of loaded libraries [default: a new temporary directory].
+    #[arg(long, env = "HOST_STAGING_DIR", value_name = "DIR")]
+    pub staging_dir: Option<PathBuf>,
+
+    /// Write the host's process id to this file (atomically) and remove it on exit, so that
+    /// `kill -HUP $(cat PATH)` reloads. The host refuses to start while another live host
+    /// holds the file.
+    #[arg(long, env = "HOST_PID_FILE", value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+
+    /// Log format [default: text].
+    #[arg(long, env = "HOST_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Load only a library whose sha256 is this (64 hex digits); anything else is refused and the
+    /// serving version stays.
+    #[arg(long, env = "HOST_REQUIRE_SHA256", value_name = "HEX")]
+    pub require_sha256: Option<Sha256Hex>,
+
+    /// Load only a library signed by a key in this file: the detached ed25519 signature must be
+    /// in `<--app>.sig` (64 raw bytes). The file holds one or more PEM public keys
+    /// (`host keygen`, or `openssl pkey -pubout`).
+    #[arg(long, env = "HOST_TRUSTED_KEY", value_name = "FILE")]
+    pub trusted_key: Option<PathBuf>,
+}
+
+/// The same settings as they appear in the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileOptions {
+    pub app: Option<PathBuf>,
+    pub listen: Option<Vec<FromText<SocketAddr>>>,
+    pub admin: Option<FromText<SocketAddr>>,
+    pub admin_reload: Option<bool>,
+    pub watch: Option<bool>,
+    pub app_config: Option<PathBuf>,
+    pub drain_timeout: Option<FromText<HumanDuration>>,
+    pub init_timeout: Option<FromText<HumanDuration>>,
+    pub stop_timeout: Option<FromText<HumanDuration>>,
+    pub app_threads: Option<u32>,
+    pub max_body_bytes: Option<usize>,
+    pub max_head_bytes: Option<usize>,
+    pub header_read_timeout: Option<FromText<HumanDuration>>,
+    pub staging_dir: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+    pub require_sha256: Option<FromText<Sha256Hex>>,
+    pub trusted_key: Option<PathBuf>,
+}
+
+/// Everything the host runs with, after merging.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub app: PathBuf,
+    /// Public addresses to bind. Empty only if they were never configured, in which case the
+    /// default applies unless socket activation passed public sockets.
+    pub listen: Vec<SocketAddr>,
+    pub listen_configured: bool,
+    pub admin: SocketAddr,
+    pub admin_reload: bool,
+    pub watch: bool,
+    pub app_config: Option<PathBuf>,
+    pub drain_timeout: Duration,
+    pub init_timeout: Duration,
+    pub stop_timeout: Duration,
+    pub app_threads: Option<u32>,
+    pub max_body_bytes: usize,
+    pub max_head_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub staging_dir: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    pub log_format: LogFormat,
+    pub require_sha256: Option<Sha256Hex>,
+    pub trusted_key: Option<PathBuf>,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:8081";
+
+/// A sha256 digest written as 64 hex digits (kept in lower case).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sha256Hex(pub String);
+
+impl FromStr for Sha256Hex {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(Sha256Hex(text.to_ascii_lowercase()))
+        } else {
+            Err(format!("`{text}` is not a sha256 digest (64 hex digits)"))
+        }
+    }
+}
+
+/// A duration written like `30s` or `500ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        humantime::parse_duration(text)
+            .map(HumanDuration)
+            .map_err(|e| format!("`{text}` is not a duration like \"30s\" or \"500ms\": {e}"))
+    }
+}
+
+/// A value that the file writes as a string and that is parsed with `FromStr`, so that a bad
+/// value is reported by toml with its key and line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FromText<T>(pub T);
+
+impl<'de, T> Deserialize<'de> for FromText<T>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map(FromText).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Reads and parses a TOML settings file; errors name the file and the offending key.
+pub fn read_file(path: &Path) -> anyhow::Result<FileOptions> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
+    parse_file(&text, path)
+}
+
+pub fn parse_file(text: &str, path: &Path) -> anyhow::Result<FileOptions> {
+    let mut options: FileOptions =
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))?;
+    // Relative paths in the file mean "next to the file", whatever the working directory is.
+    let base = path.parent().unwrap_or(Path::new("."));
+    let paths = [
+        &mut options.app,
+        &mut options.app_config,
+        &mut options.staging_dir,
+        &mut options.pid_file,
+        &mut options.trusted_key,
+    ];
+    for path in paths.into_iter().flatten() {
+        if path.is_relative() {
+            *path = base.join(&*path);
+        }
+    }
+    Ok(options)
+}
+
+/// Merges flags and environment (`options`, already combined by clap) over the file, over the
+/// defaults.
+pub fn merge(options: Options, file: FileOptions) -> anyhow::Result<Settings> {
+    fn duration(flag: Option<Duration>, file: Option<FromText<HumanDuration>>, default: Duration) -> Duration {
+        flag.or(file.map(|d| d.0 .0)).unwrap_or(default)
+    }
+    let app = options.app.or(file.app).ok_or_else(|| {
+        anyhow::anyhow!("no app library given: set --app, the HOST_APP variable, or `app` in the config file")
+    })?;
+    let listen = options
+        .listen
+        .or_else(|| file.listen.map(|l| l.into_iter().map(|a| a.0).collect()));
+    let default_admin: SocketAddr = DEFAULT_ADMIN.parse().context("the default admin address")?;
+    Ok(Settings {
+        app,
+        listen_configured: listen.is_some(),
+        listen: listen.unwrap_or_default(),
+        admin: options.admin.or(file.admin.map(|a| a.0)).unwrap_or(default_admin),
+        admin_reload: options.admin_reload.or(file.admin_reload).unwrap_or(true),
+        watch: options.watch.or(file.watch).unwrap_or(false),
+        app_config: options.app_config.or(file.app_config),
+        drain_timeout: duration(options.drain_timeout, file.drain_timeout, Duration::from_secs(30)),
+        init_timeout: duration(options.init_timeout, file.init_timeout, Duration::from_secs(10)),
+        stop_timeout: duration(options.stop_timeout, file.stop_timeout, Duration::from_secs(10)),
+        app_threads: options.app_threads.or(file.app_threads),
+        max_body_bytes: options
+            .max_body_bytes
+            .or(file.max_body_bytes)
+            .unwrap_or(16 * 1024 * 1024),
+        max_head_bytes: options.max_head_bytes.or(file.max_head_bytes).unwrap_or(64 * 1024),
+        header_read_timeout: duration(
+            options.header_read_timeout,
+            file.header_read_timeout,
+            Duration::from_secs(10),
+        ),
+        staging_dir: options.staging_dir.or(file.staging_dir),
+        pid_file: options.pid_file.or(file.pid_file),
+        log_format: options.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+        require_sha256: options.require_sha256.or(file.require_sha256.map(|s| s.0)),
+        trusted_key: options.trusted_key.or(file.trusted_key),
+    })
+}
+
+/// Parses the command line (and environment), reads the file if one is named, and merges.
+pub fn load(options: Options) -> anyhow::Result<Settings> {
+    let file = match &options.config {
+        Some(path) => read_file(path)?,
+        None => FileOptions::default(),
+    };
+    merge(options, file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Options {
+        let mut argv = vec!["host"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("valid arguments").options
+    }
+
+    fn file(text: &str) -> FileOptions {
+        parse_file(text, Path::new("/etc/host/host.toml")).expect("valid file")
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_given() {
+        let settings = merge(parse(&["--app", "/a.so"]), FileOptions::default()).expect("merges");
+        assert_eq!(settings.drain_timeout, Duration::from_secs(30));
+        assert_eq!(settings.admin, DEFAULT_ADMIN.parse::<SocketAddr>().expect("address"));
+        assert!(settings.admin_reload);
+        assert!(!settings.watch);
+        assert!(!settings.listen_configured);
+        assert_eq!(settings.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let file = file(
+            "app = \"lib/app.so\"\ndrain-timeout = \"5s\"\ninit-timeout = \"3s\"\nwatch = true\n\
+             listen = [\"127.0.0.1:9000\"]\nlog-format = \"json\"\nadmin-reload = false\n",
+        );
+        let settings = merge(parse(&["--drain-timeout", "1s", "--watch=false"]), file).expect("merges");
+        assert_eq!(settings.app, PathBuf::from("/etc/host/lib/app.so"));
+        assert_eq!(settings.drain_timeout, Duration::from_secs(1));
+        assert_eq!(settings.init_timeout, Duration::from_secs(3));
+        assert!(!settings.watch);
+        assert!(!settings.admin_reload);
+        assert!(settings.listen_configured);
+        assert_eq!(
+            settings.listen,
+            vec!["127.0.0.1:9000".parse::<SocketAddr>().expect("address")]
+        );
+        assert_eq!(settings.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn a_bare_boolean_flag_means_true() {
+        let settings = merge(parse(&["--app", "a.so", "--watch"]), file("watch = false")).expect("merges");
+        assert!(settings.watch);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let error = parse_file("drain-timout = \"5s\"\n", Path::new("h.toml")).expect_err("refused");
+        let message = format!("{error:#}");
+        assert!(message.contains("drain-timout"), "{message}");
+        assert!(message.contains("h.toml"), "{message}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (text, key) in [
+            ("init-timeout = 5\n", "init-timeout"),
+            ("admin = \"nowhere\"\n", "admin"),
+            ("app-threads = \"many\"\n", "app-threads"),
+            ("require-sha256 = \"abc\"\n", "require-sha256"),
+            ("log-format = \"xml\"\n", "log-format"),
+        ] {
+            let message = format!("{:#}", parse_file(text, Path::new("h.toml")).expect_err("refused"));
+            assert!(message.contains(key), "{text}: {message}");
+        }
+    }
+
+    #[test]
+    fn a_missing_app_is_explained() {
+        let message = format!(
+            "{:#}",
+            merge(Options::default(), FileOptions::default()).expect_err("refused")
+        );
+        assert!(message.contains("--app") && message.contains("HOST_APP"), "{message}");
+    }
+
+    #[test]
+    fn sha256_is_normalised() {
+        let digest = "AB".repeat(32);
+        assert_eq!(digest.parse::<Sha256Hex>().expect("valid").0, "ab".repeat(32));
+        assert!("abc".parse::<Sha256Hex>().is_err());
+    }
+}

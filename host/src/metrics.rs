@@ -1,0 +1,284 @@
+//! `GET /metrics` on the admin listener: Prometheus text exposition (format 0.0.4).
+//!
+//! A fleet is watched by its metrics, not by reading each host's `/status`; these answer the
+//! questions a rollout asks — is the new generation serving, are its answers healthy, did the
+//! reload work and how long it and the drain took. Counters live in one process-wide [`Metrics`]
+//! so that the request path only bumps a counter; gauges about generations are read from the
+//! reloader when scraped. Hand-written to keep the host's dependencies small; the format is
+//! simple: `# HELP`/`# TYPE` lines, and for histograms cumulative `_bucket{le=...}` lines ending
+//! with `+Inf`, then `_sum` and `_count`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
+
+use http::StatusCode;
+
+/// Upper bounds (seconds) of the duration histograms' buckets.
+const BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// Request counters are kept for this many of the newest generations (plus any still live), so
+/// a host that reloads all day does not grow without bound.
+const KEPT_GENERATIONS: u64 = 32;
+
+#[derive(Debug, Default)]
+struct Histogram {
+    /// Per bucket (not cumulative), plus one for `+Inf`.
+    counts: [u64; BUCKETS.len() + 1],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        let index = BUCKETS.iter().position(|&le| seconds <= le).unwrap_or(BUCKETS.len());
+        self.counts[index] += 1;
+        self.sum += seconds;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (le, count) in BUCKETS.iter().zip(self.counts) {
+            cumulative += count;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+/// The status class label of a response.
+fn class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Process-wide counters and histograms.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// (generation, or 0 for answers the host made without one; status class) → count.
+    requests: Mutex<BTreeMap<(u64, &'static str), u64>>,
+    reload_duration: Mutex<Histogram>,
+    drain_duration: Mutex<Histogram>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the reloader knows at scrape time.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub serving: u64,
+    /// (generation, requests in flight) for every generation still loaded.
+    pub live: Vec<(u64, u64)>,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    /// Whether the last reload worked; `None` before the first.
+    pub last_reload_ok: Option<bool>,
+}
+
+/// The process's metrics.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::default)
+}
+
+impl Metrics {
+    /// Counts one answered request; `generation` is `None` for answers the host made itself
+    /// before choosing a generation (body too large, shutting down).
+    pub fn count_request(&self, generation: Option<u64>, status: StatusCode) {
+        *lock(&self.requests)
+            .entry((generation.unwrap_or(0), class(status)))
+            .or_insert(0) += 1;
+    }
+
+    pub fn observe_reload(&self, duration: Duration) {
+        lock(&self.reload_duration).observe(duration.as_secs_f64());
+    }
+
+    pub fn observe_drain(&self, duration: Duration) {
+        lock(&self.drain_duration).observe(duration.as_secs_f64());
+    }
+
+    /// The text exposition.
+    pub fn render(&self, snapshot: &Snapshot) -> String {
+        let mut out = String::new();
+        {
+            let mut requests = lock(&self.requests);
+            let oldest_kept = snapshot.serving.saturating_sub(KEPT_GENERATIONS - 1);
+            requests.retain(|(generation, _), _| {
+                *generation == 0 || *generation >= oldest_kept || snapshot.live.iter().any(|(g, _)| g == generation)
+            });
+            out.push_str(
+                "# HELP host_http_requests_total Requests answered, by the generation that served them \
+                 (\"none\": answered by the host before choosing one) and status class.\n\
+                 # TYPE host_http_requests_total counter\n",
+            );
+            for ((generation, class), count) in requests.iter() {
+                let generation = if *generation == 0 {
+                    "none".to_string()
+                } else {
+                    generation.to_string()
+                };
+                let _ = writeln!(
+                    out,
+                    "host_http_requests_total{{generation=\"{generation}\",class=\"{class}\"}} {count}"
+                );
+            }
+        }
+        out.push_str(
+            "# HELP host_http_requests_in_flight Requests holding a generation now.\n\
+             # TYPE host_http_requests_in_flight gauge\n",
+        );
+        for (generation, in_flight) in &snapshot.live {
+            let _ = writeln!(
+                out,
+                "host_http_requests_in_flight{{generation=\"{generation}\"}} {in_flight}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP host_generations_live Generations loaded: the serving one plus any still draining.\n\
+             # TYPE host_generations_live gauge\nhost_generations_live {}",
+            snapshot.live.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP host_serving_generation The generation new requests go to.\n\
+             # TYPE host_serving_generation gauge\nhost_serving_generation {}",
+            snapshot.serving
+        );
+        let _ = writeln!(
+            out,
+            "# HELP host_reloads_total Reloads since start, by outcome.\n\
+             # TYPE host_reloads_total counter\n\
+             host_reloads_total{{outcome=\"ok\"}} {}\nhost_reloads_total{{outcome=\"failed\"}} {}",
+            snapshot.reloads_ok, snapshot.reloads_failed
+        );
+        if let Some(ok) = snapshot.last_reload_ok {
+            let _ = writeln!(
+                out,
+                "# HELP host_last_reload_ok 1 if the last reload worked, 0 if it was refused.\n\
+                 # TYPE host_last_reload_ok gauge\nhost_last_reload_ok {}",
+                u8::from(ok)
+            );
+        }
+        lock(&self.reload_duration).render(
+            &mut out,
+            "host_reload_duration_seconds",
+            "How long reloads took, from trigger to swap or refusal.",
+        );
+        lock(&self.drain_duration).render(
+            &mut out,
+            "host_drain_duration_seconds",
+            "How long retired generations took to finish their requests (or reach the drain timeout).",
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let metrics = Metrics::default();
+        metrics.observe_reload(Duration::from_millis(3));
+        metrics.observe_reload(Duration::from_millis(200));
+        metrics.observe_reload(Duration::from_secs(1000));
+        let text = metrics.render(&Snapshot::default());
+        assert!(
+            text.contains("host_reload_duration_seconds_bucket{le=\"0.005\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("host_reload_duration_seconds_bucket{le=\"0.1\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("host_reload_duration_seconds_bucket{le=\"0.25\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("host_reload_duration_seconds_bucket{le=\"300\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("host_reload_duration_seconds_bucket{le=\"+Inf\"} 3\n"),
+            "{text}"
+        );
+        assert!(text.contains("host_reload_duration_seconds_count 3\n"), "{text}");
+        assert!(
+            text.contains("# TYPE host_drain_duration_seconds histogram\n"),
+            "{text}"
+        );
+        assert!(text.contains("host_drain_duration_seconds_count 0\n"), "{text}");
+    }
+
+    #[test]
+    fn requests_by_generation_and_class() {
+        let metrics = Metrics::default();
+        metrics.count_request(Some(2), StatusCode::OK);
+        metrics.count_request(Some(2), StatusCode::CREATED);
+        metrics.count_request(Some(3), StatusCode::INTERNAL_SERVER_ERROR);
+        metrics.count_request(None, StatusCode::PAYLOAD_TOO_LARGE);
+        let text = metrics.render(&Snapshot {
+            serving: 3,
+            live: vec![(2, 0), (3, 1)],
+            reloads_ok: 2,
+            reloads_failed: 1,
+            last_reload_ok: Some(true),
+        });
+        for line in [
+            "host_http_requests_total{generation=\"2\",class=\"2xx\"} 2",
+            "host_http_requests_total{generation=\"3\",class=\"5xx\"} 1",
+            "host_http_requests_total{generation=\"none\",class=\"4xx\"} 1",
+            "host_http_requests_in_flight{generation=\"3\"} 1",
+            "host_generations_live 2",
+            "host_serving_generation 3",
+            "host_reloads_total{outcome=\"failed\"} 1",
+            "host_last_reload_ok 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
+        // Every sample belongs to a declared metric family.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            assert!(
+                text.contains(&format!("# TYPE {family} ")) || text.contains(&format!("# TYPE {name} ")),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn old_generations_are_forgotten() {
+        let metrics = Metrics::default();
+        metrics.count_request(Some(1), StatusCode::OK);
+        metrics.count_request(Some(100), StatusCode::OK);
+        let text = metrics.render(&Snapshot {
+            serving: 100,
+            live: vec![(100, 0)],
+            ..Snapshot::default()
+        });
+        assert!(!text.contains("generation=\"1\""), "{text}");
+        assert!(text.contains("generation=\"100\""), "{text}");
+    }
+}

@@ -1,0 +1,123 @@
+//! systemd integration: readiness notifications and socket activation.
+//!
+//! Under `Type=notify-reload` systemd learns the host's state only from messages on
+//! `NOTIFY_SOCKET` (`sd_notify(3)`), and a rollout (`systemctl reload`) is SIGHUP followed by
+//! waiting for `RELOADING=1` (with `MONOTONIC_USEC`) and then `READY=1`. The host sends:
+//!
+//! - `READY=1` + `STATUS=` once the first generation serves on every listener;
+//! - for every reload, whatever triggered it: `RELOADING=1` + `MONOTONIC_USEC=` when it starts
+//!   and `READY=1` + `STATUS=` (the outcome) when it ends — a refused reload still ends in
+//!   `READY=1`, since the old version keeps serving, and says so in `STATUS=`;
+//! - `STOPPING=1` when shutting down;
+//! - `WATCHDOG=1` every half `WATCHDOG_USEC`, if the unit sets `WatchdogSec=`.
+//!
+//! Without `NOTIFY_SOCKET` every notification is a no-op.
+//!
+//! Socket activation (`LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES`, `sd_listen_fds(3)`): the
+//! passed sockets must be TCP listening sockets. The one named `admin` becomes the admin
+//! listener; all others are public listeners and replace the default `--listen` address.
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sd_notify::NotifyState;
+
+/// Sends `states` to the service manager, if there is one; failures are logged, not fatal.
+pub fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
+}
+
+/// `READY=1` with a status line.
+pub fn ready(status: &str) {
+    notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// `RELOADING=1` with the current monotonic time, as `Type=notify-reload` requires.
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify(&[NotifyState::Reloading, now, NotifyState::Status("reloading")]),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the monotonic clock");
+            notify(&[NotifyState::Reloading, NotifyState::Status("reloading")]);
+        }
+    }
+}
+
+/// `STOPPING=1`.
+pub fn stopping() {
+    notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+}
+
+/// Pings the watchdog at half its interval, if the service manager asked for one. The pings stop
+/// when the returned task is aborted or the runtime ends.
+pub fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+    let interval = sd_notify::watchdog_enabled()?;
+    let period = (interval / 2).max(Duration::from_millis(100));
+    tracing::info!(interval_ms = interval.as_millis() as u64, "systemd watchdog enabled");
+    Some(tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(period);
+        loop {
+            ticks.tick().await;
+            notify(&[NotifyState::Watchdog]);
+        }
+    }))
+}
+
+/// Sockets passed by socket activation.
+#[derive(Debug, Default)]
+pub struct Activated {
+    pub public: Vec<TcpListener>,
+    pub admin: Option<TcpListener>,
+}
+
+/// Takes the sockets passed by the service manager, if any.
+///
+/// Must run before any thread starts: the activation variables are removed from the
+/// environment (so the app and its children do not see them).
+pub fn take_activated_sockets() -> anyhow::Result<Activated> {
+    let names = std::env::var("LISTEN_FDNAMES").ok();
+    let mut fds = listenfd::ListenFd::from_env();
+    std::env::remove_var("LISTEN_FDNAMES");
+    let mut activated = Activated::default();
+    if fds.len() == 0 {
+        return Ok(activated);
+    }
+    let names: Vec<String> = match names {
+        Some(names) => names.split(':').map(str::to_owned).collect(),
+        None => vec![String::new(); fds.len()],
+    };
+    anyhow::ensure!(
+        names.len() == fds.len(),
+        "LISTEN_FDNAMES names {} sockets but LISTEN_FDS passes {}",
+        names.len(),
+        fds.len()
+    );
+    for (index, name) in names.iter().enumerate() {
+        let listener = fds
+            .take_tcp_listener(index)
+            .with_context(|| format!("passed socket {} ({name:?}) is not a TCP listening socket", index + 3))?
+            .with_context(|| format!("passed socket {} ({name:?}) is missing", index + 3))?;
+        listener
+            .set_nonblocking(true)
+            .with_context(|| format!("cannot make passed socket {} non-blocking", index + 3))?;
+        let address = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        if name == "admin" {
+            anyhow::ensure!(
+                activated.admin.is_none(),
+                "more than one passed socket is named `admin`"
+            );
+            tracing::info!(fd = index + 3, %address, "admin listener from socket activation");
+            activated.admin = Some(listener);
+        } else {
+            tracing::info!(fd = index + 3, name, %address, "public listener from socket activation");
+            activated.public.push(listener);
+        }
+    }
+    Ok(activated)
+}

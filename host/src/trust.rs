@@ -1,0 +1,434 @@
+//! Deciding whether a library may be loaded at all.
+//!
+//! Loading a library is running its code with the host's privileges, so before anything is
+//! staged the host checks who could have put the bytes there and, if configured, what the bytes
+//! are:
+//!
+//! - **Ownership and permissions** (like sshd's `StrictModes`): the library file and every
+//!   directory above it — along the path as given and along its resolved target, if it is reached
+//!   through symlinks — must be owned by root or by the host's user, and must not be writable by
+//!   group or others. A directory with the sticky bit (like `/tmp`) may be writable by others:
+//!   there only a file's owner can rename or delete it, and the file itself must still pass.
+//! - **`--require-sha256`**: the bytes must have exactly this digest.
+//! - **`--trusted-key`**: the bytes must carry a detached ed25519 signature, `<app path>.sig`
+//!   (64 raw bytes), by one of the keys in the key file (PEM public keys).
+//!
+//! The file's own checks are made on the open file descriptor, and the digest and signature on
+//! the very bytes read from it — the bytes that are then staged and loaded — so the file cannot be
+//! swapped between the check and the use.
+
+use std::ffi::OsString;
+use std::fs::Metadata;
+use std::io::Read as _;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use ed25519_dalek::pkcs8::{DecodePrivateKey as _, DecodePublicKey as _, EncodePrivateKey as _, EncodePublicKey as _};
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+use sha2::{Digest as _, Sha256};
+
+/// What a library must satisfy before it is loaded.
+#[derive(Debug, Clone, Default)]
+pub struct TrustPolicy {
+    /// The required sha256, in lower-case hex.
+    pub require_sha256: Option<String>,
+    /// Keys one of which must have signed the library; empty means no signature is required.
+    pub trusted_keys: Vec<VerifyingKey>,
+    /// Where the keys came from, for error messages.
+    pub trusted_key_file: Option<PathBuf>,
+}
+
+/// A library's bytes that passed every check.
+#[derive(Debug)]
+pub struct TrustedBytes {
+    pub bytes: Vec<u8>,
+    pub sha256: String,
+}
+
+/// Why a library was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("cannot read the app library {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("the app library {0} is not a regular file")]
+    NotAFile(PathBuf),
+    #[error("the app library {0} is empty")]
+    Empty(PathBuf),
+    #[error(
+        "refusing to load {library}: {entry} {problem}; a library is code the host runs, so it and every \
+         directory above it must be owned by root or by the host's user (uid {host_uid}) and writable only \
+         by their owner (a directory with the sticky bit, like /tmp, may be writable by others)"
+    )]
+    Permissions {
+        library: PathBuf,
+        entry: PathBuf,
+        problem: Problem,
+        host_uid: u32,
+    },
+    #[error("refusing to load {library}: its sha256 is {actual}, but --require-sha256 is {required}")]
+    Sha256Mismatch {
+        library: PathBuf,
+        actual: String,
+        required: String,
+    },
+    #[error("refusing to load {library}: cannot read its signature {signature}: {reason}")]
+    NoSignature {
+        library: PathBuf,
+        signature: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "refusing to load {library}: the signature {signature} does not match it under any key in {keys} \
+         (sha256 of the library: {sha256})"
+    )]
+    BadSignature {
+        library: PathBuf,
+        signature: PathBuf,
+        keys: String,
+        sha256: String,
+    },
+}
+
+/// What is wrong with one file or directory on a library's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("is owned by uid {0}")]
+    OwnedByOther(u32),
+    #[error("is writable by its group (mode {0:04o})")]
+    GroupWritable(u32),
+    #[error("is writable by others (mode {0:04o})")]
+    WorldWritable(u32),
+}
+
+/// The permission rule for one path entry, apart from any I/O.
+pub fn check_entry(is_dir: bool, owner: u32, mode: u32, host_uid: u32) -> Result<(), Problem> {
+    const STICKY: u32 = 0o1000;
+    if owner != 0 && owner != host_uid {
+        return Err(Problem::OwnedByOther(owner));
+    }
+    let mode = mode & 0o7777;
+    // In a sticky directory only an entry's owner may rename or delete it, so writers there can
+    // add files but not replace ours (and a file they add fails the ownership check).
+    let sticky_dir = is_dir && mode & STICKY != 0;
+    if mode & 0o002 != 0 && !sticky_dir {
+        return Err(Problem::WorldWritable(mode));
+    }
+    if mode & 0o020 != 0 && !sticky_dir {
+        return Err(Problem::GroupWritable(mode));
+    }
+    Ok(())
+}
+
+fn host_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+fn check_metadata(library: &Path, entry: &Path, metadata: &Metadata, host_uid: u32) -> Result<(), Refused> {
+    check_entry(
+        metadata.is_dir(),
+        metadata.uid(),
+        metadata.permissions().mode(),
+        host_uid,
+    )
+    .map_err(|problem| Refused::Permissions {
+        library: library.to_owned(),
+        entry: entry.to_owned(),
+        problem,
+        host_uid,
+    })
+}
+
+/// Checks every directory above `path` (as given, and as resolved).
+fn check_directories(path: &Path, host_uid: u32) -> Result<(), Refused> {
+    let mut chains = vec![std::path::absolute(path).unwrap_or_else(|_| path.to_owned())];
+    if let Ok(resolved) = std::fs::canonicalize(path) {
+        chains.push(resolved);
+    }
+    for chain in &chains {
+        for directory in chain.ancestors().skip(1) {
+            if directory.as_os_str().is_empty() {
+                continue;
+            }
+            let metadata = std::fs::metadata(directory).map_err(|source| Refused::Read {
+                path: directory.to_owned(),
+                source,
+            })?;
+            check_metadata(path, directory, &metadata, host_uid)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the library at `path` and checks it against `policy`. On success the returned bytes are
+/// exactly the ones that were checked.
+pub fn read_trusted(path: &Path, policy: &TrustPolicy) -> Result<TrustedBytes, Refused> {
+    let read_error = |source| Refused::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let uid = host_uid();
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    let metadata = file.metadata().map_err(read_error)?;
+    if !metadata.is_file() {
+        return Err(Refused::NotAFile(path.to_owned()));
+    }
+    check_metadata(path, path, &metadata, uid)?;
+    check_directories(path, uid)?;
+
+    let mut bytes = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or(0));
+    file.read_to_end(&mut bytes).map_err(read_error)?;
+    if bytes.is_empty() {
+        return Err(Refused::Empty(path.to_owned()));
+    }
+    let sha256 = format!("{:x}", Sha256::digest(&bytes));
+
+    if let Some(required) = &policy.require_sha256 {
+        if *required != sha256 {
+            return Err(Refused::Sha256Mismatch {
+                library: path.to_owned(),
+                actual: sha256,
+                required: required.clone(),
+            });
+        }
+    }
+    if !policy.trusted_keys.is_empty() {
+        verify_signature(path, &bytes, &sha256, policy)?;
+    }
+    Ok(TrustedBytes { bytes, sha256 })
+}
+
+/// The detached signature of the library at `path`.
+pub fn signature_path(path: &Path) -> PathBuf {
+    let mut name = OsString::from(path.as_os_str());
+    name.push(".sig");
+    PathBuf::from(name)
+}
+
+fn verify_signature(path: &Path, bytes: &[u8], sha256: &str, policy: &TrustPolicy) -> Result<(), Refused> {
+    let signature_file = signature_path(path);
+    let no_signature = |reason: String| Refused::NoSignature {
+        library: path.to_owned(),
+        signature: signature_file.clone(),
+        reason,
+    };
+    let raw = std::fs::read(&signature_file).map_err(|e| no_signature(e.to_string()))?;
+    let raw: [u8; 64] = raw
+        .as_slice()
+        .try_into()
+        .map_err(|_| no_signature(format!("it has {} bytes; an ed25519 signature has 64", raw.len())))?;
+    let signature = Signature::from_bytes(&raw);
+    if policy
+        .trusted_keys
+        .iter()
+        .any(|key| key.verify_strict(bytes, &signature).is_ok())
+    {
+        return Ok(());
+    }
+    Err(Refused::BadSignature {
+        library: path.to_owned(),
+        signature: signature_file,
+        keys: policy
+            .trusted_key_file
+            .as_ref()
+            .map_or_else(|| "the trusted keys".to_string(), |p| p.display().to_string()),
+        sha256: sha256.to_string(),
+    })
+}
+
+/// Reads the public keys (one or more PEM `PUBLIC KEY` blocks) from a trusted-key file.
+pub fn read_trusted_keys(path: &Path) -> anyhow::Result<Vec<VerifyingKey>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the trusted keys {}", path.display()))?;
+    let keys = parse_public_keys(&text).with_context(|| format!("invalid trusted-key file {}", path.display()))?;
+    Ok(keys)
+}
+
+const PEM_BEGIN: &str = "-----BEGIN PUBLIC KEY-----";
+const PEM_END: &str = "-----END PUBLIC KEY-----";
+
+pub fn parse_public_keys(text: &str) -> anyhow::Result<Vec<VerifyingKey>> {
+    let mut keys = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(PEM_BEGIN) {
+        let end = rest[start..]
+            .find(PEM_END)
+            .map(|e| start + e + PEM_END.len())
+            .context("a PUBLIC KEY block has no END line")?;
+        let key = VerifyingKey::from_public_key_pem(&rest[start..end])
+            .map_err(|e| anyhow::anyhow!("public key {} is not an ed25519 key: {e}", keys.len() + 1))?;
+        keys.push(key);
+        rest = &rest[end..];
+    }
+    anyhow::ensure!(!keys.is_empty(), "no `{PEM_BEGIN}` block found");
+    Ok(keys)
+}
+
+/// `host keygen`: writes a new private key to `secret` (mode 0600) and its public key to
+/// `secret.pub`.
+pub fn keygen(secret: &Path) -> anyhow::Result<PathBuf> {
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut seed))
+        .context("cannot read /dev/urandom")?;
+    let key = SigningKey::from_bytes(&seed);
+    let private = key
+        .to_pkcs8_pem(Default::default())
+        .map_err(|e| anyhow::anyhow!("cannot encode the private key: {e}"))?;
+    let public = key
+        .verifying_key()
+        .to_public_key_pem(Default::default())
+        .map_err(|e| anyhow::anyhow!("cannot encode the public key: {e}"))?;
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(secret)
+            .with_context(|| format!("cannot create {}", secret.display()))?;
+        file.write_all(private.as_bytes())
+            .with_context(|| format!("cannot write {}", secret.display()))?;
+    }
+    let public_path = {
+        let mut name = OsString::from(secret.as_os_str());
+        name.push(".pub");
+        PathBuf::from(name)
+    };
+    std::fs::write(&public_path, public).with_context(|| format!("cannot write {}", public_path.display()))?;
+    Ok(public_path)
+}
+
+/// `host sign`: writes the detached signature of `library` to `library.sig`.
+pub fn sign(key: &Path, library: &Path) -> anyhow::Result<PathBuf> {
+    let pem = std::fs::read_to_string(key).with_context(|| format!("cannot read the private key {}", key.display()))?;
+    let key = SigningKey::from_pkcs8_pem(&pem)
+        .map_err(|e| anyhow::anyhow!("{} is not an ed25519 private key (PKCS#8 PEM): {e}", key.display()))?;
+    let bytes = std::fs::read(library).with_context(|| format!("cannot read {}", library.display()))?;
+    let signature = key.sign(&bytes);
+    let path = signature_path(library);
+    std::fs::write(&path, signature.to_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: u32 = 1000;
+
+    #[test]
+    fn owner_or_root_with_private_modes_pass() {
+        assert_eq!(check_entry(false, HOST, 0o644, HOST), Ok(()));
+        assert_eq!(check_entry(false, 0, 0o755, HOST), Ok(()));
+        assert_eq!(check_entry(true, 0, 0o755, HOST), Ok(()));
+        assert_eq!(check_entry(true, HOST, 0o700, HOST), Ok(()));
+    }
+
+    #[test]
+    fn other_owners_are_refused() {
+        assert_eq!(check_entry(false, 1001, 0o644, HOST), Err(Problem::OwnedByOther(1001)));
+        assert_eq!(check_entry(true, 1001, 0o755, 0), Err(Problem::OwnedByOther(1001)));
+    }
+
+    #[test]
+    fn group_or_world_writable_is_refused() {
+        assert_eq!(
+            check_entry(false, HOST, 0o664, HOST),
+            Err(Problem::GroupWritable(0o664))
+        );
+        assert_eq!(
+            check_entry(false, HOST, 0o646, HOST),
+            Err(Problem::WorldWritable(0o646))
+        );
+        assert_eq!(check_entry(true, 0, 0o777, HOST), Err(Problem::WorldWritable(0o777)));
+        assert_eq!(check_entry(true, 0, 0o775, HOST), Err(Problem::GroupWritable(0o775)));
+        // The sticky bit protects entries of a directory, not a file's own contents.
+        assert_eq!(
+            check_entry(false, HOST, 0o1666, HOST),
+            Err(Problem::WorldWritable(0o1666))
+        );
+    }
+
+    #[test]
+    fn sticky_directories_like_tmp_pass() {
+        assert_eq!(check_entry(true, 0, 0o1777, HOST), Ok(()));
+        assert_eq!(check_entry(true, 0, 0o1775, HOST), Ok(()));
+    }
+
+    fn write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        path
+    }
+
+    #[test]
+    fn files_are_checked_on_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let good = write(dir.path(), "good.so", b"code", 0o644);
+        let trusted = read_trusted(&good, &TrustPolicy::default()).expect("accepted");
+        assert_eq!(trusted.bytes, b"code");
+        let writable = write(dir.path(), "writable.so", b"code", 0o666);
+        let message = read_trusted(&writable, &TrustPolicy::default())
+            .expect_err("refused")
+            .to_string();
+        assert!(message.contains("writable by others"), "{message}");
+
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let message = read_trusted(&good, &TrustPolicy::default())
+            .expect_err("refused")
+            .to_string();
+        assert!(message.contains("writable by others"), "{message}");
+    }
+
+    #[test]
+    fn digest_and_signature_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let library = write(dir.path(), "app.so", b"library bytes", 0o644);
+        let digest = format!("{:x}", Sha256::digest(b"library bytes"));
+        let pinned = TrustPolicy {
+            require_sha256: Some(digest),
+            ..TrustPolicy::default()
+        };
+        read_trusted(&library, &pinned).expect("the right digest passes");
+        let wrong = TrustPolicy {
+            require_sha256: Some("0".repeat(64)),
+            ..TrustPolicy::default()
+        };
+        assert!(matches!(
+            read_trusted(&library, &wrong),
+            Err(Refused::Sha256Mismatch { .. })
+        ));
+
+        let secret = dir.path().join("key");
+        let public = keygen(&secret).expect("keygen");
+        let keys = read_trusted_keys(&public).expect("keys");
+        let signed = TrustPolicy {
+            trusted_keys: keys,
+            trusted_key_file: Some(public),
+            ..TrustPolicy::default()
+        };
+        assert!(matches!(
+            read_trusted(&library, &signed),
+            Err(Refused::NoSignature { .. })
+        ));
+        sign(&secret, &library).expect("sign");
+        read_trusted(&library, &signed).expect("a good signature passes");
+        write(dir.path(), "app.so", b"other bytes", 0o644);
+        assert!(matches!(
+            read_trusted(&library, &signed),
+            Err(Refused::BadSignature { .. })
+        ));
+    }
+
+    #[test]
+    fn several_keys_may_be_trusted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = std::fs::read_to_string(keygen(&dir.path().join("a")).expect("keygen")).expect("read");
+        let b = std::fs::read_to_string(keygen(&dir.path().join("b")).expect("keygen")).expect("read");
+        assert_eq!(parse_public_keys(&format!("{a}\n{b}")).expect("parsed").len(), 2);
+        assert!(parse_public_keys("nothing here").is_err());
+    }
+}
