@@ -272,9 +272,13 @@ pub fn keygen(secret: &Path) -> anyhow::Result<PathBuf> {
         .and_then(|mut random| random.read_exact(&mut seed))
         .context("cannot read /dev/urandom")?;
     let key = SigningKey::from_bytes(&seed);
-    let private = key
-        .to_pkcs8_pem(Default::default())
-        .map_err(|e| anyhow::anyhow!("cannot encode the private key: {e}"))?;
+    // PKCS#8 v1 (no public key inside): the form openssl writes and reads.
+    let private = ed25519_dalek::pkcs8::KeypairBytes {
+        secret_key: key.to_bytes(),
+        public_key: None,
+    }
+    .to_pkcs8_pem(Default::default())
+    .map_err(|e| anyhow::anyhow!("cannot encode the private key: {e}"))?;
     let public = key
         .verifying_key()
         .to_public_key_pem(Default::default())
@@ -421,6 +425,56 @@ mod tests {
             read_trusted(&library, &signed),
             Err(Refused::BadSignature { .. })
         ));
+    }
+
+    /// Keys and signatures made by openssl work, and openssl reads `host keygen`'s keys.
+    #[test]
+    fn openssl_compatible() {
+        fn openssl(args: &[&std::ffi::OsStr]) -> bool {
+            std::process::Command::new("openssl")
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        }
+        use std::ffi::OsStr;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (key, public) = (dir.path().join("key.pem"), dir.path().join("key.pub"));
+        let library = write(dir.path(), "app.so", b"library bytes", 0o644);
+        let signature = signature_path(&library);
+        let s = OsStr::new;
+        if !openssl(&[s("genpkey"), s("-algorithm"), s("ed25519"), s("-out"), key.as_os_str()]) {
+            eprintln!("skipped: no openssl with ed25519");
+            return;
+        }
+        assert!(openssl(&[
+            s("pkey"),
+            s("-in"),
+            key.as_os_str(),
+            s("-pubout"),
+            s("-out"),
+            public.as_os_str()
+        ]));
+        assert!(openssl(&[
+            s("pkeyutl"),
+            s("-sign"),
+            s("-rawin"),
+            s("-inkey"),
+            key.as_os_str(),
+            s("-in"),
+            library.as_os_str(),
+            s("-out"),
+            signature.as_os_str(),
+        ]));
+        let policy = TrustPolicy {
+            trusted_keys: read_trusted_keys(&public).expect("openssl's public key"),
+            ..TrustPolicy::default()
+        };
+        read_trusted(&library, &policy).expect("openssl's signature verifies");
+
+        let ours = dir.path().join("ours");
+        keygen(&ours).expect("keygen");
+        assert!(openssl(&[s("pkey"), s("-in"), ours.as_os_str(), s("-noout")]));
     }
 
     #[test]
