@@ -261,14 +261,48 @@ impl FromStr for HumanDuration {
 #[derive(Debug, Clone, PartialEq)]
 pub struct FromText<T>(pub T);
 
+/// What a [`FromText`] value looks like, for error messages.
+pub trait TextValue: FromStr {
+    const EXPECTED: &'static str;
+}
+
+impl TextValue for SocketAddr {
+    const EXPECTED: &'static str = "an address like \"127.0.0.1:8080\"";
+}
+
+impl TextValue for HumanDuration {
+    const EXPECTED: &'static str = "a duration like \"30s\" or \"500ms\"";
+}
+
+impl TextValue for Sha256Hex {
+    const EXPECTED: &'static str = "a sha256 digest (a string of 64 hex digits)";
+}
+
 impl<'de, T> Deserialize<'de> for FromText<T>
 where
-    T: FromStr,
+    T: TextValue,
     T::Err: std::fmt::Display,
 {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map(FromText).map_err(serde::de::Error::custom)
+        struct Visitor<T>(std::marker::PhantomData<T>);
+        impl<T> serde::de::Visitor<'_> for Visitor<T>
+        where
+            T: TextValue,
+            T::Err: std::fmt::Display,
+        {
+            type Value = FromText<T>;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str(T::EXPECTED)
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                text.parse()
+                    .map(FromText)
+                    .map_err(|e| E::custom(format!("{e}; expected {}", T::EXPECTED)))
+            }
+        }
+        deserializer.deserialize_str(Visitor(std::marker::PhantomData))
     }
 }
 
