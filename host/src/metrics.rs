@@ -10,7 +10,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -53,22 +54,19 @@ impl Histogram {
     }
 }
 
-/// The status class label of a response.
-fn class(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
+/// Status class labels, indexed by the status code's first digit minus one.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn class_index(status: StatusCode) -> usize {
+    usize::from(status.as_u16() / 100).clamp(1, 5) - 1
 }
 
 /// Process-wide counters and histograms.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// (generation, or 0 for answers the host made without one; status class) → count.
-    requests: Mutex<BTreeMap<(u64, &'static str), u64>>,
+    /// Generation (0 for answers the host made without one) → count per status class. The
+    /// request path takes only the read lock, except for a generation's first request.
+    requests: RwLock<BTreeMap<u64, [AtomicU64; 5]>>,
     reload_duration: Mutex<Histogram>,
     drain_duration: Mutex<Histogram>,
 }
@@ -99,9 +97,22 @@ impl Metrics {
     /// Counts one answered request; `generation` is `None` for answers the host made itself
     /// before choosing a generation (body too large, shutting down).
     pub fn count_request(&self, generation: Option<u64>, status: StatusCode) {
-        *lock(&self.requests)
-            .entry((generation.unwrap_or(0), class(status)))
-            .or_insert(0) += 1;
+        let (generation, class) = (generation.unwrap_or(0), class_index(status));
+        if let Some(counts) = self
+            .requests
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&generation)
+        {
+            counts[class].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.requests
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(generation)
+            .or_default()[class]
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn observe_reload(&self, duration: Duration) {
@@ -116,9 +127,9 @@ impl Metrics {
     pub fn render(&self, snapshot: &Snapshot) -> String {
         let mut out = String::new();
         {
-            let mut requests = lock(&self.requests);
+            let mut requests = self.requests.write().unwrap_or_else(PoisonError::into_inner);
             let oldest_kept = snapshot.serving.saturating_sub(KEPT_GENERATIONS - 1);
-            requests.retain(|(generation, _), _| {
+            requests.retain(|generation, _| {
                 *generation == 0 || *generation >= oldest_kept || snapshot.live.iter().any(|(g, _)| g == generation)
             });
             out.push_str(
@@ -126,16 +137,21 @@ impl Metrics {
                  (\"none\": answered by the host before choosing one) and status class.\n\
                  # TYPE host_http_requests_total counter\n",
             );
-            for ((generation, class), count) in requests.iter() {
+            for (generation, counts) in requests.iter() {
                 let generation = if *generation == 0 {
                     "none".to_string()
                 } else {
                     generation.to_string()
                 };
-                let _ = writeln!(
-                    out,
-                    "host_http_requests_total{{generation=\"{generation}\",class=\"{class}\"}} {count}"
-                );
+                for (class, count) in CLASSES.iter().zip(counts) {
+                    let count = count.load(Ordering::Relaxed);
+                    if count > 0 {
+                        let _ = writeln!(
+                            out,
+                            "host_http_requests_total{{generation=\"{generation}\",class=\"{class}\"}} {count}"
+                        );
+                    }
+                }
             }
         }
         out.push_str(

@@ -56,9 +56,10 @@ pub enum Refused {
     #[error("the app library {0} is empty")]
     Empty(PathBuf),
     #[error(
-        "refusing to load {library}: {entry} {problem}; a library is code the host runs, so it and every \
-         directory above it must be owned by root or by the host's user (uid {host_uid}) and writable only \
-         by their owner (a directory with the sticky bit, like /tmp, may be writable by others)"
+        "refusing to load {library}: {entry} {problem}; a library (or trusted-key file) decides what code \
+         the host runs, so it and every directory above it must be owned by root or by the host's user \
+         (uid {host_uid}) and writable only by their owner (a directory with the sticky bit, like /tmp, may \
+         be writable by others)"
     )]
     Permissions {
         library: PathBuf,
@@ -237,9 +238,17 @@ fn verify_signature(path: &Path, bytes: &[u8], sha256: &str, policy: &TrustPolic
 }
 
 /// Reads the public keys (one or more PEM `PUBLIC KEY` blocks) from a trusted-key file.
+/// The file must pass the same ownership and permission checks as a library: whoever can write
+/// it can add a key.
 pub fn read_trusted_keys(path: &Path) -> anyhow::Result<Vec<VerifyingKey>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read the trusted keys {}", path.display()))?;
+    let context = || format!("cannot read the trusted keys {}", path.display());
+    let uid = host_uid();
+    let mut file = std::fs::File::open(path).with_context(context)?;
+    let metadata = file.metadata().with_context(context)?;
+    check_metadata(path, path, &metadata, uid)?;
+    check_directories(path, uid)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).with_context(context)?;
     let keys = parse_public_keys(&text).with_context(|| format!("invalid trusted-key file {}", path.display()))?;
     Ok(keys)
 }
@@ -484,5 +493,15 @@ mod tests {
         let b = std::fs::read_to_string(keygen(&dir.path().join("b")).expect("keygen")).expect("read");
         assert_eq!(parse_public_keys(&format!("{a}\n{b}")).expect("parsed").len(), 2);
         assert!(parse_public_keys("nothing here").is_err());
+    }
+
+    #[test]
+    fn a_writable_key_file_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let public = keygen(&dir.path().join("key")).expect("keygen");
+        read_trusted_keys(&public).expect("a private key file is read");
+        std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        let message = format!("{:#}", read_trusted_keys(&public).expect_err("refused"));
+        assert!(message.contains("writable by others"), "{message}");
     }
 }
