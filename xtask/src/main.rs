@@ -1,1 +1,71 @@
-fn main() {}
+//! `cargo xtask`: developer commands for this workspace.
+//!
+//! They are written in Rust, as a workspace member, so that they need nothing but cargo and work
+//! the same on every machine (the "xtask" convention; `.cargo/config.toml` defines the alias).
+//!
+//! - `dev` (module [`dev`]): the live-editing loop. Build the app and the host, serve the app, and
+//!   rebuild and hot-reload it in the same host process on every save.
+//!
+//! The other modules are the pieces `dev` is made of: [`cargo`] (metadata and cancellable
+//! builds), [`watch`] (the source watcher), [`host`] (the host process and its admin API) and
+//! [`http`] (the little HTTP that API needs).
+
+mod cargo;
+mod dev;
+mod host;
+mod http;
+mod watch;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{CommandFactory as _, Parser, Subcommand};
+
+/// Developer commands for this workspace.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", disable_help_subcommand = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the example app (or --app DIR) and rebuild and hot-reload it on every save.
+    Dev(dev::DevArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => {
+            list_commands();
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::Dev(args)) => dev::run(args, &workspace_root()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("[xtask] error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cargo xtask` with no command: one line per command.
+fn list_commands() {
+    let cli = Cli::command();
+    let mut out = std::io::stdout().lock();
+    for command in cli.get_subcommands() {
+        let about = command.get_about().map(|a| a.to_string()).unwrap_or_default();
+        let _ = writeln!(out, "{:<8}{about}", command.get_name());
+    }
+}
+
+/// The workspace this xtask belongs to: the parent of its own manifest directory.
+fn workspace_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_owned()
+}
