@@ -430,6 +430,38 @@ mod tests {
         assert_eq!(settings.log_format, LogFormat::Json);
     }
 
+    /// Every flag has its `HOST_*` variable and its file key, named by the one rule.
+    #[test]
+    fn every_flag_is_mirrored() {
+        use clap::CommandFactory as _;
+        let message = format!(
+            "{:#}",
+            parse_file("zzz = 1\n", Path::new("h.toml")).expect_err("refused")
+        );
+        let command = Cli::command();
+        let mut flags = 0;
+        for argument in command.get_arguments() {
+            let Some(long) = argument.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            flags += 1;
+            let env = format!("HOST_{}", long.to_uppercase().replace('-', "_"));
+            assert_eq!(
+                argument.get_env().and_then(|e| e.to_str()),
+                Some(env.as_str()),
+                "--{long}"
+            );
+            if long != "config" {
+                assert!(
+                    message.contains(&format!("`{long}`")),
+                    "no file key `{long}`: {message}"
+                );
+            }
+        }
+        assert!(flags >= 19, "{flags}");
+    }
+
     #[test]
     fn a_bare_boolean_flag_means_true() {
         let settings = merge(parse(&["--app", "a.so", "--watch"]), file("watch = false")).expect("merges");

@@ -840,6 +840,22 @@ fn json_logs() {
     }
 }
 
+#[test]
+fn rust_log_filters() {
+    let scratch = Scratch::new("rust-log");
+    let (public, admin) = (addr(free_port()), addr(free_port()));
+    let mut command = Host::command(&scratch);
+    command
+        .env("RUST_LOG", "warn")
+        .arg("--app")
+        .arg(scratch.library())
+        .args(["--listen", &public.to_string(), "--admin", &admin.to_string()]);
+    let mut host = Host::spawn(command, &scratch, public, admin);
+    host.wait_ready();
+    let log = host.stop();
+    assert!(!log.contains("INFO"), "RUST_LOG=warn still logs INFO:\n{log}");
+}
+
 /// As PID 1 (in a new pid namespace, as in a container) the host must still stop cleanly on
 /// SIGTERM: the kernel drops signals to PID 1 that it has no handler for.
 #[test]
