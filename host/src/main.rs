@@ -181,7 +181,8 @@ async fn run(settings: Settings, activated: Activated) -> anyhow::Result<()> {
         trust,
     };
     let (reloader, triggers) = Reloader::start(reload_settings).await?;
-    let notifier = tokio::spawn(notify_reloads(reloader.clone()));
+    // Subscribed here, before any reload can start, so that none goes unannounced.
+    let notifier = tokio::spawn(notify_reloads(reloader.clone(), reloader.subscribe()));
 
     let stop_reloads = CancellationToken::new();
     let reload_loop = tokio::spawn(reloader.clone().run(triggers, stop_reloads.clone()));
@@ -294,8 +295,7 @@ async fn listen(settings: &Settings, activated: Activated) -> anyhow::Result<(Ve
 
 /// Tells systemd about every reload (`Type=notify-reload`): `RELOADING=1` when one starts,
 /// `READY=1` with its outcome when it ends.
-async fn notify_reloads(reloader: Arc<Reloader>) {
-    let mut events = reloader.subscribe();
+async fn notify_reloads(reloader: Arc<Reloader>, mut events: tokio::sync::broadcast::Receiver<ReloadEvent>) {
     loop {
         match events.recv().await {
             Ok(ReloadEvent::Started) => systemd::reloading(),
