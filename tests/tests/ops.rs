@@ -620,6 +620,7 @@ fn configuration_errors_name_the_key() {
 fn metrics_are_present_and_move() {
     let scratch = Scratch::new("metrics");
     let host = Host::start(&scratch, &[]);
+    assert_eq!(get(host.admin, "/readyz").expect("/readyz answers").0, 200);
     let before = metrics(&host);
     for family in [
         "host_http_requests_total",
