@@ -41,9 +41,10 @@ fn dev_loop_serves_each_version_that_builds_and_stops_cleanly() {
 
     let mut dev = Dev::start(&xtask, &app, listen, admin);
 
-    // The first build is served.
-    dev.wait_until(FIRST_SERVE_TIMEOUT, "the first version is served", |_| {
-        served(listen).is_some_and(|body| body.contains("dev-loop-v1"))
+    // The first build is served, and the xtask says so (with the host's pid).
+    dev.wait_until(FIRST_SERVE_TIMEOUT, "the first version is served", |lines| {
+        lines.iter().any(|l| l.starts_with("[dev] serving"))
+            && served(listen).is_some_and(|body| body.contains("dev-loop-v1"))
     });
     let host_pid = dev.host_pid();
 

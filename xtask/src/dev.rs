@@ -54,11 +54,7 @@ const RELOAD_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often the host is asked whether it is up while it starts.
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Build the app and the host, serve the app, and rebuild and hot-reload it on every save.
-///
-/// Watches the app crate's `src/`, its `Cargo.toml` and the sources of its path dependencies.
-/// Each change rebuilds the library and reloads it in the running host, printing one line per
-/// reload. A failing build or reload leaves the previous version serving. Ctrl-C stops it all.
+/// The options of `cargo xtask dev` (its help text is on `Command::Dev`).
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
     /// The app crate to develop: a directory with a Cargo.toml, whose library is a cdylib that

@@ -33,6 +33,13 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the example app (or --app DIR) and rebuild and hot-reload it on every save.
+    ///
+    /// Builds the app crate and the host, starts the host, and watches the app's `src/`, its
+    /// `Cargo.toml` and the sources of its path dependencies. Every change rebuilds the library
+    /// and reloads it in the same host process, with one line per reload; a build or reload that
+    /// fails leaves the previous version serving, and says why. A save during a build cancels it
+    /// and builds again. Ctrl-C (or SIGTERM) stops the build and the host; a second one kills the
+    /// host at once.
     Dev(dev::DevArgs),
 }
 
