@@ -31,13 +31,18 @@ the file's directory. Durations are written like 30s, 500ms or 2m.
 Under systemd socket activation (LISTEN_FDS), the passed sockets are the public listeners, except
 one named `admin` (FileDescriptorName=admin), which becomes the admin listener.
 
+With --build, every reload first runs the command with `sh -c` in the host's working directory and
+loads the library only if it exits 0. SIGUSR2 (or POST /upgrade) starts the host binary anew with
+the same arguments, hands it the listening sockets, and exits once the new process serves.
+
 RUST_LOG filters the log (default: info), e.g. RUST_LOG=host=debug,info.";
 
 /// Serve an app library over HTTP and reload it in process, without dropping a connection.
 ///
 /// Reload with SIGHUP, `POST /reload` on the admin listener, or `--watch`. A new version that
-/// fails to load, verify or start never replaces the one serving; the reason is logged and shown
-/// in `GET /status` on the admin listener. SIGTERM or SIGINT stop the host gracefully.
+/// fails to build, load, verify or start never replaces the one serving; the reason is logged and
+/// shown in `GET /status` on the admin listener. SIGUSR2 or `POST /upgrade` replace the host
+/// process itself without closing its listeners. SIGTERM or SIGINT stop the host gracefully.
 #[derive(Debug, Parser)]
 #[command(version, after_help = AFTER_HELP, args_conflicts_with_subcommands = true)]
 pub struct Cli {
@@ -107,6 +112,11 @@ pub struct Options {
           require_equals = true, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub admin_reload: Option<bool>,
 
+    /// Whether `POST /upgrade` on the admin listener is allowed [default: true].
+    #[arg(long, env = "HOST_ADMIN_UPGRADE", value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub admin_upgrade: Option<bool>,
+
     /// Reload when the file at `--app` is replaced or rewritten [default: false].
     #[arg(long, env = "HOST_WATCH", value_name = "BOOL", num_args = 0..=1,
           require_equals = true, default_missing_value = "true", value_parser = BoolishValueParser::new())]
@@ -115,6 +125,29 @@ pub struct Options {
     /// A file whose text is given to the app's init; read again on every reload.
     #[arg(long, env = "HOST_APP_CONFIG", value_name = "FILE")]
     pub app_config: Option<PathBuf>,
+
+    /// A shell command run before every reload (e.g. `cargo build --release -p my-app`), with
+    /// `sh -c` in the host's working directory and in its own process group; its output is
+    /// logged. The library is loaded only if the command exits 0; otherwise the serving version
+    /// stays and the end of the command's output is shown in `/status`.
+    #[arg(long, env = "HOST_BUILD", value_name = "CMD")]
+    pub build: Option<String>,
+
+    /// How long `--build` may run before its whole process group is killed and the reload
+    /// refused [default: 10m].
+    #[arg(long, env = "HOST_BUILD_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub build_timeout: Option<Duration>,
+
+    /// The host binary that SIGUSR2 or `POST /upgrade` starts, with this host's arguments
+    /// [default: this host's own path (argv[0] as resolved at start-up), so that a binary
+    /// installed over it is the one started].
+    #[arg(long, env = "HOST_UPGRADE_BINARY", value_name = "PATH")]
+    pub upgrade_binary: Option<PathBuf>,
+
+    /// How long a new host process started by an upgrade may take to serve before it is stopped
+    /// and the upgrade refused [default: 60s].
+    #[arg(long, env = "HOST_UPGRADE_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub upgrade_timeout: Option<Duration>,
 
     /// How long a retiring generation (or the host, on shutdown) waits for requests in flight
     /// before cancelling them [default: 30s].
@@ -180,8 +213,13 @@ pub struct FileOptions {
     pub listen: Option<Vec<FromText<SocketAddr>>>,
     pub admin: Option<FromText<SocketAddr>>,
     pub admin_reload: Option<bool>,
+    pub admin_upgrade: Option<bool>,
     pub watch: Option<bool>,
     pub app_config: Option<PathBuf>,
+    pub build: Option<String>,
+    pub build_timeout: Option<FromText<HumanDuration>>,
+    pub upgrade_binary: Option<PathBuf>,
+    pub upgrade_timeout: Option<FromText<HumanDuration>>,
     pub drain_timeout: Option<FromText<HumanDuration>>,
     pub init_timeout: Option<FromText<HumanDuration>>,
     pub stop_timeout: Option<FromText<HumanDuration>>,
@@ -206,8 +244,13 @@ pub struct Settings {
     pub listen_configured: bool,
     pub admin: SocketAddr,
     pub admin_reload: bool,
+    pub admin_upgrade: bool,
     pub watch: bool,
     pub app_config: Option<PathBuf>,
+    pub build: Option<String>,
+    pub build_timeout: Duration,
+    pub upgrade_binary: Option<PathBuf>,
+    pub upgrade_timeout: Duration,
     pub drain_timeout: Duration,
     pub init_timeout: Duration,
     pub stop_timeout: Duration,
@@ -324,6 +367,7 @@ pub fn parse_file(text: &str, path: &Path) -> anyhow::Result<FileOptions> {
         &mut options.staging_dir,
         &mut options.pid_file,
         &mut options.trusted_key,
+        &mut options.upgrade_binary,
     ];
     for path in paths.into_iter().flatten() {
         if path.is_relative() {
@@ -352,8 +396,16 @@ pub fn merge(options: Options, file: FileOptions) -> anyhow::Result<Settings> {
         listen: listen.unwrap_or_default(),
         admin: options.admin.or(file.admin.map(|a| a.0)).unwrap_or(default_admin),
         admin_reload: options.admin_reload.or(file.admin_reload).unwrap_or(true),
+        admin_upgrade: options.admin_upgrade.or(file.admin_upgrade).unwrap_or(true),
         watch: options.watch.or(file.watch).unwrap_or(false),
         app_config: options.app_config.or(file.app_config),
+        build: options
+            .build
+            .or(file.build)
+            .filter(|command| !command.trim().is_empty()),
+        build_timeout: duration(options.build_timeout, file.build_timeout, Duration::from_secs(600)),
+        upgrade_binary: options.upgrade_binary.or(file.upgrade_binary),
+        upgrade_timeout: duration(options.upgrade_timeout, file.upgrade_timeout, Duration::from_secs(60)),
         drain_timeout: duration(options.drain_timeout, file.drain_timeout, Duration::from_secs(30)),
         init_timeout: duration(options.init_timeout, file.init_timeout, Duration::from_secs(10)),
         stop_timeout: duration(options.stop_timeout, file.stop_timeout, Duration::from_secs(10)),
@@ -408,6 +460,28 @@ mod tests {
         assert!(!settings.watch);
         assert!(!settings.listen_configured);
         assert_eq!(settings.log_format, LogFormat::Text);
+        assert_eq!(settings.build, None);
+        assert_eq!(settings.build_timeout, Duration::from_secs(600));
+        assert_eq!(settings.upgrade_binary, None);
+        assert_eq!(settings.upgrade_timeout, Duration::from_secs(60));
+        assert!(settings.admin_upgrade);
+    }
+
+    #[test]
+    fn build_and_upgrade_settings_come_from_flags_and_the_file() {
+        let file = file(
+            "build = \"make app\"\nbuild-timeout = \"2m\"\nupgrade-binary = \"bin/host\"\n\
+             upgrade-timeout = \"5s\"\nadmin-upgrade = false\n",
+        );
+        let settings = merge(parse(&["--app", "a.so", "--build", "cargo build"]), file).expect("merges");
+        assert_eq!(settings.build.as_deref(), Some("cargo build"));
+        assert_eq!(settings.build_timeout, Duration::from_secs(120));
+        assert_eq!(settings.upgrade_binary, Some(PathBuf::from("/etc/host/bin/host")));
+        assert_eq!(settings.upgrade_timeout, Duration::from_secs(5));
+        assert!(!settings.admin_upgrade);
+        // An empty command means no build step.
+        let settings = merge(parse(&["--app", "a.so", "--build", " "]), FileOptions::default()).expect("merges");
+        assert_eq!(settings.build, None);
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! - `trust`: who may have written a library, its sha256 and signature, checked before staging.
 //! - `server`: public listeners (HTTP/1.1 and HTTP/2) and the hand-off of requests.
 //! - `state`: the state store that outlives generations.
-//! - `admin`: `/status`, `/healthz`, `/readyz`, `/metrics`, `POST /reload`.
+//! - `admin`: `/status`, `/healthz`, `/readyz`, `/metrics`, `POST /reload`, `POST /upgrade`.
+//! - `build`: `--build`, the command run before each reload.
+//! - `upgrade`: SIGUSR2 / `POST /upgrade`, replacing the host process without closing a socket.
 //! - `metrics`: the Prometheus counters and their text exposition.
 //! - `watch`: `--watch`, reload when the library file changes.
 //! - `config`: flags, `HOST_*` variables and the TOML file, merged.
@@ -15,6 +17,7 @@
 //! - `pidfile`: `--pid-file`.
 
 mod admin;
+mod build;
 mod config;
 mod generation;
 mod loader;
@@ -25,10 +28,14 @@ mod server;
 mod state;
 mod systemd;
 mod trust;
+mod upgrade;
 mod watch;
 
+use std::ffi::OsString;
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -45,8 +52,21 @@ use crate::reload::{ReloadEvent, ReloadRecord, ReloadSettings, Reloader};
 use crate::server::Limits;
 use crate::systemd::Activated;
 use crate::trust::TrustPolicy;
+use crate::upgrade::{Handoff, UpgradeSettings, Upgrader};
+
+/// How this process was started, for upgrades: the binary (as resolved at start-up) and its
+/// arguments.
+struct Launch {
+    binary: PathBuf,
+    args: Vec<OsString>,
+}
 
 fn main() -> ExitCode {
+    // Before anything can change the working directory.
+    let launch = Launch {
+        binary: upgrade::own_binary(),
+        args: std::env::args_os().skip(1).collect(),
+    };
     let cli = Cli::parse();
     if let Some(command) = cli.command {
         init_logging(LogFormat::Text);
@@ -61,9 +81,30 @@ fn main() -> ExitCode {
     };
     init_logging(settings.log_format);
     // Before any thread exists: this edits the environment.
-    let activated = match systemd::take_activated_sockets().context("socket activation") {
+    let mut activated = match systemd::take_activated_sockets().context("socket activation") {
         Ok(activated) => activated,
         Err(e) => return report(Err(e), ExitCode::FAILURE),
+    };
+    // Likewise: a host started by an upgrade takes its sockets from the host it replaces.
+    let handoff = match upgrade::take_handoff().context("cannot take over from the old host") {
+        Ok(handoff) => handoff,
+        Err(e) => return report(Err(e), ExitCode::FAILURE),
+    };
+    let channel = handoff.as_ref().map(|h| h.channel.clone());
+    let handoff = match handoff {
+        Some(Handoff {
+            sockets,
+            parent,
+            channel,
+        }) => match activated.extend(sockets) {
+            Ok(()) => Some((parent, channel)),
+            Err(e) => {
+                let e = e.context("the sockets from the old host clash with socket activation");
+                channel.fail(&format!("{e:#}"));
+                return report(Err(e), ExitCode::FAILURE);
+            }
+        },
+        None => None,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -73,7 +114,12 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return report(Err(e).context("cannot start the host's runtime"), ExitCode::FAILURE),
     };
-    report(runtime.block_on(run(settings, activated)), ExitCode::FAILURE)
+    let result = runtime.block_on(run(settings, activated, handoff, launch));
+    if let (Err(e), Some(channel)) = (&result, &channel) {
+        // The old host serves on; tell it why this one could not.
+        channel.fail(&format!("{e:#}"));
+    }
+    report(result, ExitCode::FAILURE)
 }
 
 /// Logs a fatal error once and turns the outcome into the exit status.
@@ -129,19 +175,38 @@ fn reload_status(record: &ReloadRecord, serving: u64) -> String {
             record.generation
         ),
     };
-    text.replace(['\n', '\r'], " ")
+    let mut text = text.replace(['\n', '\r'], " ");
+    // A failed build's error carries the end of its output: too long for a status line.
+    if text.len() > MAX_STATUS_BYTES {
+        let mut end = MAX_STATUS_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str(" [...]");
+    }
+    text
 }
 
-async fn run(settings: Settings, activated: Activated) -> anyhow::Result<()> {
+/// The longest `STATUS=` line sent after a reload; `/status` has the whole error.
+const MAX_STATUS_BYTES: usize = 1024;
+
+/// A host started by an upgrade: the old host's pid, and where to tell it that this one serves.
+type Upgraded = Option<(u32, upgrade::HandoffChannel)>;
+
+async fn run(settings: Settings, activated: Activated, handoff: Upgraded, launch: Launch) -> anyhow::Result<()> {
     // Handlers first: a SIGHUP that arrives as soon as the pid file names this process must not
     // kill it (as PID 1 in a container, signals without a handler are even ignored).
     let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut user2 = signal(SignalKind::user_defined2()).context("cannot handle SIGUSR2")?;
 
-    let _pid_file = match &settings.pid_file {
-        Some(path) => Some(pidfile::PidFile::create(path)?),
-        None => None,
+    let _pid_file = match (&settings.pid_file, &handoff) {
+        // The old host still holds it, and rewrites it for this process once this one serves.
+        (Some(path), Some(_)) => Some(pidfile::PidFile::adopt(path)),
+        (Some(path), None) => Some(pidfile::PidFile::create(path)?),
+        (None, _) => None,
     };
 
     let trust = TrustPolicy {
@@ -165,6 +230,29 @@ async fn run(settings: Settings, activated: Activated) -> anyhow::Result<()> {
     .context("cannot create the staging directory")?;
 
     let (listeners, admin_listener) = listen(&settings, activated).await?;
+    // Copies of the listening sockets, for an upgrade to hand over.
+    let mut sockets: Vec<(String, OwnedFd)> = Vec::new();
+    for (name, listener) in &listeners {
+        let name = if name.is_empty() { "http" } else { name.as_str() };
+        sockets.push((name.to_owned(), duplicate(listener)?));
+    }
+    sockets.push(("admin".to_owned(), duplicate(&admin_listener)?));
+    let listeners: Vec<TcpListener> = listeners.into_iter().map(|(_, listener)| listener).collect();
+    let upgrader = Upgrader::new(
+        UpgradeSettings {
+            binary: match &settings.upgrade_binary {
+                Some(path) => std::path::absolute(path)
+                    .with_context(|| format!("cannot resolve --upgrade-binary {}", path.display()))?,
+                None => launch.binary,
+            },
+            args: launch.args,
+            timeout: settings.upgrade_timeout,
+            pid_file: settings.pid_file.clone(),
+        },
+        sockets,
+        handoff.as_ref().map(|(parent, _)| *parent),
+    );
+    let handed_over = upgrader.handed_over();
 
     let reload_settings = ReloadSettings {
         app_path: settings.app.clone(),
@@ -179,6 +267,10 @@ async fn run(settings: Settings, activated: Activated) -> anyhow::Result<()> {
         drain_timeout: settings.drain_timeout,
         stop_timeout: settings.stop_timeout,
         trust,
+        build: settings.build.clone().map(|command| build::BuildCommand {
+            command,
+            timeout: settings.build_timeout,
+        }),
     };
     let (reloader, triggers) = Reloader::start(reload_settings).await?;
     // Subscribed here, before any reload can start, so that none goes unannounced.
@@ -201,6 +293,8 @@ async fn run(settings: Settings, activated: Activated) -> anyhow::Result<()> {
         reloader.clone(),
         AdminOptions {
             allow_reload: settings.admin_reload,
+            allow_upgrade: settings.admin_upgrade,
+            upgrader: upgrader.clone(),
             shutting_down: shutting_down.clone(),
         },
         stop_admin.clone(),
@@ -216,26 +310,50 @@ async fn run(settings: Settings, activated: Activated) -> anyhow::Result<()> {
         reloader.clone(),
         limits,
         stop_serving.clone(),
+        handed_over.clone(),
         settings.drain_timeout,
     ));
 
     let (generation, sha256) = reloader.serving();
-    systemd::ready(&format!("serving generation {generation} (sha256 {sha256})"));
+    let status = format!("serving generation {generation} (sha256 {sha256})");
+    match &handoff {
+        // The old host tells the service manager, once it has handed over.
+        Some((parent, channel)) => {
+            tracing::info!(old_host = parent, "serving; telling the old host");
+            if let Err(e) = channel.ready(&status) {
+                tracing::warn!(error = %e, "cannot tell the old host that this one serves");
+            }
+        }
+        None => systemd::ready(&status),
+    }
     let watchdog = systemd::spawn_watchdog();
 
     loop {
         tokio::select! {
             _ = hangup.recv() => reloader.trigger("SIGHUP"),
+            // The outcome is logged and shown in /status.
+            _ = user2.recv() => drop(upgrader.start("SIGUSR2")),
+            () = handed_over.cancelled() => {
+                tracing::info!(new_host = upgrader.new_pid(), "handed over: stopping accepting, draining, exiting");
+                break
+            }
             _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); break }
             _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); break }
         }
     }
 
     // Stop accepting, let open connections finish what they started, then unload everything.
+    // After a hand-off the new host speaks for the service (this process's notifications are
+    // off), and answers on the admin listener from now on.
     systemd::stopping();
     shutting_down.cancel();
+    if handed_over.is_cancelled() {
+        stop_admin.cancel();
+    }
     stop_serving.cancel();
     stop_reloads.cancel();
+    // Stops an upgrade under way (and its new process) and closes the sockets' copies.
+    upgrader.shutdown().await;
     let _ = reload_loop.await;
     notifier.abort();
     let _ = server.await;
@@ -250,11 +368,29 @@ async fn run(settings: Settings, activated: Activated) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds (or takes from socket activation) the public listeners and the admin listener.
-async fn listen(settings: &Settings, activated: Activated) -> anyhow::Result<(Vec<TcpListener>, TcpListener)> {
+/// A close-on-exec duplicate of a listening socket.
+fn duplicate(listener: &TcpListener) -> anyhow::Result<OwnedFd> {
+    rustix::io::fcntl_dupfd_cloexec(listener, 3).context("cannot duplicate a listening socket")
+}
+
+/// Whether a passed socket listening on `passed` stands for the configured address `configured`
+/// (port 0 means "any port", as when it was bound).
+fn covers(configured: SocketAddr, passed: SocketAddr) -> bool {
+    configured == passed || (configured.port() == 0 && configured.ip() == passed.ip())
+}
+
+/// Binds (or takes from socket activation or the old host) the public listeners, with their
+/// names, and the admin listener.
+async fn listen(
+    settings: &Settings,
+    activated: Activated,
+) -> anyhow::Result<(Vec<(String, TcpListener)>, TcpListener)> {
     let mut listeners = Vec::new();
-    for listener in activated.public {
-        listeners.push(TcpListener::from_std(listener).context("cannot use a socket passed by socket activation")?);
+    let mut passed = Vec::new();
+    for (name, listener) in activated.public {
+        passed.push((listener.local_addr().ok(), false));
+        let listener = TcpListener::from_std(listener).context("cannot use a passed socket")?;
+        listeners.push((name, listener));
     }
     let addresses: Vec<SocketAddr> = if settings.listen_configured {
         settings.listen.clone()
@@ -264,10 +400,18 @@ async fn listen(settings: &Settings, activated: Activated) -> anyhow::Result<(Ve
         Vec::new()
     };
     for address in &addresses {
+        // Already listening on it: a passed socket (after an upgrade, all of them are).
+        let covered = passed
+            .iter_mut()
+            .find(|(local, used)| !*used && local.is_some_and(|local| covers(*address, local)));
+        if let Some((_, used)) = covered {
+            *used = true;
+            continue;
+        }
         let listener = TcpListener::bind(address)
             .await
             .with_context(|| format!("cannot listen on {address}"))?;
-        listeners.push(listener);
+        listeners.push(("http".to_owned(), listener));
     }
     anyhow::ensure!(!listeners.is_empty(), "no public listener: give --listen");
     let admin = match activated.admin {
@@ -276,7 +420,7 @@ async fn listen(settings: &Settings, activated: Activated) -> anyhow::Result<(Ve
             .await
             .with_context(|| format!("cannot listen on {} (admin)", settings.admin))?,
     };
-    for listener in &listeners {
+    for (_, listener) in &listeners {
         if let Ok(address) = listener.local_addr() {
             tracing::info!(%address, "serving");
         }

@@ -6,6 +6,11 @@
 //! process it names is gone (or is this very process, as happens to PID 1 in a container that
 //! restarts with a persistent pid file); otherwise the host refuses to start. The file is
 //! removed when the [`PidFile`] is dropped, if it still names this process.
+//!
+//! An upgrade hands the file over: the new host process adopts it without writing it
+//! ([`PidFile::adopt`]), and the old one rewrites it with the new pid ([`write_pid`], renamed into
+//! place) only once the new process serves — so the file never names a process that failed to
+//! start, and the old one, when it exits, leaves it alone since it no longer names it.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -106,6 +111,37 @@ impl PidFile {
     }
 }
 
+impl PidFile {
+    /// The pid file of the host this process replaces by an upgrade: that host writes this
+    /// process's pid into it once this one serves; from then on it is this process's to remove.
+    pub fn adopt(path: &Path) -> PidFile {
+        PidFile {
+            path: path.to_owned(),
+            pid: std::process::id(),
+        }
+    }
+}
+
+/// Replaces the content of the pid file at `path` with `pid`, atomically (renamed into place).
+pub fn write_pid(path: &Path, pid: u32) -> anyhow::Result<()> {
+    let directory = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut temporary = tempfile::Builder::new()
+        .prefix(".host-pid-")
+        .tempfile_in(directory)
+        .with_context(|| format!("cannot create a pid file in {}", directory.display()))?;
+    writeln!(temporary, "{pid}").context("cannot write the pid file")?;
+    temporary.as_file().sync_all().context("cannot write the pid file")?;
+    std::fs::set_permissions(temporary.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .context("cannot set the pid file's mode")?;
+    temporary
+        .persist(path)
+        .with_context(|| format!("cannot replace the pid file {}", path.display()))?;
+    Ok(())
+}
+
 impl Drop for PidFile {
     fn drop(&mut self) {
         let ours = std::fs::read_to_string(&self.path)
@@ -133,6 +169,25 @@ mod tests {
         drop(held);
         assert!(!path.exists());
         // No temporary files are left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 0);
+    }
+
+    #[test]
+    fn an_upgrade_hands_the_file_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("host.pid");
+        let old = PidFile::create(&path).expect("created");
+        // The new process (here: another PidFile with another pid) adopts the file...
+        let new = PidFile {
+            path: path.clone(),
+            pid: 999_999_999,
+        };
+        // ... and the old one rewrites it once the new one serves.
+        write_pid(&path, new.pid).expect("rewritten");
+        drop(old);
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "999999999\n");
+        drop(new);
+        assert!(!path.exists());
         assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 0);
     }
 

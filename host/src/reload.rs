@@ -1,9 +1,15 @@
 //! Reloading: the current generation, the one-at-a-time reload loop, and the record `/status`
 //! shows.
 //!
-//! A reload stages a private copy of the app library, starts a generation from it, and only if
-//! that fully succeeds swaps it in with one atomic store. The previous generation then retires in
-//! the background. Any failure leaves the serving generation untouched.
+//! A reload runs the `--build` command if there is one (`build.rs`), stages a private copy of the
+//! app library, starts a generation from it, and only if all that fully succeeds swaps it in with
+//! one atomic store. The previous generation then retires in the background. Any failure leaves
+//! the serving generation untouched.
+//!
+//! With both `--build` and `--watch`, the build's own write of the library is a change the
+//! watcher reports too; a reload asked for only by the watcher is skipped when the file is still
+//! the one the last build left (same inode, size and modification time), so that one change
+//! makes one reload rather than two.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +22,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::build::BuildCommand;
 use crate::generation::{ms, Generation, Lease, LibraryInfo, StartOptions};
 use crate::state::StateStore;
 use crate::trust::TrustPolicy;
@@ -35,6 +42,30 @@ pub struct ReloadSettings {
     pub stop_timeout: Duration,
     /// What a library must satisfy before it is loaded (`trust.rs`).
     pub trust: TrustPolicy,
+    /// `--build`: run before every reload; the library is loaded only if it succeeds.
+    pub build: Option<BuildCommand>,
+}
+
+/// What identifies one version of a file without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    device: u64,
+    inode: u64,
+    size: u64,
+    modified: Option<SystemTime>,
+}
+
+impl FileStamp {
+    fn of(path: &std::path::Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt as _;
+        let metadata = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+            size: metadata.len(),
+            modified: metadata.modified().ok(),
+        })
+    }
 }
 
 /// The outcome of a reload: the new generation's number, or why it was refused.
@@ -76,6 +107,8 @@ pub struct Reloader {
     state: Arc<StateStore>,
     triggers: mpsc::UnboundedSender<Trigger>,
     events: broadcast::Sender<ReloadEvent>,
+    /// The library file as the last successful build left it (only with `--build`).
+    built: Mutex<Option<FileStamp>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -101,6 +134,7 @@ impl Reloader {
             state,
             triggers,
             events: broadcast::channel(16).0,
+            built: Mutex::new(None),
             settings,
         });
         Ok((reloader, receiver))
@@ -161,8 +195,12 @@ impl Reloader {
             while let Ok(more) = triggers.try_recv() {
                 batch.push(more);
             }
+            if self.is_own_build_output(&batch) {
+                tracing::debug!("ignoring a change of the library that was the build's own output");
+                continue;
+            }
             let sources: Vec<&str> = batch.iter().map(|t| t.source).collect();
-            let outcome = self.reload(&sources.join(",")).await;
+            let outcome = self.reload(&sources.join(","), &stop).await;
             for trigger in batch {
                 if let Some(reply) = trigger.reply {
                     let _ = reply.send(outcome.clone());
@@ -171,13 +209,31 @@ impl Reloader {
         }
     }
 
-    async fn reload(self: &Arc<Self>, trigger: &str) -> ReloadOutcome {
+    /// Whether `batch` is only the watcher reporting the file the last build wrote.
+    fn is_own_build_output(&self, batch: &[Trigger]) -> bool {
+        if self.settings.build.is_none() || !batch.iter().all(|t| t.source == "watch" && t.reply.is_none()) {
+            return false;
+        }
+        let built = lock(&self.built).clone();
+        built.is_some() && built == FileStamp::of(&self.settings.app_path)
+    }
+
+    /// Runs the build, if there is one, then loads the library.
+    async fn build_and_load(&self, number: u64, stop: &CancellationToken) -> anyhow::Result<Arc<Generation>> {
+        if let Some(build) = &self.settings.build {
+            crate::build::run(build, number, stop).await?;
+            *lock(&self.built) = FileStamp::of(&self.settings.app_path);
+        }
+        load_generation(&self.settings, &self.state, number).await
+    }
+
+    async fn reload(self: &Arc<Self>, trigger: &str, stop: &CancellationToken) -> ReloadOutcome {
         let began = Instant::now();
         let number = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::info!(generation = number, trigger, "reloading");
         // No receiver (not under systemd) is fine.
         let _ = self.events.send(ReloadEvent::Started);
-        let outcome = match load_generation(&self.settings, &self.state, number).await {
+        let outcome = match self.build_and_load(number, stop).await {
             Ok(new) => {
                 lock(&self.live).push(Arc::clone(&new));
                 let old = self.current.swap(new);

@@ -4,6 +4,13 @@
 //! Connections belong to the host, not to a generation: every request takes a lease on whatever
 //! generation is current when it arrives, so a keep-alive connection moves to new code on its
 //! next request.
+//!
+//! After an upgrade has handed the listeners to a new host process (`upgrade.rs`), this process
+//! stops accepting but does not close its idle connections at once — a client may be sending its
+//! next request on one at that very moment, and it would be lost. Instead, every HTTP/1 response
+//! from then on says `Connection: close` (so busy keep-alive clients reconnect, and land on the
+//! new process), and only connections still open after [`HANDOFF_IDLE_GRACE`] are shut down
+//! (idle HTTP/1 ones closed, HTTP/2 ones sent `GOAWAY`).
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -30,6 +37,10 @@ use tokio_util::sync::CancellationToken;
 use crate::generation::{AppResponse, Lease};
 use crate::loader;
 use crate::reload::Reloader;
+
+/// After a hand-off, how long open connections get to finish on their own (their next HTTP/1
+/// response closes them) before the rest are shut down.
+pub const HANDOFF_IDLE_GRACE: Duration = Duration::from_secs(2);
 
 /// Bounds that keep one client from exhausting the host.
 #[derive(Debug, Clone)]
@@ -74,12 +85,14 @@ fn into_response(response: AppResponse, lease: Option<Lease>) -> Response<Served
 }
 
 /// Accepts connections on every listener until `stop` is cancelled, then lets the open
-/// connections finish their requests (at most `drain_timeout`) and closes them.
+/// connections finish their requests (at most `drain_timeout`) and closes them. If `handed_over`
+/// is cancelled by then, the listeners live on in a new host process: see the module docs.
 pub async fn serve(
     listeners: Vec<TcpListener>,
     reloader: Arc<Reloader>,
     limits: Limits,
     stop: CancellationToken,
+    handed_over: CancellationToken,
     drain_timeout: Duration,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -99,12 +112,13 @@ pub async fn serve(
 
     let mut accept_loops = JoinSet::new();
     for listener in listeners {
-        let (builder, graceful, reloader, limits, stop) = (
+        let (builder, graceful, reloader, limits, stop, handed_over) = (
             builder.clone(),
             graceful.clone(),
             reloader.clone(),
             limits.clone(),
             stop.clone(),
+            handed_over.clone(),
         );
         accept_loops.spawn(async move {
             loop {
@@ -121,8 +135,22 @@ pub async fn serve(
                     () = stop.cancelled() => return,
                 };
                 let _ = stream.set_nodelay(true);
-                let (reloader, limits) = (reloader.clone(), limits.clone());
-                let service = service_fn(move |request| dispatch(request, reloader.clone(), limits.clone()));
+                let (reloader, limits, handed_over) = (reloader.clone(), limits.clone(), handed_over.clone());
+                let service = service_fn(move |request| {
+                    let handed_over = handed_over.clone();
+                    let http1 = request.version() < http::Version::HTTP_2;
+                    let response = dispatch(request, reloader.clone(), limits.clone());
+                    async move {
+                        let mut response = response.await?;
+                        // HTTP/2 has no such header: its connections get GOAWAY instead.
+                        if http1 && handed_over.is_cancelled() {
+                            response
+                                .headers_mut()
+                                .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                        }
+                        Ok::<_, Infallible>(response)
+                    }
+                });
                 let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
@@ -138,6 +166,16 @@ pub async fn serve(
     let Some(graceful) = Arc::into_inner(graceful) else {
         return;
     };
+    if handed_over.is_cancelled() {
+        tracing::info!(
+            connections = graceful.count(),
+            "stopped accepting (the new host accepts now); responses close their connections"
+        );
+        let deadline = tokio::time::Instant::now() + HANDOFF_IDLE_GRACE;
+        while graceful.count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     tracing::info!(connections = graceful.count(), "closing client connections");
     if tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_err() {
         tracing::warn!("connections still open after the drain timeout");

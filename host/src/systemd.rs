@@ -13,18 +13,32 @@
 //!
 //! Without `NOTIFY_SOCKET` every notification is a no-op.
 //!
+//! After an upgrade has handed the service over to a new host process (`upgrade.rs`), this
+//! process sends `MAINPID=<new pid>`, `READY=1` and the new process's `STATUS=` once, and from
+//! then on nothing: the new process speaks for the service, and the old one winding down must not
+//! say `STOPPING=1` for it. The new process's own first `READY=1` goes to the old host instead
+//! of the manager (see `upgrade.rs`).
+//!
 //! Socket activation (`LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES`, `sd_listen_fds(3)`): the
 //! passed sockets must be TCP listening sockets. The one named `admin` becomes the admin
-//! listener; all others are public listeners and replace the default `--listen` address.
+//! listener; all others are public listeners and replace the default `--listen` address. A
+//! configured `--listen` address that a passed socket already listens on is not bound again.
 
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use sd_notify::NotifyState;
 
+/// Set once the service has been handed over to a new host process.
+static HANDED_OVER: AtomicBool = AtomicBool::new(false);
+
 /// Sends `states` to the service manager, if there is one; failures are logged, not fatal.
 pub fn notify(states: &[NotifyState]) {
+    if HANDED_OVER.load(Ordering::Acquire) {
+        return;
+    }
     if let Err(e) = sd_notify::notify(states) {
         tracing::warn!(error = %e, "cannot notify the service manager");
     }
@@ -44,6 +58,17 @@ pub fn reloading() {
             notify(&[NotifyState::Reloading, NotifyState::Status("reloading")]);
         }
     }
+}
+
+/// Makes `pid` the service's main process (`MAINPID=`, with its `READY=1` and status line), then
+/// silences this process's notifications for good.
+pub fn hand_over(pid: u32, status: &str) {
+    notify(&[
+        NotifyState::MainPid(pid),
+        NotifyState::Ready,
+        NotifyState::Status(status),
+    ]);
+    HANDED_OVER.store(true, Ordering::Release);
 }
 
 /// `STOPPING=1`.
@@ -66,11 +91,42 @@ pub fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
     }))
 }
 
-/// Sockets passed by socket activation.
+/// Sockets passed by socket activation (or by the host an upgrade replaces).
 #[derive(Debug, Default)]
 pub struct Activated {
-    pub public: Vec<TcpListener>,
+    /// The public listeners, with their names.
+    pub public: Vec<(String, TcpListener)>,
     pub admin: Option<TcpListener>,
+}
+
+impl Activated {
+    /// Sorts in one passed socket by its name: `admin` is the admin listener, anything else a
+    /// public one.
+    pub fn add(&mut self, name: String, listener: TcpListener, source: &str) -> anyhow::Result<()> {
+        let address = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        if name == "admin" {
+            anyhow::ensure!(self.admin.is_none(), "more than one passed socket is named `admin`");
+            tracing::info!(%address, "admin listener {source}");
+            self.admin = Some(listener);
+        } else {
+            tracing::info!(name, %address, "public listener {source}");
+            self.public.push((name, listener));
+        }
+        Ok(())
+    }
+
+    /// Adds the sockets of `other`.
+    pub fn extend(&mut self, other: Activated) -> anyhow::Result<()> {
+        if let Some(admin) = other.admin {
+            anyhow::ensure!(self.admin.is_none(), "more than one passed socket is named `admin`");
+            self.admin = Some(admin);
+        }
+        self.public.extend(other.public);
+        Ok(())
+    }
 }
 
 /// Takes the sockets passed by the service manager, if any.
@@ -103,21 +159,7 @@ pub fn take_activated_sockets() -> anyhow::Result<Activated> {
         listener
             .set_nonblocking(true)
             .with_context(|| format!("cannot make passed socket {} non-blocking", index + 3))?;
-        let address = listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "?".into());
-        if name == "admin" {
-            anyhow::ensure!(
-                activated.admin.is_none(),
-                "more than one passed socket is named `admin`"
-            );
-            tracing::info!(fd = index + 3, %address, "admin listener from socket activation");
-            activated.admin = Some(listener);
-        } else {
-            tracing::info!(fd = index + 3, name, %address, "public listener from socket activation");
-            activated.public.push(listener);
-        }
+        activated.add(name.clone(), listener, "from socket activation")?;
     }
     Ok(activated)
 }

@@ -1,0 +1,340 @@
+//! `--build CMD`: the command every reload runs before it loads the library.
+//!
+//! The command runs as `sh -c CMD` in the host's working directory, in a process group of its own
+//! (so that it and everything it starts, such as cargo's rustc processes, can be killed as one),
+//! with stdin from `/dev/null` and stdout and stderr captured. Every line it prints is logged (at
+//! `info`, target `host::build`, with the stream it came from); the last lines are kept, so that a
+//! failed build can say why in `last_reload.error`.
+//!
+//! The build counts as successful only if `sh` exits 0. It is bounded by `--build-timeout`, and
+//! cancelled when the host shuts down: either way the whole group gets SIGTERM, then SIGKILL
+//! after [`KILL_GRACE`]. When `sh` has exited, whatever is left in its group is killed too, so a
+//! build never leaves processes behind (nor keeps its output pipes open).
+//!
+//! The command does not inherit the host's systemd variables (`NOTIFY_SOCKET`, `WATCHDOG_*`,
+//! `LISTEN_*`): it must not speak for the service.
+
+use std::collections::VecDeque;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+/// How many of the last output lines a failed build reports.
+pub const TAIL_LINES: usize = 40;
+/// At most this many bytes of them (the newest are kept).
+pub const TAIL_BYTES: usize = 4096;
+/// Longer output lines are cut to this many bytes, in the log and in the tail.
+const MAX_LINE_BYTES: usize = 2048;
+/// Between SIGTERM and SIGKILL to the build's process group.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+/// How long the output of a finished build is still read (something in its group may hold the
+/// pipes open until it is killed).
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+
+/// The build command and its bound.
+#[derive(Debug, Clone)]
+pub struct BuildCommand {
+    pub command: String,
+    pub timeout: Duration,
+}
+
+/// Why a build did not succeed. Every variant carries the end of the build's output.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot start the build command `{command}`: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the build command `{command}` failed ({status}){}", tail_text(.tail))]
+    Failed {
+        command: String,
+        status: ExitStatus,
+        tail: String,
+    },
+    #[error("the build command `{command}` did not finish within {}; its process group was killed{}",
+            humantime::format_duration(*.timeout), tail_text(.tail))]
+    TimedOut {
+        command: String,
+        timeout: Duration,
+        tail: String,
+    },
+    #[error("the build command `{command}` was stopped: the host is shutting down")]
+    Cancelled { command: String },
+    #[error("cannot wait for the build command `{command}`: {source}")]
+    Wait {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn tail_text(tail: &str) -> String {
+    if tail.is_empty() {
+        "; it printed nothing".to_owned()
+    } else {
+        format!("; the end of its output:\n{tail}")
+    }
+}
+
+/// The last lines a build printed, within [`TAIL_LINES`] and [`TAIL_BYTES`].
+#[derive(Debug, Default)]
+struct Tail {
+    lines: VecDeque<String>,
+    bytes: usize,
+}
+
+impl Tail {
+    fn push(&mut self, line: String) {
+        self.bytes += line.len() + 1;
+        self.lines.push_back(line);
+        while self.lines.len() > TAIL_LINES || (self.bytes > TAIL_BYTES && self.lines.len() > 1) {
+            if let Some(dropped) = self.lines.pop_front() {
+                self.bytes -= dropped.len() + 1;
+            }
+        }
+    }
+
+    fn text(&self) -> String {
+        let mut text = self.lines.iter().map(String::as_str).collect::<Vec<_>>().join("\n");
+        if text.len() > TAIL_BYTES {
+            // One line longer than the whole budget: keep its end.
+            let mut start = text.len() - TAIL_BYTES;
+            while !text.is_char_boundary(start) {
+                start += 1;
+            }
+            text = text.split_off(start);
+        }
+        text
+    }
+}
+
+/// Cuts `line` to at most [`MAX_LINE_BYTES`], on a character boundary.
+fn clip(mut line: String) -> String {
+    if line.len() > MAX_LINE_BYTES {
+        let mut end = MAX_LINE_BYTES;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+        line.push_str(" [...]");
+    }
+    line
+}
+
+/// Runs the build command to completion. `Ok` only if it exited 0.
+pub async fn run(build: &BuildCommand, generation: u64, stop: &CancellationToken) -> Result<(), BuildError> {
+    let command = build.command.clone();
+    let began = Instant::now();
+    tracing::info!(generation, command, "building");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(&build.command)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .env_remove(crate::upgrade::HANDOFF_VARIABLE)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| BuildError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    // The group's id is the shell's pid, fixed from now on.
+    let group = child.id().and_then(|pid| rustix::process::Pid::from_raw(pid as i32));
+    let tail = Arc::new(Mutex::new(Tail::default()));
+    let mut readers = tokio::task::JoinSet::new();
+    if let Some(stdout) = child.stdout.take() {
+        readers.spawn(forward(stdout, "stdout", generation, tail.clone()));
+    }
+    if let Some(stderr) = child.stderr.take() {
+        readers.spawn(forward(stderr, "stderr", generation, tail.clone()));
+    }
+
+    enum End {
+        Exited(std::io::Result<ExitStatus>),
+        TimedOut,
+        Cancelled,
+    }
+    let end = tokio::select! {
+        status = child.wait() => End::Exited(status),
+        () = tokio::time::sleep(build.timeout) => End::TimedOut,
+        () = stop.cancelled() => End::Cancelled,
+    };
+    if !matches!(end, End::Exited(_)) {
+        stop_group(&mut child, group).await;
+    } else if let Some(group) = group {
+        // Leftovers of a finished build (ESRCH if there are none).
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+    }
+    // Read what is left of the output: the pipes close once the group is gone.
+    let drained = tokio::time::timeout(OUTPUT_GRACE, async { while readers.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(generation, "the build's output pipes stayed open; stopped reading them");
+        readers.abort_all();
+    }
+    let tail = tail.lock().unwrap_or_else(PoisonError::into_inner).text();
+    let duration_ms = crate::generation::ms(began.elapsed());
+    match end {
+        End::Exited(Ok(status)) if status.success() => {
+            tracing::info!(generation, duration_ms, "build succeeded");
+            Ok(())
+        }
+        End::Exited(Ok(status)) => {
+            tracing::warn!(generation, duration_ms, %status, "build failed");
+            Err(BuildError::Failed { command, status, tail })
+        }
+        End::Exited(Err(source)) => Err(BuildError::Wait { command, source }),
+        End::TimedOut => {
+            tracing::warn!(generation, duration_ms, "build timed out; its process group was killed");
+            Err(BuildError::TimedOut {
+                command,
+                timeout: build.timeout,
+                tail,
+            })
+        }
+        End::Cancelled => Err(BuildError::Cancelled { command }),
+    }
+}
+
+/// SIGTERM to the whole group, SIGKILL after [`KILL_GRACE`], and the shell reaped.
+async fn stop_group(child: &mut Child, group: Option<rustix::process::Pid>) {
+    if let Some(group) = group {
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::TERM);
+    }
+    if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
+        tracing::warn!("the build did not stop on SIGTERM; killing its process group");
+    }
+    if let Some(group) = group {
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+    }
+    let _ = child.kill().await;
+}
+
+/// Logs every line of one of the build's output streams and keeps the last ones.
+async fn forward(stream: impl AsyncRead + Unpin, name: &'static str, generation: u64, tail: Arc<Mutex<Tail>>) {
+    let mut reader = BufReader::new(stream);
+    let mut raw = Vec::new();
+    loop {
+        raw.clear();
+        match reader.read_until(b'\n', &mut raw).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&raw);
+        let line = clip(text.trim_end_matches(['\n', '\r']).to_owned());
+        tracing::info!(target: "host::build", generation, stream = name, "{line}");
+        tail.lock().unwrap_or_else(PoisonError::into_inner).push(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(command: &str, timeout: Duration) -> BuildCommand {
+        BuildCommand {
+            command: command.to_owned(),
+            timeout,
+        }
+    }
+
+    #[tokio::test]
+    async fn success_is_exit_status_zero() {
+        let stop = CancellationToken::new();
+        run(&build("echo fine; echo also >&2", Duration::from_secs(30)), 1, &stop)
+            .await
+            .expect("the build succeeds");
+    }
+
+    #[tokio::test]
+    async fn a_failure_reports_the_status_and_the_end_of_the_output() {
+        let stop = CancellationToken::new();
+        let command =
+            "i=0; while [ $i -lt 100 ]; do echo line $i; i=$((i+1)); done; echo 'error[E0425]: oops' >&2; exit 101";
+        let error = run(&build(command, Duration::from_secs(30)), 1, &stop)
+            .await
+            .expect_err("the build fails");
+        let message = error.to_string();
+        assert!(message.contains("exit status: 101"), "{message}");
+        assert!(message.contains("error[E0425]: oops"), "{message}");
+        assert!(message.contains("line 99"), "{message}");
+        assert!(
+            !message.contains("line 10\n"),
+            "only the last lines are kept: {message}"
+        );
+        assert!(message.lines().count() <= TAIL_LINES + 2, "{message}");
+    }
+
+    #[tokio::test]
+    async fn the_tail_is_bounded_in_bytes() {
+        let mut tail = Tail::default();
+        for i in 0..30 {
+            tail.push(format!("{i:03}{}", "x".repeat(500)));
+        }
+        let text = tail.text();
+        assert!(text.len() <= TAIL_BYTES, "{}", text.len());
+        assert!(text.ends_with(&format!("029{}", "x".repeat(500))));
+        let mut tail = Tail::default();
+        tail.push("y".repeat(10_000));
+        assert_eq!(tail.text().len(), TAIL_BYTES);
+    }
+
+    #[tokio::test]
+    async fn a_build_that_runs_too_long_is_killed_with_its_children() {
+        let stop = CancellationToken::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let marker = dir.path().join("grandchild.pid");
+        // The grandchild ignores nothing; it must be gone when run returns.
+        let command = format!("sleep 60 & echo $! > {}; echo started; wait", marker.display());
+        let error = run(&build(&command, Duration::from_millis(500)), 1, &stop)
+            .await
+            .expect_err("the build times out");
+        assert!(matches!(error, BuildError::TimedOut { .. }), "{error}");
+        assert!(error.to_string().contains("started"), "{error}");
+        let pid: i32 = std::fs::read_to_string(&marker)
+            .expect("the marker")
+            .trim()
+            .parse()
+            .expect("a pid");
+        let pid = rustix::process::Pid::from_raw(pid).expect("a valid pid");
+        // Killed: gone, or a zombie until its parent (also killed) is reaped by init.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rustix::process::test_kill_process(pid).is_ok() && !is_zombie(pid) {
+            assert!(Instant::now() < deadline, "the build's grandchild still runs");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn is_zombie(pid: rustix::process::Pid) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero()))
+            .map(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+    }
+
+    #[tokio::test]
+    async fn shutting_down_cancels_a_build() {
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let error = run(&build("sleep 60", Duration::from_secs(60)), 1, &stop)
+            .await
+            .expect_err("the build is cancelled");
+        assert!(matches!(error, BuildError::Cancelled { .. }), "{error}");
+    }
+}
