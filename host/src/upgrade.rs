@@ -299,7 +299,7 @@ pub struct UpgradeRecord {
     pub duration_ms: f64,
     pub trigger: String,
     /// The new process's pid, if it was started.
-    pub pid: Option<u32>,
+    pub new_pid: Option<u32>,
 }
 
 const IDLE: u8 = 0;
@@ -380,7 +380,7 @@ impl Upgrader {
                 at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
                 duration_ms: crate::generation::ms(began.elapsed()),
                 trigger: trigger.to_owned(),
-                pid: started,
+                new_pid: started,
             };
             match &result {
                 Ok(upgraded) => {
