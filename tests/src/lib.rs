@@ -1,1 +1,70 @@
+//! End-to-end tests of the hot-reload host: they build the real `host` binary and real app
+//! libraries (see [`artifacts`]), run the host on loopback ports (see [`host`]), and talk to it
+//! over HTTP/1.1 and HTTP/2 (see [`client`]). The tests themselves are in `tests/tests/`.
+//!
+//! `cargo test` builds everything they need by itself, into `target/e2e`.
 
+pub mod artifacts;
+pub mod client;
+pub mod host;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+pub use artifacts::{
+    copy_example_app, e2e_target_dir, example_app, faulty_app, host_binary, no_entry_library, workspace_root,
+    AppVersion, Fault, FAULTY_INIT_ERROR, FAULTY_INIT_PANIC,
+};
+pub use client::{KeepAlive, Reply};
+pub use host::{Host, Sandbox};
+
+/// Polls `check` every 50 ms until it returns `Some`, for at most `timeout`; panics with `what`
+/// (and the last value seen, described by `check`'s `Err`) if it never does.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let began = Instant::now();
+    loop {
+        let last = match check().await {
+            Ok(value) => return value,
+            Err(last) => last,
+        };
+        if began.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Asserts that `reply` is a `200 OK` with exactly `body`.
+#[track_caller]
+pub fn assert_answer(reply: &Reply, body: &str, context: &str) {
+    assert!(
+        reply.status == hyper::StatusCode::OK && reply.body == body.as_bytes(),
+        "{context}: expected 200 with {body:?}, got {} with {:?}",
+        reply.status,
+        reply.text()
+    );
+}
+
+/// How far into an ELF64 little-endian file its loadable segments (`PT_LOAD`) reach: the part of
+/// the file `dlopen` maps. Everything after it (debug info, section headers) is never loaded.
+pub fn elf_loaded_extent(elf: &[u8]) -> usize {
+    let read = |at: usize, len: usize| -> u64 {
+        let bytes = elf
+            .get(at..at + len)
+            .expect("a complete ELF header and program headers");
+        bytes.iter().rev().fold(0, |value, &byte| value << 8 | u64::from(byte))
+    };
+    assert_eq!(elf.get(..4), Some(&b"\x7fELF"[..]), "not an ELF file");
+    assert_eq!((elf[4], elf[5]), (2, 1), "not a 64-bit little-endian ELF file");
+    let (phoff, phentsize, phnum) = (read(0x20, 8) as usize, read(0x36, 2) as usize, read(0x38, 2) as usize);
+    (0..phnum)
+        .map(|index| phoff + index * phentsize)
+        .filter(|&header| read(header, 4) == 1) // PT_LOAD
+        .map(|header| (read(header + 8, 8) + read(header + 32, 8)) as usize) // p_offset + p_filesz
+        .max()
+        .expect("a shared library has loadable segments")
+}

@@ -1,0 +1,394 @@
+//! Building what the tests run: the `host` binary and real app libraries, with cargo, into a
+//! target directory of their own (`target/e2e`), so that the outer `cargo test` (which holds the
+//! lock on `target/debug`) never waits for them.
+//!
+//! Every artifact is built at most once per test process. Several cdylibs share one output name
+//! (`libexample_app.so` for v1 and v2, `libfaulty_app.so` for every fault): cargo does not put a
+//! hash in a cdylib's file name, so the variant built last overwrites the others, and cargo's
+//! freshness check (sources older than the output) would then take the overwritten file for an
+//! up-to-date build of another variant. So such an output is deleted before its variant is built
+//! (which costs one re-link of that crate), and copied to a name of its own right after.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+
+/// The workspace this crate belongs to.
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the e2e-tests crate lives one level below the workspace root")
+}
+
+/// The target directory of every build made by the end-to-end tests.
+pub fn e2e_target_dir() -> PathBuf {
+    workspace_root().join("target").join("e2e")
+}
+
+/// Where built libraries are copied under names of their own.
+fn artifacts_dir() -> PathBuf {
+    e2e_target_dir().join("artifacts")
+}
+
+/// A version of the example app, built from the workspace's `example-app` with its
+/// `VERSION` constant set to this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppVersion {
+    V1,
+    V2,
+}
+
+impl AppVersion {
+    pub fn name(self) -> &'static str {
+        match self {
+            AppVersion::V1 => "v1",
+            AppVersion::V2 => "v2",
+        }
+    }
+
+    /// The other version.
+    pub fn other(self) -> AppVersion {
+        match self {
+            AppVersion::V1 => AppVersion::V2,
+            AppVersion::V2 => AppVersion::V1,
+        }
+    }
+
+    /// What `GET /` answers in this version.
+    pub fn greeting(self) -> String {
+        format!("Hello from example-app {}\n", self.name())
+    }
+
+    /// What `GET /slow?ms=<ms>` answers in this version.
+    pub fn slow_answer(self, ms: u64) -> String {
+        format!("slow {ms} ms from example-app {}\n", self.name())
+    }
+}
+
+/// A way for the `faulty-app` fixture's `App::init` to fail (one cargo feature each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    InitError,
+    InitPanic,
+    InitHang,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 3] = [Fault::InitError, Fault::InitPanic, Fault::InitHang];
+
+    /// The fixture's cargo feature for this fault.
+    pub fn feature(self) -> &'static str {
+        match self {
+            Fault::InitError => "init-error",
+            Fault::InitPanic => "init-panic",
+            Fault::InitHang => "init-hang",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The error text of the `init-error` build (`INIT_ERROR` in the fixture).
+pub const FAULTY_INIT_ERROR: &str = "faulty-app refuses to start (init-error build)";
+/// The panic message of the `init-panic` build (`INIT_PANIC` in the fixture).
+pub const FAULTY_INIT_PANIC: &str = "faulty-app panics while starting (init-panic build)";
+
+type Built = OnceLock<Result<PathBuf, String>>;
+
+/// The `host` binary.
+pub fn host_binary() -> &'static Path {
+    static HOST: Built = OnceLock::new();
+    built(&HOST, || {
+        let messages = cargo_build(&workspace_root().join("Cargo.toml"), &["-p", "host", "--bin", "host"])?;
+        executable(&messages, "host")
+    })
+}
+
+/// The example app in `version`: v1 is the workspace's `example-app`, v2 a copy of it with
+/// `VERSION = "v2"` (see [`copy_example_app`]).
+pub fn example_app(version: AppVersion) -> &'static Path {
+    static APPS: [Built; 2] = [OnceLock::new(), OnceLock::new()];
+    let slot = match version {
+        AppVersion::V1 => &APPS[0],
+        AppVersion::V2 => &APPS[1],
+    };
+    built(slot, || {
+        let manifest = match version {
+            AppVersion::V1 => workspace_root().join("example-app").join("Cargo.toml"),
+            AppVersion::V2 => {
+                let dir = e2e_target_dir().join("work").join("example-app-v2");
+                copy_example_app(&dir, "v2");
+                dir.join("Cargo.toml")
+            }
+        };
+        let copy = artifacts_dir().join(format!("example-app-{}.so", version.name()));
+        build_cdylib(&manifest, "example-app", &[], &copy)?;
+        Ok(copy)
+    })
+}
+
+/// The `faulty-app` fixture built with the feature of `fault`.
+pub fn faulty_app(fault: Fault) -> &'static Path {
+    static FAULTY: [Built; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    built(&FAULTY[fault.index()], || {
+        let manifest = workspace_root().join("Cargo.toml");
+        let copy = artifacts_dir().join(format!("faulty-app-{}.so", fault.feature()));
+        build_cdylib(&manifest, "faulty-app", &["--features", fault.feature()], &copy)?;
+        Ok(copy)
+    })
+}
+
+/// The `no-entry` fixture: a shared library that is not an app.
+pub fn no_entry_library() -> &'static Path {
+    static NO_ENTRY: Built = OnceLock::new();
+    built(&NO_ENTRY, || {
+        let copy = artifacts_dir().join("no-entry.so");
+        build_cdylib(&workspace_root().join("Cargo.toml"), "no-entry", &[], &copy)?;
+        Ok(copy)
+    })
+}
+
+/// Copies the workspace's `example-app` (its `Cargo.toml` and `src/`) to `dest` as a stand-alone
+/// crate whose `VERSION` constant is `version`, ready to be built with cargo from `dest`.
+///
+/// The copy depends on the workspace's `app-api` by absolute path, is a workspace of its own (it
+/// sits inside this workspace's target directory, and inherits the workspace's package settings,
+/// dependency versions and profiles, so it builds exactly as the original does), and has a copy of
+/// the workspace's `Cargo.lock`, so that it resolves to the same dependency versions. Built with
+/// the same `CARGO_TARGET_DIR` as the workspace, it reuses the workspace's compiled dependencies.
+///
+/// Files whose content is unchanged are not rewritten, so that cargo sees nothing to rebuild.
+pub fn copy_example_app(dest: &Path, version: &str) {
+    let root = workspace_root();
+    let source = root.join("example-app");
+
+    let manifest = read(&source.join("Cargo.toml"));
+    let app_api_dependency = r#"path = "../app-api""#;
+    assert!(
+        manifest.contains(app_api_dependency),
+        "example-app/Cargo.toml no longer depends on app-api through `{app_api_dependency}`: update copy_example_app"
+    );
+    let app_api = root.join("app-api");
+    let mut manifest = manifest.replace(
+        app_api_dependency,
+        &format!("path = {}", toml_string(&app_api.to_string_lossy())),
+    );
+    manifest
+        .push_str("\n# Added by the e2e tests' copy_example_app: this copy is a workspace of its own.\n[workspace]\n");
+    manifest.push_str(&inherited_workspace_tables(&read(&root.join("Cargo.toml"))));
+    write_if_changed(&dest.join("Cargo.toml"), manifest.as_bytes());
+
+    let constant = r#"pub const VERSION: &str = "v1";"#;
+    let mut replaced = false;
+    copy_tree(&source.join("src"), &dest.join("src"), &mut |path, text| {
+        if path.ends_with("lib.rs") && text.contains(constant) {
+            replaced = true;
+            text.replace(
+                constant,
+                &format!("pub const VERSION: &str = {};", toml_string(version)),
+            )
+        } else {
+            text
+        }
+    });
+    assert!(
+        replaced,
+        "example-app/src/lib.rs no longer contains `{constant}`: update copy_example_app"
+    );
+
+    let lock = fs::read(root.join("Cargo.lock")).expect("the workspace has a Cargo.lock (cargo writes it)");
+    write_if_changed(&dest.join("Cargo.lock"), &lock);
+}
+
+/// The root manifest's `[workspace.package]`, `[workspace.dependencies]` and `[profile.*]`
+/// tables, which a member's `*.workspace = true` keys and its build settings come from.
+fn inherited_workspace_tables(root_manifest: &str) -> String {
+    let mut kept = String::new();
+    let mut keep = false;
+    for line in root_manifest.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            let table = trimmed.trim_matches(|c| c == '[' || c == ']').trim();
+            keep = table == "workspace.package" || table == "workspace.dependencies" || table.starts_with("profile.");
+            if keep {
+                kept.push('\n');
+            }
+        }
+        if keep && !trimmed.starts_with('#') {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    kept
+}
+
+/// `text` as a TOML (and Rust) basic string.
+fn toml_string(text: &str) -> String {
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn read(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+fn write_if_changed(path: &Path, content: &[u8]) {
+    if fs::read(path).is_ok_and(|old| old == content) {
+        return;
+    }
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).unwrap_or_else(|e| panic!("cannot create {}: {e}", parent.display()));
+    }
+    fs::write(path, content).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+fn copy_tree(from: &Path, to: &Path, edit: &mut dyn FnMut(&Path, String) -> String) {
+    let entries = fs::read_dir(from).unwrap_or_else(|e| panic!("cannot list {}: {e}", from.display()));
+    for entry in entries {
+        let entry = entry.unwrap_or_else(|e| panic!("cannot list {}: {e}", from.display()));
+        let (source, dest) = (entry.path(), to.join(entry.file_name()));
+        if source.is_dir() {
+            copy_tree(&source, &dest, edit);
+        } else {
+            let content = match fs::read_to_string(&source) {
+                Ok(text) => edit(&source, text).into_bytes(),
+                Err(_) => fs::read(&source).unwrap_or_else(|e| panic!("cannot read {}: {e}", source.display())),
+            };
+            write_if_changed(&dest, &content);
+        }
+    }
+}
+
+/// Runs `build` once per process (a failure is kept and reported to every caller), holding the
+/// build lock.
+fn built(slot: &'static Built, build: impl FnOnce() -> Result<PathBuf, String>) -> &'static Path {
+    let outcome = slot.get_or_init(|| {
+        let _lock = BuildLock::acquire();
+        build()
+    });
+    match outcome {
+        Ok(path) => path,
+        Err(message) => panic!("{message}"),
+    }
+}
+
+/// Serialises this crate's builds: within the process (a mutex) and between processes (an
+/// exclusive `flock`), because a build deletes and copies outputs that another would share.
+struct BuildLock {
+    _file: fs::File,
+    _guard: MutexGuard<'static, ()>,
+}
+
+impl BuildLock {
+    fn acquire() -> BuildLock {
+        static IN_PROCESS: Mutex<()> = Mutex::new(());
+        let guard = IN_PROCESS.lock().unwrap_or_else(PoisonError::into_inner);
+        let dir = e2e_target_dir();
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        let path = dir.join(".e2e-build.lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .unwrap_or_else(|e| panic!("cannot lock {}: {e}", path.display()));
+        BuildLock {
+            _file: file,
+            _guard: guard,
+        }
+    }
+}
+
+/// Builds the cdylib of `package` (from `manifest`'s workspace, with `extra` arguments) and copies
+/// it to `copy`.
+fn build_cdylib(manifest: &Path, package: &str, extra: &[&str], copy: &Path) -> Result<(), String> {
+    // The output name the variants of this package share: delete it so cargo must link this
+    // variant anew (see the module docs).
+    let file_name = format!("lib{}.so", package.replace('-', "_"));
+    let debug = e2e_target_dir().join("debug");
+    for stale in [debug.join("deps").join(&file_name), debug.join(&file_name)] {
+        match fs::remove_file(&stale) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot remove {}: {e}", stale.display())),
+        }
+    }
+
+    let mut args = vec!["-p", package, "--lib"];
+    args.extend_from_slice(extra);
+    let messages = cargo_build(manifest, &args)?;
+    let library = cdylib(&messages, package)?;
+
+    let parent = copy.parent().expect("artifact copies have a parent directory");
+    fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    // Copied under a temporary name and renamed, so that a concurrent reader never sees half a file.
+    let partial = copy.with_extension(format!("partial-{}", std::process::id()));
+    fs::copy(&library, &partial)
+        .map_err(|e| format!("cannot copy {} to {}: {e}", library.display(), partial.display()))?;
+    fs::rename(&partial, copy)
+        .map_err(|e| format!("cannot rename {} to {}: {e}", partial.display(), copy.display()))?;
+    Ok(())
+}
+
+/// Runs `cargo build` on `manifest` into the e2e target directory and returns cargo's JSON
+/// messages; on failure, returns everything cargo printed.
+fn cargo_build(manifest: &Path, args: &[&str]) -> Result<Vec<serde_json::Value>, String> {
+    let mut command = Command::new(env!("CARGO"));
+    command
+        .arg("build")
+        .arg("--manifest-path")
+        .arg(manifest)
+        .arg("--message-format=json-render-diagnostics")
+        .args(args)
+        .env("CARGO_TARGET_DIR", e2e_target_dir())
+        .current_dir(manifest.parent().expect("a manifest path has a parent"));
+    let described = format!("{command:?}");
+    let output = command
+        .output()
+        .map_err(|e| format!("cannot run cargo ({described}): {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "the end-to-end tests could not build what they run: `{described}` failed with {}\n\
+             --- cargo's stderr ---\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect())
+}
+
+/// The path of the executable `name` from cargo's messages.
+fn executable(messages: &[serde_json::Value], name: &str) -> Result<PathBuf, String> {
+    messages
+        .iter()
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
+        .find_map(|m| m["executable"].as_str())
+        .map(PathBuf::from)
+        .ok_or_else(|| format!("cargo reported no executable `{name}`"))
+}
+
+/// The path of `package`'s cdylib from cargo's messages.
+fn cdylib(messages: &[serde_json::Value], package: &str) -> Result<PathBuf, String> {
+    let target = package.replace('-', "_");
+    messages
+        .iter()
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == target.as_str())
+        .filter(|m| {
+            m["target"]["kind"]
+                .as_array()
+                .is_some_and(|kinds| kinds.iter().any(|k| k == "cdylib"))
+        })
+        .filter_map(|m| m["filenames"].as_array())
+        .flatten()
+        .filter_map(|f| f.as_str())
+        .find(|f| f.ends_with(".so"))
+        .map(PathBuf::from)
+        .ok_or_else(|| format!("cargo reported no cdylib for `{package}`"))
+}
