@@ -5,11 +5,14 @@
 //!
 //! - `dev` (module [`dev`]): the live-editing loop. Build the app and the host, serve the app, and
 //!   rebuild and hot-reload it in the same host process on every save.
+//! - `bench` (module [`bench`]): what hot reloading costs, measured against a plain static server
+//!   (`cargo xtask bench all`, or `--smoke` for the seconds-long CI version).
 //!
 //! The other modules are the pieces `dev` is made of: [`cargo`] (metadata and cancellable
 //! builds), [`watch`] (the source watcher), [`host`] (the host process and its admin API) and
 //! [`http`] (the little HTTP that API needs).
 
+mod bench;
 mod cargo;
 mod dev;
 mod host;
@@ -41,6 +44,15 @@ enum Command {
     /// and builds again. Ctrl-C (or SIGTERM) stops the build and the host; a second one kills the
     /// host at once.
     Dev(dev::DevArgs),
+    /// Measure what hot reloading costs against a static server (see BENCHMARKS.md).
+    ///
+    /// Builds the host, example-app and the static baseline (release; dev with --smoke), then
+    /// runs the chosen item: `throughput` (host vs baseline), `under-reload` (the host under load
+    /// while reloading every 100 ms), `reload` (reload latency by step), `memory` (RSS and mapped
+    /// copies after many reloads), `edit` (save → served, `cargo xtask dev` vs rebuild and restart
+    /// of a static server), or `all`. The full run uses wrk (installed with apt-get when missing
+    /// and running as root); --smoke runs everything in seconds, for CI, with no thresholds.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +63,7 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Dev(args)) => dev::run(args, &workspace_root()),
+        Some(Command::Bench(args)) => bench::run(args, &workspace_root()),
     };
     match result {
         Ok(code) => code,

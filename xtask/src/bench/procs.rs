@@ -1,0 +1,216 @@
+//! The servers a benchmark starts (the host, the static baseline), how it waits for them, what
+//! it reads about them from `/proc`, and how it stops them: always by their own process id,
+//! SIGTERM first, and never by name.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+use crate::http;
+
+/// How long a server may take to answer its first request.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a server may take to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A free loopback port (bound and released: another process could take it in between, which on
+/// a benchmark machine is unlikely and shows as a clear start-up error).
+pub fn free_address() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
+    listener.local_addr().context("cannot read a bound address")
+}
+
+/// A server process this benchmark started; stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Server {
+    pub name: String,
+    child: Child,
+    /// Where it serves `GET /`.
+    pub address: SocketAddr,
+    /// The host's admin listener.
+    pub admin: Option<SocketAddr>,
+    /// Its stderr (and stdout).
+    pub log: PathBuf,
+}
+
+/// How to start the host.
+pub struct HostLaunch<'a> {
+    pub executable: &'a Path,
+    pub library: &'a Path,
+    pub staging_dir: &'a Path,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts the host (JSON log, its own staging directory) and waits until it serves.
+    pub fn host(launch: HostLaunch<'_>) -> anyhow::Result<Server> {
+        let (address, admin) = (free_address()?, free_address()?);
+        let mut command = Command::new(launch.executable);
+        command
+            .arg("--app")
+            .arg(launch.library)
+            .args(["--listen", &address.to_string(), "--admin", &admin.to_string()])
+            .arg("--staging-dir")
+            .arg(launch.staging_dir)
+            .args(["--log-format", "json"])
+            // Only the host's own settings matter here; none may come from the environment.
+            .env_remove("RUST_LOG");
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("HOST_") {
+                command.env_remove(key);
+            }
+        }
+        Server::start("host", command, address, Some(admin), launch.log)
+    }
+
+    /// Starts the static baseline and waits until it serves.
+    pub fn baseline(executable: &Path, log: PathBuf) -> anyhow::Result<Server> {
+        let address = free_address()?;
+        let mut command = Command::new(executable);
+        command.args(["--listen", &address.to_string()]);
+        Server::start("baseline", command, address, None, log)
+    }
+
+    fn start(
+        name: &str,
+        mut command: Command,
+        address: SocketAddr,
+        admin: Option<SocketAddr>,
+        log: PathBuf,
+    ) -> anyhow::Result<Server> {
+        let out = File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let err = out.try_clone().context("cannot share the log file")?;
+        command.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = command.spawn().with_context(|| format!("cannot start the {name}"))?;
+        let mut server = Server {
+            name: name.to_owned(),
+            child,
+            address,
+            admin,
+            log,
+        };
+        server.wait_serving(START_TIMEOUT)?;
+        Ok(server)
+    }
+
+    /// Waits until `GET /` answers 200, or the process exits, or `timeout` passes.
+    fn wait_serving(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(response) = http::request(self.address, "GET", "/", Duration::from_secs(2)) {
+                if response.status == 200 {
+                    return Ok(());
+                }
+            }
+            if let Some(status) = self.child.try_wait().context("cannot wait for a server")? {
+                bail!(
+                    "the {} exited while starting ({status}):\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the {} did not serve within {timeout:?}:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The last lines of its log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// Whether it still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM, then waits for it to exit (SIGKILL after [`STOP_TIMEOUT`]).
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.terminate_and_wait()
+    }
+
+    fn terminate_and_wait(&mut self) -> anyhow::Result<()> {
+        crate::host::terminate(&mut self.child);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().context("cannot wait for a server")? {
+                // The baseline keeps the default SIGTERM action: it dies by the signal.
+                let _ = status;
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("the {} did not stop within {STOP_TIMEOUT:?}; killed it", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.running() {
+            let _ = self.terminate_and_wait();
+        }
+    }
+}
+
+/// What `/proc` says about a process's memory and mappings.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProcessMemory {
+    pub rss_kib: u64,
+    pub threads: u64,
+    pub open_fds: u64,
+    /// Distinct files under the staging directory that are mapped (loaded library copies).
+    pub mapped_copies: usize,
+    /// Mappings of those files, all together.
+    pub mapped_regions: usize,
+}
+
+pub fn process_memory(pid: u32, staging_dir: &Path) -> anyhow::Result<ProcessMemory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("cannot read /proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0)
+    };
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .with_context(|| format!("cannot read /proc/{pid}/maps"))?;
+    let needle = staging_dir.to_string_lossy();
+    let regions: Vec<&str> = maps
+        .lines()
+        .filter_map(|line| line.find(needle.as_ref()).map(|at| &line[at..]))
+        .collect();
+    let mut copies: Vec<&str> = regions.iter().map(|path| path.trim_end_matches(" (deleted)")).collect();
+    copies.sort_unstable();
+    copies.dedup();
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count() as u64);
+    Ok(ProcessMemory {
+        rss_kib: field("VmRSS:"),
+        threads: field("Threads:"),
+        open_fds,
+        mapped_copies: copies.len(),
+        mapped_regions: regions.len(),
+    })
+}
