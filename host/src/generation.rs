@@ -180,9 +180,12 @@ impl Generation {
                         return None;
                     }
                 };
+                let elapsed = loaded.elapsed();
                 tracing::info!(
                     generation = number,
-                    duration_ms = ms(loaded.elapsed()),
+                    duration_ms = ms(elapsed),
+                    load_ms = ms(library.load_duration),
+                    verify_ms = ms(elapsed.saturating_sub(library.load_duration)),
                     "loaded and verified"
                 );
                 if let Err(e) = library.run(&generation, &config, worker_threads) {

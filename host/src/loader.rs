@@ -11,6 +11,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use abi_stable::abi_stability::abi_checking::{check_layout_compatibility_with_globals, CheckingGlobals};
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RVec};
@@ -47,6 +48,8 @@ pub enum LoadError {
 
 /// An app library, opened and verified, ready to run one generation.
 pub struct LoadedLibrary {
+    /// How long `dlopen` took (the rest of [`LoadedLibrary::open`] is verification).
+    pub load_duration: Duration,
     vtable: *const GuestVTable,
     // Dropped last: `vtable` points into it.
     library: libloading::Library,
@@ -64,6 +67,7 @@ impl LoadedLibrary {
         // RTLD_LOCAL keeps each copy's symbols out of the global namespace, so two generations
         // of the same app never resolve to each other's code.
         let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL;
+        let opening = Instant::now();
         // SAFETY: loading runs the library's initialisers. A Rust cdylib's only initialisers are
         // std's, which register no thread-local destructors. This runs on the generation's own
         // thread, which is joined before the library is closed.
@@ -73,6 +77,7 @@ impl LoadedLibrary {
                 source,
             })?;
         let library = libloading::Library::from(library);
+        let load_duration = opening.elapsed();
 
         // SAFETY: we only take the symbol's address here; it is dereferenced below, after checks.
         let symbol = unsafe { library.get::<*const AppDescriptor>(DESCRIPTOR_SYMBOL.as_bytes()) }
@@ -121,6 +126,7 @@ impl LoadedLibrary {
         drop(globals);
 
         Ok(LoadedLibrary {
+            load_duration,
             vtable: descriptor.vtable,
             library,
         })
