@@ -141,6 +141,40 @@ pub fn faulty_app(fault: Fault) -> &'static Path {
     })
 }
 
+/// A build of the example app whose counter state has another shape (its cargo features).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schema {
+    /// One more field, with a default: reads state the default build wrote.
+    V2,
+    /// One more required field: cannot read state the default build wrote.
+    Incompatible,
+}
+
+impl Schema {
+    /// The example app's cargo feature for this schema.
+    pub fn feature(self) -> &'static str {
+        match self {
+            Schema::V2 => "schema-v2",
+            Schema::Incompatible => "schema-incompatible",
+        }
+    }
+}
+
+/// The workspace's example app built with the feature of `schema`.
+pub fn example_app_schema(schema: Schema) -> &'static Path {
+    static SCHEMAS: [Built; 2] = [OnceLock::new(), OnceLock::new()];
+    let slot = match schema {
+        Schema::V2 => &SCHEMAS[0],
+        Schema::Incompatible => &SCHEMAS[1],
+    };
+    built(slot, || {
+        let manifest = workspace_root().join("Cargo.toml");
+        let copy = artifacts_dir().join(format!("example-app-{}.so", schema.feature()));
+        build_cdylib(&manifest, "example-app", &["--features", schema.feature()], &copy)?;
+        Ok(copy)
+    })
+}
+
 /// The `no-entry` fixture: a shared library that is not an app.
 pub fn no_entry_library() -> &'static Path {
     static NO_ENTRY: Built = OnceLock::new();

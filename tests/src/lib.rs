@@ -12,8 +12,8 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use artifacts::{
-    copy_example_app, e2e_target_dir, example_app, faulty_app, host_binary, no_entry_library, workspace_root,
-    AppVersion, Fault, FAULTY_INIT_ERROR, FAULTY_INIT_PANIC,
+    copy_example_app, e2e_target_dir, example_app, example_app_schema, faulty_app, host_binary, no_entry_library,
+    workspace_root, AppVersion, Fault, Schema, FAULTY_INIT_ERROR, FAULTY_INIT_PANIC,
 };
 pub use client::{KeepAlive, Reply};
 pub use host::{Host, Sandbox};
