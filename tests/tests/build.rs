@@ -12,13 +12,15 @@
 
 use std::ffi::OsString;
 use std::io::{Read as _, Write as _};
+
+use e2e_tests::{copy_example_app, e2e_target_dir, host_binary};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Building the host, or the app's first build (its dependencies too on a cold target directory).
+/// The app's first build (its dependencies too, on a cold target directory).
 const SETUP_TIMEOUT: Duration = Duration::from_secs(1500);
 /// One rebuild and reload.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(300);
@@ -29,19 +31,13 @@ const WAIT: Duration = Duration::from_secs(60);
 const APP_NAME: &str = "build-flow-app";
 const LIBRARY: &str = "libbuild_flow_app.so";
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ is inside the workspace")
-        .to_owned()
-}
-
-fn e2e_target_dir() -> PathBuf {
-    workspace().join("target").join("e2e")
-}
-
 fn cargo() -> OsString {
     std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+/// `text` quoted for `sh`.
+fn quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
 }
 
 /// Runs `command` to completion within `timeout` (killed after it).
@@ -61,20 +57,8 @@ fn run_bounded(command: &mut Command, timeout: Duration) -> ExitStatus {
     }
 }
 
-/// Builds the host into `target/e2e` and returns it.
-fn build_host() -> PathBuf {
-    let status = run_bounded(
-        Command::new(cargo())
-            .args(["build", "--package", "host", "--bin", "host", "--manifest-path"])
-            .arg(workspace().join("Cargo.toml"))
-            .env("CARGO_TARGET_DIR", e2e_target_dir()),
-        SETUP_TIMEOUT,
-    );
-    assert!(status.success(), "building the host failed: {status}");
-    e2e_target_dir().join("debug").join("host")
-}
-
-/// A temporary directory, removed when dropped.
+/// A temporary directory (mode 0755, so that the host accepts a library in it), removed when
+/// dropped.
 struct Scratch(PathBuf);
 
 impl Scratch {
@@ -84,8 +68,10 @@ impl Scratch {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let path = std::env::temp_dir().join(format!("build-flow-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&path).expect("creating a scratch directory");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::create_dir_all(path.join("lib")).expect("creating a scratch directory");
+        for dir in [path.clone(), path.join("lib")] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
         Scratch(path)
     }
 }
@@ -93,86 +79,6 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Copies the example app to `dest` as a crate of its own: its version literal replaced, the
-/// settings it inherits from the workspace written out, app-api by absolute path, an empty
-/// `[workspace]` table, the workspace's Cargo.lock, and the package name [`APP_NAME`].
-fn copy_example_app(dest: &Path, version: &str) {
-    let workspace = workspace();
-    let example = workspace.join("example-app");
-    copy_dir(&example.join("src"), &dest.join("src"));
-    replace_in(
-        &dest.join("src/lib.rs"),
-        "pub const VERSION: &str = \"v1\";",
-        &format!("pub const VERSION: &str = \"{version}\";"),
-    );
-    let root = std::fs::read_to_string(workspace.join("Cargo.toml")).expect("the workspace manifest");
-    let manifest = std::fs::read_to_string(example.join("Cargo.toml")).expect("the example app's manifest");
-    let app_api = workspace.join("app-api");
-    let mut section = String::new();
-    let mut copied = String::new();
-    for line in manifest.lines() {
-        let trimmed = line.trim();
-        if trimmed.starts_with('[') {
-            section = trimmed.to_owned();
-        }
-        let line = if let Some(key) = trimmed.strip_suffix(".workspace = true") {
-            let table = if section == "[package]" {
-                "[workspace.package]"
-            } else {
-                "[workspace.dependencies]"
-            };
-            workspace_value(&root, table, key)
-                .unwrap_or_else(|| panic!("{key} is not in {table} of the workspace manifest"))
-        } else if trimmed.starts_with("name = \"example-app\"") {
-            format!("name = \"{APP_NAME}\"")
-        } else if trimmed.starts_with("app-api = ") {
-            format!("app-api = {{ path = {:?} }}", app_api.display().to_string())
-        } else {
-            assert!(
-                !trimmed.contains("workspace = true"),
-                "cannot copy this manifest line: {line}"
-            );
-            line.to_owned()
-        };
-        copied.push_str(&line);
-        copied.push('\n');
-    }
-    copied.push_str("\n[workspace]\n");
-    std::fs::write(dest.join("Cargo.toml"), copied).expect("writing the copy's manifest");
-    std::fs::copy(workspace.join("Cargo.lock"), dest.join("Cargo.lock")).expect("copying Cargo.lock");
-}
-
-/// The line `key = ...` of `table` in a manifest.
-fn workspace_value(manifest: &str, table: &str, key: &str) -> Option<String> {
-    let mut in_table = false;
-    for line in manifest.lines() {
-        let trimmed = line.trim();
-        if trimmed.starts_with('[') {
-            in_table = trimmed == table;
-        } else if in_table {
-            if let Some((name, _)) = trimmed.split_once('=') {
-                if name.trim() == key {
-                    return Some(trimmed.to_owned());
-                }
-            }
-        }
-    }
-    None
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("creating a directory");
-    for entry in std::fs::read_dir(from).expect("reading a directory") {
-        let entry = entry.expect("reading a directory entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("a file type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copying a file");
-        }
     }
 }
 
@@ -251,15 +157,33 @@ fn served(address: SocketAddr) -> Option<String> {
 
 #[test]
 fn a_build_failure_keeps_the_old_version_and_a_fix_is_served() {
-    let host_binary = build_host();
+    let host_binary = host_binary();
     let scratch = Scratch::new();
     let app = scratch.0.join("app");
     copy_example_app(&app, "build-v1");
+    // A package name of its own, so that its library is not the one other tests build.
+    replace_in(
+        &app.join("Cargo.toml"),
+        "name = \"example-app\"",
+        &format!("name = \"{APP_NAME}\""),
+    );
     let lib_rs = app.join("src/lib.rs");
-    let library = e2e_target_dir().join("debug").join(LIBRARY);
+    let built = e2e_target_dir().join("debug").join(LIBRARY);
+    // Installed next to nothing writable (a checkout's target/ may be group-writable, which the
+    // host refuses), renamed into place.
+    let library = scratch.0.join("lib").join("libapp.so");
 
-    // The build command, run by the host with `sh -c` in its working directory (the app's).
-    let build = format!("'{}' build", cargo().to_string_lossy().replace('\'', r"'\''"));
+    // The build command, run by the host with `sh -c` in its working directory (the app's):
+    // build, then install the library at --app.
+    let partial = scratch.0.join("lib").join(".libapp.so.new");
+    let build = format!(
+        "{} build && install -m 0644 {} {} && mv {} {}",
+        quoted(&cargo().to_string_lossy()),
+        quoted(&built.to_string_lossy()),
+        quoted(&partial.to_string_lossy()),
+        quoted(&partial.to_string_lossy()),
+        quoted(&library.to_string_lossy()),
+    );
     // The first version is built before the host starts: it serves it at once.
     let status = run_bounded(
         Command::new("sh")
@@ -272,7 +196,7 @@ fn a_build_failure_keeps_the_old_version_and_a_fix_is_served() {
 
     let (public, admin) = (free_address(), free_address());
     let log = scratch.0.join("host.log");
-    let mut command = Command::new(&host_binary);
+    let mut command = Command::new(host_binary);
     command
         .env_remove("RUST_LOG")
         .env_remove("NOTIFY_SOCKET")

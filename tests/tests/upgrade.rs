@@ -19,45 +19,19 @@
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use e2e_tests::{example_app, host_binary, AppVersion};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// Load clients stop after this long whatever happens.
 const LOAD_LIMIT: Duration = Duration::from_secs(180);
 /// ... or after this many requests each.
 const LOAD_MAX_REQUESTS: u64 = 200_000;
-
-/// `target/debug` (or whichever profile built this test).
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("the test runs from target/<profile>/deps")
-        .to_owned()
-}
-
-/// The host binary and the example app library, built once per test run.
-fn artifacts() -> &'static (PathBuf, PathBuf) {
-    static ARTIFACTS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    ARTIFACTS.get_or_init(|| {
-        let dir = target_dir();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build
-            .args(["build", "--quiet", "-p", "host", "-p", "example-app"])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-        if dir.ends_with("release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("cargo runs");
-        assert!(status.success(), "building the host and the example app failed");
-        (dir.join("host"), dir.join("libexample_app.so"))
-    })
-}
 
 fn free_address() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
@@ -79,7 +53,7 @@ impl Scratch {
         std::fs::create_dir_all(&dir).expect("scratch dir");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let library = dir.join("libapp.so");
-        std::fs::copy(&artifacts().1, &library).expect("copy the example app");
+        std::fs::copy(example_app(AppVersion::V1), &library).expect("copy the example app");
         std::fs::set_permissions(&library, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         Scratch(dir)
     }
@@ -119,7 +93,7 @@ impl Hosts {
     fn start(scratch: &Scratch, extra: &[&str]) -> Hosts {
         let (public, admin) = (free_address(), free_address());
         let log = scratch.path(&format!("host-{}.log", unique()));
-        let mut command = Command::new(&artifacts().0);
+        let mut command = Command::new(host_binary());
         command
             .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET")
@@ -515,7 +489,6 @@ fn upgrade_under_load_loses_no_request() {
     });
     stop.store(true, Ordering::Relaxed);
     let mut total = 0;
-    let mut closes = 0;
     for (fresh, tally, thread) in clients {
         thread.join().expect("a load client");
         let tally = tally.lock().expect("tally");
@@ -634,7 +607,7 @@ fn failed_upgrades_leave_the_old_host_serving() {
     // A good upgrade still works afterwards.
     scratch.script(
         "new-host",
-        &format!("#!/bin/sh\nexec {} \"$@\"\n", artifacts().0.display()),
+        &format!("#!/bin/sh\nexec {} \"$@\"\n", host_binary().display()),
     );
     let (code, body) = hosts.upgrade();
     assert_eq!(code, 200, "{body}\n{}", hosts.log());
