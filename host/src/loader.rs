@@ -28,8 +28,10 @@ use crate::generation::{AppResponse, Generation};
 /// Why a library could not be loaded as an app.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot load {path} as a shared library: {source}")]
-    Open { path: String, source: libloading::Error },
+    #[error("cannot load {path} as a shared library: {reason}")]
+    Open { path: String, reason: String },
+    #[error("cannot load {path} as a shared library: it is cut short ({reason})")]
+    Truncated { path: String, reason: String },
     #[error("{path} is a shared library but not an app: it exports no `{DESCRIPTOR_SYMBOL}` (was it built with app_api::export_app!?)")]
     NoEntryPoint { path: String },
     #[error("{path} exports `{DESCRIPTOR_SYMBOL}` but it is not an app descriptor (bad magic bytes)")]
@@ -72,9 +74,9 @@ impl LoadedLibrary {
         // std's, which register no thread-local destructors. This runs on the generation's own
         // thread, which is joined before the library is closed.
         let library =
-            unsafe { libloading::os::unix::Library::open(Some(path), flags) }.map_err(|source| LoadError::Open {
+            unsafe { libloading::os::unix::Library::open(Some(path), flags) }.map_err(|e| LoadError::Open {
                 path: display.clone(),
-                source,
+                reason: error_chain(&e),
             })?;
         let library = libloading::Library::from(library);
         let load_duration = opening.elapsed();
@@ -168,6 +170,57 @@ impl LoadedLibrary {
     pub fn unload(self) -> Result<(), libloading::Error> {
         self.library.close()
     }
+}
+
+/// Refuses an ELF image whose program headers or loadable segments run past its end, as a copy
+/// still being written does: glibc maps such a file anyway and the process dies of SIGBUS when the
+/// loader touches the missing pages. Files that are not 64-bit ELF at all are left for `dlopen`
+/// to refuse with its own reason.
+pub fn check_image(path: &Path, image: &[u8]) -> Result<(), LoadError> {
+    use object::elf::{FileHeader64, PT_LOAD};
+    use object::read::elf::{FileHeader as _, ProgramHeader as _};
+    use object::Endianness;
+
+    let truncated = |reason: String| LoadError::Truncated {
+        path: path.display().to_string(),
+        reason,
+    };
+    let Ok(header) = FileHeader64::<Endianness>::parse(image) else {
+        return Ok(());
+    };
+    let Ok(endian) = header.endian() else { return Ok(()) };
+    let segments = header.program_headers(endian, image).map_err(|e| {
+        truncated(format!(
+            "its program headers do not fit in its {} bytes: {e}",
+            image.len()
+        ))
+    })?;
+    for (index, segment) in segments.iter().enumerate() {
+        if segment.p_type(endian) != PT_LOAD {
+            continue;
+        }
+        let end = segment.p_offset(endian).checked_add(segment.p_filesz(endian));
+        if end.is_none_or(|end| end > image.len() as u64) {
+            return Err(truncated(format!(
+                "loadable segment {index} needs bytes up to {} but the file has {}",
+                end.map_or_else(|| "beyond 2^64".to_string(), |end| end.to_string()),
+                image.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An error and its sources, as one line: libloading keeps glibc's reason in `source()`.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn api_versions_compatible(host: &str, library: &str) -> bool {
@@ -344,6 +397,16 @@ extern "C" fn on_abandon(handle: ResponderHandle) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn images_cut_short_are_refused_before_dlopen() {
+        let path = Path::new("/proc/self/exe");
+        let image = std::fs::read(path).expect("this test's own executable is readable");
+        check_image(path, &image).expect("a whole ELF image passes");
+        check_image(path, b"not an ELF file at all").expect("non-ELF files are left for dlopen to refuse");
+        let error = check_image(path, &image[..4096]).expect_err("a cut image is refused");
+        assert!(error.to_string().contains("cut short"), "{error}");
+    }
 
     #[test]
     fn api_versions() {

@@ -385,6 +385,7 @@ async fn stage(settings: &ReloadSettings, number: u64) -> anyhow::Result<Library
     let trust = settings.trust.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
         let trusted = crate::trust::read_trusted(&path, &trust)?;
+        crate::loader::check_image(&path, &trusted.bytes)?;
         std::fs::write(&staged, &trusted.bytes)
             .with_context(|| format!("cannot stage a copy at {}", staged.display()))?;
         Ok(trusted.sha256)

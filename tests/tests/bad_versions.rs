@@ -232,7 +232,6 @@ async fn assert_refused(name: &str, bad: &[u8], error_mentions: &[&str]) {
 /// A library cut short inside the segments `dlopen` maps (as a copy still being written is): the
 /// host must refuse it like any other bad version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "host bug: glibc's dlopen of such a file raises SIGBUS and kills the host (see the e2e report)"]
 async fn library_truncated_inside_its_loaded_segments_is_refused() {
     let v1 = std::fs::read(example_app(AppVersion::V1)).expect("read the v1 library");
     let truncated = &v1[..e2e_tests::elf_loaded_extent(&v1) / 2];
@@ -246,7 +245,6 @@ async fn library_truncated_inside_its_loaded_segments_is_refused() {
 
 /// When `dlopen` refuses a file, the error says why (glibc's reason), not only that it failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "host bug: the error says only `dlopen failed`, without dlerror's reason (see the e2e report)"]
 async fn dlopen_errors_say_why() {
     assert_refused(
         "text file",
