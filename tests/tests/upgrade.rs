@@ -91,6 +91,11 @@ struct Hosts {
 
 impl Hosts {
     fn start(scratch: &Scratch, extra: &[&str]) -> Hosts {
+        Hosts::start_with(scratch, extra, None)
+    }
+
+    /// Like [`Hosts::start`], with `NOTIFY_SOCKET` set to `notify` if given.
+    fn start_with(scratch: &Scratch, extra: &[&str], notify: Option<&std::path::Path>) -> Hosts {
         let (public, admin) = (free_address(), free_address());
         let log = scratch.path(&format!("host-{}.log", unique()));
         let mut command = Command::new(host_binary());
@@ -105,6 +110,9 @@ impl Hosts {
             if key.starts_with("HOST_") {
                 command.env_remove(key);
             }
+        }
+        if let Some(notify) = notify {
+            command.env("NOTIFY_SOCKET", notify);
         }
         let child = command
             .arg("--app")
@@ -604,6 +612,23 @@ fn failed_upgrades_leave_the_old_host_serving() {
     assert!(!is_running(stuck), "the never-ready host (pid {stuck}) was not stopped");
     assert_serves(&hosts, pid);
 
+    // A real host that cannot serve (here: it refuses the library) says why.
+    scratch.script(
+        "new-host",
+        &format!(
+            "#!/bin/sh\nexec {} \"$@\" --require-sha256 {}\n",
+            host_binary().display(),
+            "0".repeat(64)
+        ),
+    );
+    let (code, body) = hosts.upgrade();
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body.contains("before it was ready: cannot serve") && body.contains("sha256"),
+        "{body}"
+    );
+    assert_serves(&hosts, pid);
+
     // A good upgrade still works afterwards.
     scratch.script(
         "new-host",
@@ -628,4 +653,59 @@ fn assert_serves(hosts: &Hosts, pid: u32) {
     assert_eq!(code, 200, "{body}");
     let status = hosts.status();
     assert_eq!(json_number(&status, "pid"), Some(u64::from(pid)), "{status}");
+}
+
+/// Messages the hosts sent to the test's `NOTIFY_SOCKET`, skipping watchdog pings.
+fn next_notification(socket: &std::os::unix::net::UnixDatagram) -> String {
+    let mut buffer = [0u8; 4096];
+    loop {
+        let n = socket.recv(&mut buffer).expect("a notification within the timeout");
+        let message = String::from_utf8_lossy(&buffer[..n]).into_owned();
+        if message.trim() != "WATCHDOG=1" {
+            return message;
+        }
+    }
+}
+
+#[test]
+fn under_systemd_the_new_process_becomes_the_main_pid() {
+    let scratch = Scratch::new("systemd");
+    let socket_path = scratch.path("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+    socket.set_read_timeout(Some(WAIT)).expect("a timeout");
+    let mut hosts = Hosts::start_with(&scratch, &[], Some(&socket_path));
+    let old_pid = hosts.pid();
+    let ready = next_notification(&socket);
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+
+    let (code, body) = hosts.upgrade();
+    assert_eq!(code, 200, "{body}\n{}", hosts.log());
+    let new_pid = json_number(&body, "pid").expect("the new pid") as u32;
+    hosts.others.push(new_pid);
+
+    // The old host hands the service over: MAINPID, READY and the new process's status, once.
+    let handed = next_notification(&socket);
+    let lines: Vec<&str> = handed.lines().collect();
+    assert!(lines.contains(&format!("MAINPID={new_pid}").as_str()), "{handed}");
+    assert!(lines.contains(&"READY=1"), "{handed}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("STATUS=serving generation 1")),
+        "{handed}"
+    );
+    let exit = hosts.wait_exit();
+    assert!(exit.success(), "the old host exited with {exit}:\n{}", hosts.log());
+
+    // The old one said nothing more (no STOPPING=1); the next message is the new one's reload.
+    signal(new_pid, "HUP");
+    let reloading = next_notification(&socket);
+    assert!(reloading.lines().any(|l| l == "RELOADING=1"), "{reloading}");
+    let done = next_notification(&socket);
+    assert!(done.contains("STATUS=serving generation 2"), "{done}");
+
+    // The new process says STOPPING=1 when it stops.
+    signal(new_pid, "TERM");
+    let stopping = next_notification(&socket);
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
+    stop_other(new_pid);
+    let _ = old_pid;
 }
