@@ -181,7 +181,8 @@ impl Reloader {
 
     /// Runs reloads one at a time. Triggers that arrive during a reload are answered together by
     /// the one reload that follows it.
-    /// Returns when `stop` is cancelled, after finishing the reload under way.
+    /// Returns when `stop` is cancelled, after finishing the reload under way (a `--build` under
+    /// way is stopped, and that reload refused).
     pub async fn run(self: Arc<Self>, mut triggers: mpsc::UnboundedReceiver<Trigger>, stop: CancellationToken) {
         loop {
             let first = tokio::select! {
