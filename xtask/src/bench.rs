@@ -455,21 +455,30 @@ fn result_json(result: &LoadResult) -> serde_json::Value {
     value
 }
 
-/// Warms a server up, then measures it.
-fn measure(env: &Env, server: &Server, connections: usize) -> anyhow::Result<LoadResult> {
+/// Warms a server up, then measures it; also returns the server's CPU time per response, in
+/// microseconds (less sensitive to other processes than requests per second).
+fn measure(env: &Env, server: &Server, connections: usize) -> anyhow::Result<(LoadResult, f64)> {
     env.load
         .run(server.address, connections, env.plan.warmup)
         .with_context(|| format!("warming up the {}", server.name))?;
-    env.load
+    let before = procs::cpu_seconds(server.pid());
+    let result = env
+        .load
         .run(server.address, connections, env.plan.duration)
-        .with_context(|| format!("measuring the {}", server.name))
+        .with_context(|| format!("measuring the {}", server.name))?;
+    let cpu = match (before, procs::cpu_seconds(server.pid())) {
+        (Some(before), Some(after)) if result.responses > 0 => (after - before) * 1e6 / result.responses as f64,
+        _ => f64::NAN,
+    };
+    Ok((result, cpu))
 }
 
 /// Item 1: the host versus the static baseline.
 fn throughput(env: &Env) -> anyhow::Result<serde_json::Value> {
     say!("throughput: host vs static baseline, example-app GET /, keep-alive");
     let mut rows = Vec::new();
-    let mut ratios: Vec<(usize, f64, f64, f64)> = Vec::new();
+    // (connections, throughput ratio, p50 ratio, p99 ratio, CPU per request ratio)
+    let mut ratios: Vec<(usize, f64, f64, f64, f64)> = Vec::new();
     for repeat in 0..env.plan.repeat {
         let busy = env.quiet();
         let host = env.start_host("throughput-host")?.0;
@@ -483,12 +492,14 @@ fn throughput(env: &Env) -> anyhow::Result<serde_json::Value> {
             };
             let a = measure(env, first, connections)?;
             let b = measure(env, second, connections)?;
-            let (h, s) = if host_first { (a, b) } else { (b, a) };
+            let ((h, h_cpu), (s, s_cpu)) = if host_first { (a, b) } else { (b, a) };
             let ratio = h.requests_per_s / s.requests_per_s;
+            let cpu_ratio = h_cpu / s_cpu;
             let (p50, p99) = (h.p50_ms / s.p50_ms, h.p99_ms / s.p99_ms);
             say!(
                 "  repeat {} c={connections}: host {:.0} req/s p50 {:.3} ms p99 {:.3} ms | baseline {:.0} req/s p50 {:.3} \
-                 ms p99 {:.3} ms | ratio {ratio:.3} (p50 x{p50:.2}, p99 x{p99:.2}; failed {}/{}; others busy {:.0}%)",
+                 ms p99 {:.3} ms | ratio {ratio:.3} (p50 x{p50:.2}, p99 x{p99:.2}; server CPU per request {h_cpu:.1} vs \
+                 {s_cpu:.1} us, x{cpu_ratio:.2}; failed {}/{}; others busy {:.0}%)",
                 repeat + 1,
                 h.requests_per_s,
                 h.p50_ms,
@@ -500,11 +511,12 @@ fn throughput(env: &Env) -> anyhow::Result<serde_json::Value> {
                 s.failed(),
                 busy * 100.0
             );
-            ratios.push((connections, ratio, p50, p99));
+            ratios.push((connections, ratio, p50, p99, cpu_ratio));
             rows.push(json!({
                 "repeat": repeat + 1, "connections": connections, "host_first": host_first,
                 "host": result_json(&h), "baseline": result_json(&s),
                 "throughput_ratio": ratio, "p50_ratio": p50, "p99_ratio": p99, "others_busy": busy,
+                "host_cpu_us_per_request": h_cpu, "baseline_cpu_us_per_request": s_cpu, "cpu_ratio": cpu_ratio,
             }));
         }
         host.stop()?;
@@ -512,17 +524,17 @@ fn throughput(env: &Env) -> anyhow::Result<serde_json::Value> {
     }
     let mut summary = Vec::new();
     for &connections in &env.plan.connections {
-        let pick = |f: fn(&(usize, f64, f64, f64)) -> f64| -> f64 {
+        let pick = |f: fn(&(usize, f64, f64, f64, f64)) -> f64| -> f64 {
             median(&ratios.iter().filter(|r| r.0 == connections).map(f).collect::<Vec<_>>())
         };
-        let (ratio, p50, p99) = (pick(|r| r.1), pick(|r| r.2), pick(|r| r.3));
+        let (ratio, p50, p99, cpu) = (pick(|r| r.1), pick(|r| r.2), pick(|r| r.3), pick(|r| r.4));
         say!(
             "throughput c={connections}: median host/baseline ratio {ratio:.3} (target >= 0.95: {}); p50 x{p50:.2}, \
-             p99 x{p99:.2}",
+             p99 x{p99:.2}; CPU per request x{cpu:.2}",
             if ratio >= 0.95 { "met" } else { "missed" }
         );
         summary.push(json!({ "connections": connections, "median_throughput_ratio": ratio,
-            "median_p50_ratio": p50, "median_p99_ratio": p99 }));
+            "median_p50_ratio": p50, "median_p99_ratio": p99, "median_cpu_ratio": cpu }));
     }
     Ok(json!({ "runs": rows, "summary": summary }))
 }

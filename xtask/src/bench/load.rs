@@ -58,7 +58,8 @@ impl LoadGen {
                 let output = Command::new("wrk")
                     .arg(format!("-t{threads}"))
                     .arg(format!("-c{connections}"))
-                    .arg(format!("-d{}ms", duration.as_millis().max(1)))
+                    // wrk takes whole seconds (`-d2s`), at least one.
+                    .arg(format!("-d{}s", duration.as_secs_f64().ceil().max(1.0) as u64))
                     .args(["--latency", "--timeout", "5s"])
                     .arg(format!("http://{address}/"))
                     .output()

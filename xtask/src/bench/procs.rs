@@ -172,6 +172,17 @@ impl Drop for Server {
     }
 }
 
+/// CPU time (user and system, all threads) a process has used so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (in parentheses, possibly with spaces), from `state` on:
+    // utime and stime are the 14th and 15th fields of the line.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
+}
+
 /// What `/proc` says about a process's memory and mappings.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProcessMemory {
