@@ -101,10 +101,19 @@ type Built = OnceLock<Result<PathBuf, String>>;
 /// The `host` binary.
 pub fn host_binary() -> &'static Path {
     static HOST: Built = OnceLock::new();
-    built(&HOST, || {
-        let messages = cargo_build(&workspace_root().join("Cargo.toml"), &["-p", "host", "--bin", "host"])?;
-        executable(&messages, "host")
-    })
+    built(&HOST, || workspace_executable("host"))
+}
+
+/// The `xtask` binary (`cargo xtask`).
+pub fn xtask_binary() -> &'static Path {
+    static XTASK: Built = OnceLock::new();
+    built(&XTASK, || workspace_executable("xtask"))
+}
+
+/// Builds the binary of the workspace's package `name` that has the same name.
+fn workspace_executable(name: &str) -> Result<PathBuf, String> {
+    let messages = cargo_build(&workspace_root().join("Cargo.toml"), &["-p", name, "--bin", name])?;
+    executable(&messages, name)
 }
 
 /// The example app in `version`: v1 is the workspace's `example-app`, v2 a copy of it with
@@ -186,7 +195,8 @@ pub fn no_entry_library() -> &'static Path {
 }
 
 /// Copies the workspace's `example-app` (its `Cargo.toml` and `src/`) to `dest` as a stand-alone
-/// crate whose `VERSION` constant is `version`, ready to be built with cargo from `dest`.
+/// crate whose `VERSION` constant is `version`, ready to be built with cargo from `dest`. The copy
+/// keeps the package name `example-app`; see [`copy_example_app_named`] for a name of its own.
 ///
 /// The copy depends on the workspace's `app-api` by absolute path, is a workspace of its own (it
 /// sits inside this workspace's target directory, and inherits the workspace's package settings,
@@ -196,6 +206,15 @@ pub fn no_entry_library() -> &'static Path {
 ///
 /// Files whose content is unchanged are not rewritten, so that cargo sees nothing to rebuild.
 pub fn copy_example_app(dest: &Path, version: &str) {
+    copy_example_app_named(dest, version, "example-app");
+}
+
+/// Like [`copy_example_app`], with `package` as the copy's package name, and so its library's name
+/// (`lib<package with _ for ->.so`). Cargo puts no hash in a cdylib's file name: copies built into
+/// the same target directory under the same name overwrite each other's library (and confuse
+/// cargo's freshness check), so a copy that is built outside this module's builds (by the host's
+/// `--build`, by `cargo xtask dev`) should have a name of its own.
+pub fn copy_example_app_named(dest: &Path, version: &str, package: &str) {
     let root = workspace_root();
     let source = root.join("example-app");
 
@@ -206,10 +225,16 @@ pub fn copy_example_app(dest: &Path, version: &str) {
         "example-app/Cargo.toml no longer depends on app-api through `{app_api_dependency}`: update copy_example_app"
     );
     let app_api = root.join("app-api");
-    let mut manifest = manifest.replace(
+    let manifest = manifest.replace(
         app_api_dependency,
         &format!("path = {}", toml_string(&app_api.to_string_lossy())),
     );
+    let name = r#"name = "example-app""#;
+    assert!(
+        manifest.lines().any(|line| line.trim() == name),
+        "example-app/Cargo.toml no longer has the line `{name}`: update copy_example_app_named"
+    );
+    let mut manifest = manifest.replacen(name, &format!("name = {}", toml_string(package)), 1);
     manifest
         .push_str("\n# Added by the e2e tests' copy_example_app: this copy is a workspace of its own.\n[workspace]\n");
     manifest.push_str(&inherited_workspace_tables(&read(&root.join("Cargo.toml"))));
@@ -235,6 +260,19 @@ pub fn copy_example_app(dest: &Path, version: &str) {
 
     let lock = fs::read(root.join("Cargo.lock")).expect("the workspace has a Cargo.lock (cargo writes it)");
     write_if_changed(&dest.join("Cargo.lock"), &lock);
+}
+
+/// Replaces the one occurrence of `from` in the text file at `path` with `to`, the way an editor
+/// saving it would (in place); panics unless `from` occurs exactly once.
+pub fn replace_in(path: &Path, from: &str, to: &str) {
+    let text = read(path);
+    assert_eq!(
+        text.matches(from).count(),
+        1,
+        "{from:?} should occur exactly once in {}",
+        path.display()
+    );
+    fs::write(path, text.replace(from, to)).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
 
 /// The root manifest's `[workspace.package]`, `[workspace.dependencies]` and `[profile.*]`

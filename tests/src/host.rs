@@ -1,12 +1,21 @@
 //! Running the real `host` binary: a per-test [`Sandbox`] (the app path, the staging directory,
 //! the host's log) and a [`Host`] guard that starts the host on free loopback ports, waits until it
 //! is healthy, and kills it when dropped.
+//!
+//! [`Sandbox::start_host`] starts the host the usual way; [`Sandbox::host`] gives a
+//! [`HostCommand`] to start it some other way: with more arguments, environment variables or a
+//! working directory of its own, with its own command line instead of the default one, through a
+//! wrapper (`unshare`), with a `NOTIFY_SOCKET` ([`NotifySocket`]) or with listening sockets passed
+//! by socket activation, or only to see it fail ([`HostCommand::run_to_exit`]).
 
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,9 +24,13 @@ use hyper::{Method, StatusCode};
 
 use crate::artifacts::host_binary;
 use crate::client;
+use crate::systemd::{NotifySocket, SOCKET_ACTIVATION_SCRIPT};
 
 /// How long a host may take to become healthy (its first load included).
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a host may take to exit after SIGTERM ([`Host::stop`]).
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long an admin request may take (a reload waits for the new version's init).
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -59,9 +72,15 @@ impl Sandbox {
         self.dir.path()
     }
 
+    /// The directory of the app path (mode 0755: the host refuses a library in a directory that
+    /// its group or others may write to).
+    pub fn app_dir(&self) -> PathBuf {
+        self.path().join("app")
+    }
+
     /// The path given to the host as `--app`.
     pub fn app_path(&self) -> PathBuf {
-        self.path().join("app").join("libapp.so")
+        self.app_dir().join("libapp.so")
     }
 
     /// The directory given to the host as `--staging-dir` (it stages its copies in a private
@@ -104,6 +123,18 @@ impl Sandbox {
     pub async fn start_host(&self, extra: &[&str]) -> Host {
         Host::start(self, extra).await
     }
+
+    /// A host to start some other way than [`Sandbox::start_host`] (see [`HostCommand`]).
+    pub fn host(&self) -> HostCommand {
+        HostCommand::new(self)
+    }
+
+    /// A new `NOTIFY_SOCKET` in the sandbox, for [`HostCommand::notify_socket`].
+    pub fn notify_socket(&self) -> NotifySocket {
+        static BOUND: AtomicUsize = AtomicUsize::new(0);
+        let number = BOUND.fetch_add(1, Ordering::Relaxed);
+        NotifySocket::bind(&self.path().join(format!("notify-{number}.sock")))
+    }
 }
 
 /// A running host process. Killed (SIGKILL) when dropped; if the test is failing, its log is
@@ -118,78 +149,22 @@ pub struct Host {
     _sandbox: Sandbox,
 }
 
-/// A loopback port that was free a moment ago.
-fn free_port() -> u16 {
+/// A loopback address whose port was free a moment ago.
+pub fn free_address() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind a loopback port to find a free one");
-    listener.local_addr().expect("a bound listener has an address").port()
+    listener.local_addr().expect("a bound listener has an address")
 }
 
 impl Host {
-    /// Spawns a host serving `sandbox`'s app path, without waiting for it.
+    /// Spawns a host serving `sandbox`'s app path, with `extra` arguments, without waiting for it.
     pub fn spawn(sandbox: &Sandbox, extra: &[&str]) -> Host {
-        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let number = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let log = sandbox.path().join(format!("host-{number}.log"));
-        let log_file = fs::File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
-        let mut command = Command::new(host_binary());
-        command
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--admin")
-            .arg(admin.to_string())
-            .arg("--staging-dir")
-            .arg(sandbox.staging_dir())
-            .arg("--app")
-            .arg(sandbox.app_path())
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file);
-        // Only the arguments above configure the host: not the environment the tests run in.
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            if key.starts_with("HOST_")
-                || ["NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"].contains(&&*key)
-            {
-                command.env_remove(&*key);
-            }
-        }
-        // The log is a file: no colours.
-        command.env("NO_COLOR", "1");
-        if std::env::var_os("RUST_LOG").is_none() {
-            command.env("RUST_LOG", "info");
-        }
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", host_binary().display()));
-        Host {
-            pid: child.id(),
-            child,
-            addr,
-            admin,
-            log,
-            exit: None,
-            _sandbox: sandbox.clone(),
-        }
+        sandbox.host().args(extra).spawn()
     }
 
-    /// Starts a host and waits until `/healthz` answers; panics (with the host's log) if it does
-    /// not within [`STARTUP_TIMEOUT`]. Retries with other ports if one was taken meanwhile.
+    /// Starts a host serving `sandbox`'s app path, with `extra` arguments, and waits until it is
+    /// healthy (see [`HostCommand::start`]).
     pub async fn start(sandbox: &Sandbox, extra: &[&str]) -> Host {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut host = Host::spawn(sandbox, extra);
-            match host.wait_healthy(STARTUP_TIMEOUT).await {
-                Ok(()) => return host,
-                Err(e) if attempt < 3 && host.exit.is_some() && host.log_text().contains("cannot listen on") => {
-                    eprintln!("the host could not listen (retrying with other ports): {e}");
-                }
-                Err(e) => panic!("the host did not become healthy: {e}\n{}", host.log_excerpt()),
-            }
-        }
+        sandbox.host().args(extra).start().await
     }
 
     /// Waits until `/healthz` answers 200, or the host exits, or `timeout` passes.
@@ -231,6 +206,7 @@ impl Host {
         format!("http://{}{path}", self.admin)
     }
 
+    /// The pid of the process started: the host's, or its wrapper's ([`HostCommand::wrapper`]).
     pub fn pid(&self) -> u32 {
         self.pid
     }
@@ -281,8 +257,21 @@ impl Host {
 
     /// Sends `signal` to the host.
     pub fn signal(&self, signal: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_raw(self.pid as i32).expect("a child's pid is positive");
-        rustix::process::kill_process(pid, signal).unwrap_or_else(|e| panic!("cannot signal the host: {e}"));
+        crate::process::signal(self.pid, signal).unwrap_or_else(|e| panic!("cannot signal the host: {e}"));
+    }
+
+    /// Stops the host the way a service manager does: SIGTERM, then waits for it to exit; panics
+    /// (with its log) unless it exits with status 0 within [`STOP_TIMEOUT`]. Returns everything it
+    /// logged.
+    pub async fn stop(mut self) -> String {
+        self.signal(rustix::process::Signal::TERM);
+        let status = self.wait_exit(STOP_TIMEOUT).await;
+        assert!(
+            status.success(),
+            "the host exited with {status} after SIGTERM\n{}",
+            self.log_excerpt()
+        );
+        self.log_text()
     }
 
     fn try_exit(&mut self) -> Option<ExitStatus> {
@@ -373,6 +362,239 @@ impl Drop for Host {
         }
         if std::thread::panicking() {
             eprintln!("{}", self.log_excerpt());
+        }
+    }
+}
+
+/// How to start a host, from [`Sandbox::host`]. By default it is the command line
+/// [`Sandbox::start_host`] uses:
+///
+/// ```text
+/// host --listen <free port> --admin <free port> --staging-dir <sandbox> --app <sandbox app path> <args>
+/// ```
+///
+/// in the tests' environment without the variables that would configure the host (`HOST_*`,
+/// systemd's `NOTIFY_SOCKET` and `LISTEN_*`), with `NO_COLOR=1` and `RUST_LOG=info` (unless the
+/// tests run with a `RUST_LOG`), stdin and stdout null, and stderr going to a log in the sandbox.
+/// The methods change that; [`HostCommand::spawn`], [`HostCommand::start`] and
+/// [`HostCommand::run_to_exit`] run it.
+#[must_use = "a HostCommand does nothing until it is spawned, started or run"]
+pub struct HostCommand {
+    sandbox: Sandbox,
+    /// The wrapper's program and arguments, if any.
+    wrapper: Vec<OsString>,
+    /// Whether to pass `--listen`, `--admin`, `--staging-dir` and `--app`.
+    default_args: bool,
+    /// The addresses the host listens on, if the test chose them.
+    addresses: Option<(SocketAddr, SocketAddr)>,
+    /// Sockets to pass by socket activation: public, admin.
+    activation: Option<(TcpListener, TcpListener)>,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    current_dir: Option<PathBuf>,
+}
+
+impl HostCommand {
+    fn new(sandbox: &Sandbox) -> HostCommand {
+        HostCommand {
+            sandbox: sandbox.clone(),
+            wrapper: Vec::new(),
+            default_args: true,
+            addresses: None,
+            activation: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            current_dir: None,
+        }
+    }
+
+    /// Adds an argument after the default ones.
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    /// Adds arguments after the default ones.
+    pub fn args<S: AsRef<OsStr>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args.extend(args.into_iter().map(|arg| arg.as_ref().to_owned()));
+        self
+    }
+
+    /// Sets an environment variable of the host (after the defaults, so it overrides them).
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.env.push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Runs the host in `dir` (by default, in the tests' working directory).
+    pub fn current_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.current_dir = Some(dir.into());
+        self
+    }
+
+    /// Passes only the arguments given with [`HostCommand::arg`] and [`HostCommand::args`]: none
+    /// of `--listen`, `--admin`, `--staging-dir` and `--app`. For a host configured by its
+    /// environment or a config file, or one that must fail before it serves. To start such a host
+    /// (rather than [`HostCommand::run_to_exit`] it), say where it listens with
+    /// [`HostCommand::listening_on`].
+    pub fn bare(mut self) -> Self {
+        self.default_args = false;
+        self
+    }
+
+    /// The addresses the host serves on: passed as `--listen` and `--admin` instead of free ports,
+    /// or, with [`HostCommand::bare`], the addresses the host is told some other way (environment,
+    /// config file), where [`HostCommand::start`] waits for it.
+    pub fn listening_on(mut self, public: SocketAddr, admin: SocketAddr) -> Self {
+        self.addresses = Some((public, admin));
+        self
+    }
+
+    /// Passes `public` and `admin` to the host the way systemd's socket activation does, instead
+    /// of `--listen` and `--admin`: as fds 3 and 4, with `LISTEN_FDS=2`,
+    /// `LISTEN_FDNAMES=http:admin` and `LISTEN_PID` the host's pid. A shell sets this up and then
+    /// execs the host, which keeps its pid. Not together with [`HostCommand::wrapper`].
+    pub fn socket_activation(mut self, public: TcpListener, admin: TcpListener) -> Self {
+        let address = |listener: &TcpListener| listener.local_addr().expect("a bound listener has an address");
+        self.addresses = Some((address(&public), address(&admin)));
+        self.activation = Some((public, admin));
+        self
+    }
+
+    /// Sets `NOTIFY_SOCKET`, so that the host sends its systemd notifications to `socket`.
+    pub fn notify_socket(self, socket: &NotifySocket) -> Self {
+        let path = socket.path().to_owned();
+        self.env("NOTIFY_SOCKET", path)
+    }
+
+    /// Runs the host through `program` (such as `unshare`): the command line is
+    /// `program <wrapper args> <host binary> <host args>`. [`Host::pid`] is then the wrapper's
+    /// pid, and so is the pid every other [`Host`] method signals or reads `/proc` of.
+    pub fn wrapper<S: AsRef<OsStr>>(mut self, program: impl AsRef<OsStr>, args: impl IntoIterator<Item = S>) -> Self {
+        self.wrapper = std::iter::once(program.as_ref().to_owned())
+            .chain(args.into_iter().map(|arg| arg.as_ref().to_owned()))
+            .collect();
+        self
+    }
+
+    /// Spawns the host without waiting for it.
+    pub fn spawn(mut self) -> Host {
+        self.launch()
+    }
+
+    /// Starts the host and waits until `/healthz` answers; panics (with the host's log) if it
+    /// does not within [`STARTUP_TIMEOUT`]. If the harness chose the ports and one was taken
+    /// meanwhile, retries with other ports.
+    pub async fn start(mut self) -> Host {
+        assert!(
+            self.default_args || self.addresses.is_some(),
+            "a bare host is told where to listen by its environment or config: say where with listening_on"
+        );
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut host = self.launch();
+            match host.wait_healthy(STARTUP_TIMEOUT).await {
+                Ok(()) => return host,
+                Err(e)
+                    if attempt < 3
+                        && self.addresses.is_none()
+                        && host.exit.is_some()
+                        && host.log_text().contains("cannot listen on") =>
+                {
+                    eprintln!("the host could not listen (retrying with other ports): {e}");
+                }
+                Err(e) => panic!("the host did not become healthy: {e}\n{}", host.log_excerpt()),
+            }
+        }
+    }
+
+    /// Runs the host until it exits, for invocations that must fail: its exit status and
+    /// everything it logged. Panics (with the log) if it does not exit within `timeout`.
+    pub async fn run_to_exit(self, timeout: Duration) -> (ExitStatus, String) {
+        let mut host = self.spawn();
+        let status = host.wait_exit(timeout).await;
+        (status, host.log_text())
+    }
+
+    fn launch(&mut self) -> Host {
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let number = STARTED.fetch_add(1, Ordering::Relaxed);
+        let (addr, admin) = self.addresses.unwrap_or_else(|| (free_address(), free_address()));
+        let sandbox = &self.sandbox;
+        let log = sandbox.path().join(format!("host-{number}.log"));
+        let log_file = fs::File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+
+        let activated = self.activation.is_some();
+        let mut command = match (self.activation.take(), self.wrapper.split_first()) {
+            (Some(_), Some(_)) => panic!("socket activation cannot be combined with a wrapper"),
+            (Some((public, admin)), None) => {
+                let mut command = Command::new("sh");
+                command
+                    .arg("-c")
+                    .arg(SOCKET_ACTIVATION_SCRIPT)
+                    .arg(host_binary())
+                    .stdin(Stdio::from(OwnedFd::from(public)))
+                    .stdout(Stdio::from(OwnedFd::from(admin)));
+                command
+            }
+            (None, wrapper) => {
+                let mut command = match wrapper {
+                    Some((program, args)) => {
+                        let mut command = Command::new(program);
+                        command.args(args).arg(host_binary());
+                        command
+                    }
+                    None => Command::new(host_binary()),
+                };
+                command.stdin(Stdio::null()).stdout(Stdio::null());
+                command
+            }
+        };
+        if self.default_args {
+            if !activated {
+                command
+                    .arg("--listen")
+                    .arg(addr.to_string())
+                    .arg("--admin")
+                    .arg(admin.to_string());
+            }
+            command
+                .arg("--staging-dir")
+                .arg(sandbox.staging_dir())
+                .arg("--app")
+                .arg(sandbox.app_path());
+        }
+        command.args(&self.args).stderr(log_file);
+        // Only what this command says configures the host: not the environment the tests run in.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("HOST_")
+                || ["NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"].contains(&&*key)
+            {
+                command.env_remove(&*key);
+            }
+        }
+        // The log is a file: no colours.
+        command.env("NO_COLOR", "1");
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
+        }
+        command.envs(self.env.iter().map(|(key, value)| (key, value)));
+        if let Some(dir) = &self.current_dir {
+            command.current_dir(dir);
+        }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+        Host {
+            pid: child.id(),
+            child,
+            addr,
+            admin,
+            log,
+            exit: None,
+            _sandbox: sandbox.clone(),
         }
     }
 }

@@ -2,21 +2,26 @@
 //! libraries (see [`artifacts`]), run the host on loopback ports (see [`host`]), and talk to it
 //! over HTTP/1.1 and HTTP/2 (see [`client`]). The tests themselves are in `tests/tests/`.
 //!
-//! `cargo test` builds everything they need by itself, into `target/e2e`.
+//! `cargo test` builds everything they need by itself, into `target/e2e`. [`process`] and
+//! [`systemd`] have what tests of the host's operation (service managers, wrappers) need besides.
 
 pub mod artifacts;
 pub mod client;
 pub mod host;
+pub mod process;
+pub mod systemd;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use artifacts::{
-    copy_example_app, e2e_target_dir, example_app, example_app_schema, faulty_app, host_binary, no_entry_library,
-    workspace_root, AppVersion, Fault, Schema, FAULTY_INIT_ERROR, FAULTY_INIT_PANIC,
+    copy_example_app, copy_example_app_named, e2e_target_dir, example_app, example_app_schema, faulty_app, host_binary,
+    no_entry_library, replace_in, workspace_root, xtask_binary, AppVersion, Fault, Schema, FAULTY_INIT_ERROR,
+    FAULTY_INIT_PANIC,
 };
 pub use client::{KeepAlive, Reply};
-pub use host::{Host, Sandbox};
+pub use host::{free_address, Host, HostCommand, Sandbox};
+pub use systemd::NotifySocket;
 
 /// Polls `check` every 50 ms until it returns `Some`, for at most `timeout`; panics with `what`
 /// (and the last value seen, described by `check`'s `Err`) if it never does.

@@ -10,300 +10,79 @@
 //!   while the old version keeps serving;
 //! - JSON logs; PID 1 in a new pid namespace stopping cleanly on SIGTERM.
 //!
-//! Everything talks to 127.0.0.1 only; every wait is bounded.
+//! The hosts run in the shared harness's sandboxes (see `e2e_tests::host`), started with
+//! [`Sandbox::host`] where they need more than the usual command line. Everything talks to
+//! 127.0.0.1 only; every wait is bounded.
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
+use std::ffi::OsStr;
+use std::fs;
+use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt as _;
-use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use e2e_tests::client;
+use e2e_tests::{assert_answer, example_app, free_address, host_binary, wait_until, AppVersion, Host, Sandbox};
+use hyper::{Method, StatusCode};
+use rustix::process::Signal;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// `target/debug` (or whichever profile built this test).
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    // target/<profile>/deps/ops-<hash>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("the test runs from target/<profile>/deps")
+/// A sandbox with the example app (v1) at its app path.
+fn sandbox() -> Sandbox {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(example_app(AppVersion::V1));
+    sandbox
+}
+
+/// Deploys the example app with `extra` bytes appended, so that its sha256 changes while it
+/// still loads.
+fn deploy_with_suffix(sandbox: &Sandbox, extra: &[u8]) {
+    let mut bytes = fs::read(example_app(AppVersion::V1)).expect("read the example app");
+    bytes.extend_from_slice(extra);
+    sandbox.deploy_bytes(&bytes);
+}
+
+fn chmod(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("cannot chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// The generation the host serves, from `/status`.
+async fn generation(host: &Host) -> u64 {
+    let status = host.status().await;
+    status["generation"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no generation in {status}"))
+}
+
+/// `GET /` answers the example app (v1).
+async fn assert_serves_v1(host: &Host, context: &str) {
+    let reply = client::get(host.addr(), "/")
+        .await
+        .unwrap_or_else(|e| panic!("{context}: {e}"));
+    assert_answer(&reply, &AppVersion::V1.greeting(), context);
+}
+
+/// `POST /reload`, which must be refused (422): its error.
+async fn reload_refused(host: &Host) -> String {
+    let answer = host.reload().await;
+    assert_eq!(answer["ok"], false, "the reload should have been refused: {answer}");
+    answer["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a refused reload says why: {answer}"))
         .to_owned()
 }
 
-/// The host binary and the example app library. `cargo test` builds neither as a file this
-/// package can run, so they are built (or found up to date) once per test run.
-fn artifacts() -> &'static (PathBuf, PathBuf) {
-    static ARTIFACTS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    ARTIFACTS.get_or_init(|| {
-        let dir = target_dir();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build
-            .args(["build", "--quiet", "-p", "host", "-p", "example-app"])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-        if dir.ends_with("release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("cargo runs");
-        assert!(status.success(), "building the host and the example app failed");
-        (dir.join("host"), dir.join("libexample_app.so"))
-    })
-}
-
-fn host_binary() -> &'static Path {
-    &artifacts().0
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// A scratch directory holding a copy of the example app, owned and writable only by us.
-struct Scratch {
-    dir: PathBuf,
-}
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("ops-{name}-{}-{}", std::process::id(), unique()));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let scratch = Scratch { dir };
-        scratch.install_library(&[]);
-        scratch
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    fn library(&self) -> PathBuf {
-        self.path("libapp.so")
-    }
-
-    /// Copies the example app to `libapp.so` (renamed into place), with `extra` bytes appended
-    /// so that its sha256 changes while it still loads.
-    fn install_library(&self, extra: &[u8]) {
-        let mut bytes = std::fs::read(&artifacts().1).expect("read the example app");
-        bytes.extend_from_slice(extra);
-        let temporary = self.path(".libapp.so.new");
-        std::fs::write(&temporary, bytes).expect("write the library");
-        std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        std::fs::rename(&temporary, self.library()).expect("rename the library");
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
-/// A running host; killed if the test ends without stopping it.
-struct Host {
-    child: Child,
-    log: PathBuf,
-    public: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Host {
-    fn command(scratch: &Scratch) -> Command {
-        let mut command = Command::new(host_binary());
-        command
-            .env_remove("RUST_LOG")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDNAMES")
-            .current_dir(&scratch.dir);
-        for (key, _) in std::env::vars() {
-            if key.starts_with("HOST_") {
-                command.env_remove(key);
-            }
-        }
-        command
-    }
-
-    /// Starts `command` with its log in the scratch dir, expecting the admin listener at `admin`.
-    fn spawn(mut command: Command, scratch: &Scratch, public: SocketAddr, admin: SocketAddr) -> Host {
-        let log = scratch.path(&format!("host-{}.log", unique()));
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("the host starts");
-        Host {
-            child,
-            log,
-            public,
-            admin,
-        }
-    }
-
-    /// Starts a host on fresh ports with `--app` and `extra` arguments, and waits until it serves.
-    fn start(scratch: &Scratch, extra: &[&str]) -> Host {
-        let (public, admin) = (addr(free_port()), addr(free_port()));
-        let mut command = Host::command(scratch);
-        command
-            .arg("--app")
-            .arg(scratch.library())
-            .args(["--listen", &public.to_string(), "--admin", &admin.to_string()])
-            .args(["--drain-timeout", "5s"])
-            .args(extra);
-        let mut host = Host::spawn(command, scratch, public, admin);
-        host.wait_ready();
-        host
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the host exited with {status} before serving:\n{}", self.log());
-            }
-            if get(self.admin, "/healthz").is_some_and(|(status, _)| status == 200) && get(self.public, "/").is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("the host did not serve within {WAIT:?}:\n{}", self.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn signal(&self, name: &str) {
-        signal(self.pid(), name);
-    }
-
-    fn status_json(&self) -> String {
-        let (status, body) = get(self.admin, "/status").expect("/status answers");
-        assert_eq!(status, 200, "{body}");
-        body
-    }
-
-    fn serving_generation(&self) -> u64 {
-        let body = self.status_json();
-        json_number(&body, "generation").unwrap_or_else(|| panic!("no generation in {body}"))
-    }
-
-    fn reload(&self) -> (u16, String) {
-        request(self.admin, "POST", "/reload").expect("POST /reload answers")
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    fn stop(mut self) -> String {
-        self.signal("TERM");
-        let status = wait_exit(&mut self.child);
-        let log = self.log();
-        assert!(status.success(), "the host exited with {status}:\n{log}");
-        log
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-fn signal(pid: u32, name: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill -{name} {pid} failed");
-}
-
-fn wait_exit(child: &mut Child) -> ExitStatus {
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    panic!("the process did not exit within {WAIT:?}");
-}
-
-/// Runs the host to completion (for invocations that must fail fast) and returns its status and
-/// stderr.
-fn run_to_exit(mut command: Command) -> (ExitStatus, String) {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the host starts");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
-    let status = wait_exit(&mut child);
-    (status, reader.join().unwrap_or_default())
-}
-
-fn get(address: SocketAddr, path: &str) -> Option<(u16, String)> {
-    request(address, "GET", path)
-}
-
-/// One HTTP/1.1 request on a fresh connection; `None` if the connection fails.
-fn request(address: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5)).ok()?;
-    stream.set_read_timeout(Some(WAIT)).ok()?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).ok()?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
-}
-
-/// The number after `"key":` in a JSON text (good enough for the flat fields read here).
-fn json_number(json: &str, key: &str) -> Option<u64> {
-    let rest = &json[json.find(&format!("\"{key}\":"))? + key.len() + 3..];
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
+/// `GET /metrics` on the admin listener.
+async fn metrics(host: &Host) -> String {
+    let reply = client::get(host.admin_addr(), "/metrics")
+        .await
+        .expect("/metrics answers");
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    reply.text()
 }
 
 /// The value of a sample line in Prometheus text, e.g. `host_reloads_total{outcome="ok"}`.
@@ -313,10 +92,8 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
-fn metrics(host: &Host) -> String {
-    let (status, body) = get(host.admin, "/metrics").expect("/metrics answers");
-    assert_eq!(status, 200);
-    body
+fn has_line(message: &str, line: &str) -> bool {
+    message.lines().any(|l| l == line)
 }
 
 fn sha256_of(path: &Path) -> String {
@@ -328,169 +105,114 @@ fn sha256_of(path: &Path) -> String {
         .to_string()
 }
 
+/// Runs `host <args>` (a subcommand: `keygen`, `sign`) and checks that it succeeds.
+fn host_tool<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) {
+    let mut command = Command::new(host_binary());
+    command.args(args).stdin(Stdio::null());
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed with {}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 
-/// Messages the host sent to our NOTIFY_SOCKET.
-struct Notifications {
-    socket: UnixDatagram,
-}
-
-impl Notifications {
-    fn bind(path: &Path) -> Notifications {
-        let socket = UnixDatagram::bind(path).expect("bind the notify socket");
-        socket.set_read_timeout(Some(WAIT)).expect("timeout");
-        Notifications { socket }
-    }
-
-    fn next(&self) -> String {
-        let mut buffer = [0u8; 4096];
-        let n = self
-            .socket
-            .recv(&mut buffer)
-            .expect("a notification within the timeout");
-        String::from_utf8_lossy(&buffer[..n]).into_owned()
-    }
-
-    /// Skips watchdog pings.
-    fn next_state(&self) -> String {
-        loop {
-            let message = self.next();
-            if message.trim() != "WATCHDOG=1" {
-                return message;
-            }
-        }
-    }
-}
-
-fn lines(message: &str) -> Vec<&str> {
-    message.lines().collect()
-}
-
-#[test]
-fn systemd_notify_protocol() {
-    let scratch = Scratch::new("notify");
-    let socket_path = scratch.path("notify.sock");
-    let notifications = Notifications::bind(&socket_path);
-    let (public, admin) = (addr(free_port()), addr(free_port()));
-    let mut command = Host::command(&scratch);
-    command
-        .env("NOTIFY_SOCKET", &socket_path)
-        .arg("--app")
-        .arg(scratch.library())
-        .args(["--listen", &public.to_string(), "--admin", &admin.to_string()]);
-    let mut host = Host::spawn(command, &scratch, public, admin);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_notify_protocol() {
+    let sandbox = sandbox();
+    let notifications = sandbox.notify_socket();
+    let mut host = sandbox.host().notify_socket(&notifications).spawn();
 
     // READY=1 once the first generation serves, with a status line.
-    let ready = notifications.next_state();
-    assert!(lines(&ready).contains(&"READY=1"), "{ready}");
+    let ready = notifications.next(WAIT).await;
+    assert!(has_line(&ready, "READY=1"), "{ready}");
     assert!(ready.contains("STATUS=serving generation 1"), "{ready}");
-    host.wait_ready();
+    if let Err(e) = host.wait_healthy(WAIT).await {
+        panic!("{e}\n{}", host.log_excerpt());
+    }
 
     // SIGHUP: RELOADING=1 with MONOTONIC_USEC, then READY=1 with the outcome.
-    host.signal("HUP");
-    let reloading = notifications.next_state();
-    assert!(lines(&reloading).contains(&"RELOADING=1"), "{reloading}");
+    host.signal(Signal::HUP);
+    let reloading = notifications.next(WAIT).await;
+    assert!(has_line(&reloading, "RELOADING=1"), "{reloading}");
     let usec = reloading
         .lines()
         .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
         .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {reloading}"));
     assert!(usec.parse::<u64>().is_ok_and(|u| u > 0), "{reloading}");
-    let done = notifications.next_state();
-    assert!(lines(&done).contains(&"READY=1"), "{done}");
+    let done = notifications.next(WAIT).await;
+    assert!(has_line(&done, "READY=1"), "{done}");
     assert!(done.contains("STATUS=serving generation 2"), "{done}");
-    assert_eq!(host.serving_generation(), 2);
+    assert_eq!(generation(&host).await, 2);
 
     // A refused reload still ends in READY=1 (the old version serves), and says why.
-    std::fs::set_permissions(scratch.library(), std::fs::Permissions::from_mode(0o664)).expect("chmod");
-    host.signal("HUP");
-    let reloading = notifications.next_state();
-    assert!(lines(&reloading).contains(&"RELOADING=1"), "{reloading}");
-    let refused = notifications.next_state();
-    assert!(lines(&refused).contains(&"READY=1"), "{refused}");
+    chmod(&sandbox.app_path(), 0o664);
+    host.signal(Signal::HUP);
+    let reloading = notifications.next(WAIT).await;
+    assert!(has_line(&reloading, "RELOADING=1"), "{reloading}");
+    let refused = notifications.next(WAIT).await;
+    assert!(has_line(&refused, "READY=1"), "{refused}");
     assert!(
         refused.contains("failed, still serving generation 2") && refused.contains("writable by its group"),
         "{refused}"
     );
 
     // STOPPING=1 on shutdown.
-    host.signal("TERM");
-    let stopping = notifications.next_state();
-    assert!(lines(&stopping).contains(&"STOPPING=1"), "{stopping}");
-    let status = wait_exit(&mut host.child);
-    assert!(status.success(), "{status}\n{}", host.log());
+    host.signal(Signal::TERM);
+    let stopping = notifications.next(WAIT).await;
+    assert!(has_line(&stopping, "STOPPING=1"), "{stopping}");
+    let status = host.wait_exit(WAIT).await;
+    assert!(status.success(), "{status}\n{}", host.log_excerpt());
 }
 
-#[test]
-fn systemd_socket_activation() {
-    let scratch = Scratch::new("activation");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_socket_activation() {
+    let sandbox = sandbox();
     let public = TcpListener::bind("127.0.0.1:0").expect("bind");
     let admin = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let (public_address, admin_address) = (public.local_addr().expect("addr"), admin.local_addr().expect("addr"));
-    // The passed sockets arrive as stdin and stdout; the shell moves them to fds 3 and 4, sets
-    // LISTEN_PID to its own pid and execs the host, which keeps that pid.
-    let script =
-        r#"exec 3<&0 4>&1 0</dev/null 1>&2; LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=http:admin exec "$0" "$@""#;
-    let mut command = Command::new("sh");
-    command
-        .args(["-c", script])
-        .arg(host_binary())
-        .arg("--app")
-        .arg(scratch.library())
-        .current_dir(&scratch.dir)
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDNAMES")
-        .env_remove("HOST_LISTEN")
-        .env_remove("HOST_ADMIN");
-    let log = scratch.path("activation.log");
-    let child = command
-        .stdin(Stdio::from(OwnedFd::from(public)))
-        .stdout(Stdio::from(OwnedFd::from(admin)))
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("sh starts");
-    let mut host = Host {
-        child,
-        log,
-        public: public_address,
-        admin: admin_address,
-    };
-    host.wait_ready();
-    let (status, body) = get(public_address, "/").expect("the passed public socket serves the app");
-    assert_eq!(status, 200, "{body}");
-    let (status, body) = get(admin_address, "/status").expect("the socket named admin is the admin listener");
-    assert_eq!(status, 200, "{body}");
-    assert!(body.contains("\"generation\":1"), "{body}");
-    let log = host.stop();
+    let host = sandbox.host().socket_activation(public, admin).start().await;
+    let reply = client::get(host.addr(), "/")
+        .await
+        .expect("the passed public socket serves the app");
+    assert_answer(&reply, &AppVersion::V1.greeting(), "the passed public socket");
+    let status = host.status().await;
+    assert_eq!(
+        status["generation"], 1,
+        "the socket named admin is the admin listener: {status}"
+    );
+    let log = host.stop().await;
     assert!(log.contains("from socket activation"), "{log}");
 }
 
-#[test]
-fn pid_file() {
-    let scratch = Scratch::new("pidfile");
-    let pid_file = scratch.path("run/host.pid");
-    std::fs::create_dir_all(scratch.path("run")).expect("mkdir");
-    let host = Host::start(&scratch, &["--pid-file", pid_file.to_str().expect("utf-8")]);
-    let text = std::fs::read_to_string(&pid_file).expect("the pid file exists");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pid_file() {
+    let sandbox = sandbox();
+    let run = sandbox.path().join("run");
+    fs::create_dir_all(&run).expect("mkdir");
+    let pid_file = run.join("host.pid");
+    let pid_file_arg = pid_file.to_str().expect("utf-8");
+    let host = sandbox.start_host(&["--pid-file", pid_file_arg]).await;
+    let text = fs::read_to_string(&pid_file).expect("the pid file exists");
     assert_eq!(text.trim(), host.pid().to_string());
 
     // A second host is refused while the first lives.
-    let mut second = Host::command(&scratch);
-    second
-        .arg("--app")
-        .arg(scratch.library())
-        .args(["--listen", &addr(free_port()).to_string()])
-        .args(["--admin", &addr(free_port()).to_string()])
-        .arg("--pid-file")
-        .arg(&pid_file);
-    let (status, stderr) = run_to_exit(second);
+    let (status, stderr) = sandbox
+        .host()
+        .args(["--pid-file", pid_file_arg])
+        .run_to_exit(WAIT)
+        .await;
     assert!(!status.success(), "{stderr}");
     assert!(
         stderr.contains("pid file") && stderr.contains(&host.pid().to_string()),
         "{stderr}"
     );
     assert_eq!(
-        std::fs::read_to_string(&pid_file).expect("still there").trim(),
+        fs::read_to_string(&pid_file).expect("still there").trim(),
         host.pid().to_string()
     );
 
@@ -501,71 +223,89 @@ fn pid_file() {
         .status()
         .expect("sh runs");
     assert!(status.success());
-    let deadline = Instant::now() + WAIT;
-    while host.serving_generation() != 2 {
-        assert!(Instant::now() < deadline, "no reload after SIGHUP:\n{}", host.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("a reload after SIGHUP", WAIT, || async {
+        match generation(&host).await {
+            2 => Ok(()),
+            other => Err(format!("generation {other}")),
+        }
+    })
+    .await;
 
-    host.stop();
+    host.stop().await;
     assert!(!pid_file.exists(), "the pid file is removed on exit");
     // Only the pid file's directory entries we made remain: no temporary files.
-    assert_eq!(std::fs::read_dir(scratch.path("run")).expect("list").count(), 0);
+    assert_eq!(fs::read_dir(&run).expect("list").count(), 0);
 
     // A stale pid file (its process is gone) is taken over.
-    std::fs::write(&pid_file, "999999999\n").expect("write");
-    let host = Host::start(&scratch, &["--pid-file", pid_file.to_str().expect("utf-8")]);
+    fs::write(&pid_file, "999999999\n").expect("write");
+    let host = sandbox.start_host(&["--pid-file", pid_file_arg]).await;
     assert_eq!(
-        std::fs::read_to_string(&pid_file).expect("read").trim(),
+        fs::read_to_string(&pid_file).expect("read").trim(),
         host.pid().to_string()
     );
-    host.stop();
+    host.stop().await;
 }
 
-#[test]
-fn configuration_precedence() {
-    let scratch = Scratch::new("config");
-    let (file_listen, env_listen, flag_listen) = (free_port(), free_port(), free_port());
-    let (file_admin, env_admin) = (free_port(), free_port());
-    let config = scratch.path("host.toml");
-    std::fs::write(
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_precedence() {
+    let sandbox = sandbox();
+    let (file_listen, env_listen, flag_listen) = (free_address(), free_address(), free_address());
+    let (file_admin, env_admin) = (free_address(), free_address());
+    let config = sandbox.path().join("host.toml");
+    let app = sandbox.app_path();
+    let app = app.strip_prefix(sandbox.path()).expect("the app is in the sandbox");
+    fs::write(
         &config,
         format!(
-            "# relative to this file\napp = \"libapp.so\"\nlisten = [\"127.0.0.1:{file_listen}\"]\n\
-             admin = \"127.0.0.1:{file_admin}\"\nadmin-reload = false\ndrain-timeout = \"2s\"\n"
+            "# relative to this file\napp = \"{}\"\nlisten = [\"{file_listen}\"]\n\
+             admin = \"{file_admin}\"\nadmin-reload = false\ndrain-timeout = \"2s\"\n",
+            app.display()
         ),
     )
     .expect("write the config");
 
-    let mut command = Host::command(&scratch);
-    command
-        .current_dir("/")
-        .env("HOST_CONFIG", &config)
-        .env("HOST_LISTEN", format!("127.0.0.1:{env_listen}"))
-        .env("HOST_ADMIN", format!("127.0.0.1:{env_admin}"))
-        .args(["--listen", &format!("127.0.0.1:{flag_listen}")]);
     // flag beats environment (listen); environment beats file (admin); the file beats the
     // defaults (app, admin-reload).
-    let mut host = Host::spawn(command, &scratch, addr(flag_listen), addr(env_admin));
-    host.wait_ready();
+    let host = sandbox
+        .host()
+        .bare()
+        .current_dir("/")
+        .env("HOST_CONFIG", &config)
+        .env("HOST_LISTEN", env_listen.to_string())
+        .env("HOST_ADMIN", env_admin.to_string())
+        .args(["--listen", &flag_listen.to_string()])
+        .listening_on(flag_listen, env_admin)
+        .start()
+        .await;
+    assert_serves_v1(&host, "--listen wins, and the file's app is served").await;
     assert!(
-        get(addr(env_listen), "/").is_none(),
+        client::get(env_listen, "/").await.is_err(),
         "HOST_LISTEN must lose to --listen"
     );
-    assert!(get(addr(file_listen), "/").is_none(), "the file's listen must lose");
     assert!(
-        get(addr(file_admin), "/healthz").is_none(),
+        client::get(file_listen, "/").await.is_err(),
+        "the file's listen must lose"
+    );
+    assert!(
+        client::get(file_admin, "/healthz").await.is_err(),
         "the file's admin must lose to HOST_ADMIN"
     );
-    let (status, body) = host.reload();
-    assert_eq!(status, 403, "admin-reload = false from the file: {body}");
-    assert_eq!(host.serving_generation(), 1);
-    host.stop();
+    let reply = client::request(host.admin_addr(), Method::POST, "/reload", Bytes::new())
+        .await
+        .expect("POST /reload answers");
+    assert_eq!(
+        reply.status,
+        StatusCode::FORBIDDEN,
+        "admin-reload = false from the file: {}",
+        reply.text()
+    );
+    assert_eq!(generation(&host).await, 1);
+    host.stop().await;
 }
 
-#[test]
-fn configuration_errors_name_the_key() {
-    let scratch = Scratch::new("config-errors");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_errors_name_the_key() {
+    let sandbox = sandbox();
     let cases = [
         ("drain-timout = \"5s\"\n", "drain-timout"),
         ("init-timeout = 5\n", "init-timeout"),
@@ -573,23 +313,29 @@ fn configuration_errors_name_the_key() {
         ("admin = \"nowhere\"\n", "admin"),
         ("require-sha256 = \"abc\"\n", "require-sha256"),
     ];
+    let config = sandbox.path().join("bad.toml");
     for (text, key) in cases {
-        let config = scratch.path("bad.toml");
-        std::fs::write(&config, format!("app = \"libapp.so\"\n{text}")).expect("write");
-        let mut command = Host::command(&scratch);
-        command.arg("--config").arg(&config);
-        let (status, stderr) = run_to_exit(command);
+        fs::write(&config, format!("app = \"app/libapp.so\"\n{text}")).expect("write");
+        let (status, stderr) = sandbox
+            .host()
+            .bare()
+            .arg("--config")
+            .arg(&config)
+            .run_to_exit(WAIT)
+            .await;
         assert_eq!(status.code(), Some(2), "{text}: {stderr}");
         assert!(stderr.contains(key) && stderr.contains("bad.toml"), "{text}: {stderr}");
     }
 
     // A bad environment variable is named too (by clap).
-    let mut command = Host::command(&scratch);
-    command
+    let (status, stderr) = sandbox
+        .host()
+        .bare()
         .env("HOST_DRAIN_TIMEOUT", "soon")
         .arg("--app")
-        .arg(scratch.library());
-    let (status, stderr) = run_to_exit(command);
+        .arg(sandbox.app_path())
+        .run_to_exit(WAIT)
+        .await;
     assert!(!status.success());
     assert!(
         stderr.contains("--drain-timeout") && stderr.contains("soon"),
@@ -597,7 +343,7 @@ fn configuration_errors_name_the_key() {
     );
 
     // No app at all.
-    let (status, stderr) = run_to_exit(Host::command(&scratch));
+    let (status, stderr) = sandbox.host().bare().run_to_exit(WAIT).await;
     assert!(!status.success());
     assert!(stderr.contains("HOST_APP"), "{stderr}");
 
@@ -616,12 +362,15 @@ fn configuration_errors_name_the_key() {
     }
 }
 
-#[test]
-fn metrics_are_present_and_move() {
-    let scratch = Scratch::new("metrics");
-    let host = Host::start(&scratch, &[]);
-    assert_eq!(get(host.admin, "/readyz").expect("/readyz answers").0, 200);
-    let before = metrics(&host);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_present_and_move() {
+    let sandbox = sandbox();
+    let host = sandbox.start_host(&[]).await;
+    let readyz = client::get(host.admin_addr(), "/readyz")
+        .await
+        .expect("/readyz answers");
+    assert_eq!(readyz.status, StatusCode::OK, "{}", readyz.text());
+    let before = metrics(&host).await;
     for family in [
         "host_http_requests_total",
         "host_http_requests_in_flight",
@@ -634,24 +383,23 @@ fn metrics_are_present_and_move() {
     }
     let served_before = sample(&before, r#"host_http_requests_total{generation="1",class="2xx"}"#).unwrap_or(0.0);
     for _ in 0..3 {
-        assert_eq!(get(host.public, "/").expect("served").0, 200);
+        assert_serves_v1(&host, "before the reload").await;
     }
-    let _ = get(host.public, "/no-such-page");
-    let (status, body) = host.reload();
-    assert_eq!(status, 200, "{body}");
+    let _ = client::get(host.addr(), "/no-such-page").await;
+    host.reload_ok().await;
 
     // The old generation drains and unloads in the background: wait for both.
-    let deadline = Instant::now() + WAIT;
-    let after = loop {
-        let text = metrics(&host);
+    let after = wait_until("a drain to be recorded", WAIT, || async {
+        let text = metrics(&host).await;
         if sample(&text, "host_drain_duration_seconds_count") == Some(1.0)
             && sample(&text, "host_generations_live") == Some(1.0)
         {
-            break text;
+            Ok(text)
+        } else {
+            Err(text)
         }
-        assert!(Instant::now() < deadline, "no drain recorded:\n{text}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    })
+    .await;
     let served_after = sample(&after, r#"host_http_requests_total{generation="1",class="2xx"}"#).unwrap_or(0.0);
     assert!(
         served_after >= served_before + 3.0,
@@ -680,157 +428,123 @@ fn metrics_are_present_and_move() {
     assert_eq!(sample(&after, "host_generations_live"), Some(1.0), "{after}");
 
     // Refused reloads are counted as failed.
-    std::fs::set_permissions(scratch.library(), std::fs::Permissions::from_mode(0o666)).expect("chmod");
-    assert_eq!(host.reload().0, 422);
-    let failed = metrics(&host);
+    chmod(&sandbox.app_path(), 0o666);
+    reload_refused(&host).await;
+    let failed = metrics(&host).await;
     assert_eq!(
         sample(&failed, r#"host_reloads_total{outcome="failed"}"#),
         Some(1.0),
         "{failed}"
     );
     assert_eq!(sample(&failed, "host_last_reload_ok"), Some(0.0), "{failed}");
-    host.stop();
+    host.stop().await;
 }
 
-#[test]
-fn writable_libraries_are_refused() {
-    let scratch = Scratch::new("writable");
-    let host = Host::start(&scratch, &[]);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writable_libraries_are_refused() {
+    let sandbox = sandbox();
+    let host = sandbox.start_host(&[]).await;
 
     for (mode, why) in [(0o664, "writable by its group"), (0o646, "writable by others")] {
-        std::fs::set_permissions(scratch.library(), std::fs::Permissions::from_mode(mode)).expect("chmod");
-        let (status, body) = host.reload();
-        assert_eq!(status, 422, "{body}");
-        assert!(body.contains(why), "{body}");
+        chmod(&sandbox.app_path(), mode);
+        let error = reload_refused(&host).await;
+        assert!(error.contains(why), "{error}");
         // The old version keeps serving, and /status says why the reload was refused.
-        assert_eq!(get(host.public, "/").expect("served").0, 200);
-        assert_eq!(host.serving_generation(), 1);
-        assert!(host.status_json().contains(why));
+        assert_serves_v1(&host, "after a refused reload").await;
+        let status = host.status().await;
+        assert_eq!(status["generation"], 1, "{status}");
+        assert!(status.to_string().contains(why), "{status}");
     }
-    std::fs::set_permissions(scratch.library(), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    chmod(&sandbox.app_path(), 0o644);
 
     // A directory that others may write to (without the sticky bit) is refused too...
-    std::fs::set_permissions(&scratch.dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-    let (status, body) = host.reload();
-    assert_eq!(status, 422, "{body}");
-    assert!(body.contains("writable by others"), "{body}");
+    chmod(&sandbox.app_dir(), 0o777);
+    let error = reload_refused(&host).await;
+    assert!(error.contains("writable by others"), "{error}");
     // ...but a sticky one, like /tmp, is fine.
-    std::fs::set_permissions(&scratch.dir, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
-    let (status, body) = host.reload();
-    assert_eq!(status, 200, "{body}");
-    std::fs::set_permissions(&scratch.dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    host.stop();
+    chmod(&sandbox.app_dir(), 0o1777);
+    host.reload_ok().await;
+    chmod(&sandbox.app_dir(), 0o755);
+    host.stop().await;
 
     // At start-up a refused library is fatal, with the reason.
-    std::fs::set_permissions(scratch.library(), std::fs::Permissions::from_mode(0o666)).expect("chmod");
-    let mut command = Host::command(&scratch);
-    command
-        .arg("--app")
-        .arg(scratch.library())
-        .args(["--listen", &addr(free_port()).to_string()])
-        .args(["--admin", &addr(free_port()).to_string()]);
-    let (status, stderr) = run_to_exit(command);
+    chmod(&sandbox.app_path(), 0o666);
+    let (status, stderr) = sandbox.host().run_to_exit(WAIT).await;
     assert!(!status.success());
     assert!(stderr.contains("writable by others"), "{stderr}");
 }
 
-#[test]
-fn sha256_mismatch_is_refused_and_the_old_version_serves() {
-    let scratch = Scratch::new("sha256");
-    let digest = sha256_of(&scratch.library());
-    let host = Host::start(&scratch, &["--require-sha256", &digest]);
-    assert!(host.status_json().contains(&digest));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sha256_mismatch_is_refused_and_the_old_version_serves() {
+    let sandbox = sandbox();
+    let digest = sha256_of(&sandbox.app_path());
+    let host = sandbox.start_host(&["--require-sha256", &digest]).await;
+    let status = host.status().await;
+    assert!(status.to_string().contains(&digest), "{status}");
 
-    scratch.install_library(b"\0tampered");
-    let (status, body) = host.reload();
-    assert_eq!(status, 422, "{body}");
-    assert!(body.contains("sha256") && body.contains(&digest), "{body}");
-    assert_eq!(get(host.public, "/").expect("served").0, 200);
-    assert_eq!(host.serving_generation(), 1);
+    deploy_with_suffix(&sandbox, b"\0tampered");
+    let error = reload_refused(&host).await;
+    assert!(error.contains("sha256") && error.contains(&digest), "{error}");
+    assert_serves_v1(&host, "after a refused reload").await;
+    assert_eq!(generation(&host).await, 1);
 
     // The pinned build itself still reloads.
-    scratch.install_library(&[]);
-    assert_eq!(host.reload().0, 200);
-    host.stop();
+    deploy_with_suffix(&sandbox, &[]);
+    host.reload_ok().await;
+    host.stop().await;
 }
 
-#[test]
-fn signatures_are_checked_before_loading() {
-    let scratch = Scratch::new("signature");
-    let secret = scratch.path("signing.key");
-    let keygen = Command::new(host_binary())
-        .arg("keygen")
-        .arg(&secret)
-        .output()
-        .expect("runs");
-    assert!(keygen.status.success(), "{}", String::from_utf8_lossy(&keygen.stderr));
-    let public = scratch.path("signing.key.pub");
-    let sign = |library: &Path| {
-        let output = Command::new(host_binary())
-            .args(["sign", "--key"])
-            .arg(&secret)
-            .arg(library)
-            .output()
-            .expect("runs");
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_are_checked_before_loading() {
+    let sandbox = sandbox();
+    let secret = sandbox.path().join("signing.key");
+    host_tool([OsStr::new("keygen"), secret.as_os_str()]);
+    let public = sandbox.path().join("signing.key.pub");
+    let library = sandbox.app_path();
+    let sign = |key: &Path| {
+        host_tool([
+            OsStr::new("sign"),
+            OsStr::new("--key"),
+            key.as_os_str(),
+            library.as_os_str(),
+        ])
     };
-    let signature = scratch.path("libapp.so.sig");
+    let signature = library.with_extension("so.sig");
 
     // Unsigned: refused at start.
-    let mut command = Host::command(&scratch);
-    command
-        .arg("--app")
-        .arg(scratch.library())
-        .arg("--trusted-key")
-        .arg(&public)
-        .args(["--listen", &addr(free_port()).to_string()])
-        .args(["--admin", &addr(free_port()).to_string()]);
-    let (status, stderr) = run_to_exit(command);
+    let (status, stderr) = sandbox.host().arg("--trusted-key").arg(&public).run_to_exit(WAIT).await;
     assert!(!status.success());
     assert!(stderr.contains("libapp.so.sig"), "{stderr}");
 
-    sign(&scratch.library());
-    assert_eq!(std::fs::metadata(&signature).expect("signature").len(), 64);
-    let host = Host::start(&scratch, &["--trusted-key", public.to_str().expect("utf-8")]);
+    sign(&secret);
+    assert_eq!(fs::metadata(&signature).expect("signature").len(), 64);
+    let host = sandbox.host().arg("--trusted-key").arg(&public).start().await;
 
     // New bytes under the old signature: refused, the old version serves.
-    scratch.install_library(b"\0unsigned change");
-    let (status, body) = host.reload();
-    assert_eq!(status, 422, "{body}");
-    assert!(body.contains("does not match"), "{body}");
-    assert_eq!(get(host.public, "/").expect("served").0, 200);
-    assert_eq!(host.serving_generation(), 1);
+    deploy_with_suffix(&sandbox, b"\0unsigned change");
+    let error = reload_refused(&host).await;
+    assert!(error.contains("does not match"), "{error}");
+    assert_serves_v1(&host, "after a refused reload").await;
+    assert_eq!(generation(&host).await, 1);
 
     // Signed by another key: refused.
-    let other = scratch.path("other.key");
-    assert!(Command::new(host_binary())
-        .arg("keygen")
-        .arg(&other)
-        .status()
-        .expect("runs")
-        .success());
-    let output = Command::new(host_binary())
-        .args(["sign", "--key"])
-        .arg(&other)
-        .arg(scratch.library())
-        .output()
-        .expect("runs");
-    assert!(output.status.success());
-    assert_eq!(host.reload().0, 422);
+    let other = sandbox.path().join("other.key");
+    host_tool([OsStr::new("keygen"), other.as_os_str()]);
+    sign(&other);
+    reload_refused(&host).await;
 
     // Signed properly: accepted.
-    sign(&scratch.library());
-    let (status, body) = host.reload();
-    assert_eq!(status, 200, "{body}");
-    assert!(host.serving_generation() > 1);
-    host.stop();
+    sign(&secret);
+    host.reload_ok().await;
+    assert!(generation(&host).await > 1);
+    host.stop().await;
 }
 
-#[test]
-fn json_logs() {
-    let scratch = Scratch::new("json");
-    let host = Host::start(&scratch, &["--log-format", "json"]);
-    let log = host.stop();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs() {
+    let sandbox = sandbox();
+    let host = sandbox.start_host(&["--log-format", "json"]).await;
+    let log = host.stop().await;
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(!lines.is_empty());
     for line in lines {
@@ -841,26 +555,18 @@ fn json_logs() {
     }
 }
 
-#[test]
-fn rust_log_filters() {
-    let scratch = Scratch::new("rust-log");
-    let (public, admin) = (addr(free_port()), addr(free_port()));
-    let mut command = Host::command(&scratch);
-    command
-        .env("RUST_LOG", "warn")
-        .arg("--app")
-        .arg(scratch.library())
-        .args(["--listen", &public.to_string(), "--admin", &admin.to_string()]);
-    let mut host = Host::spawn(command, &scratch, public, admin);
-    host.wait_ready();
-    let log = host.stop();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_log_filters() {
+    let sandbox = sandbox();
+    let host = sandbox.host().env("RUST_LOG", "warn").start().await;
+    let log = host.stop().await;
     assert!(!log.contains("INFO"), "RUST_LOG=warn still logs INFO:\n{log}");
 }
 
 /// As PID 1 (in a new pid namespace, as in a container) the host must still stop cleanly on
 /// SIGTERM: the kernel drops signals to PID 1 that it has no handler for.
-#[test]
-fn pid_1_stops_on_sigterm() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pid_1_stops_on_sigterm() {
     if !Command::new("unshare")
         .args(["--pid", "--fork", "--mount-proc", "true"])
         .stderr(Stdio::null())
@@ -870,33 +576,28 @@ fn pid_1_stops_on_sigterm() {
         eprintln!("skipped: cannot create a pid namespace here (unshare --pid needs privileges)");
         return;
     }
-    let scratch = Scratch::new("pid1");
-    let (public, admin) = (addr(free_port()), addr(free_port()));
-    let pid_file = scratch.path("host.pid");
-    let mut command = Command::new("unshare");
-    command
-        .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
-        .arg(host_binary())
-        .arg("--app")
-        .arg(scratch.library())
-        .args(["--listen", &public.to_string(), "--admin", &admin.to_string()])
+    let sandbox = sandbox();
+    let pid_file = sandbox.path().join("host.pid");
+    let mut host = sandbox
+        .host()
+        .wrapper("unshare", ["--pid", "--fork", "--mount-proc", "--kill-child"])
         .arg("--pid-file")
         .arg(&pid_file)
-        .current_dir(&scratch.dir);
-    let mut host = Host::spawn(command, &scratch, public, admin);
-    host.wait_ready();
-    assert_eq!(std::fs::read_to_string(&pid_file).expect("pid file").trim(), "1");
+        .start()
+        .await;
+    assert_eq!(fs::read_to_string(&pid_file).expect("pid file").trim(), "1");
     // The host's pid as seen from here: unshare's only child.
-    let children = std::fs::read_to_string(format!("/proc/{}/task/{}/children", host.pid(), host.pid()))
-        .expect("unshare's children");
+    let unshare = host.pid();
+    let children = fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children")).expect("unshare's children");
     let outer: u32 = children
         .split_whitespace()
         .next()
         .expect("a child")
         .parse()
         .expect("a pid");
-    signal(outer, "TERM");
-    let status = wait_exit(&mut host.child);
-    assert!(status.success(), "{status}\n{}", host.log());
-    assert!(host.log().contains("SIGTERM: shutting down"), "{}", host.log());
+    e2e_tests::process::signal(outer, Signal::TERM).expect("the host can be signalled");
+    let status = host.wait_exit(WAIT).await;
+    assert!(status.success(), "{status}\n{}", host.log_excerpt());
+    let log = host.log_text();
+    assert!(log.contains("SIGTERM: shutting down"), "{log}");
 }
