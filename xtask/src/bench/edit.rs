@@ -2,7 +2,7 @@
 //! `cargo xtask dev` (rebuild the library, reload it in the running host) versus the loop a user
 //! of a plain static server has (rebuild the server, stop the old process, start the new one).
 //!
-//! Both loops work on copies, in a scratch workspace, so that the real `example-app` is never
+//! Both loops work on copies, in a scratch workspace in a temporary directory, so that the real `example-app` is never
 //! edited under other people's builds and tests:
 //! - `app/`: example-app, renamed `bench-edit-app` (its library must not overwrite
 //!   `libexample_app.so` if the target directory is shared);
@@ -57,7 +57,12 @@ fn served_text(version: &str) -> String {
 }
 
 pub fn run(env: &Env) -> anyhow::Result<serde_json::Value> {
-    let workspace = env.target_dir.join("bench").join("edit-workspace");
+    // Outside the target directory: `cargo xtask dev` ignores changes under it.
+    let scratch = tempfile::Builder::new()
+        .prefix("xtask-bench-edit-")
+        .tempdir()
+        .context("cannot create a scratch directory")?;
+    let workspace = scratch.path().join("workspace");
     let target_dir = if env.plan.smoke {
         env.target_dir.clone()
     } else {
