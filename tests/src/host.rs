@@ -23,7 +23,7 @@ use bytes::Bytes;
 use hyper::{Method, StatusCode};
 
 use crate::artifacts::host_binary;
-use crate::client;
+use crate::client::{self, Reply};
 use crate::systemd::{NotifySocket, SOCKET_ACTIVATION_SCRIPT};
 
 /// How long a host may take to become healthy (its first load included).
@@ -119,6 +119,22 @@ impl Sandbox {
             .unwrap_or_else(|e| panic!("cannot rename {} over {}: {e}", partial.display(), target.display()));
     }
 
+    /// Writes an executable (mode 0755) script `name` in the sandbox and returns its path. It is
+    /// written under a temporary name and renamed into place, so that nothing ever runs half of
+    /// it, and a script that replaces a running one does not disturb it.
+    pub fn write_script(&self, name: &str, text: &str) -> PathBuf {
+        static WRITTEN: AtomicUsize = AtomicUsize::new(0);
+        let number = WRITTEN.fetch_add(1, Ordering::Relaxed);
+        let path = self.path().join(name);
+        let partial = self.path().join(format!(".{name}.partial-{number}"));
+        fs::write(&partial, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", partial.display()));
+        fs::set_permissions(&partial, fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("cannot set the mode of {}: {e}", partial.display()));
+        fs::rename(&partial, &path)
+            .unwrap_or_else(|e| panic!("cannot rename {} to {}: {e}", partial.display(), path.display()));
+        path
+    }
+
     /// Starts a host serving the app path, with `extra` arguments, and waits until it is healthy.
     pub async fn start_host(&self, extra: &[&str]) -> Host {
         Host::start(self, extra).await
@@ -211,13 +227,20 @@ impl Host {
         self.pid
     }
 
-    /// `GET /status` on the admin listener.
-    pub async fn status(&self) -> serde_json::Value {
-        let reply = tokio::time::timeout(ADMIN_TIMEOUT, client::get(self.admin, "/status"))
+    /// One request on the admin listener (on a fresh connection), bounded by the time a reload or
+    /// an upgrade may take; panics (with the host's log) if it gets no answer.
+    pub async fn admin_request(&self, method: Method, path: &str) -> Reply {
+        let what = format!("{method} {path}");
+        tokio::time::timeout(ADMIN_TIMEOUT, client::request(self.admin, method, path, Bytes::new()))
             .await
             .map_err(|_| "timed out".to_string())
             .and_then(|r| r.map_err(|e| e.to_string()))
-            .unwrap_or_else(|e| panic!("GET /status failed: {e}\n{}", self.log_excerpt()));
+            .unwrap_or_else(|e| panic!("{what} failed: {e}\n{}", self.log_excerpt()))
+    }
+
+    /// `GET /status` on the admin listener.
+    pub async fn status(&self) -> serde_json::Value {
+        let reply = self.admin_request(Method::GET, "/status").await;
         assert_eq!(reply.status, StatusCode::OK, "GET /status: {}", reply.text());
         reply.json().unwrap_or_else(|e| panic!("GET /status: {e}"))
     }
@@ -225,14 +248,7 @@ impl Host {
     /// `POST /reload` on the admin listener: waits for the outcome and returns the JSON answer,
     /// after checking that its HTTP status agrees with its `ok` field (200 or 422).
     pub async fn reload(&self) -> serde_json::Value {
-        let reply = tokio::time::timeout(
-            ADMIN_TIMEOUT,
-            client::request(self.admin, Method::POST, "/reload", Bytes::new()),
-        )
-        .await
-        .map_err(|_| "timed out".to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()))
-        .unwrap_or_else(|e| panic!("POST /reload failed: {e}\n{}", self.log_excerpt()));
+        let reply = self.admin_request(Method::POST, "/reload").await;
         let answer = reply.json().unwrap_or_else(|e| panic!("POST /reload: {e}"));
         let expected = match answer["ok"].as_bool() {
             Some(true) => StatusCode::OK,
@@ -241,6 +257,22 @@ impl Host {
         };
         assert_eq!(reply.status, expected, "POST /reload answered {answer}");
         answer
+    }
+
+    /// `POST /upgrade` on the admin listener: waits for the outcome (the new process serves, or
+    /// the upgrade failed or was refused) and returns the HTTP status and the JSON answer
+    /// (`{"ok": true, "pid": <new process>, …}` or `{"ok": false, "error": …}`), after checking
+    /// that the two agree: 200 with `ok` true, another status with `ok` false.
+    pub async fn upgrade(&self) -> (StatusCode, serde_json::Value) {
+        let reply = self.admin_request(Method::POST, "/upgrade").await;
+        let answer = reply.json().unwrap_or_else(|e| panic!("POST /upgrade: {e}"));
+        assert_eq!(
+            answer["ok"].as_bool(),
+            Some(reply.status == StatusCode::OK),
+            "POST /upgrade answered {} with {answer}",
+            reply.status
+        );
+        (reply.status, answer)
     }
 
     /// Reloads and panics (with the host's log) unless the reload succeeded; returns the new
@@ -290,6 +322,35 @@ impl Host {
             }
             if began.elapsed() > timeout {
                 panic!("the host did not exit within {timeout:?}\n{}", self.log_excerpt());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Like [`crate::wait_until`], but panics at once (with the host's log) if the host exits
+    /// meanwhile, rather than waiting out `timeout` for a host that is gone.
+    pub async fn wait_until<T, F, Fut>(&mut self, what: &str, timeout: Duration, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
+        let began = Instant::now();
+        loop {
+            let last = match check().await {
+                Ok(value) => return value,
+                Err(last) => last,
+            };
+            if let Some(status) = self.try_exit() {
+                panic!(
+                    "the host exited with {status} while waiting for {what}; last seen: {last}\n{}",
+                    self.log_excerpt()
+                );
+            }
+            if began.elapsed() > timeout {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; last seen: {last}\n{}",
+                    self.log_excerpt()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

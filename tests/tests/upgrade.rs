@@ -17,15 +17,15 @@
 //! timing assertions.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt as _;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use e2e_tests::{example_app, host_binary, AppVersion};
+use e2e_tests::process::{is_running, Adopted};
+use e2e_tests::{assert_answer, client, example_app, host_binary, wait_until, AppVersion, Host, Sandbox};
+use hyper::StatusCode;
+use rustix::process::Signal;
 
 const WAIT: Duration = Duration::from_secs(60);
 /// Load clients stop after this long whatever happens.
@@ -33,229 +33,51 @@ const LOAD_LIMIT: Duration = Duration::from_secs(180);
 /// ... or after this many requests each.
 const LOAD_MAX_REQUESTS: u64 = 200_000;
 
-fn free_address() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
+/// A sandbox serving the example app (v1).
+fn sandbox() -> Sandbox {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(example_app(AppVersion::V1));
+    sandbox
 }
 
-fn unique() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed)
+/// Starts a host in `sandbox` (working in it), with `--drain-timeout 20s` and `extra` arguments,
+/// and waits until it serves the app.
+async fn start(sandbox: &Sandbox, extra: &[&str], notify: Option<&e2e_tests::NotifySocket>) -> Host {
+    let mut command = sandbox
+        .host()
+        .current_dir(sandbox.path())
+        .args(["--drain-timeout", "20s"])
+        .args(extra);
+    if let Some(socket) = notify {
+        command = command.notify_socket(socket);
+    }
+    let host = command.start().await;
+    assert_answer(
+        &get(host.addr(), "/").await,
+        &AppVersion::V1.greeting(),
+        "the host serves",
+    );
+    host
 }
 
-/// A scratch directory with a copy of the example app; removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("upgrade-{name}-{}-{}", std::process::id(), unique()));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let library = dir.join("libapp.so");
-        std::fs::copy(example_app(AppVersion::V1), &library).expect("copy the example app");
-        std::fs::set_permissions(&library, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    /// Writes an executable script, renamed into place (never executed half-written).
-    fn script(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.path(name);
-        let temporary = self.path(&format!(".{name}.{}", unique()));
-        std::fs::write(&temporary, text).expect("write the script");
-        std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        std::fs::rename(&temporary, &path).expect("rename the script");
-        path
-    }
+/// `GET path` on a fresh connection; panics if it gets no answer.
+async fn get(address: SocketAddr, path: &str) -> client::Reply {
+    client::get(address, path)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} got no answer: {e}"))
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A number in a JSON answer.
+fn number(json: &serde_json::Value, key: &str) -> Option<u64> {
+    json[key].as_u64()
 }
 
-/// The host this test started, and any host that replaced it; all are stopped when dropped.
-struct Hosts {
-    child: Child,
-    log: PathBuf,
-    public: SocketAddr,
-    admin: SocketAddr,
-    /// Processes started by upgrades (not children of this test).
-    others: Vec<u32>,
-}
-
-impl Hosts {
-    fn start(scratch: &Scratch, extra: &[&str]) -> Hosts {
-        Hosts::start_with(scratch, extra, None)
-    }
-
-    /// Like [`Hosts::start`], with `NOTIFY_SOCKET` set to `notify` if given.
-    fn start_with(scratch: &Scratch, extra: &[&str], notify: Option<&std::path::Path>) -> Hosts {
-        let (public, admin) = (free_address(), free_address());
-        let log = scratch.path(&format!("host-{}.log", unique()));
-        let mut command = Command::new(host_binary());
-        command
-            .env_remove("RUST_LOG")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDNAMES")
-            .current_dir(&scratch.0);
-        for (key, _) in std::env::vars() {
-            if key.starts_with("HOST_") {
-                command.env_remove(key);
-            }
-        }
-        if let Some(notify) = notify {
-            command.env("NOTIFY_SOCKET", notify);
-        }
-        let child = command
-            .arg("--app")
-            .arg(scratch.path("libapp.so"))
-            .args(["--listen", &public.to_string(), "--admin", &admin.to_string()])
-            .args(["--drain-timeout", "20s"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("the host starts");
-        let mut hosts = Hosts {
-            child,
-            log,
-            public,
-            admin,
-            others: Vec::new(),
-        };
-        hosts.wait_ready();
-        hosts
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the host exited with {status} before serving:\n{}", self.log());
-            }
-            if request(self.admin, "GET", "/healthz").is_some_and(|(s, _, _)| s == 200)
-                && request(self.public, "GET", "/").is_some_and(|(s, _, _)| s == 200)
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("the host did not serve within {WAIT:?}:\n{}", self.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn status(&self) -> String {
-        let (status, _, body) = request(self.admin, "GET", "/status").expect("/status answers");
-        assert_eq!(status, 200, "{body}");
-        body
-    }
-
-    /// `POST /upgrade`: its status code and body.
-    fn upgrade(&self) -> (u16, String) {
-        let (status, _, body) = request(self.admin, "POST", "/upgrade").expect("POST /upgrade answers");
-        (status, body)
-    }
-
-    /// Waits for the test's own host process to exit.
-    fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("the old host did not exit within {WAIT:?}:\n{}", self.log());
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for &pid in &self.others {
-            signal(pid, "KILL");
-        }
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn signal(pid: u32, name: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// Whether `pid` runs (a zombie does not count).
-fn is_running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-/// Stops a host that is not this test's child and waits until it is gone.
-fn stop_other(pid: u32) {
-    signal(pid, "TERM");
-    let deadline = Instant::now() + WAIT;
-    while is_running(pid) {
-        assert!(Instant::now() < deadline, "host {pid} did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// One request on a fresh connection: status, head and body; `None` if the connection fails.
-fn request(address: SocketAddr, method: &str, path: &str) -> Option<(u16, String, String)> {
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5)).ok()?;
-    stream.set_read_timeout(Some(WAIT)).ok()?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).ok()?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some((status, head.to_owned(), body.to_owned()))
-}
-
-/// The number after `"key":` in a JSON text (enough for the flat fields read here).
-fn json_number(json: &str, key: &str) -> Option<u64> {
-    let rest = &json[json.find(&format!("\"{key}\":"))? + key.len() + 3..];
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// The new process a successful upgrade answered with, to be stopped (or killed) by the test.
+#[track_caller]
+fn upgraded(status: StatusCode, answer: &serde_json::Value, host: &Host) -> Adopted {
+    assert_eq!(status, StatusCode::OK, "{answer}\n{}", host.log_excerpt());
+    let pid = number(answer, "pid").expect("a successful upgrade names the new pid");
+    Adopted::new(u32::try_from(pid).expect("a pid"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -396,7 +218,8 @@ fn load_client(address: SocketAddr, fresh: bool, stop: Arc<AtomicBool>, tally: A
         match result {
             Ok(response) if response.status == 200 => {
                 tally.ok += 1;
-                if let Some(generation) = json_number(&response.body, "generation") {
+                let answer: Option<serde_json::Value> = serde_json::from_str(&response.body).ok();
+                if let Some(generation) = answer.and_then(|answer| answer["generation"].as_u64()) {
                     tally.saw(generation);
                 }
                 if response.close {
@@ -422,79 +245,96 @@ fn load_client(address: SocketAddr, fresh: bool, stop: Arc<AtomicBool>, tally: A
 
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn upgrade_under_load_loses_no_request() {
-    let scratch = Scratch::new("load");
-    let pid_file = scratch.path("host.pid");
-    let mut hosts = Hosts::start(&scratch, &["--pid-file", pid_file.to_str().expect("a UTF-8 path")]);
-    let old_pid = hosts.pid();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_under_load_loses_no_request() {
+    let sandbox = sandbox();
+    let pid_file = sandbox.path().join("host.pid");
+    let mut host = start(
+        &sandbox,
+        &["--pid-file", pid_file.to_str().expect("a UTF-8 path")],
+        None,
+    )
+    .await;
+    let old_pid = host.pid();
 
     // Two reloads, so that the old process serves generation 3 and the new one (which loads the
     // library anew) generation 1: `/cache` says which process answered.
     for _ in 0..2 {
-        let (status, _, body) = request(hosts.admin, "POST", "/reload").expect("POST /reload answers");
-        assert_eq!(status, 200, "{body}");
+        host.reload_ok().await;
     }
-    assert_eq!(json_number(&hosts.status(), "generation"), Some(3));
+    assert_eq!(number(&host.status().await, "generation"), Some(3));
 
     // Continuous load: keep-alive clients and a client per fresh connection.
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
     for fresh in [false, false, false, true, true] {
         let tally = Arc::new(Mutex::new(Tally::default()));
-        let (stop, tally_for_thread, address) = (stop.clone(), tally.clone(), hosts.public);
+        let (stop, tally_for_thread, address) = (stop.clone(), tally.clone(), host.addr());
         let thread = std::thread::spawn(move || load_client(address, fresh, stop, tally_for_thread));
         clients.push((fresh, tally, thread));
     }
-    wait_until("every load client is served by the old host", || {
-        clients
-            .iter()
-            .all(|(_, tally, _)| tally.lock().expect("tally").latest(3) >= 20)
-    });
+    let every_client_saw = |generation: u64| {
+        let clients = &clients;
+        move || async move {
+            let latest: Vec<u64> = clients
+                .iter()
+                .map(|(_, tally, _)| tally.lock().expect("tally").latest(generation))
+                .collect();
+            if latest.iter().all(|&count| count >= 20) {
+                Ok(())
+            } else {
+                Err(format!("responses from generation {generation} in a row: {latest:?}"))
+            }
+        }
+    };
+    wait_until("every load client is served by the old host", WAIT, every_client_saw(3)).await;
 
     // Requests in flight at the hand-off: slow ones, on connections the old process accepted.
     let slow: Vec<_> = (0..3)
-        .map(|_| {
-            let address = hosts.public;
-            std::thread::spawn(move || request(address, "GET", "/slow?ms=3000"))
-        })
+        .map(|_| tokio::spawn(client::get(host.addr(), "/slow?ms=3000")))
         .collect();
-    wait_until("the slow requests are in flight on the old host", || {
-        let status = hosts.status();
-        status.split("\"in_flight\":").skip(1).any(|rest| {
-            rest.chars()
-                .take_while(char::is_ascii_digit)
-                .collect::<String>()
-                .parse()
-                .unwrap_or(0)
-                >= 3
+    {
+        let host = &host;
+        wait_until("the slow requests are in flight on the old host", WAIT, || async move {
+            let status = host.status().await;
+            let generations = status["generations"].as_array().cloned().unwrap_or_default();
+            if generations.iter().any(|g| g["in_flight"].as_u64().unwrap_or(0) >= 3) {
+                Ok(())
+            } else {
+                Err(status.to_string())
+            }
         })
-    });
+        .await;
+    }
 
-    let (status, body) = hosts.upgrade();
-    assert_eq!(status, 200, "{body}\n{}", hosts.log());
-    assert!(body.contains("\"ok\":true"), "{body}");
-    let new_pid = json_number(&body, "pid").expect("the new pid") as u32;
-    hosts.others.push(new_pid);
-    assert_ne!(new_pid, old_pid);
+    let (status, answer) = host.upgrade().await;
+    let new_host = upgraded(status, &answer, &host);
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_ne!(new_host.pid(), old_pid);
 
     // The old process finishes what it has and exits 0; its requests in flight were answered.
-    let exit = hosts.wait_exit();
-    assert!(exit.success(), "the old host exited with {exit}:\n{}", hosts.log());
-    for thread in slow {
-        let answer = thread.join().expect("a slow request thread");
-        let (status, _, body) = answer.expect("the slow request in flight got an answer");
-        assert_eq!(status, 200, "{body}");
-        assert!(body.starts_with("slow 3000 ms"), "{body}");
+    let exit = host.wait_exit(WAIT).await;
+    assert!(
+        exit.success(),
+        "the old host exited with {exit}\n{}",
+        host.log_excerpt()
+    );
+    for request in slow {
+        let reply = request
+            .await
+            .expect("a slow request task")
+            .expect("the slow request in flight got an answer");
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert!(reply.text().starts_with("slow 3000 ms"), "{}", reply.text());
     }
-    assert!(is_running(new_pid), "the new host is not running:\n{}", hosts.log());
+    assert!(
+        new_host.is_running(),
+        "the new host is not running\n{}",
+        host.log_excerpt()
+    );
 
     // New connections land on the new process (generation 1), also for keep-alive clients.
-    wait_until("every load client is served by the new host", || {
-        clients
-            .iter()
-            .all(|(_, tally, _)| tally.lock().expect("tally").latest(1) >= 20)
-    });
+    wait_until("every load client is served by the new host", WAIT, every_client_saw(1)).await;
     stop.store(true, Ordering::Relaxed);
     let mut total = 0;
     for (fresh, tally, thread) in clients {
@@ -505,7 +345,7 @@ fn upgrade_under_load_loses_no_request() {
             "a {} client had failed requests: {:?}\n{}",
             if fresh { "fresh-connection" } else { "keep-alive" },
             tally.failures,
-            hosts.log()
+            host.log_excerpt()
         );
         // The old process's generation 3, then the new process's generation 1 (alternating while
         // both accept), and nothing else.
@@ -526,94 +366,108 @@ fn upgrade_under_load_loses_no_request() {
     eprintln!("{total} requests, none failed");
 
     // The admin listener, /status and the pid file belong to the new process now.
-    let status = hosts.status();
-    assert_eq!(json_number(&status, "pid"), Some(u64::from(new_pid)), "{status}");
-    assert_eq!(
-        json_number(&status, "upgraded_from"),
-        Some(u64::from(old_pid)),
-        "{status}"
-    );
+    let status = host.status().await;
+    assert_eq!(number(&status, "pid"), Some(u64::from(new_host.pid())), "{status}");
+    assert_eq!(number(&status, "upgraded_from"), Some(u64::from(old_pid)), "{status}");
     assert_eq!(
         std::fs::read_to_string(&pid_file).expect("the pid file").trim(),
-        new_pid.to_string()
+        new_host.pid().to_string()
     );
-    let log = hosts.log();
+    let log = host.log_text();
     assert!(
         log.contains("took the listening sockets over from the old host"),
         "{log}"
     );
 
-    stop_other(new_pid);
+    new_host.stop(WAIT).await;
     assert!(!pid_file.exists(), "the new host removes the pid file when it stops");
 }
 
-#[test]
-fn failed_upgrades_leave_the_old_host_serving() {
-    let scratch = Scratch::new("failures");
-    let binary = scratch.path("new-host");
-    let started = scratch.path("started");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_upgrades_leave_the_old_host_serving() {
+    let sandbox = sandbox();
+    let started = sandbox.path().join("started");
     // A new host that crashes at start.
-    scratch.script("new-host", "#!/bin/sh\necho 'new host: cannot start' >&2\nexit 3\n");
-    let mut hosts = Hosts::start(
-        &scratch,
+    let binary = sandbox.write_script("new-host", "#!/bin/sh\necho 'new host: cannot start' >&2\nexit 3\n");
+    let mut host = start(
+        &sandbox,
         &[
             "--upgrade-binary",
             binary.to_str().expect("a UTF-8 path"),
             "--upgrade-timeout",
             "3s",
         ],
-    );
-    let pid = hosts.pid();
+        None,
+    )
+    .await;
+    let pid = host.pid();
 
     // By signal: the outcome is in /status.
-    signal(pid, "USR2");
-    wait_until("the failed upgrade is reported", || {
-        hosts.status().contains("\"last_upgrade\":{")
-    });
-    let status = hosts.status();
+    host.signal(Signal::USR2);
+    let last_upgrade = {
+        let host = &host;
+        wait_until("the failed upgrade is reported", WAIT, || async move {
+            let status = host.status().await;
+            match &status["last_upgrade"] {
+                last @ serde_json::Value::Object(_) => Ok(last.clone()),
+                _ => Err(status.to_string()),
+            }
+        })
+        .await
+    };
     assert!(
-        status.contains("\"ok\":false") && status.contains("exit status: 3"),
-        "{status}"
+        last_upgrade["ok"] == false && last_upgrade.to_string().contains("exit status: 3"),
+        "{last_upgrade}"
     );
-    assert_serves(&hosts, pid);
+    assert_serves(&host, pid).await;
 
     // By request: the caller gets the outcome.
-    let (code, body) = hosts.upgrade();
-    assert_eq!(code, 422, "{body}");
+    let (code, answer) = host.upgrade().await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
     assert!(
-        body.contains("exited with exit status: 3 before it was ready"),
-        "{body}"
+        error(&answer).contains("exited with exit status: 3 before it was ready"),
+        "{answer}"
     );
-    assert_serves(&hosts, pid);
+    assert_serves(&host, pid).await;
 
     // A new host that never becomes ready: stopped after --upgrade-timeout; meanwhile a second
     // upgrade is refused.
-    scratch.script(
+    sandbox.write_script(
         "new-host",
         &format!("#!/bin/sh\necho $$ > {}\nexec sleep 60\n", started.display()),
     );
-    let admin = hosts.admin;
-    let first = std::thread::spawn(move || request(admin, "POST", "/upgrade"));
-    wait_until("the never-ready host has started", || started.exists());
-    let (code, body) = hosts.upgrade();
-    assert_eq!(code, 409, "{body}");
-    assert!(body.contains("an upgrade is already in progress"), "{body}");
-    let (code, _, body) = first
-        .join()
-        .expect("the upgrade thread")
-        .expect("POST /upgrade answers");
-    assert_eq!(code, 422, "{body}");
-    assert!(body.contains("was not ready within 3s; it was stopped"), "{body}");
+    let second = async {
+        wait_until("the never-ready host has started", WAIT, || async {
+            if started.exists() {
+                Ok(())
+            } else {
+                Err("no pid file yet".to_owned())
+            }
+        })
+        .await;
+        host.upgrade().await
+    };
+    let ((code, answer), (second_code, second_answer)) = tokio::join!(host.upgrade(), second);
+    assert_eq!(second_code, StatusCode::CONFLICT, "{second_answer}");
+    assert!(
+        error(&second_answer).contains("an upgrade is already in progress"),
+        "{second_answer}"
+    );
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert!(
+        error(&answer).contains("was not ready within 3s; it was stopped"),
+        "{answer}"
+    );
     let stuck: u32 = std::fs::read_to_string(&started)
         .expect("its pid")
         .trim()
         .parse()
         .expect("a pid");
     assert!(!is_running(stuck), "the never-ready host (pid {stuck}) was not stopped");
-    assert_serves(&hosts, pid);
+    assert_serves(&host, pid).await;
 
     // A real host that cannot serve (here: it refuses the library) says why.
-    scratch.script(
+    sandbox.write_script(
         "new-host",
         &format!(
             "#!/bin/sh\nexec {} \"$@\" --require-sha256 {}\n",
@@ -621,91 +475,87 @@ fn failed_upgrades_leave_the_old_host_serving() {
             "0".repeat(64)
         ),
     );
-    let (code, body) = hosts.upgrade();
-    assert_eq!(code, 422, "{body}");
+    let (code, answer) = host.upgrade().await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
     assert!(
-        body.contains("before it was ready: cannot serve") && body.contains("sha256"),
-        "{body}"
+        error(&answer).contains("before it was ready: cannot serve") && error(&answer).contains("sha256"),
+        "{answer}"
     );
-    assert_serves(&hosts, pid);
+    assert_serves(&host, pid).await;
 
     // A good upgrade still works afterwards.
-    scratch.script(
+    sandbox.write_script(
         "new-host",
         &format!("#!/bin/sh\nexec {} \"$@\"\n", host_binary().display()),
     );
-    let (code, body) = hosts.upgrade();
-    assert_eq!(code, 200, "{body}\n{}", hosts.log());
-    let new_pid = json_number(&body, "pid").expect("the new pid") as u32;
-    hosts.others.push(new_pid);
-    let exit = hosts.wait_exit();
-    assert!(exit.success(), "the old host exited with {exit}:\n{}", hosts.log());
-    let status = hosts.status();
-    assert_eq!(json_number(&status, "pid"), Some(u64::from(new_pid)), "{status}");
-    let (code, _, body) = request(hosts.public, "GET", "/").expect("the new host serves");
-    assert_eq!(code, 200, "{body}");
-    stop_other(new_pid);
+    let (code, answer) = host.upgrade().await;
+    let new_host = upgraded(code, &answer, &host);
+    let exit = host.wait_exit(WAIT).await;
+    assert!(
+        exit.success(),
+        "the old host exited with {exit}\n{}",
+        host.log_excerpt()
+    );
+    let status = host.status().await;
+    assert_eq!(number(&status, "pid"), Some(u64::from(new_host.pid())), "{status}");
+    let reply = get(host.addr(), "/").await;
+    assert_eq!(reply.status, StatusCode::OK, "the new host serves: {}", reply.text());
+    new_host.stop(WAIT).await;
+}
+
+/// The `error` of a failed upgrade's answer.
+fn error(answer: &serde_json::Value) -> &str {
+    answer["error"].as_str().unwrap_or_default()
 }
 
 /// The host `pid` still serves the app and answers `/status` itself.
-fn assert_serves(hosts: &Hosts, pid: u32) {
-    let (code, _, body) = request(hosts.public, "GET", "/").expect("the old host serves");
-    assert_eq!(code, 200, "{body}");
-    let status = hosts.status();
-    assert_eq!(json_number(&status, "pid"), Some(u64::from(pid)), "{status}");
+async fn assert_serves(host: &Host, pid: u32) {
+    let reply = get(host.addr(), "/").await;
+    assert_eq!(reply.status, StatusCode::OK, "the old host serves: {}", reply.text());
+    let status = host.status().await;
+    assert_eq!(number(&status, "pid"), Some(u64::from(pid)), "{status}");
 }
 
-/// Messages the hosts sent to the test's `NOTIFY_SOCKET`, skipping watchdog pings.
-fn next_notification(socket: &std::os::unix::net::UnixDatagram) -> String {
-    let mut buffer = [0u8; 4096];
-    loop {
-        let n = socket.recv(&mut buffer).expect("a notification within the timeout");
-        let message = String::from_utf8_lossy(&buffer[..n]).into_owned();
-        if message.trim() != "WATCHDOG=1" {
-            return message;
-        }
-    }
-}
-
-#[test]
-fn under_systemd_the_new_process_becomes_the_main_pid() {
-    let scratch = Scratch::new("systemd");
-    let socket_path = scratch.path("notify.sock");
-    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind the notify socket");
-    socket.set_read_timeout(Some(WAIT)).expect("a timeout");
-    let mut hosts = Hosts::start_with(&scratch, &[], Some(&socket_path));
-    let old_pid = hosts.pid();
-    let ready = next_notification(&socket);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_the_new_process_becomes_the_main_pid() {
+    let sandbox = sandbox();
+    let socket = sandbox.notify_socket();
+    let mut host = start(&sandbox, &[], Some(&socket)).await;
+    let ready = socket.next(WAIT).await;
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
 
-    let (code, body) = hosts.upgrade();
-    assert_eq!(code, 200, "{body}\n{}", hosts.log());
-    let new_pid = json_number(&body, "pid").expect("the new pid") as u32;
-    hosts.others.push(new_pid);
+    let (code, answer) = host.upgrade().await;
+    let new_host = upgraded(code, &answer, &host);
 
     // The old host hands the service over: MAINPID, READY and the new process's status, once.
-    let handed = next_notification(&socket);
+    let handed = socket.next(WAIT).await;
     let lines: Vec<&str> = handed.lines().collect();
-    assert!(lines.contains(&format!("MAINPID={new_pid}").as_str()), "{handed}");
+    assert!(
+        lines.contains(&format!("MAINPID={}", new_host.pid()).as_str()),
+        "{handed}"
+    );
     assert!(lines.contains(&"READY=1"), "{handed}");
     assert!(
         lines.iter().any(|l| l.starts_with("STATUS=serving generation 1")),
         "{handed}"
     );
-    let exit = hosts.wait_exit();
-    assert!(exit.success(), "the old host exited with {exit}:\n{}", hosts.log());
+    let exit = host.wait_exit(WAIT).await;
+    assert!(
+        exit.success(),
+        "the old host exited with {exit}\n{}",
+        host.log_excerpt()
+    );
 
     // The old one said nothing more (no STOPPING=1); the next message is the new one's reload.
-    signal(new_pid, "HUP");
-    let reloading = next_notification(&socket);
+    new_host.signal(Signal::HUP);
+    let reloading = socket.next(WAIT).await;
     assert!(reloading.lines().any(|l| l == "RELOADING=1"), "{reloading}");
-    let done = next_notification(&socket);
+    let done = socket.next(WAIT).await;
     assert!(done.contains("STATUS=serving generation 2"), "{done}");
 
     // The new process says STOPPING=1 when it stops.
-    signal(new_pid, "TERM");
-    let stopping = next_notification(&socket);
+    new_host.signal(Signal::TERM);
+    let stopping = socket.next(WAIT).await;
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
-    stop_other(new_pid);
-    let _ = old_pid;
+    new_host.stop(WAIT).await;
 }
