@@ -60,18 +60,7 @@ impl PidFile {
     /// Claims `path` for this process.
     pub fn create(path: &Path) -> anyhow::Result<PidFile> {
         let pid = std::process::id();
-        let directory = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let mut temporary = tempfile::Builder::new()
-            .prefix(".host-pid-")
-            .tempfile_in(directory)
-            .with_context(|| format!("cannot create a pid file in {}", directory.display()))?;
-        writeln!(temporary, "{pid}").context("cannot write the pid file")?;
-        temporary.as_file().sync_all().context("cannot write the pid file")?;
-        std::fs::set_permissions(temporary.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))
-            .context("cannot set the pid file's mode")?;
+        let temporary = temporary_pid_file(path, pid)?;
 
         // Two attempts: the second after removing a stale file.
         for _ in 0..2 {
@@ -122,8 +111,9 @@ impl PidFile {
     }
 }
 
-/// Replaces the content of the pid file at `path` with `pid`, atomically (renamed into place).
-pub fn write_pid(path: &Path, pid: u32) -> anyhow::Result<()> {
+/// A new file next to `path` holding `pid`, flushed and readable by all, ready to be linked or
+/// renamed into place so that readers never see a partial pid file.
+fn temporary_pid_file(path: &Path, pid: u32) -> anyhow::Result<tempfile::NamedTempFile> {
     let directory = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -136,6 +126,12 @@ pub fn write_pid(path: &Path, pid: u32) -> anyhow::Result<()> {
     temporary.as_file().sync_all().context("cannot write the pid file")?;
     std::fs::set_permissions(temporary.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .context("cannot set the pid file's mode")?;
+    Ok(temporary)
+}
+
+/// Replaces the content of the pid file at `path` with `pid`, atomically (renamed into place).
+pub fn write_pid(path: &Path, pid: u32) -> anyhow::Result<()> {
+    let temporary = temporary_pid_file(path, pid)?;
     temporary
         .persist(path)
         .with_context(|| format!("cannot replace the pid file {}", path.display()))?;
