@@ -269,18 +269,25 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<ExitCode> {
         "building host, example-app and the baseline ({profile}){}",
         if plan.smoke { " for the smoke run" } else { "" }
     );
-    let mut build = cargo.command();
-    build
-        .current_dir(workspace)
-        .args(["build", "-p", "host", "-p", "example-app", "-p", "bench"])
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit());
-    if plan.release {
-        build.arg("--release");
-    }
-    let status = build.status().context("cannot run cargo build")?;
-    if !status.success() {
-        bail!("cargo build failed ({status})");
+    // The app on its own, as its users build it: cargo merges features over everything one
+    // command builds, and the host's tokio features must not reach the library (app-api docs).
+    for packages in [&["example-app"][..], &["host", "bench"][..]] {
+        let mut build = cargo.command();
+        build
+            .current_dir(workspace)
+            .arg("build")
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        for package in packages {
+            build.args(["-p", package]);
+        }
+        if plan.release {
+            build.arg("--release");
+        }
+        let status = build.status().context("cannot run cargo build")?;
+        if !status.success() {
+            bail!("cargo build of {} failed ({status})", packages.join(", "));
+        }
     }
     let out_dir = target_dir.join(profile);
 
