@@ -94,6 +94,44 @@ async fn serve<A: App>(host: &HostApi<'_>) -> Result<(), String> {
     };
     (host.started)(host.handle, ROk(()));
 
+    // The request loop runs as a task, on the runtime's workers, not here: this future is driven
+    // by `block_on` on the generation's own thread, which is not a worker, so every wake-up
+    // would have to be handed from the worker that polls the eventfd to this thread and every
+    // request spawned from here back to a worker. The task is awaited (and with it the wake fd's
+    // registration dropped) before `serve` goes on; the runtime's shutdown would drop it anyway.
+    let host_loop = HostLoop {
+        handle: host.handle,
+        reset_wake: host.reset_wake,
+        pop_request: host.pop_request,
+        lifecycle: host.lifecycle,
+    };
+    if let Err(e) = tokio::spawn(request_loop(host_loop, wake, router, background.clone())).await {
+        tracing::error!("the request loop failed: {e}");
+    }
+    background.cancel();
+    if let Err(panic) = AssertUnwindSafe(app.shutdown()).catch_unwind().await {
+        tracing::error!("the app's shutdown panicked: {}", panic_message(&*panic));
+    }
+    Ok(())
+}
+
+/// What the request loop needs from the host: the handle and the callbacks, copied out of the
+/// [`HostApi`] (which is borrowed only for the duration of `run`; the loop ends before it).
+#[derive(Clone, Copy)]
+struct HostLoop {
+    handle: HostHandle,
+    reset_wake: extern "C" fn(HostHandle),
+    pop_request: extern "C" fn(HostHandle) -> ROption<HostRequest>,
+    lifecycle: extern "C" fn(HostHandle) -> Lifecycle,
+}
+
+/// Feeds queued requests to the app until the host says stop.
+async fn request_loop(
+    host: HostLoop,
+    wake: AsyncFd<WakeFd>,
+    router: axum::Router,
+    background: tokio_util::sync::CancellationToken,
+) {
     loop {
         match wake.readable().await {
             Ok(mut guard) => {
@@ -102,7 +140,7 @@ async fn serve<A: App>(host: &HostApi<'_>) -> Result<(), String> {
             }
             Err(e) => {
                 tracing::error!("lost the host's wake fd: {e}");
-                break;
+                return;
             }
         }
         while let ROption::RSome(request) = (host.pop_request)(host.handle) {
@@ -111,14 +149,9 @@ async fn serve<A: App>(host: &HostApi<'_>) -> Result<(), String> {
         match (host.lifecycle)(host.handle) {
             Lifecycle::Serving => {}
             Lifecycle::Retiring => background.cancel(),
-            Lifecycle::Stopping => break,
+            Lifecycle::Stopping => return,
         }
     }
-    background.cancel();
-    if let Err(panic) = AssertUnwindSafe(app.shutdown()).catch_unwind().await {
-        tracing::error!("the app's shutdown panicked: {}", panic_message(&*panic));
-    }
-    Ok(())
 }
 
 fn refuse(host: &HostApi<'_>, message: String) -> String {
