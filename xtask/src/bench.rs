@@ -134,6 +134,11 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SECS", default_value = "300")]
     quiet_wait: u64,
 
+    /// An extra argument for every host started (repeat for more), e.g.
+    /// `--host-arg=--app-threads=1`.
+    #[arg(long = "host-arg", value_name = "ARG", allow_hyphen_values = true)]
+    host_args: Vec<String>,
+
     /// Where to write the results as JSON [default: target/bench/results.json].
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -198,6 +203,7 @@ struct Env {
     library: PathBuf,
     library_bytes: u64,
     baseline: PathBuf,
+    host_args: Vec<String>,
     scratch: PathBuf,
     load: LoadGen,
     plan: Plan,
@@ -221,6 +227,7 @@ impl Env {
             executable: &self.host,
             library: &self.library,
             staging_dir: &staging,
+            extra_args: &self.host_args,
             log: dir.join("host.log"),
         })?;
         Ok((server, staging))
@@ -314,6 +321,7 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<ExitCode> {
         library,
         library_bytes,
         baseline: out_dir.join("baseline"),
+        host_args: args.host_args.clone(),
         scratch,
         load,
         plan,
@@ -337,6 +345,7 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<ExitCode> {
         "library_bytes": env.library_bytes,
         "duration_s": env.plan.duration.as_secs_f64(),
         "repeat": env.plan.repeat,
+        "host_args": env.host_args,
     });
     let all = args.item == Item::All;
     if all || args.item == Item::Throughput {

@@ -42,6 +42,8 @@ pub struct HostLaunch<'a> {
     pub executable: &'a Path,
     pub library: &'a Path,
     pub staging_dir: &'a Path,
+    /// Passed after the benchmark's own arguments.
+    pub extra_args: &'a [String],
     pub log: PathBuf,
 }
 
@@ -57,6 +59,7 @@ impl Server {
             .arg("--staging-dir")
             .arg(launch.staging_dir)
             .args(["--log-format", "json"])
+            .args(launch.extra_args)
             // Only the host's own settings matter here; none may come from the environment.
             .env_remove("RUST_LOG");
         for (key, _) in std::env::vars_os() {
