@@ -471,22 +471,56 @@ fn result_json(result: &LoadResult) -> serde_json::Value {
     value
 }
 
-/// Warms a server up, then measures it; also returns the server's CPU time per response, in
-/// microseconds (less sensitive to other processes than requests per second).
-fn measure(env: &Env, server: &Server, connections: usize) -> anyhow::Result<(LoadResult, f64)> {
-    env.load
-        .run(server.address, connections, env.plan.warmup)
-        .with_context(|| format!("warming up the {}", server.name))?;
+/// One measurement: the load's result, the server's CPU time per response in microseconds (less
+/// sensitive to other processes than requests per second), and the share of all CPUs that
+/// processes other than the server and the load generator used meanwhile.
+struct Measured {
+    result: LoadResult,
+    cpu_us_per_request: f64,
+    others_busy: f64,
+}
+
+/// Runs the load once on `server` and measures it.
+fn load_once(env: &Env, server: &Server, connections: usize, duration: Duration) -> anyhow::Result<Measured> {
+    let machine_before = stats::cpu_jiffies();
     let before = procs::cpu_seconds(server.pid());
     let result = env
         .load
-        .run(server.address, connections, env.plan.duration)
-        .with_context(|| format!("measuring the {}", server.name))?;
-    let cpu = match (before, procs::cpu_seconds(server.pid())) {
-        (Some(before), Some(after)) if result.responses > 0 => (after - before) * 1e6 / result.responses as f64,
+        .run(server.address, connections, duration)
+        .with_context(|| format!("loading the {}", server.name))?;
+    let after = procs::cpu_seconds(server.pid());
+    let machine_after = stats::cpu_jiffies();
+    let server_cpu = match (before, after) {
+        (Some(before), Some(after)) => after - before,
         _ => f64::NAN,
     };
-    Ok((result, cpu))
+    let cpu_us_per_request = if result.responses > 0 {
+        server_cpu * 1e6 / result.responses as f64
+    } else {
+        f64::NAN
+    };
+    let others_busy = match (machine_before, machine_after) {
+        (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
+            let ticks = rustix::param::clock_ticks_per_second() as f64;
+            let busy = (busy1 - busy0) as f64 / ticks;
+            let total = (total1 - total0) as f64 / ticks;
+            ((busy - server_cpu - result.generator_cpu_s) / total).clamp(0.0, 1.0)
+        }
+        _ => f64::NAN,
+    };
+    Ok(Measured {
+        result,
+        cpu_us_per_request,
+        others_busy,
+    })
+}
+
+/// Warms a server up, then measures it.
+fn measure(env: &Env, server: &Server, connections: usize) -> anyhow::Result<Measured> {
+    env.load
+        .run(server.address, connections, env.plan.warmup)
+        .with_context(|| format!("warming up the {}", server.name))?;
+    load_once(env, server, connections, env.plan.duration)
 }
 
 /// Item 1: the host versus the static baseline.
@@ -508,14 +542,16 @@ fn throughput(env: &Env) -> anyhow::Result<serde_json::Value> {
             };
             let a = measure(env, first, connections)?;
             let b = measure(env, second, connections)?;
-            let ((h, h_cpu), (s, s_cpu)) = if host_first { (a, b) } else { (b, a) };
+            let (hm, sm) = if host_first { (a, b) } else { (b, a) };
+            let (h, h_cpu, s, s_cpu) = (&hm.result, hm.cpu_us_per_request, &sm.result, sm.cpu_us_per_request);
+            let during = hm.others_busy.max(sm.others_busy);
             let ratio = h.requests_per_s / s.requests_per_s;
             let cpu_ratio = h_cpu / s_cpu;
             let (p50, p99) = (h.p50_ms / s.p50_ms, h.p99_ms / s.p99_ms);
             say!(
                 "  repeat {} c={connections}: host {:.0} req/s p50 {:.3} ms p99 {:.3} ms | baseline {:.0} req/s p50 {:.3} \
                  ms p99 {:.3} ms | ratio {ratio:.3} (p50 x{p50:.2}, p99 x{p99:.2}; server CPU per request {h_cpu:.1} vs \
-                 {s_cpu:.1} us, x{cpu_ratio:.2}; failed {}/{}; others busy {:.0}%)",
+                 {s_cpu:.1} us, x{cpu_ratio:.2}; failed {}/{}; others busy {:.0}% before, {:.0}% during)",
                 repeat + 1,
                 h.requests_per_s,
                 h.p50_ms,
@@ -525,12 +561,14 @@ fn throughput(env: &Env) -> anyhow::Result<serde_json::Value> {
                 s.p99_ms,
                 h.failed(),
                 s.failed(),
-                busy * 100.0
+                busy * 100.0,
+                during * 100.0
             );
             ratios.push((connections, ratio, p50, p99, cpu_ratio));
             rows.push(json!({
                 "repeat": repeat + 1, "connections": connections, "host_first": host_first,
-                "host": result_json(&h), "baseline": result_json(&s),
+                "host": result_json(h), "baseline": result_json(s),
+                "others_busy_during": [hm.others_busy, sm.others_busy],
                 "throughput_ratio": ratio, "p50_ratio": p50, "p99_ratio": p99, "others_busy": busy,
                 "host_cpu_us_per_request": h_cpu, "baseline_cpu_us_per_request": s_cpu, "cpu_ratio": cpu_ratio,
             }));
@@ -587,7 +625,7 @@ fn under_reload(env: &Env) -> anyhow::Result<serde_json::Value> {
             let mut reloading = None;
             for turn in 0..2 {
                 if (turn == 0) == steady_first {
-                    steady = Some(env.load.run(host.address, connections, env.plan.duration)?);
+                    steady = Some(load_once(env, &host, connections, env.plan.duration)?);
                 } else {
                     let stop = Arc::new(AtomicBool::new(false));
                     let flag = stop.clone();
@@ -595,7 +633,7 @@ fn under_reload(env: &Env) -> anyhow::Result<serde_json::Value> {
                         .name("reloader".into())
                         .spawn(move || reload_every(admin, Duration::from_millis(100), flag))
                         .context("cannot start the reload thread")?;
-                    let measured = env.load.run(host.address, connections, env.plan.duration);
+                    let measured = load_once(env, &host, connections, env.plan.duration);
                     stop.store(true, Ordering::Relaxed);
                     let counts = reloader
                         .join()
@@ -606,12 +644,14 @@ fn under_reload(env: &Env) -> anyhow::Result<serde_json::Value> {
             let (Some(steady), Some((reloading, (ok, refused, errors)))) = (steady, reloading) else {
                 bail!("a run is missing");
             };
+            let during = steady.others_busy.max(reloading.others_busy);
+            let (steady, reloading) = (steady.result, reloading.result);
             let p99 = reloading.p99_ms / steady.p99_ms;
             let ratio = reloading.requests_per_s / steady.requests_per_s;
             say!(
                 "  repeat {} c={connections}: steady {:.0} req/s p99 {:.3} ms (failed {}) | reloading {:.0} req/s p99 {:.3} \
                  ms, failed {} of {} (target 0), {ok} reloads ({refused} refused, {errors} errors) | p99 x{p99:.2}, \
-                 throughput x{ratio:.3} (others busy {:.0}%)",
+                 throughput x{ratio:.3} (others busy {:.0}% before, {:.0}% during)",
                 repeat + 1,
                 steady.requests_per_s,
                 steady.p99_ms,
@@ -620,13 +660,14 @@ fn under_reload(env: &Env) -> anyhow::Result<serde_json::Value> {
                 reloading.p99_ms,
                 reloading.failed(),
                 reloading.responses + reloading.failed() - reloading.non_2xx,
-                busy * 100.0
+                busy * 100.0,
+                during * 100.0
             );
             rows.push(json!({
                 "repeat": repeat + 1, "connections": connections, "steady_first": steady_first,
                 "steady": result_json(&steady), "reloading": result_json(&reloading),
                 "reloads_ok": ok, "reloads_refused": refused, "reload_errors": errors,
-                "p99_ratio": p99, "throughput_ratio": ratio, "others_busy": busy,
+                "p99_ratio": p99, "throughput_ratio": ratio, "others_busy": busy, "others_busy_during": during,
             }));
         }
         host.stop()?;

@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -33,6 +33,8 @@ pub struct LoadResult {
     pub requests_per_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// CPU time the load generator itself used (user and system, all threads), in seconds.
+    pub generator_cpu_s: f64,
 }
 
 impl LoadResult {
@@ -55,15 +57,17 @@ impl LoadGen {
         match self {
             LoadGen::Wrk { threads } => {
                 let threads = (*threads).clamp(1, connections.max(1));
-                let output = Command::new("wrk")
+                let mut command = Command::new("wrk");
+                command
                     .arg(format!("-t{threads}"))
                     .arg(format!("-c{connections}"))
                     // wrk takes whole seconds (`-d2s`), at least one.
                     .arg(format!("-d{}s", duration.as_secs_f64().ceil().max(1.0) as u64))
                     .args(["--latency", "--timeout", "5s"])
                     .arg(format!("http://{address}/"))
-                    .output()
-                    .context("cannot run wrk")?;
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                let (output, cpu) = run_measured(command).context("cannot run wrk")?;
                 let text = String::from_utf8_lossy(&output.stdout);
                 if !output.status.success() {
                     bail!(
@@ -73,17 +77,22 @@ impl LoadGen {
                         String::from_utf8_lossy(&output.stderr).trim()
                     );
                 }
-                parse_wrk(&text).with_context(|| format!("cannot read wrk's report:\n{text}"))
+                let mut result = parse_wrk(&text).with_context(|| format!("cannot read wrk's report:\n{text}"))?;
+                result.generator_cpu_s = cpu;
+                Ok(result)
             }
             LoadGen::Builtin { executable, threads } => {
-                let output = Command::new(executable)
+                let mut command = Command::new(executable);
+                command
                     .arg("--addr")
                     .arg(address.to_string())
                     .args(["--connections", &connections.to_string()])
                     .args(["--threads", &threads.to_string()])
                     .args(["--duration-ms", &duration.as_millis().to_string()])
-                    .output()
-                    .with_context(|| format!("cannot run {}", executable.display()))?;
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                let (output, cpu) =
+                    run_measured(command).with_context(|| format!("cannot run {}", executable.display()))?;
                 if !output.status.success() {
                     bail!(
                         "loadgen failed ({}): {}",
@@ -105,10 +114,25 @@ impl LoadGen {
                     requests_per_s: float("requests_per_s"),
                     p50_ms: float("p50_ms"),
                     p99_ms: float("p99_ms"),
+                    generator_cpu_s: cpu,
                 })
             }
         }
     }
+}
+
+/// Runs the load generator to its end, reading its CPU time from `/proc` every few milliseconds
+/// while it runs (the last reading before it exits; its output is small enough for the pipes).
+fn run_measured(mut command: Command) -> anyhow::Result<(Output, f64)> {
+    let mut child = command.spawn()?;
+    let mut cpu = 0.0;
+    while child.try_wait()?.is_none() {
+        if let Some(seen) = super::procs::cpu_seconds(child.id()) {
+            cpu = seen;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((child.wait_with_output()?, cpu))
 }
 
 /// Reads wrk's human report (wrk 4.x with `--latency`).

@@ -26,7 +26,7 @@ pub fn load_average() -> f64 {
 }
 
 /// Busy and total jiffies of all CPUs together, from the first line of `/proc/stat`.
-fn cpu_jiffies() -> Option<(u64, u64)> {
+pub fn cpu_jiffies() -> Option<(u64, u64)> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
     let line = text.lines().next()?;
     let fields: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
