@@ -35,10 +35,11 @@
 //! spawned is dropped and every thread joined, before the library is unloaded. A panic in a
 //! handler is caught and answered with `500 Internal Server Error`.
 //!
-//! The re-exported tokio has no `signal` and `process` features: signals belong to the host, and
-//! tokio's signal handling keeps process-wide state (two descriptors, a table per signal) in the
-//! library copy that unloading cannot free, so every reload would leak it. An app should not
-//! enable them on its own `tokio` dependency either. Build the app crate on its own
+//! The re-exported tokio has no `signal`, `process` and `parking_lot` features: signals belong to
+//! the host, and tokio's signal handling (and parking_lot's table of parked threads) keeps
+//! process-wide state (two descriptors, a table per signal; a hash table) in the library copy
+//! that unloading cannot free, so every reload would leak it. An app should not enable them on
+//! its own `tokio` dependency either. Build the app crate on its own
 //! (`cargo build -p my-app`): cargo merges features over everything one command builds, so a
 //! build of the app together with the host gives the app the host's `signal`.
 //!
