@@ -33,7 +33,8 @@
 //! tokio-based crates as usual (through the re-exported [`tokio`], or a `tokio` dependency of the
 //! same major version). When the generation retires, its runtime is shut down: every task it
 //! spawned is dropped and every thread joined, before the library is unloaded. A panic in a
-//! handler is caught and answered with `500 Internal Server Error`.
+//! handler is caught and answered with `500 Internal Server Error`; a panic in a response body
+//! ends that response visibly to the client (the connection or HTTP/2 stream is reset).
 //!
 //! The re-exported tokio has no `signal`, `process` and `parking_lot` features: signals belong to
 //! the host, and tokio's signal handling (and parking_lot's table of parked threads) keeps
@@ -53,13 +54,22 @@
 //! cannot read the current state). Periodic or long-running work is started with
 //! [`InitContext::spawn_background`] and stops when a newer generation takes over.
 //!
-//! # Limits
+//! # Serving
 //!
-//! Request and response bodies are buffered whole (the host bounds request bodies; responses are
-//! bounded by [`MAX_RESPONSE_BODY`]).
+//! The generation serves its connections itself: hyper runs the app's `Router` on the
+//! generation's runtime, exactly as a plain axum server would, so streamed request and response
+//! bodies, server-sent events, WebSocket (`axum::extract::ws`), `ConnectInfo<SocketAddr>`, and
+//! handlers cancelled when their client goes away all work as usual. When a newer generation
+//! takes over, kept-alive connections move to it between two requests; a stream (a WebSocket, an
+//! SSE response, a long download) goes on with this generation's code until it ends or the
+//! host's drain timeout passes. Then its connection is closed, and a WebSocket first receives a
+//! close frame with status 1012 (service restart), which tells a client to reconnect.
 
-pub mod abi;
+mod fd;
+mod generation;
 mod guest;
+mod io;
+mod server;
 mod state;
 
 pub use axum;
@@ -72,10 +82,6 @@ use std::future::Future;
 
 /// The error an app's initialisation may fail with.
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
-
-/// The largest response body the library will hand to the host (64 MiB); larger ones become a
-/// `500` error.
-pub const MAX_RESPONSE_BODY: usize = 64 * 1024 * 1024;
 
 /// An app the host can serve.
 ///
@@ -100,7 +106,7 @@ pub trait App: Sized + Send + Sync + 'static {
 pub struct InitContext {
     pub(crate) generation: u64,
     pub(crate) config: String,
-    pub(crate) state: abi::StateApi,
+    pub(crate) state: app_abi::StateApi,
     pub(crate) background: tokio_util::sync::CancellationToken,
 }
 
@@ -157,15 +163,16 @@ impl InitContext {
 macro_rules! export_app {
     ($app:ty) => {
         #[unsafe(no_mangle)]
-        pub static HOT_RELOAD_APP_DESCRIPTOR_V1: $crate::abi::AppDescriptor = $crate::abi::AppDescriptor {
-            magic: $crate::abi::DESCRIPTOR_MAGIC,
-            descriptor_version: $crate::abi::DESCRIPTOR_VERSION,
-            api_version: $crate::__private::RStr::from_str($crate::abi::API_VERSION),
-            layout: <$crate::abi::GuestVTable as $crate::__private::StableAbi>::LAYOUT,
-            vtable: &$crate::abi::GuestVTable {
-                run: $crate::__private::run::<$app>,
-            },
-        };
+        pub static HOT_RELOAD_APP_DESCRIPTOR_V1: $crate::__private::abi::AppDescriptor =
+            $crate::__private::abi::AppDescriptor {
+                magic: $crate::__private::abi::DESCRIPTOR_MAGIC,
+                descriptor_version: $crate::__private::abi::DESCRIPTOR_VERSION,
+                abi_version: $crate::__private::RStr::from_str($crate::__private::abi::ABI_VERSION),
+                layout: <$crate::__private::abi::GuestVTable as $crate::__private::StableAbi>::LAYOUT,
+                vtable: &$crate::__private::abi::GuestVTable {
+                    run: $crate::__private::run::<$app>,
+                },
+            };
     };
 }
 
@@ -174,4 +181,5 @@ pub mod __private {
     pub use crate::guest::run;
     pub use abi_stable::std_types::RStr;
     pub use abi_stable::StableAbi;
+    pub use app_abi as abi;
 }

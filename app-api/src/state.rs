@@ -56,7 +56,7 @@ use abi_stable::std_types::{RSlice, RStr};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::abi::StateApi;
+use app_abi::StateApi;
 
 /// Why a state cell could not be read or written.
 #[derive(Debug, thiserror::Error)]

@@ -1,26 +1,25 @@
 //! A generation: one loaded copy of the app library, its app instance, and the thread it runs on.
 //!
-//! Requests reach a generation through a host-owned queue plus an eventfd that wakes the
-//! library's runtime, and come back through a host-owned oneshot per request; the library never
-//! gets a host waker and the host never polls a library future. A generation counts its requests
-//! in flight ([`Lease`]s) so that a retiring one is unloaded only once drained (or after the drain
-//! deadline, when the rest are cancelled).
+//! The generation serves its connections itself, on its own runtime (app-api's server); the host
+//! lends it the listening sockets, tells it where it is in its life through a lifecycle value
+//! plus an eventfd that wakes its runtime, and keeps the counts it reports (connections,
+//! streams, requests). The library never gets a host waker and the host never polls a library
+//! future. A retiring generation is stopped and unloaded once it says it holds no connection any
+//! more, or when the drain deadline passes.
 
-use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use app_api::abi::{HostRequest, Lifecycle};
-use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use app_abi::{Lifecycle, LifecycleState};
 use tokio::sync::{oneshot, Notify};
-use tokio_util::sync::CancellationToken;
 
-use crate::loader::{self, LoadedLibrary};
+use crate::handover::Handover;
+use crate::listeners::Listeners;
+use crate::loader::LoadedLibrary;
 use crate::state::StateStore;
 
 /// Where the code of a generation came from.
@@ -38,76 +37,61 @@ pub struct LibraryInfo {
 #[serde(rename_all = "snake_case")]
 #[repr(u8)]
 pub enum Phase {
+    /// Loading and initialising; accepts nothing.
     Starting = 0,
+    /// Accepts connections and takes handed-over ones.
     Serving = 1,
+    /// A newer generation serves: hands its idle connections over and finishes its streams.
     Draining = 2,
-    Stopping = 3,
+    /// The host stops serving: closes its connections once their responses are sent.
+    Closing = 3,
+    /// Told to stop; its library is unloaded once its thread ends.
+    Stopping = 4,
 }
 
-/// Bit of [`Generation::leases`] set once the generation accepts no new requests.
-const CLOSED: u64 = 1 << 63;
-
-/// A response as the app produced it, copied into host memory.
-pub struct AppResponse {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-impl AppResponse {
-    pub fn new<'a>(status: u16, headers: impl Iterator<Item = (&'a str, &'a [u8])>, body: Bytes) -> Self {
-        let Ok(status) = StatusCode::from_u16(status) else {
-            tracing::error!(status, "the app answered with an invalid status code");
-            return AppResponse::error(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n");
-        };
-        let mut map = HeaderMap::new();
-        for (name, value) in headers {
-            match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_bytes(value)) {
-                // The host frames the body itself.
-                (Ok(name), Ok(_)) if is_framing_header(&name) => {}
-                (Ok(name), Ok(value)) => {
-                    map.append(name, value);
-                }
-                _ => tracing::warn!(header = name, "dropped an invalid response header from the app"),
-            }
-        }
-        AppResponse {
-            status,
-            headers: map,
-            body,
-        }
-    }
-
-    /// A plain-text response made by the host itself.
-    pub fn error(status: StatusCode, message: &'static str) -> Self {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        AppResponse {
-            status,
-            headers,
-            body: Bytes::from_static(message.as_bytes()),
+impl Phase {
+    fn from_u8(value: u8) -> Phase {
+        match value {
+            0 => Phase::Starting,
+            1 => Phase::Serving,
+            2 => Phase::Draining,
+            3 => Phase::Closing,
+            _ => Phase::Stopping,
         }
     }
 }
 
-fn is_framing_header(name: &HeaderName) -> bool {
-    use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE};
-    [CONTENT_LENGTH, TRANSFER_ENCODING, CONNECTION, UPGRADE].contains(name) || name.as_str() == "keep-alive"
+/// How a generation leaves.
+#[derive(Debug, Clone, Copy)]
+pub enum Retirement {
+    /// A newer generation takes over its kept-alive connections.
+    HandOver,
+    /// Nothing takes over: responses close their connections, and idle ones are closed after
+    /// `idle_grace` (the time a request already on its way needs to arrive).
+    Close { idle_grace: Duration },
+}
+
+/// What a generation reports about its traffic.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub connections: AtomicU64,
+    pub streams: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub requests: AtomicU64,
 }
 
 pub struct Generation {
     pub number: u64,
     pub library: LibraryInfo,
-    queue: Mutex<VecDeque<HostRequest>>,
     wake: OwnedFd,
     pub state: Arc<StateStore>,
-    leases: AtomicU64,
-    drained: Notify,
-    cancelled: CancellationToken,
+    pub handover: Arc<Handover>,
+    pub listeners: Arc<Listeners>,
+    pub counters: Counters,
     phase: AtomicU8,
+    idle_grace_ms: AtomicU64,
+    drained: AtomicBool,
+    drained_signal: Notify,
     started: Mutex<Option<oneshot::Sender<Result<(), String>>>>,
     thread: Mutex<Option<JoinHandle<Option<LoadedLibrary>>>>,
 }
@@ -119,6 +103,8 @@ pub struct StartOptions {
     pub config: String,
     pub worker_threads: u32,
     pub state: Arc<StateStore>,
+    pub handover: Arc<Handover>,
+    pub listeners: Arc<Listeners>,
     pub init_timeout: Duration,
     /// How long to wait for a failed or retired generation's thread before leaking its library.
     pub stop_timeout: Duration,
@@ -141,8 +127,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Generation {
     /// Loads the staged library on a new thread, verifies it and initialises the app, waiting at
-    /// most `init_timeout`. On failure everything is stopped and unloaded (or, if the library
-    /// will not stop, left loaded and reported) before this returns.
+    /// most `init_timeout`, then lets it serve. On failure everything is stopped and unloaded
+    /// (or, if the library will not stop, left loaded and reported) before this returns.
     pub async fn start(options: StartOptions) -> Result<Arc<Generation>, StartError> {
         let number = options.number;
         let staged = options.library.staged_copy.clone();
@@ -155,13 +141,15 @@ impl Generation {
         let generation = Arc::new(Generation {
             number,
             library: options.library,
-            queue: Mutex::new(VecDeque::new()),
             wake,
             state: options.state,
-            leases: AtomicU64::new(0),
-            drained: Notify::new(),
-            cancelled: CancellationToken::new(),
+            handover: options.handover,
+            listeners: options.listeners,
+            counters: Counters::default(),
             phase: AtomicU8::new(Phase::Starting as u8),
+            idle_grace_ms: AtomicU64::new(0),
+            drained: AtomicBool::new(false),
+            drained_signal: Notify::new(),
             started: Mutex::new(Some(started_tx)),
             thread: Mutex::new(None),
         });
@@ -207,7 +195,10 @@ impl Generation {
         };
         match outcome {
             Ok(()) => {
+                // Only now does it accept: a generation refused after its init (a timeout that
+                // raced its report) has taken no connection it would have to drop.
                 generation.set_phase(Phase::Serving);
+                generation.wake();
                 Ok(generation)
             }
             Err(e) => {
@@ -218,12 +209,7 @@ impl Generation {
     }
 
     pub fn phase(&self) -> Phase {
-        match self.phase.load(Ordering::Acquire) {
-            0 => Phase::Starting,
-            1 => Phase::Serving,
-            2 => Phase::Draining,
-            _ => Phase::Stopping,
-        }
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
     }
 
     fn set_phase(&self, phase: Phase) {
@@ -231,58 +217,47 @@ impl Generation {
         self.phase.store(phase as u8, Ordering::Release);
     }
 
-    /// Requests currently holding this generation.
-    pub fn in_flight(&self) -> u64 {
-        self.leases.load(Ordering::Acquire) & !CLOSED
-    }
-
-    /// Takes a lease for one request, unless the generation no longer accepts requests.
-    pub fn try_acquire(self: &Arc<Self>) -> Option<Lease> {
-        let lease = Lease(Arc::clone(self));
-        if self.leases.fetch_add(1, Ordering::AcqRel) & CLOSED != 0 {
-            // Dropping the lease undoes the increment.
-            drop(lease);
-            return None;
-        }
-        Some(lease)
-    }
-
-    /// Queues a request for the library and wakes its runtime if it may be idle.
-    pub fn submit(&self, request: HostRequest) {
-        let was_empty = {
-            let mut queue = lock(&self.queue);
-            let was_empty = queue.is_empty();
-            queue.push_back(request);
-            was_empty
+    /// The lifecycle as the library reads it.
+    pub fn lifecycle(&self) -> LifecycleState {
+        let phase = match self.phase() {
+            Phase::Starting => Lifecycle::Starting,
+            Phase::Serving => Lifecycle::Serving,
+            Phase::Draining => Lifecycle::Retiring,
+            Phase::Closing => Lifecycle::Closing,
+            Phase::Stopping => Lifecycle::Stopping,
         };
-        // The library drains the queue after every wake-up, so a wake is needed only when the
-        // queue was empty: otherwise a wake-up for the earlier request is still due.
-        if was_empty {
-            self.wake();
+        LifecycleState {
+            phase,
+            idle_grace_ms: self.idle_grace_ms.load(Ordering::Acquire),
         }
     }
 
-    /// Resolves when the generation gives up on its requests (the drain deadline passed).
-    pub async fn cancelled(&self) {
-        self.cancelled.cancelled().await
-    }
-
-    /// Stops taking requests, waits until those in flight are answered or `drain_timeout`
-    /// passes (then cancels the rest), stops the library's threads and unloads it.
-    pub async fn retire(&self, drain_timeout: Duration, stop_timeout: Duration) {
+    /// Stops taking connections, lets the open ones go (handed over, or closed) and their
+    /// streams finish until `drain_timeout` passes (then whatever still runs is dropped), stops
+    /// the library's threads and unloads it.
+    pub async fn retire(&self, how: Retirement, drain_timeout: Duration, stop_timeout: Duration) {
         let began = Instant::now();
-        self.set_phase(Phase::Draining);
-        self.leases.fetch_or(CLOSED, Ordering::AcqRel);
-        // Tells the library to stop its background work now, not only once drained.
-        self.wake();
-        if tokio::time::timeout(drain_timeout, self.drained()).await.is_err() {
+        self.leave(how);
+        let drained = async {
+            loop {
+                let signal = self.drained_signal.notified();
+                tokio::pin!(signal);
+                signal.as_mut().enable();
+                if self.drained.load(Ordering::Acquire) {
+                    return;
+                }
+                signal.await;
+            }
+        };
+        if tokio::time::timeout(drain_timeout, drained).await.is_err() {
             tracing::warn!(
                 generation = self.number,
-                in_flight = self.in_flight(),
+                connections = self.counters.connections.load(Ordering::Relaxed),
+                streams = self.counters.streams.load(Ordering::Relaxed),
+                in_flight = self.counters.in_flight.load(Ordering::Relaxed),
                 drain_timeout_ms = ms(drain_timeout),
-                "drain deadline passed; cancelling the requests still running"
+                "drain deadline passed; closing what is still open"
             );
-            self.cancelled.cancel();
         } else {
             tracing::info!(generation = self.number, duration_ms = ms(began.elapsed()), "drained");
         }
@@ -290,16 +265,23 @@ impl Generation {
         self.stop(stop_timeout).await;
     }
 
-    async fn drained(&self) {
-        loop {
-            let notified = self.drained.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.in_flight() == 0 {
-                return;
+    /// Tells the library how to leave; a generation already leaving by hand-over may still be
+    /// told to close instead (the host is shutting down), never the other way round.
+    pub fn leave(&self, how: Retirement) {
+        let phase = match how {
+            Retirement::HandOver => Phase::Draining,
+            Retirement::Close { idle_grace } => {
+                let grace = u64::try_from(idle_grace.as_millis()).unwrap_or(u64::MAX);
+                self.idle_grace_ms.store(grace, Ordering::Release);
+                Phase::Closing
             }
-            notified.await;
+        };
+        let previous = self.phase();
+        if previous == Phase::Stopping || (previous == Phase::Closing && phase == Phase::Draining) {
+            return;
         }
+        self.set_phase(phase);
+        self.wake();
     }
 
     /// Tells the library to stop, joins its thread and unloads it.
@@ -330,10 +312,6 @@ impl Generation {
         match tokio::time::timeout(stop_timeout, join).await {
             Ok(Ok((stopped, unload))) => {
                 tracing::info!(generation = number, duration_ms = ms(stopped), "stopped");
-                // Requests that were queued but never taken by the library.
-                for request in lock(&self.queue).drain(..) {
-                    loader::abandon(request.responder);
-                }
                 match unload {
                     Some(Ok(())) => {
                         let still_mapped = mapped_copies(&staged);
@@ -363,19 +341,8 @@ impl Generation {
         }
     }
 
-    // Called by the library, through the loader's callbacks.
-
-    pub fn report_started(&self, outcome: Result<(), String>) {
-        if let Some(sender) = lock(&self.started).take() {
-            let _ = sender.send(outcome);
-        }
-    }
-
-    pub fn wake_fd(&self) -> i32 {
-        self.wake.as_raw_fd()
-    }
-
-    fn wake(&self) {
+    /// Wakes the library's runtime, to look at its lifecycle and the handed-over connections.
+    pub fn wake(&self) {
         if let Err(e) = rustix::io::write(&self.wake, &1u64.to_ne_bytes()) {
             // EAGAIN means the counter is already non-zero: the library is due to wake anyway.
             if e != rustix::io::Errno::AGAIN {
@@ -384,40 +351,43 @@ impl Generation {
         }
     }
 
+    // Called by the library, through the loader's callbacks.
+
+    pub fn report_started(&self, outcome: Result<(), String>) {
+        if let Some(sender) = lock(&self.started).take() {
+            let _ = sender.send(outcome);
+        }
+    }
+
+    pub fn wake_fd(&self) -> &OwnedFd {
+        &self.wake
+    }
+
     pub fn reset_wake(&self) {
         let mut buf = [0u8; 8];
         // EAGAIN means there was nothing to reset.
         let _ = rustix::io::read(&self.wake, &mut buf);
     }
 
-    pub fn pop_request(&self) -> Option<HostRequest> {
-        lock(&self.queue).pop_front()
+    pub fn report_drained(&self) {
+        self.drained.store(true, Ordering::Release);
+        self.drained_signal.notify_waiters();
     }
 
-    pub fn lifecycle(&self) -> Lifecycle {
-        match self.phase() {
-            Phase::Starting | Phase::Serving => Lifecycle::Serving,
-            Phase::Draining => Lifecycle::Retiring,
-            Phase::Stopping => Lifecycle::Stopping,
+    /// What `/metrics` shows of this generation's traffic now.
+    pub fn load(&self) -> crate::metrics::GenerationLoad {
+        crate::metrics::GenerationLoad {
+            generation: self.number,
+            connections: self.counters.connections.load(Ordering::Relaxed),
+            streams: self.counters.streams.load(Ordering::Relaxed),
+            in_flight: self.counters.in_flight.load(Ordering::Relaxed),
         }
     }
-}
 
-/// A request's hold on the generation that serves it; released when its response has been sent.
-pub struct Lease(Arc<Generation>);
-
-impl Lease {
-    pub fn generation(&self) -> &Arc<Generation> {
-        &self.0
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        let previous = self.0.leases.fetch_sub(1, Ordering::AcqRel);
-        if previous == CLOSED | 1 {
-            self.0.drained.notify_waiters();
-        }
+    pub fn request_finished(&self, status: u16) {
+        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::global().count_request(self.number, status);
     }
 }
 

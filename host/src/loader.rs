@@ -5,25 +5,26 @@
 //! - A [`LoadedLibrary`] is opened, called and (through [`LoadedLibrary::run`]) served from on its
 //!   generation's own thread, and dropped (`dlclose`) only after that thread has been joined (see
 //!   `generation.rs`). Library code therefore never runs on a thread that outlives it.
-//! - Handles given to the library are pointers the host keeps valid for as long as the library
-//!   may use them: a [`HostHandle`] for the whole of `run`, a [`ResponderHandle`] until it is
-//!   consumed, exactly once, by `respond` or `abandon`.
+//! - The [`HostHandle`] given to the library is a pointer to its [`Generation`], which the host
+//!   keeps alive for the whole of `run`; the listening sockets lent to it stay open as long.
+//! - A descriptor handed back by the library (`hand_back`) is owned by the host from then on.
 
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use abi_stable::abi_stability::abi_checking::{check_layout_compatibility_with_globals, CheckingGlobals};
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RVec};
 use abi_stable::StableAbi;
-use app_api::abi::{
-    AppDescriptor, GuestVTable, HeaderRef, HostApi, HostHandle, Lifecycle, LogLevel, Responder, ResponderHandle,
-    StateApi, StateValue, API_VERSION, DESCRIPTOR_MAGIC, DESCRIPTOR_SYMBOL, DESCRIPTOR_VERSION,
+use app_abi::{
+    AppDescriptor, GuestVTable, HandedConnection, HostApi, HostHandle, LifecycleState, ListenerRef, LogApi, LogLevel,
+    Socket, StateApi, StateValue, ABI_VERSION, DESCRIPTOR_MAGIC, DESCRIPTOR_SYMBOL, DESCRIPTOR_VERSION,
 };
-use bytes::Bytes;
-use tokio::sync::oneshot;
 
-use crate::generation::{AppResponse, Generation};
+use crate::generation::Generation;
+use crate::handover::HandedSocket;
 
 /// Why a library could not be loaded as an app.
 #[derive(Debug, thiserror::Error)]
@@ -38,9 +39,9 @@ pub enum LoadError {
     BadMagic { path: String },
     #[error("{path} uses app descriptor version {found}, this host understands version {DESCRIPTOR_VERSION}")]
     DescriptorVersion { path: String, found: u32 },
-    #[error("{path} was built against app-api {library}, which this host (app-api {API_VERSION}) cannot serve: rebuild it against app-api {API_VERSION}")]
+    #[error("{path} was built against app-abi {library}, which this host (app-abi {ABI_VERSION}) cannot serve: rebuild it against an app-api that uses app-abi {ABI_VERSION}")]
     ApiVersion { path: String, library: String },
-    #[error("{path} (app-api {library}) does not match the interface of this host (app-api {API_VERSION}): {details}")]
+    #[error("{path} (app-abi {library}) does not match the interface of this host (app-abi {ABI_VERSION}): {details}")]
     Layout {
         path: String,
         library: String,
@@ -108,8 +109,8 @@ impl LoadedLibrary {
         // SAFETY: magic and version match, so the whole descriptor has this layout and lives in
         // the library's static data, valid while `library` is open.
         let descriptor = unsafe { &*descriptor_ptr };
-        let library_api = descriptor.api_version.as_str().to_owned();
-        if !api_versions_compatible(API_VERSION, &library_api) {
+        let library_api = descriptor.abi_version.as_str().to_owned();
+        if !app_abi::versions_compatible(ABI_VERSION, &library_api) {
             return Err(LoadError::ApiVersion {
                 path: display,
                 library: library_api,
@@ -136,20 +137,43 @@ impl LoadedLibrary {
 
     /// Runs one generation of the app on the calling thread, until the host asks it to stop.
     pub fn run(&self, generation: &Arc<Generation>, config: &str, worker_threads: u32) -> Result<(), String> {
+        // SAFETY: the handle points to `generation`, which outlives this call; the callbacks
+        // below turn it back into a reference only while the library runs, that is during it.
+        let handle = unsafe { HostHandle::from_raw(Arc::as_ptr(generation) as usize) };
+        let listeners: Vec<ListenerRef> = generation
+            .listeners
+            .raw_fds()
+            .into_iter()
+            // SAFETY: `generation` holds the listeners, open, for longer than this call.
+            .map(|fd| unsafe { ListenerRef::from_raw(fd) })
+            .collect();
         let api = HostApi {
-            handle: HostHandle(Arc::as_ptr(generation) as usize),
+            handle,
             generation: generation.number,
             config: RStr::from_str(config),
             worker_threads,
-            max_log_level: host_log_level(),
-            wake_fd: generation.wake_fd(),
+            wake_fd: std::os::fd::AsRawFd::as_raw_fd(generation.wake_fd()),
+            listeners: RSlice::from_slice(&listeners),
+            limits: generation.listeners.limits(),
             started: on_started,
             reset_wake: on_reset_wake,
-            pop_request: on_pop_request,
             lifecycle: on_lifecycle,
-            log: on_log,
+            next_connection: on_next_connection,
+            hand_back: on_hand_back,
+            connection_opened: on_connection_opened,
+            connection_closed: on_connection_closed,
+            stream_opened: on_stream_opened,
+            stream_closed: on_stream_closed,
+            request_started: on_request_started,
+            request_finished: on_request_finished,
+            drained: on_drained,
+            log: LogApi {
+                handle,
+                max_level: host_log_level(),
+                event: on_log,
+            },
             state: StateApi {
-                handle: HostHandle(Arc::as_ptr(generation) as usize),
+                handle,
                 read: on_state_read,
                 compare_and_set: on_state_compare_and_set,
             },
@@ -163,7 +187,6 @@ impl LoadedLibrary {
             RResult::ROk(()) => Ok(()),
             RResult::RErr(message) => Err(message.into_string()),
         }
-        // `generation` outlives this call, so the handle stayed valid for all of it.
     }
 
     /// Closes the library. Call only after every thread that ran its code has exited.
@@ -223,18 +246,6 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-fn api_versions_compatible(host: &str, library: &str) -> bool {
-    let parse = |v: &str| -> Option<(u64, u64)> {
-        let mut parts = v.split('.');
-        Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
-    };
-    match (parse(host), parse(library)) {
-        (Some((0, host_minor)), Some((0, library_minor))) => host_minor == library_minor,
-        (Some((host_major, _)), Some((library_major, _))) => host_major == library_major,
-        _ => false,
-    }
-}
-
 fn first_lines(text: &str, count: usize) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let mut kept = lines[..lines.len().min(count)].join(" | ");
@@ -255,32 +266,11 @@ fn host_log_level() -> LogLevel {
     }
 }
 
-/// Wraps a host-side response slot as a [`Responder`] the library can answer through.
-pub fn responder(slot: oneshot::Sender<AppResponse>) -> Responder {
-    Responder {
-        handle: ResponderHandle(Box::into_raw(Box::new(slot)) as usize),
-        respond: on_respond,
-        abandon: on_abandon,
-    }
-}
-
-/// Takes back a responder that never reached the library, dropping its slot.
-pub fn abandon(responder: Responder) {
-    (responder.abandon)(responder.handle);
-}
-
 /// # Safety
 /// `handle` must come from [`LoadedLibrary::run`] and be used only while that call runs.
 unsafe fn generation_from<'a>(handle: HostHandle) -> &'a Generation {
     // SAFETY: per this function's contract, the `Arc<Generation>` behind the handle is alive.
-    unsafe { &*(handle.0 as *const Generation) }
-}
-
-/// # Safety
-/// `handle` must come from [`responder`] and not have been consumed before.
-unsafe fn take_slot(handle: ResponderHandle) -> Box<oneshot::Sender<AppResponse>> {
-    // SAFETY: per this function's contract, the box is live and this is its only owner now.
-    unsafe { Box::from_raw(handle.0 as *mut oneshot::Sender<AppResponse>) }
+    unsafe { &*(handle.to_raw() as *const Generation) }
 }
 
 /// Runs a callback body, turning a panic into `fallback` and a log line: a panic must not unwind
@@ -292,52 +282,110 @@ fn guarded<T>(callback: &str, fallback: T, body: impl FnOnce() -> T) -> T {
     })
 }
 
+/// Runs a callback body on the generation behind `handle`, panics caught.
+fn with_generation<T>(callback: &str, handle: HostHandle, fallback: T, body: impl FnOnce(&Generation) -> T) -> T {
+    guarded(callback, fallback, || {
+        // SAFETY: the library calls the host's callbacks only during `run`.
+        body(unsafe { generation_from(handle) })
+    })
+}
+
 extern "C" fn on_started(handle: HostHandle, outcome: RResult<(), RStr<'_>>) {
-    guarded("started", (), || {
-        // SAFETY: the library calls this only during `run`.
-        let generation = unsafe { generation_from(handle) };
+    with_generation("started", handle, (), |generation| {
         generation.report_started(outcome.into_result().map_err(|e| e.as_str().to_owned()));
     })
 }
 
 extern "C" fn on_reset_wake(handle: HostHandle) {
-    guarded("reset_wake", (), || {
-        // SAFETY: the library calls this only during `run`.
-        unsafe { generation_from(handle) }.reset_wake();
+    with_generation("reset_wake", handle, (), Generation::reset_wake)
+}
+
+extern "C" fn on_lifecycle(handle: HostHandle) -> LifecycleState {
+    let stop = LifecycleState {
+        phase: app_abi::Lifecycle::Stopping,
+        idle_grace_ms: 0,
+    };
+    with_generation("lifecycle", handle, stop, Generation::lifecycle)
+}
+
+extern "C" fn on_next_connection(handle: HostHandle) -> ROption<HandedConnection> {
+    with_generation("next_connection", handle, ROption::RNone, |generation| {
+        let Some(HandedSocket { socket, unread }) = generation.handover.take_for(generation) else {
+            return ROption::RNone;
+        };
+        ROption::RSome(HandedConnection {
+            // SAFETY: `into_raw_fd` gives up the host's ownership; the library owns it now.
+            socket: unsafe { Socket::from_raw(std::os::fd::IntoRawFd::into_raw_fd(socket)) },
+            prefix: RVec::from(unread),
+        })
     })
 }
 
-extern "C" fn on_pop_request(handle: HostHandle) -> ROption<app_api::abi::HostRequest> {
-    guarded("pop_request", ROption::RNone, || {
-        // SAFETY: the library calls this only during `run`.
-        unsafe { generation_from(handle) }.pop_request().into()
+extern "C" fn on_hand_back(handle: HostHandle, socket: Socket, unread: RSlice<'_, u8>) {
+    // Owned before anything can fail, so that it is closed whatever happens.
+    // SAFETY: the library gives up this connected socket (`Socket`'s contract).
+    let socket = unsafe { OwnedFd::from_raw_fd(socket.into_raw()) };
+    with_generation("hand_back", handle, (), |generation| {
+        generation.counters.connections.fetch_sub(1, Ordering::Relaxed);
+        generation.handover.hand_back(HandedSocket {
+            socket,
+            unread: unread.as_slice().to_vec(),
+        });
     })
 }
 
-extern "C" fn on_lifecycle(handle: HostHandle) -> Lifecycle {
-    guarded("lifecycle", Lifecycle::Stopping, || {
-        // SAFETY: the library calls this only during `run`.
-        unsafe { generation_from(handle) }.lifecycle()
+extern "C" fn on_connection_opened(handle: HostHandle) {
+    with_generation("connection_opened", handle, (), |generation| {
+        generation.counters.connections.fetch_add(1, Ordering::Relaxed);
     })
+}
+
+extern "C" fn on_connection_closed(handle: HostHandle) {
+    with_generation("connection_closed", handle, (), |generation| {
+        generation.counters.connections.fetch_sub(1, Ordering::Relaxed);
+    })
+}
+
+extern "C" fn on_stream_opened(handle: HostHandle) {
+    with_generation("stream_opened", handle, (), |generation| {
+        generation.counters.streams.fetch_add(1, Ordering::Relaxed);
+    })
+}
+
+extern "C" fn on_stream_closed(handle: HostHandle) {
+    with_generation("stream_closed", handle, (), |generation| {
+        generation.counters.streams.fetch_sub(1, Ordering::Relaxed);
+    })
+}
+
+extern "C" fn on_request_started(handle: HostHandle) {
+    with_generation("request_started", handle, (), |generation| {
+        generation.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+    })
+}
+
+extern "C" fn on_request_finished(handle: HostHandle, status: u16, _micros: u64) {
+    with_generation("request_finished", handle, (), |generation| {
+        generation.request_finished(status);
+    })
+}
+
+extern "C" fn on_drained(handle: HostHandle) {
+    with_generation("drained", handle, (), Generation::report_drained)
 }
 
 extern "C" fn on_state_read(handle: HostHandle, key: RStr<'_>) -> StateValue {
-    guarded(
-        "state_read",
+    let empty = StateValue {
+        version: 0,
+        bytes: ROption::RNone,
+    };
+    with_generation("state_read", handle, empty, |generation| {
+        let (version, bytes) = generation.state.read(key.as_str(), RVec::from_slice);
         StateValue {
-            version: 0,
-            bytes: ROption::RNone,
-        },
-        || {
-            // SAFETY: the library calls this only during `run`.
-            let generation = unsafe { generation_from(handle) };
-            let (version, bytes) = generation.state.read(key.as_str(), RVec::from_slice);
-            StateValue {
-                version,
-                bytes: bytes.into(),
-            }
-        },
-    )
+            version,
+            bytes: bytes.into(),
+        }
+    })
 }
 
 extern "C" fn on_state_compare_and_set(
@@ -346,9 +394,7 @@ extern "C" fn on_state_compare_and_set(
     expected: u64,
     bytes: RSlice<'_, u8>,
 ) -> bool {
-    guarded("state_compare_and_set", false, || {
-        // SAFETY: the library calls this only during `run`.
-        let generation = unsafe { generation_from(handle) };
+    with_generation("state_compare_and_set", handle, false, |generation| {
         generation
             .state
             .compare_and_set(key.as_str(), expected, bytes.as_slice())
@@ -356,41 +402,8 @@ extern "C" fn on_state_compare_and_set(
 }
 
 extern "C" fn on_log(handle: HostHandle, level: LogLevel, target: RStr<'_>, message: RStr<'_>) {
-    guarded("log", (), || {
-        // SAFETY: the library calls this only during `run`.
-        let generation = unsafe { generation_from(handle) }.number;
-        let (target, message) = (target.as_str(), message.as_str());
-        match level {
-            LogLevel::Error => tracing::error!(target: "app", generation, app_target = target, "{message}"),
-            LogLevel::Warn => tracing::warn!(target: "app", generation, app_target = target, "{message}"),
-            LogLevel::Info => tracing::info!(target: "app", generation, app_target = target, "{message}"),
-            LogLevel::Debug => tracing::debug!(target: "app", generation, app_target = target, "{message}"),
-            LogLevel::Trace => tracing::trace!(target: "app", generation, app_target = target, "{message}"),
-        }
-    })
-}
-
-extern "C" fn on_respond(
-    handle: ResponderHandle,
-    status: u16,
-    headers: RSlice<'_, HeaderRef<'_>>,
-    body: RSlice<'_, u8>,
-) {
-    guarded("respond", (), || {
-        // SAFETY: app-api's guest side consumes each responder exactly once.
-        let slot = unsafe { take_slot(handle) };
-        let headers = headers.iter().map(|h| (h.name.as_str(), h.value.as_slice()));
-        let response = AppResponse::new(status, headers, Bytes::copy_from_slice(body.as_slice()));
-        // The client may have gone away; then nobody wants the answer.
-        let _ = slot.send(response);
-    })
-}
-
-extern "C" fn on_abandon(handle: ResponderHandle) {
-    guarded("abandon", (), || {
-        // SAFETY: app-api's guest side (or the host, for requests that never reached the
-        // library) consumes each responder exactly once.
-        drop(unsafe { take_slot(handle) });
+    with_generation("log", handle, (), |generation| {
+        crate::applog::event(generation.number, level, target.as_str(), message.as_str());
     })
 }
 
@@ -406,14 +419,5 @@ mod tests {
         check_image(path, b"not an ELF file at all").expect("non-ELF files are left for dlopen to refuse");
         let error = check_image(path, &image[..4096]).expect_err("a cut image is refused");
         assert!(error.to_string().contains("cut short"), "{error}");
-    }
-
-    #[test]
-    fn api_versions() {
-        assert!(api_versions_compatible("0.1.0", "0.1.7"));
-        assert!(!api_versions_compatible("0.1.0", "0.2.0"));
-        assert!(api_versions_compatible("1.2.0", "1.0.3"));
-        assert!(!api_versions_compatible("1.2.0", "2.0.0"));
-        assert!(!api_versions_compatible("0.1.0", "garbage"));
     }
 }

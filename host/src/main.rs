@@ -2,10 +2,12 @@
 //! its whole life and reloads its request handlers, in process, from an app library.
 //!
 //! - `loader`: the only `unsafe` code — open, verify and call an app library.
-//! - `generation`: one loaded copy, its thread and its requests in flight; retire and unload.
+//! - `generation`: one loaded copy, its thread and what it serves; retire and unload.
 //! - `reload`: the current generation, the one-at-a-time reload loop, `/status`.
 //! - `trust`: who may have written a library, its sha256 and signature, checked before staging.
-//! - `server`: public listeners (HTTP/1.1 and HTTP/2) and the hand-off of requests.
+//! - `listeners`: the public listening sockets that every generation accepts on, and the limits.
+//! - `handover`: kept-alive connections on their way from a retiring generation to the next.
+//! - `applog`: app log events in the host's log.
 //! - `state`: the state store that outlives generations.
 //! - `admin`: `/status`, `/healthz`, `/readyz`, `/metrics`, `POST /reload`, `POST /upgrade`.
 //! - `build`: `--build`, the command run before each reload.
@@ -17,14 +19,16 @@
 //! - `pidfile`: `--pid-file`.
 
 mod admin;
+mod applog;
 mod build;
 mod config;
 mod generation;
+mod handover;
+mod listeners;
 mod loader;
 mod metrics;
 mod pidfile;
 mod reload;
-mod server;
 mod state;
 mod systemd;
 mod trust;
@@ -48,8 +52,8 @@ use tracing_subscriber::EnvFilter;
 
 use crate::admin::AdminOptions;
 use crate::config::{Cli, Command, LogFormat, Settings};
+use crate::listeners::{Limits, Listeners, HANDOFF_IDLE_GRACE};
 use crate::reload::{ReloadEvent, ReloadRecord, ReloadSettings, Reloader};
-use crate::server::Limits;
 use crate::systemd::Activated;
 use crate::trust::TrustPolicy;
 use crate::upgrade::{Handoff, UpgradeSettings, Upgrader};
@@ -272,7 +276,12 @@ async fn run(settings: Settings, activated: Activated, handoff: Upgraded, launch
             timeout: settings.build_timeout,
         }),
     };
-    let (reloader, triggers) = Reloader::start(reload_settings).await?;
+    let limits = Limits {
+        max_body_bytes: settings.max_body_bytes,
+        max_head_bytes: settings.max_head_bytes,
+        header_read_timeout: settings.header_read_timeout,
+    };
+    let (reloader, triggers) = Reloader::start(reload_settings, Listeners::new(listeners, &limits)?).await?;
     // Subscribed here, before any reload can start, so that none goes unannounced.
     let notifier = tokio::spawn(notify_reloads(reloader.clone(), reloader.subscribe()));
 
@@ -298,20 +307,6 @@ async fn run(settings: Settings, activated: Activated, handoff: Upgraded, launch
             shutting_down: shutting_down.clone(),
         },
         stop_admin.clone(),
-    ));
-    let limits = Limits {
-        max_body_bytes: settings.max_body_bytes,
-        max_head_bytes: settings.max_head_bytes,
-        header_read_timeout: settings.header_read_timeout,
-    };
-    let stop_serving = CancellationToken::new();
-    let server = tokio::spawn(server::serve(
-        listeners,
-        reloader.clone(),
-        limits,
-        stop_serving.clone(),
-        handed_over.clone(),
-        settings.drain_timeout,
     ));
 
     let (generation, sha256) = reloader.serving();
@@ -342,22 +337,27 @@ async fn run(settings: Settings, activated: Activated, handoff: Upgraded, launch
         }
     }
 
-    // Stop accepting, let open connections finish what they started, then unload everything.
-    // After a hand-off the new host speaks for the service (this process's notifications are
-    // off), and answers on the admin listener from now on.
+    // Finish the reload under way, stop accepting, let open connections finish what they
+    // started, then unload everything. After a hand-off the new host speaks for the service
+    // (this process's notifications are off), and answers on the admin listener from now on;
+    // until it has taken over every client, responses here close their connections and idle
+    // ones are closed after a grace period.
     systemd::stopping();
     shutting_down.cancel();
     if handed_over.is_cancelled() {
         stop_admin.cancel();
     }
-    stop_serving.cancel();
     stop_reloads.cancel();
     // Stops an upgrade under way (and its new process) and closes the sockets' copies.
     upgrader.shutdown().await;
     let _ = reload_loop.await;
     notifier.abort();
-    let _ = server.await;
-    reloader.shutdown().await;
+    let idle_grace = if handed_over.is_cancelled() {
+        HANDOFF_IDLE_GRACE
+    } else {
+        std::time::Duration::ZERO
+    };
+    reloader.shutdown(idle_grace).await;
     stop_admin.cancel();
     let _ = admin.await;
     if let Some(watchdog) = watchdog {

@@ -14,8 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
-use http::StatusCode;
-
 /// Upper bounds (seconds) of the duration histograms' buckets.
 const BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -54,19 +52,25 @@ impl Histogram {
     }
 }
 
-/// Status class labels, indexed by the status code's first digit minus one.
-const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// Outcome labels: the status classes, indexed by the status code's first digit minus one, and
+/// last the requests dropped before the app answered (the client went away, or the drain
+/// deadline passed).
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "cancelled"];
 
-fn class_index(status: StatusCode) -> usize {
-    usize::from(status.as_u16() / 100).clamp(1, 5) - 1
+/// The outcome label index of a status the app reported (0: no answer).
+fn class_index(status: u16) -> usize {
+    if status == 0 {
+        return CLASSES.len() - 1;
+    }
+    usize::from(status / 100).clamp(1, 5) - 1
 }
 
 /// Process-wide counters and histograms.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Generation (0 for answers the host made without one) → count per status class. The
-    /// request path takes only the read lock, except for a generation's first request.
-    requests: RwLock<BTreeMap<u64, [AtomicU64; 5]>>,
+    /// Generation → count per outcome. The request path takes only the read lock, except for a
+    /// generation's first request.
+    requests: RwLock<BTreeMap<u64, [AtomicU64; CLASSES.len()]>>,
     reload_duration: Mutex<Histogram>,
     drain_duration: Mutex<Histogram>,
 }
@@ -75,12 +79,22 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// What one loaded generation is serving now.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct GenerationLoad {
+    pub generation: u64,
+    pub connections: u64,
+    /// Upgraded connections (WebSocket and the like).
+    pub streams: u64,
+    pub in_flight: u64,
+}
+
 /// What the reloader knows at scrape time.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub serving: u64,
-    /// (generation, requests in flight) for every generation still loaded.
-    pub live: Vec<(u64, u64)>,
+    /// Every generation still loaded.
+    pub live: Vec<GenerationLoad>,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     /// Whether the last reload worked; `None` before the first.
@@ -94,10 +108,9 @@ pub fn global() -> &'static Metrics {
 }
 
 impl Metrics {
-    /// Counts one answered request; `generation` is `None` for answers the host made itself
-    /// before choosing a generation (body too large, shutting down).
-    pub fn count_request(&self, generation: Option<u64>, status: StatusCode) {
-        let (generation, class) = (generation.unwrap_or(0), class_index(status));
+    /// Counts one finished request with the status the app answered (0: none, it was cancelled).
+    pub fn count_request(&self, generation: u64, status: u16) {
+        let class = class_index(status);
         if let Some(counts) = self
             .requests
             .read()
@@ -130,19 +143,14 @@ impl Metrics {
             let mut requests = self.requests.write().unwrap_or_else(PoisonError::into_inner);
             let oldest_kept = snapshot.serving.saturating_sub(KEPT_GENERATIONS - 1);
             requests.retain(|generation, _| {
-                *generation == 0 || *generation >= oldest_kept || snapshot.live.iter().any(|(g, _)| g == generation)
+                *generation >= oldest_kept || snapshot.live.iter().any(|live| live.generation == *generation)
             });
             out.push_str(
-                "# HELP host_http_requests_total Requests answered, by the generation that served them \
-                 (\"none\": answered by the host before choosing one) and status class.\n\
+                "# HELP host_http_requests_total Requests finished, by the generation that served them \
+                 and status class (\"cancelled\": dropped before an answer).\n\
                  # TYPE host_http_requests_total counter\n",
             );
             for (generation, counts) in requests.iter() {
-                let generation = if *generation == 0 {
-                    "none".to_string()
-                } else {
-                    generation.to_string()
-                };
                 for (class, count) in CLASSES.iter().zip(counts) {
                     let count = count.load(Ordering::Relaxed);
                     if count > 0 {
@@ -154,15 +162,27 @@ impl Metrics {
                 }
             }
         }
-        out.push_str(
-            "# HELP host_http_requests_in_flight Requests holding a generation now.\n\
-             # TYPE host_http_requests_in_flight gauge\n",
-        );
-        for (generation, in_flight) in &snapshot.live {
-            let _ = writeln!(
-                out,
-                "host_http_requests_in_flight{{generation=\"{generation}\"}} {in_flight}"
-            );
+        type Gauge = (&'static str, &'static str, fn(&GenerationLoad) -> u64);
+        let gauges: [Gauge; 3] = [
+            (
+                "host_http_requests_in_flight",
+                "Requests whose response is not yet sent in full.",
+                |load| load.in_flight,
+            ),
+            ("host_connections_open", "Client connections open.", |load| {
+                load.connections
+            }),
+            (
+                "host_streams_open",
+                "Upgraded connections (WebSocket and the like) open.",
+                |load| load.streams,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help} By generation.\n# TYPE {name} gauge");
+            for load in &snapshot.live {
+                let _ = writeln!(out, "{name}{{generation=\"{}\"}} {}", load.generation, value(load));
+            }
         }
         let _ = writeln!(
             out,
@@ -247,13 +267,19 @@ mod tests {
     #[test]
     fn requests_by_generation_and_class() {
         let metrics = Metrics::default();
-        metrics.count_request(Some(2), StatusCode::OK);
-        metrics.count_request(Some(2), StatusCode::CREATED);
-        metrics.count_request(Some(3), StatusCode::INTERNAL_SERVER_ERROR);
-        metrics.count_request(None, StatusCode::PAYLOAD_TOO_LARGE);
+        metrics.count_request(2, 200);
+        metrics.count_request(2, 201);
+        metrics.count_request(3, 500);
+        metrics.count_request(3, 0);
+        let load = |generation, in_flight| GenerationLoad {
+            generation,
+            connections: 2,
+            streams: 1,
+            in_flight,
+        };
         let text = metrics.render(&Snapshot {
             serving: 3,
-            live: vec![(2, 0), (3, 1)],
+            live: vec![load(2, 0), load(3, 1)],
             reloads_ok: 2,
             reloads_failed: 1,
             last_reload_ok: Some(true),
@@ -261,8 +287,10 @@ mod tests {
         for line in [
             "host_http_requests_total{generation=\"2\",class=\"2xx\"} 2",
             "host_http_requests_total{generation=\"3\",class=\"5xx\"} 1",
-            "host_http_requests_total{generation=\"none\",class=\"4xx\"} 1",
+            "host_http_requests_total{generation=\"3\",class=\"cancelled\"} 1",
             "host_http_requests_in_flight{generation=\"3\"} 1",
+            "host_connections_open{generation=\"2\"} 2",
+            "host_streams_open{generation=\"3\"} 1",
             "host_generations_live 2",
             "host_serving_generation 3",
             "host_reloads_total{outcome=\"failed\"} 1",
@@ -287,11 +315,14 @@ mod tests {
     #[test]
     fn old_generations_are_forgotten() {
         let metrics = Metrics::default();
-        metrics.count_request(Some(1), StatusCode::OK);
-        metrics.count_request(Some(100), StatusCode::OK);
+        metrics.count_request(1, 200);
+        metrics.count_request(100, 200);
         let text = metrics.render(&Snapshot {
             serving: 100,
-            live: vec![(100, 0)],
+            live: vec![GenerationLoad {
+                generation: 100,
+                ..GenerationLoad::default()
+            }],
             ..Snapshot::default()
         });
         assert!(!text.contains("generation=\"1\""), "{text}");

@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::build::BuildCommand;
-use crate::generation::{ms, Generation, Lease, LibraryInfo, StartOptions};
+use crate::generation::{ms, Generation, LibraryInfo, Retirement, StartOptions};
+use crate::handover::Handover;
+use crate::listeners::Listeners;
 use crate::state::StateStore;
 use crate::trust::TrustPolicy;
 
@@ -105,6 +107,8 @@ pub struct Reloader {
     failed: AtomicU64,
     retiring: TaskTracker,
     state: Arc<StateStore>,
+    handover: Arc<Handover>,
+    listeners: Arc<Listeners>,
     triggers: mpsc::UnboundedSender<Trigger>,
     events: broadcast::Sender<ReloadEvent>,
     /// The library file as the last successful build left it (only with `--build`).
@@ -117,11 +121,22 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Reloader {
     /// Loads the first generation. The host cannot serve without one, so failing here is fatal.
-    pub async fn start(settings: ReloadSettings) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Trigger>)> {
+    pub async fn start(
+        settings: ReloadSettings,
+        listeners: Listeners,
+    ) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Trigger>)> {
         let state = Arc::new(StateStore::default());
-        let first = load_generation(&settings, &state, 1)
+        let handover = Arc::new(Handover::new());
+        let listeners = Arc::new(listeners);
+        let shared = Shared {
+            state: &state,
+            handover: &handover,
+            listeners: &listeners,
+        };
+        let first = load_generation(&settings, shared, 1)
             .await
             .with_context(|| format!("cannot serve {}", settings.app_path.display()))?;
+        handover.serve_with(&first);
         let (triggers, receiver) = mpsc::unbounded_channel();
         let reloader = Arc::new(Reloader {
             current: ArcSwap::new(Arc::clone(&first)),
@@ -132,28 +147,14 @@ impl Reloader {
             failed: AtomicU64::new(0),
             retiring: TaskTracker::new(),
             state,
+            handover,
+            listeners,
             triggers,
             events: broadcast::channel(16).0,
             built: Mutex::new(None),
             settings,
         });
         Ok((reloader, receiver))
-    }
-
-    /// A lease on the newest generation for one request, or `None` once the host is shutting
-    /// down.
-    pub fn acquire(&self) -> Option<Lease> {
-        loop {
-            let generation = self.current.load_full();
-            if let Some(lease) = generation.try_acquire() {
-                return Some(lease);
-            }
-            // A closed generation that is still current means the host is shutting down;
-            // otherwise it was swapped out just now, and the new one is taken on the next turn.
-            if Arc::ptr_eq(&generation, &self.current.load()) {
-                return None;
-            }
-        }
     }
 
     /// Reloads starting and ending, from now on.
@@ -225,7 +226,12 @@ impl Reloader {
             crate::build::run(build, number, stop).await?;
             *lock(&self.built) = FileStamp::of(&self.settings.app_path);
         }
-        load_generation(&self.settings, &self.state, number).await
+        let shared = Shared {
+            state: &self.state,
+            handover: &self.handover,
+            listeners: &self.listeners,
+        };
+        load_generation(&self.settings, shared, number).await
     }
 
     async fn reload(self: &Arc<Self>, trigger: &str, stop: &CancellationToken) -> ReloadOutcome {
@@ -237,14 +243,15 @@ impl Reloader {
         let outcome = match self.build_and_load(number, stop).await {
             Ok(new) => {
                 lock(&self.live).push(Arc::clone(&new));
-                let old = self.current.swap(new);
+                let old = self.current.swap(Arc::clone(&new));
+                self.handover.serve_with(&new);
                 tracing::info!(
                     generation = number,
                     previous = old.number,
                     duration_ms = ms(began.elapsed()),
-                    "swapped: new requests go to generation {number}"
+                    "swapped: new connections and kept-alive ones go to generation {number}"
                 );
-                self.retire(old);
+                self.retire(old, Retirement::HandOver);
                 self.succeeded.fetch_add(1, Ordering::Relaxed);
                 Ok(number)
             }
@@ -274,19 +281,29 @@ impl Reloader {
         outcome
     }
 
-    fn retire(self: &Arc<Self>, old: Arc<Generation>) {
+    fn retire(self: &Arc<Self>, old: Arc<Generation>, how: Retirement) {
+        // At once, not when the task runs: a request arriving on a kept-alive connection from
+        // now on should find the connection already on its way to the new generation.
+        old.leave(how);
         let this = Arc::clone(self);
         self.retiring.spawn(async move {
-            old.retire(this.settings.drain_timeout, this.settings.stop_timeout)
+            old.retire(how, this.settings.drain_timeout, this.settings.stop_timeout)
                 .await;
             lock(&this.live).retain(|g| !Arc::ptr_eq(g, &old));
         });
     }
 
-    /// Stops serving: requests in flight finish (within the drain timeout), then every
-    /// generation is stopped and unloaded.
-    pub async fn shutdown(self: &Arc<Self>) {
-        self.retire(self.current.load_full());
+    /// Stops serving: no generation accepts any more, responses under way finish and close
+    /// their connections, idle connections are closed after `idle_grace`, streams end (within
+    /// the drain timeout), then every generation is stopped and unloaded.
+    pub async fn shutdown(self: &Arc<Self>, idle_grace: Duration) {
+        let how = Retirement::Close { idle_grace };
+        for generation in lock(&self.live).iter() {
+            generation.leave(how);
+        }
+        // Whatever a draining generation hands back from now on is closed.
+        self.handover.close();
+        self.retire(self.current.load_full(), how);
         self.retiring.close();
         self.retiring.wait().await;
     }
@@ -301,7 +318,7 @@ impl Reloader {
     pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
         crate::metrics::Snapshot {
             serving: self.current.load().number,
-            live: lock(&self.live).iter().map(|g| (g.number, g.in_flight())).collect(),
+            live: lock(&self.live).iter().map(|g| g.load()).collect(),
             reloads_ok: self.succeeded.load(Ordering::Relaxed),
             reloads_failed: self.failed.load(Ordering::Relaxed),
             last_reload_ok: lock(&self.last_reload).as_ref().map(|r| r.ok),
@@ -317,7 +334,10 @@ impl Reloader {
                 serde_json::json!({
                     "generation": g.number,
                     "phase": g.phase(),
-                    "in_flight": g.in_flight(),
+                    "connections": g.counters.connections.load(Ordering::Relaxed),
+                    "streams": g.counters.streams.load(Ordering::Relaxed),
+                    "in_flight": g.counters.in_flight.load(Ordering::Relaxed),
+                    "requests": g.counters.requests.load(Ordering::Relaxed),
                     "sha256": g.library.sha256,
                 })
             })
@@ -336,10 +356,18 @@ impl Reloader {
     }
 }
 
+/// What every generation shares with the others.
+#[derive(Clone, Copy)]
+struct Shared<'a> {
+    state: &'a Arc<StateStore>,
+    handover: &'a Arc<Handover>,
+    listeners: &'a Arc<Listeners>,
+}
+
 /// Stages a copy of the library and starts a generation from it.
 async fn load_generation(
     settings: &ReloadSettings,
-    state: &Arc<StateStore>,
+    shared: Shared<'_>,
     number: u64,
 ) -> anyhow::Result<Arc<Generation>> {
     let began = Instant::now();
@@ -363,7 +391,9 @@ async fn load_generation(
         library,
         config,
         worker_threads: settings.worker_threads,
-        state: Arc::clone(state),
+        state: Arc::clone(shared.state),
+        handover: Arc::clone(shared.handover),
+        listeners: Arc::clone(shared.listeners),
         init_timeout: settings.init_timeout,
         stop_timeout: settings.stop_timeout,
     })

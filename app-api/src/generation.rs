@@ -1,0 +1,177 @@
+//! What every task of a generation shares: the host's callbacks, the lifecycle the host set,
+//! the app's router, and the count of open connections that decides when the generation is
+//! drained.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use abi_stable::std_types::{ROption, RSlice};
+use app_abi::{ConnectionLimits, HandedConnection, HostApi, HostHandle, Lifecycle, LifecycleState, Socket};
+use tokio::sync::{watch, Notify};
+
+/// The host's callbacks, copied out of the [`HostApi`] (which is only borrowed for the duration
+/// of `run`; every task that uses these ends before `run` returns).
+#[derive(Clone, Copy)]
+pub(crate) struct HostLink {
+    handle: HostHandle,
+    reset_wake: extern "C" fn(HostHandle),
+    lifecycle: extern "C" fn(HostHandle) -> LifecycleState,
+    next_connection: extern "C" fn(HostHandle) -> ROption<HandedConnection>,
+    hand_back: extern "C" fn(HostHandle, Socket, RSlice<'_, u8>),
+    connection_opened: extern "C" fn(HostHandle),
+    connection_closed: extern "C" fn(HostHandle),
+    stream_opened: extern "C" fn(HostHandle),
+    stream_closed: extern "C" fn(HostHandle),
+    request_started: extern "C" fn(HostHandle),
+    request_finished: extern "C" fn(HostHandle, u16, u64),
+    drained: extern "C" fn(HostHandle),
+}
+
+impl HostLink {
+    pub(crate) fn new(host: &HostApi<'_>) -> Self {
+        HostLink {
+            handle: host.handle,
+            reset_wake: host.reset_wake,
+            lifecycle: host.lifecycle,
+            next_connection: host.next_connection,
+            hand_back: host.hand_back,
+            connection_opened: host.connection_opened,
+            connection_closed: host.connection_closed,
+            stream_opened: host.stream_opened,
+            stream_closed: host.stream_closed,
+            request_started: host.request_started,
+            request_finished: host.request_finished,
+            drained: host.drained,
+        }
+    }
+
+    pub(crate) fn reset_wake(&self) {
+        (self.reset_wake)(self.handle)
+    }
+
+    pub(crate) fn lifecycle(&self) -> LifecycleState {
+        (self.lifecycle)(self.handle)
+    }
+
+    pub(crate) fn next_connection(&self) -> Option<HandedConnection> {
+        (self.next_connection)(self.handle).into_option()
+    }
+
+    pub(crate) fn drained(&self) {
+        (self.drained)(self.handle)
+    }
+}
+
+/// One generation's serving state, shared by its control loop, accept loops and connections.
+pub(crate) struct Generation {
+    pub(crate) host: HostLink,
+    pub(crate) router: axum::Router,
+    pub(crate) limits: ConnectionLimits,
+    lifecycle: watch::Sender<LifecycleState>,
+    /// Connections of this generation that are open (upgraded ones included).
+    live: AtomicUsize,
+    /// Accept loops still running.
+    accepting: AtomicUsize,
+    /// Woken when `live` or `accepting` drops to 0.
+    emptied: Notify,
+}
+
+impl Generation {
+    pub(crate) fn new(host: HostLink, router: axum::Router, limits: ConnectionLimits) -> Self {
+        Generation {
+            host,
+            router,
+            limits,
+            lifecycle: watch::Sender::new(LifecycleState {
+                phase: Lifecycle::Starting,
+                idle_grace_ms: 0,
+            }),
+            live: AtomicUsize::new(0),
+            accepting: AtomicUsize::new(0),
+            emptied: Notify::new(),
+        }
+    }
+
+    /// Publishes the host's lifecycle to every task; returns whether the phase changed.
+    pub(crate) fn set_lifecycle(&self, state: LifecycleState) -> bool {
+        self.lifecycle.send_if_modified(|current| {
+            let changed = current.phase != state.phase;
+            *current = state;
+            changed
+        })
+    }
+
+    pub(crate) fn lifecycle(&self) -> watch::Receiver<LifecycleState> {
+        self.lifecycle.subscribe()
+    }
+
+    pub(crate) fn phase(&self) -> Lifecycle {
+        self.lifecycle.borrow().phase
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.phase() == Lifecycle::Stopping
+    }
+
+    pub(crate) fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.header_read_timeout_ms)
+    }
+
+    /// Whether nothing is left to serve: no accept loop runs and no connection is open.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.accepting.load(Ordering::Acquire) == 0 && self.live.load(Ordering::Acquire) == 0
+    }
+
+    /// Resolves when the generation may have become empty.
+    pub(crate) async fn emptied(&self) {
+        self.emptied.notified().await
+    }
+
+    pub(crate) fn accept_loop_started(&self) {
+        self.accepting.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn accept_loop_ended(&self) {
+        if self.accepting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.emptied.notify_one();
+        }
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        (self.host.connection_opened)(self.host.handle);
+    }
+
+    fn forget_connection(&self) {
+        if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.emptied.notify_one();
+        }
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        (self.host.connection_closed)(self.host.handle);
+        self.forget_connection();
+    }
+
+    /// Gives a connection to the host, for the serving generation; the host counts it closed here.
+    pub(crate) fn hand_back(&self, stream: std::net::TcpStream, unread: &[u8]) {
+        (self.host.hand_back)(self.host.handle, crate::fd::give_up(stream), RSlice::from_slice(unread));
+        self.forget_connection();
+    }
+
+    pub(crate) fn stream_opened(&self) {
+        (self.host.stream_opened)(self.host.handle)
+    }
+
+    pub(crate) fn stream_closed(&self) {
+        (self.host.stream_closed)(self.host.handle)
+    }
+
+    pub(crate) fn request_started(&self) {
+        (self.host.request_started)(self.host.handle)
+    }
+
+    pub(crate) fn request_finished(&self, status: u16, micros: u64) {
+        (self.host.request_finished)(self.host.handle, status, micros)
+    }
+}

@@ -1,0 +1,86 @@
+//! Kept-alive connections on their way from a retiring generation to the serving one.
+//!
+//! A retiring generation gives back each idle HTTP/1 connection — the socket and the bytes it had
+//! read ahead — through the `hand_back` callback; they wait here, and the serving generation,
+//! woken through its eventfd, takes them with `next_connection`. Only a generation in
+//! [`Phase::Serving`] takes any, so a connection never goes back to retiring code; one that
+//! arrives while no generation serves (the host is shutting down) is closed.
+
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use arc_swap::ArcSwapOption;
+
+use crate::generation::{Generation, Phase};
+
+/// A connection between two generations.
+pub struct HandedSocket {
+    pub socket: OwnedFd,
+    /// Bytes read from the socket that no request used yet; they come before the socket's.
+    pub unread: Vec<u8>,
+}
+
+#[derive(Default)]
+pub struct Handover {
+    /// `None` once the host stops serving: then a connection handed back is closed.
+    waiting: Mutex<Option<VecDeque<HandedSocket>>>,
+    /// The generation to wake when a connection arrives.
+    serving: ArcSwapOption<Generation>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Handover {
+    pub fn new() -> Self {
+        Handover {
+            waiting: Mutex::new(Some(VecDeque::new())),
+            serving: ArcSwapOption::empty(),
+        }
+    }
+
+    /// From now on, connections go to `generation` (which must be serving already).
+    pub fn serve_with(&self, generation: &Arc<Generation>) {
+        self.serving.store(Some(Arc::clone(generation)));
+        // Connections that arrived before the switch are waiting for it.
+        generation.wake();
+    }
+
+    /// Queues a connection for the serving generation, or closes it if none will serve again.
+    pub fn hand_back(&self, connection: HandedSocket) {
+        {
+            let mut waiting = lock(&self.waiting);
+            match waiting.as_mut() {
+                Some(queue) => queue.push_back(connection),
+                None => return,
+            }
+        }
+        if let Some(serving) = self.serving.load().as_ref() {
+            serving.wake();
+        }
+    }
+
+    /// The next waiting connection, for `generation` if it serves.
+    pub fn take_for(&self, generation: &Generation) -> Option<HandedSocket> {
+        if generation.phase() != Phase::Serving {
+            return None;
+        }
+        lock(&self.waiting).as_mut()?.pop_front()
+    }
+
+    /// No generation serves any more: close what waits, and whatever comes later.
+    pub fn close(&self) {
+        let waiting = lock(&self.waiting).take();
+        self.serving.store(None);
+        if let Some(waiting) = waiting {
+            if !waiting.is_empty() {
+                tracing::info!(
+                    connections = waiting.len(),
+                    "closing kept-alive connections no generation will serve"
+                );
+            }
+        }
+    }
+}
