@@ -109,6 +109,12 @@ impl Generation {
         self.lifecycle.borrow().phase
     }
 
+    /// Whether the host's lifecycle is `phase` now, which this generation's tasks may not have
+    /// been told yet.
+    pub(crate) fn host_says(&self, phase: Lifecycle) -> bool {
+        self.host.lifecycle().phase == phase
+    }
+
     pub(crate) fn is_stopping(&self) -> bool {
         self.phase() == Lifecycle::Stopping
     }

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use app_abi::Lifecycle;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -40,6 +41,9 @@ pub(crate) struct ConnState {
     websocket: AtomicBool,
     /// Set when the app answered `101` at all: the connection is now a stream of the app.
     upgraded: AtomicBool,
+    /// Set while the connection is HTTP/1 between requests could be handed over: then a read
+    /// first asks the host whether the generation still serves.
+    hand_over_before_reading: AtomicBool,
     /// Woken when `in_flight` drops to 0.
     pub(crate) idle: Notify,
 }
@@ -76,7 +80,12 @@ impl ConnState {
         self.handing_over.store(true, Ordering::Release);
     }
 
+    pub(crate) fn hand_over_before_reading(&self) {
+        self.hand_over_before_reading.store(true, Ordering::Release);
+    }
+
     pub(crate) fn mark_upgraded(&self, websocket: bool) {
+        self.hand_over_before_reading.store(false, Ordering::Release);
         self.upgraded.store(true, Ordering::Release);
         self.websocket.store(websocket, Ordering::Release);
     }
@@ -165,6 +174,16 @@ impl Drop for ConnIo {
 impl Read for ConnIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, mut buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        // Between requests, a request that comes after the host swapped generations must run the
+        // new code, even if this generation has not yet been woken to learn of the swap: so
+        // nothing more is read, and the connection's driver (woken here) hands it over.
+        if this.state.hand_over_before_reading.load(Ordering::Acquire)
+            && this.state.in_flight() == 0
+            && this.generation.host_says(Lifecycle::Retiring)
+        {
+            this.state.idle.notify_one();
+            return Poll::Pending;
+        }
         let unread = &this.prefix[this.prefix_read..];
         if !unread.is_empty() {
             let take = unread.len().min(buf.remaining());

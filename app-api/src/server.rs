@@ -88,6 +88,7 @@ impl Server {
                 };
                 match accepted {
                     Ok((stream, _)) => server.spawn_connection(stream, Vec::new(), false),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
                     Err(e) => {
                         tracing::warn!("accept failed: {e}");
                         tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -133,6 +134,11 @@ impl Server {
                 _ = lifecycle.wait_for(|state| state.phase != Lifecycle::Serving) => Sniffed::Retired,
             };
             match sniffed {
+                Sniffed::Done(Ok(Ok(_))) if self.generation.host_says(Lifecycle::Retiring) => {
+                    // Accepted just as a newer generation took over: it is the newer one's.
+                    io.hand_back(&[]);
+                    return;
+                }
                 Sniffed::Done(Ok(Ok(protocol))) => protocol,
                 Sniffed::Done(Ok(Err(e))) => {
                     tracing::debug!("a connection failed before its first request: {e}");
@@ -169,6 +175,7 @@ impl Server {
         state: Arc<ConnState>,
         mut lifecycle: watch::Receiver<LifecycleState>,
     ) {
+        state.hand_over_before_reading();
         let mut connection = self.http1.serve_connection(io, service).with_upgrades();
         // The requests served when a hand-over began: one answered after it means the client was
         // told the connection closes, so it must not be handed over after all.
@@ -203,7 +210,9 @@ impl Server {
             if shut_down {
                 continue;
             }
-            let current = *lifecycle.borrow();
+            // The host's word, not the last one this generation's control loop passed on: the
+            // connection's reads may already have stopped for it (see `ConnIo`).
+            let current = self.generation.host.lifecycle();
             match current.phase {
                 Lifecycle::Starting | Lifecycle::Serving => {}
                 Lifecycle::Retiring => {

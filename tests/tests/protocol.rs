@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use e2e_tests::client::{self, Http2, KeepAlive};
-use e2e_tests::{assert_answer, example_app, AppVersion, Sandbox};
+use e2e_tests::{assert_answer, example_app, wait_until, AppVersion, Sandbox};
 use hyper::{Method, StatusCode, Version};
 
 /// A body that is not all one byte, so that reordering or truncation would show.
@@ -53,15 +53,20 @@ async fn http2_prior_knowledge_works() {
         "POST /echo over HTTP/2 should answer the same body"
     );
 
+    // A reload sends the HTTP/2 connection GOAWAY (its streams would finish on the old code);
+    // the client then opens a new connection, which the new version serves.
     sandbox.deploy(example_app(AppVersion::V2));
     host.reload_ok().await;
-    assert!(!connection.is_closed(), "the reload closed the HTTP/2 connection");
+    wait_until("the reload to close the HTTP/2 connection", Duration::from_secs(10), || {
+        let closed = connection.is_closed();
+        async move { if closed { Ok(()) } else { Err("still open".to_string()) } }
+    })
+    .await;
+    let mut connection = client::Http2::connect(host.addr())
+        .await
+        .expect("a new HTTP/2 connection after a reload");
     let reply = connection.get("/").await.expect("GET / over HTTP/2 after a reload");
-    assert_answer(
-        &reply,
-        &AppVersion::V2.greeting(),
-        "the same HTTP/2 connection after a reload",
-    );
+    assert_answer(&reply, &AppVersion::V2.greeting(), "a new HTTP/2 connection after a reload");
 }
 
 /// `POST /echo` answers with the request body, byte for byte, on fresh and keep-alive
