@@ -56,6 +56,56 @@
 //!
 //! # Serving
 //!
+//! Routes stream as in any axum app — server-sent events, WebSocket, streamed bodies:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use app_api::axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+//! use app_api::axum::response::sse::{Event, KeepAlive, Sse};
+//! use app_api::axum::response::IntoResponse;
+//! use app_api::axum::{routing::get, Router};
+//! use app_api::{tokio, App, InitContext};
+//! use futures_util::stream::{self, Stream};
+//!
+//! struct Hello;
+//!
+//! impl App for Hello {
+//!     async fn init(_ctx: InitContext) -> Result<Self, app_api::Error> {
+//!         Ok(Hello)
+//!     }
+//!
+//!     fn router(&self) -> Router {
+//!         Router::new()
+//!             .route("/", get(|| async { "hello\n" }))
+//!             .route("/ticks", get(ticks))
+//!             .route("/echo", get(echo))
+//!     }
+//! }
+//!
+//! /// Server-sent events: one a second, each sent as soon as it is produced.
+//! async fn ticks() -> Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>> {
+//!     let events = stream::unfold(0u64, |n| async move {
+//!         tokio::time::sleep(Duration::from_secs(1)).await;
+//!         Some((Ok(Event::default().data(format!("tick {n}"))), n + 1))
+//!     });
+//!     Sse::new(events).keep_alive(KeepAlive::default())
+//! }
+//!
+//! /// A WebSocket that echoes text.
+//! async fn echo(upgrade: WebSocketUpgrade) -> impl IntoResponse {
+//!     upgrade.on_upgrade(|mut socket: WebSocket| async move {
+//!         while let Some(Ok(Message::Text(text))) = socket.recv().await {
+//!             if socket.send(Message::Text(text)).await.is_err() {
+//!                 break;
+//!             }
+//!         }
+//!     })
+//! }
+//!
+//! app_api::export_app!(Hello);
+//! ```
+//!
 //! The generation serves its connections itself: hyper runs the app's `Router` on the
 //! generation's runtime, exactly as a plain axum server would, so streamed request and response
 //! bodies, server-sent events, WebSocket (`axum::extract::ws`), `ConnectInfo<SocketAddr>`, and

@@ -149,8 +149,8 @@ pub struct Options {
     #[arg(long, env = "HOST_UPGRADE_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub upgrade_timeout: Option<Duration>,
 
-    /// How long a retiring generation (or the host, on shutdown) waits for requests in flight
-    /// before cancelling them [default: 30s].
+    /// How long a retiring generation (or the host, on shutdown) lets requests in flight and
+    /// streams (WebSocket, SSE, downloads) run before closing them [default: 30s].
     #[arg(long, env = "HOST_DRAIN_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub drain_timeout: Option<Duration>,
 
