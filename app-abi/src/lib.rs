@@ -26,7 +26,10 @@
 
 mod log;
 
-pub use log::{LogApi, LogLevel};
+pub use log::{
+    LogApi, LogCallsite, LogCallsiteKind, LogInterest, LogLevel, LogNewSpan, LogOutcome, LogParent, LogParentKind,
+    LogValue, LogValueKind,
+};
 
 use abi_stable::{
     std_types::{ROption, RResult, RSlice, RStr, RString, RVec},

@@ -88,6 +88,8 @@ pub struct Generation {
     pub handover: Arc<Handover>,
     pub listeners: Arc<Listeners>,
     pub counters: Counters,
+    /// The app's log callsites and open spans (see `applog.rs`).
+    pub log: crate::applog::AppLog,
     phase: AtomicU8,
     idle_grace_ms: AtomicU64,
     drained: AtomicBool,
@@ -146,6 +148,7 @@ impl Generation {
             handover: options.handover,
             listeners: options.listeners,
             counters: Counters::default(),
+            log: crate::applog::AppLog::new(number),
             phase: AtomicU8::new(Phase::Starting as u8),
             idle_grace_ms: AtomicU64::new(0),
             drained: AtomicBool::new(false),
@@ -336,6 +339,8 @@ impl Generation {
                 "the library did not stop in time (a task or thread is blocked); it stays loaded"
             ),
         }
+        // Its library's threads are gone (or it stays loaded, stuck): close the spans it left open.
+        self.log.release();
         if let Err(e) = std::fs::remove_file(&staged) {
             tracing::debug!(generation = number, error = %e, "could not remove the staged copy");
         }
@@ -384,10 +389,10 @@ impl Generation {
         }
     }
 
-    pub fn request_finished(&self, status: u16) {
+    pub fn request_finished(&self, status: u16, micros: u64) {
         self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::global().count_request(self.number, status);
+        crate::metrics::global().count_request(self.number, status, micros);
     }
 }
 

@@ -19,8 +19,9 @@ use abi_stable::abi_stability::abi_checking::{check_layout_compatibility_with_gl
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RVec};
 use abi_stable::StableAbi;
 use app_abi::{
-    AppDescriptor, GuestVTable, HandedConnection, HostApi, HostHandle, LifecycleState, ListenerRef, LogApi, LogLevel,
-    Socket, StateApi, StateValue, ABI_VERSION, DESCRIPTOR_MAGIC, DESCRIPTOR_SYMBOL, DESCRIPTOR_VERSION,
+    AppDescriptor, GuestVTable, HandedConnection, HostApi, HostHandle, LifecycleState, ListenerRef, LogApi,
+    LogCallsite, LogInterest, LogLevel, LogNewSpan, LogOutcome, LogParent, LogValue, Socket, StateApi, StateValue,
+    ABI_VERSION, DESCRIPTOR_MAGIC, DESCRIPTOR_SYMBOL, DESCRIPTOR_VERSION,
 };
 
 use crate::generation::Generation;
@@ -170,7 +171,16 @@ impl LoadedLibrary {
             log: LogApi {
                 handle,
                 max_level: host_log_level(),
+                register_callsite: on_log_register_callsite,
+                enabled: on_log_enabled,
                 event: on_log,
+                new_span: on_log_new_span,
+                record: on_log_record,
+                follows_from: on_log_follows_from,
+                enter: on_log_enter,
+                exit: on_log_exit,
+                clone_span: on_log_clone_span,
+                try_close: on_log_try_close,
             },
             state: StateApi {
                 handle,
@@ -364,9 +374,9 @@ extern "C" fn on_request_started(handle: HostHandle) {
     })
 }
 
-extern "C" fn on_request_finished(handle: HostHandle, status: u16, _micros: u64) {
+extern "C" fn on_request_finished(handle: HostHandle, status: u16, micros: u64) {
     with_generation("request_finished", handle, (), |generation| {
-        generation.request_finished(status);
+        generation.request_finished(status, micros);
     })
 }
 
@@ -401,9 +411,74 @@ extern "C" fn on_state_compare_and_set(
     })
 }
 
-extern "C" fn on_log(handle: HostHandle, level: LogLevel, target: RStr<'_>, message: RStr<'_>) {
-    with_generation("log", handle, (), |generation| {
-        crate::applog::event(generation.number, level, target.as_str(), message.as_str());
+// The library's `tracing` subscriber (see `applog.rs`). Everything it passes is borrowed for the
+// call and copied by `applog`.
+
+extern "C" fn on_log_register_callsite(handle: HostHandle, token: u64, site: &LogCallsite<'_>) -> LogInterest {
+    with_generation("log_register_callsite", handle, LogInterest::Never, |generation| {
+        generation.log.register_callsite(token, site)
+    })
+}
+
+extern "C" fn on_log_enabled(handle: HostHandle, token: u64) -> bool {
+    with_generation("log_enabled", handle, false, |generation| generation.log.enabled(token))
+}
+
+extern "C" fn on_log(
+    handle: HostHandle,
+    token: u64,
+    parent: LogParent,
+    values: RSlice<'_, LogValue<'_>>,
+) -> LogOutcome {
+    with_generation("log", handle, LogOutcome::Done, |generation| {
+        generation.log.event(token, parent, values.as_slice())
+    })
+}
+
+extern "C" fn on_log_new_span(
+    handle: HostHandle,
+    token: u64,
+    parent: LogParent,
+    values: RSlice<'_, LogValue<'_>>,
+) -> LogNewSpan {
+    let none = LogNewSpan {
+        outcome: LogOutcome::Done,
+        span: 0,
+    };
+    with_generation("log_new_span", handle, none, |generation| {
+        generation.log.new_span(token, parent, values.as_slice())
+    })
+}
+
+extern "C" fn on_log_record(handle: HostHandle, span: u64, values: RSlice<'_, LogValue<'_>>) {
+    with_generation("log_record", handle, (), |generation| {
+        generation.log.record(span, values.as_slice())
+    })
+}
+
+extern "C" fn on_log_follows_from(handle: HostHandle, span: u64, follows: u64) {
+    with_generation("log_follows_from", handle, (), |generation| {
+        generation.log.follows_from(span, follows)
+    })
+}
+
+extern "C" fn on_log_enter(handle: HostHandle, span: u64) {
+    with_generation("log_enter", handle, (), |generation| generation.log.enter(span))
+}
+
+extern "C" fn on_log_exit(handle: HostHandle, span: u64) {
+    with_generation("log_exit", handle, (), |generation| generation.log.exit(span))
+}
+
+extern "C" fn on_log_clone_span(handle: HostHandle, span: u64) {
+    with_generation("log_clone_span", handle, (), |generation| {
+        generation.log.clone_span(span)
+    })
+}
+
+extern "C" fn on_log_try_close(handle: HostHandle, span: u64) -> bool {
+    with_generation("log_try_close", handle, false, |generation| {
+        generation.log.try_close(span)
     })
 }
 

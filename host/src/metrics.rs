@@ -52,6 +52,50 @@ impl Histogram {
     }
 }
 
+/// Upper bounds (seconds) of the request duration histogram's buckets: requests take
+/// microseconds to minutes (a stream lasts as long as it runs).
+const REQUEST_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0,
+];
+
+/// The request duration histogram, which every request updates: atomics, no lock.
+#[derive(Debug, Default)]
+struct RequestDurations {
+    /// Per bucket (not cumulative), plus one for `+Inf`.
+    counts: [AtomicU64; REQUEST_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl RequestDurations {
+    fn observe(&self, micros: u64) {
+        let seconds = micros as f64 / 1e6;
+        let index = REQUEST_BUCKETS
+            .iter()
+            .position(|&le| seconds <= le)
+            .unwrap_or(REQUEST_BUCKETS.len());
+        self.counts[index].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String) {
+        let name = "host_http_request_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} How long requests took, from their head to the end of their response body.\n\
+             # TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for (le, count) in REQUEST_BUCKETS.iter().zip(&self.counts) {
+            cumulative += count.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        cumulative += self.counts[REQUEST_BUCKETS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
+}
+
 /// Outcome labels: the status classes, indexed by the status code's first digit minus one, and
 /// last the requests dropped before the app answered (the client went away, or the drain
 /// deadline passed).
@@ -71,6 +115,7 @@ pub struct Metrics {
     /// Generation → count per outcome. The request path takes only the read lock, except for a
     /// generation's first request.
     requests: RwLock<BTreeMap<u64, [AtomicU64; CLASSES.len()]>>,
+    request_durations: RequestDurations,
     reload_duration: Mutex<Histogram>,
     drain_duration: Mutex<Histogram>,
 }
@@ -108,8 +153,10 @@ pub fn global() -> &'static Metrics {
 }
 
 impl Metrics {
-    /// Counts one finished request with the status the app answered (0: none, it was cancelled).
-    pub fn count_request(&self, generation: u64, status: u16) {
+    /// Counts one finished request with the status the app answered (0: none, it was cancelled)
+    /// and how long it took.
+    pub fn count_request(&self, generation: u64, status: u16, micros: u64) {
+        self.request_durations.observe(micros);
         let class = class_index(status);
         if let Some(counts) = self
             .requests
@@ -211,6 +258,7 @@ impl Metrics {
                 u8::from(ok)
             );
         }
+        self.request_durations.render(&mut out);
         lock(&self.reload_duration).render(
             &mut out,
             "host_reload_duration_seconds",
@@ -267,10 +315,10 @@ mod tests {
     #[test]
     fn requests_by_generation_and_class() {
         let metrics = Metrics::default();
-        metrics.count_request(2, 200);
-        metrics.count_request(2, 201);
-        metrics.count_request(3, 500);
-        metrics.count_request(3, 0);
+        metrics.count_request(2, 200, 80);
+        metrics.count_request(2, 201, 300);
+        metrics.count_request(3, 500, 2_000_000);
+        metrics.count_request(3, 0, 1_000);
         let load = |generation, in_flight| GenerationLoad {
             generation,
             connections: 2,
@@ -295,6 +343,10 @@ mod tests {
             "host_serving_generation 3",
             "host_reloads_total{outcome=\"failed\"} 1",
             "host_last_reload_ok 1",
+            "host_http_request_duration_seconds_bucket{le=\"0.0001\"} 1",
+            "host_http_request_duration_seconds_bucket{le=\"0.001\"} 3",
+            "host_http_request_duration_seconds_bucket{le=\"+Inf\"} 4",
+            "host_http_request_duration_seconds_count 4",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
         }
@@ -315,8 +367,8 @@ mod tests {
     #[test]
     fn old_generations_are_forgotten() {
         let metrics = Metrics::default();
-        metrics.count_request(1, 200);
-        metrics.count_request(100, 200);
+        metrics.count_request(1, 200, 1);
+        metrics.count_request(100, 200, 1);
         let text = metrics.render(&Snapshot {
             serving: 100,
             live: vec![GenerationLoad {
