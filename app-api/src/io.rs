@@ -44,6 +44,8 @@ pub(crate) struct ConnState {
     /// Set while the connection is HTTP/1 between requests could be handed over: then a read
     /// first asks the host whether the generation still serves.
     hand_over_before_reading: AtomicBool,
+    /// Request bodies still being read: while one is, the socket must be read whatever happens.
+    bodies_reading: AtomicU64,
     /// Woken when `in_flight` drops to 0.
     pub(crate) idle: Notify,
 }
@@ -66,6 +68,25 @@ impl ConnState {
 
     pub(crate) fn served(&self) -> u64 {
         self.served.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn body_reading(&self) {
+        self.bodies_reading.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn body_read(&self) {
+        self.bodies_reading.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Whether reading more of the socket must wait for the connection to be handed over: the
+    /// generation retires and no request body is being read. Bytes that arrive now belong to
+    /// requests sent after the swap (or pipelined behind the one under way), which the new
+    /// generation serves; what hyper has already read is served here.
+    fn must_stop_reading(&self, generation: &Generation) -> bool {
+        self.hand_over_before_reading.load(Ordering::Acquire)
+            && !self.handing_over.load(Ordering::Acquire)
+            && self.bodies_reading.load(Ordering::Acquire) == 0
+            && generation.host_says(Lifecycle::Retiring)
     }
 
     pub(crate) fn mark_unread_body(&self) {
@@ -174,14 +195,14 @@ impl Drop for ConnIo {
 impl Read for ConnIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, mut buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        // Between requests, a request that comes after the host swapped generations must run the
-        // new code, even if this generation has not yet been woken to learn of the swap: so
-        // nothing more is read, and the connection's driver (woken here) hands it over.
-        if this.state.hand_over_before_reading.load(Ordering::Acquire)
-            && this.state.in_flight() == 0
-            && this.generation.host_says(Lifecycle::Retiring)
-        {
-            this.state.idle.notify_one();
+        // A request that comes after the host swapped generations must run the new code, even
+        // if this generation has not yet been woken to learn of the swap: so nothing more is
+        // read, and the connection's driver hands it over once no request is in flight (woken
+        // here if none is; otherwise the end of the last one wakes it).
+        if this.state.must_stop_reading(&this.generation) {
+            if this.state.in_flight() == 0 {
+                this.state.idle.notify_one();
+            }
             return Poll::Pending;
         }
         let unread = &this.prefix[this.prefix_read..];

@@ -87,7 +87,7 @@ impl Server {
                     _ = lifecycle.wait_for(|state| state.phase != Lifecycle::Serving) => break,
                 };
                 match accepted {
-                    Ok((stream, _)) => server.spawn_connection(stream, Vec::new(), false),
+                    Ok((stream, _)) => server.spawn_connection(stream, Vec::new()),
                     Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
                     Err(e) => {
                         tracing::warn!("accept failed: {e}");
@@ -106,12 +106,12 @@ impl Server {
         let stream = crate::fd::adopt(socket);
         let stream = stream.set_nonblocking(true).and_then(|()| TcpStream::from_std(stream));
         match stream {
-            Ok(stream) => self.spawn_connection(stream, prefix.as_slice().to_vec(), true),
+            Ok(stream) => self.spawn_connection(stream, prefix.as_slice().to_vec()),
             Err(e) => tracing::warn!("cannot serve a handed-over connection: {e}"),
         }
     }
 
-    fn spawn_connection(self: &Arc<Self>, stream: TcpStream, prefix: Vec<u8>, handed: bool) {
+    fn spawn_connection(self: &Arc<Self>, stream: TcpStream, prefix: Vec<u8>) {
         // Small answers must not wait for Nagle's algorithm; failing to set it changes no result.
         let _ = stream.set_nodelay(true);
         let peer = stream.peer_addr().ok();
@@ -119,40 +119,38 @@ impl Server {
         // Counted from here, so that the generation cannot look drained while this starts.
         let io = ConnIo::new(stream, prefix, Arc::clone(&state), Arc::clone(&self.generation));
         let server = Arc::clone(self);
-        tokio::spawn(async move { server.serve_connection(io, state, peer, handed).await });
+        tokio::spawn(async move { server.serve_connection(io, state, peer).await });
     }
 
-    async fn serve_connection(&self, mut io: ConnIo, state: Arc<ConnState>, peer: Option<SocketAddr>, handed: bool) {
+    async fn serve_connection(&self, mut io: ConnIo, state: Arc<ConnState>, peer: Option<SocketAddr>) {
         let mut lifecycle = self.generation.lifecycle();
-        // A handed-over connection has spoken HTTP/1 already.
-        let protocol = if handed {
-            Some(Protocol::Http1)
-        } else {
-            let sniffing = tokio::time::timeout(self.generation.header_read_timeout(), sniff(&mut io));
-            let sniffed = tokio::select! {
-                sniffed = sniffing => Sniffed::Done(sniffed),
-                _ = lifecycle.wait_for(|state| state.phase != Lifecycle::Serving) => Sniffed::Retired,
-            };
-            match sniffed {
-                Sniffed::Done(Ok(Ok(_))) if self.generation.host_says(Lifecycle::Retiring) => {
-                    // Accepted just as a newer generation took over: it is the newer one's.
+        // Handed-over connections too: one may have been accepted by a generation that retired
+        // before it read a byte, and be HTTP/2.
+        let sniffing = tokio::time::timeout(self.generation.header_read_timeout(), sniff(&mut io));
+        let sniffed = tokio::select! {
+            sniffed = sniffing => Sniffed::Done(sniffed),
+            _ = lifecycle.wait_for(|state| state.phase != Lifecycle::Serving) => Sniffed::Retired,
+        };
+        let protocol = match sniffed {
+            Sniffed::Done(Ok(Ok(_))) if self.generation.host_says(Lifecycle::Retiring) => {
+                // Accepted (or handed over) just as a newer generation took over: it is the
+                // newer one's.
+                io.hand_back(&[]);
+                return;
+            }
+            Sniffed::Done(Ok(Ok(protocol))) => protocol,
+            Sniffed::Done(Ok(Err(e))) => {
+                tracing::debug!("a connection failed before its first request: {e}");
+                None
+            }
+            Sniffed::Done(Err(_)) => None,
+            Sniffed::Retired => {
+                // Nothing was answered yet: the next generation gets the connection and what it
+                // sent so far.
+                if lifecycle.borrow().phase == Lifecycle::Retiring {
                     io.hand_back(&[]);
-                    return;
                 }
-                Sniffed::Done(Ok(Ok(protocol))) => protocol,
-                Sniffed::Done(Ok(Err(e))) => {
-                    tracing::debug!("a connection failed before its first request: {e}");
-                    None
-                }
-                Sniffed::Done(Err(_)) => None,
-                Sniffed::Retired => {
-                    // Nothing was answered yet: the next generation gets the connection and what
-                    // it sent so far.
-                    if lifecycle.borrow().phase == Lifecycle::Retiring {
-                        io.hand_back(&[]);
-                    }
-                    return;
-                }
+                return;
             }
         };
         let service = AppService {
@@ -378,10 +376,14 @@ impl AppService {
             parts.extensions.insert(ConnectInfo(peer));
         }
         let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
+        let ended = body.is_end_stream();
+        if !ended {
+            self.state.body_reading();
+        }
         let body = RequestBody {
             inner: Limited::new(body, limit),
             state: Arc::clone(&self.state),
-            ended: false,
+            ended,
         };
         let request = Request::from_parts(parts, axum::body::Body::new(body));
         match AssertUnwindSafe(self.generation.router.clone().oneshot(request))
@@ -461,7 +463,10 @@ impl Body for RequestBody {
         let this = self.get_mut();
         let frame = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(None) = frame {
-            this.ended = true;
+            if !this.ended {
+                this.ended = true;
+                this.state.body_read();
+            }
         }
         frame
     }
@@ -477,8 +482,11 @@ impl Body for RequestBody {
 
 impl Drop for RequestBody {
     fn drop(&mut self) {
-        if !self.ended && !self.inner.is_end_stream() {
-            self.state.mark_unread_body();
+        if !self.ended {
+            self.state.body_read();
+            if !self.inner.is_end_stream() {
+                self.state.mark_unread_body();
+            }
         }
     }
 }

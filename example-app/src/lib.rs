@@ -13,20 +13,36 @@
 //! - `GET /cache`: a value a background task refreshes every 100 ms, and how many times each
 //!   generation's task has ticked. Only the current generation's task ticks.
 //!
+//! Streaming routes, written as in any axum server (the generation serves them with hyper, so
+//! bodies flow with backpressure and are never held whole in memory):
+//! - `GET /stream?bytes=N`: answers N bytes (at most 16 GiB) as a streamed body of 64 KiB chunks
+//!   (`Body::from_stream`), produced only as fast as the client reads them.
+//! - `POST /upload`: reads the request body as a stream (`Body::into_data_stream`), chunk by chunk,
+//!   and answers how many bytes it read. The host's `--max-body-bytes` bounds it (`413` beyond).
+//! - `GET /events`: server-sent events (`axum::response::Sse`): five events naming the version,
+//!   one every 100 ms, with keep-alive comments, then the stream ends.
+//! - `GET /ws`: a WebSocket echo: every text message comes back as `"{VERSION}: {text}"`, every
+//!   binary message as it is.
+//!
 //! Two features demonstrate state evolving across versions: `schema-v2` adds a field to the
 //! counter's state (a reload from the default build keeps the count), and `schema-incompatible`
 //! adds a required field that the default build never wrote, so the host refuses that build.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use app_api::axum::body::Bytes;
+use app_api::axum::body::{Body, Bytes};
+use app_api::axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use app_api::axum::extract::{Query, State as Extract};
-use app_api::axum::http::StatusCode;
+use app_api::axum::http::{header, StatusCode};
+use app_api::axum::response::sse::{Event, KeepAlive, Sse};
+use app_api::axum::response::{IntoResponse, Response};
 use app_api::axum::routing::{get, post};
 use app_api::axum::{Json, Router};
 use app_api::{tokio, tracing, App, InitContext, State};
+use futures_util::{stream, Stream, StreamExt as _};
 use serde::{Deserialize, Serialize};
 
 /// The version this build answers with.
@@ -37,6 +53,16 @@ const MAX_SLOW_MS: u64 = 60_000;
 
 /// How often the background task refreshes the cached value.
 const REFRESH_EVERY: Duration = Duration::from_millis(100);
+
+/// The longest `/stream` body accepted: 16 GiB.
+const MAX_STREAM_BYTES: u64 = 16 << 30;
+
+/// The size of each chunk of a `/stream` body.
+const STREAM_CHUNK: usize = 64 * 1024;
+
+/// How many events `/events` sends, and how far apart.
+const EVENTS: u64 = 5;
+const EVENT_EVERY: Duration = Duration::from_millis(100);
 
 /// The counter's state, kept by the host across reloads.
 #[derive(Serialize, Deserialize, Default, Clone)]
@@ -84,6 +110,10 @@ impl App for ExampleApp {
             .route("/echo", post(echo))
             .route("/counter", get(read_counter).post(increment_counter))
             .route("/cache", get(read_cache))
+            .route("/stream", get(stream_bytes))
+            .route("/upload", post(upload))
+            .route("/events", get(events))
+            .route("/ws", get(websocket))
             .with_state(self.clone())
     }
 
@@ -178,6 +208,107 @@ async fn read_cache(Extract(app): Extract<ExampleApp>) -> Answer<Json<CacheView>
         value,
         ticks,
     }))
+}
+
+#[derive(Deserialize)]
+struct StreamParams {
+    bytes: u64,
+}
+
+/// `GET /stream?bytes=N`: N bytes of `x`, streamed in 64 KiB chunks. Only one chunk exists (each
+/// piece of the body shares it), and the next piece is made only when hyper asks for it, that is
+/// when the client has read enough: memory stays flat whatever N is.
+async fn stream_bytes(Query(params): Query<StreamParams>) -> Answer<Response> {
+    let total = params.bytes;
+    if total > MAX_STREAM_BYTES {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("at most {MAX_STREAM_BYTES} bytes can be streamed\n"),
+        ));
+    }
+    let chunk = Bytes::from(vec![b'x'; STREAM_CHUNK]);
+    let chunks = stream::unfold(total, move |left| {
+        let len = left.min(STREAM_CHUNK as u64);
+        let next = (len > 0).then(|| (Ok::<_, Infallible>(chunk.slice(..len as usize)), left - len));
+        std::future::ready(next)
+    });
+    // The length is known, so the client gets `Content-Length` rather than chunked framing.
+    let headers = [
+        (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+        (header::CONTENT_LENGTH, total.to_string()),
+    ];
+    Ok((headers, Body::from_stream(chunks)).into_response())
+}
+
+/// `POST /upload`: reads the body chunk by chunk as it arrives and answers how many bytes came.
+/// Nothing is kept: each chunk is dropped once counted, so the client can only send as fast as
+/// this reads. A body over the host's `--max-body-bytes` ends in an error here (`413`).
+async fn upload(body: Body) -> Answer<String> {
+    let mut chunks = body.into_data_stream();
+    let mut received: u64 = 0;
+    while let Some(chunk) = chunks.next().await {
+        match chunk {
+            Ok(chunk) => received += chunk.len() as u64,
+            Err(e) => {
+                let too_large = std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| e.source())
+                    .any(|e| e.is::<http_body_util::LengthLimitError>());
+                return Err(if too_large {
+                    (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n".to_owned())
+                } else {
+                    (
+                        StatusCode::BAD_REQUEST,
+                        format!("the upload failed after {received} bytes: {e}\n"),
+                    )
+                });
+            }
+        }
+    }
+    Ok(format!("{received}\n"))
+}
+
+/// `GET /events`: a few server-sent events, one every [`EVENT_EVERY`], each naming the version and
+/// generation that sent it; keep-alive comments would fill longer gaps.
+async fn events(Extract(app): Extract<ExampleApp>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let generation = app.generation;
+    let events = stream::unfold(0, move |n| async move {
+        if n == EVENTS {
+            return None;
+        }
+        if n > 0 {
+            tokio::time::sleep(EVENT_EVERY).await;
+        }
+        let event = Event::default().event("version").id(n.to_string()).data(format!(
+            "{VERSION} (generation {generation}), event {} of {EVENTS}",
+            n + 1
+        ));
+        Some((Ok(event), n + 1))
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+/// `GET /ws`: the handshake; the echo runs once the connection has switched protocols.
+async fn websocket(upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(echo_messages)
+}
+
+/// Answers every text message with `"{VERSION}: {text}"` and every binary one with itself, until
+/// the client closes or goes away.
+async fn echo_messages(mut socket: WebSocket) {
+    while let Some(message) = socket.recv().await {
+        let reply = match message {
+            Ok(Message::Text(text)) => Message::Text(format!("{VERSION}: {}", text.as_str()).into()),
+            Ok(Message::Binary(data)) => Message::Binary(data),
+            // axum answers pings, and answers a close frame on the next read, which then ends.
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_)) => continue,
+            Err(e) => {
+                tracing::debug!("a WebSocket client went away: {e}");
+                return;
+            }
+        };
+        if socket.send(reply).await.is_err() {
+            return;
+        }
+    }
 }
 
 app_api::export_app!(ExampleApp);

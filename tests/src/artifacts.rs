@@ -150,6 +150,22 @@ pub fn faulty_app(fault: Fault) -> &'static Path {
     })
 }
 
+/// The `axum-examples` fixture (axum's own SSE, WebSocket, chat and stream-to-file examples as
+/// one app, see `tests/fixtures/axum-examples`) with its `VERSION` constant set to `version`: v1
+/// is the default build, v2 the build with the fixture's `v2` feature.
+pub fn axum_examples(version: AppVersion) -> &'static Path {
+    static BUILDS: [Built; 2] = [OnceLock::new(), OnceLock::new()];
+    let (slot, features): (&Built, &[&str]) = match version {
+        AppVersion::V1 => (&BUILDS[0], &[]),
+        AppVersion::V2 => (&BUILDS[1], &["--features", "v2"]),
+    };
+    built(slot, || {
+        let copy = artifacts_dir().join(format!("axum-examples-{}.so", version.name()));
+        build_cdylib(&workspace_root().join("Cargo.toml"), "axum-examples", features, &copy)?;
+        Ok(copy)
+    })
+}
+
 /// A build of the example app whose counter state has another shape (its cargo features).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Schema {

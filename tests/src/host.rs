@@ -405,6 +405,89 @@ impl Host {
     }
 }
 
+impl Host {
+    /// The host's open descriptors: each number with what `/proc/<pid>/fd/<n>` links to
+    /// (`socket:[inode]`, `anon_inode:[eventfd]`, a path …), in order.
+    pub fn descriptors(&self) -> Vec<(u32, String)> {
+        let dir = format!("/proc/{}/fd", self.pid);
+        let entries = fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot list {dir}: {e}"));
+        let mut fds: Vec<(u32, String)> = entries
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let fd = entry.file_name().to_str()?.parse().ok()?;
+                // A descriptor closed since the listing has no link any more.
+                let target = fs::read_link(entry.path()).ok()?;
+                Some((fd, target.to_string_lossy().into_owned()))
+            })
+            .collect();
+        fds.sort();
+        fds
+    }
+
+    /// How many of the host's descriptors refer to the socket with this inode (see
+    /// [`tcp_socket`]).
+    pub fn descriptors_of_socket(&self, inode: u64) -> usize {
+        let link = format!("socket:[{inode}]");
+        self.descriptors().iter().filter(|(_, target)| *target == link).count()
+    }
+
+    /// The names (`comm`) of the host's threads, sorted.
+    pub fn thread_names(&self) -> Vec<String> {
+        let dir = format!("/proc/{}/task", self.pid);
+        let entries = fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot list {dir}: {e}"));
+        let mut names: Vec<String> = entries
+            .filter_map(|entry| {
+                // A thread that ended since the listing has no `comm` any more.
+                let comm = fs::read_to_string(entry.ok()?.path().join("comm")).ok()?;
+                Some(comm.trim_end_matches('\n').to_owned())
+            })
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+/// A TCP socket of this network namespace, as `/proc/net/tcp` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSocket {
+    /// The socket's inode: what `/proc/<pid>/fd/<n>` of its descriptors link to (`socket:[inode]`).
+    pub inode: u64,
+    /// The connection state (`0x01` is established).
+    pub state: u8,
+    /// Bytes sent and not yet acknowledged.
+    pub tx_queue: u64,
+    /// Bytes received that the socket's owner has not read yet.
+    pub rx_queue: u64,
+}
+
+/// The IPv4 TCP socket whose local address is `local` and whose peer is `remote`, if there is one
+/// (from `/proc/net/tcp`). For the host's end of a client's connection, `local` is the host's
+/// address and `remote` the client's.
+pub fn tcp_socket(local: SocketAddr, remote: SocketAddr) -> Option<TcpSocket> {
+    // `sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode …`
+    // with addresses as `%08X:%04X`: the IPv4 address as the native-endian u32 of its bytes.
+    let parse_address = |text: &str| -> Option<SocketAddr> {
+        let (ip, port) = text.split_once(':')?;
+        let ip = u32::from_str_radix(ip, 16).ok()?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        Some(SocketAddr::from((ip.to_ne_bytes(), port)))
+    };
+    let table = fs::read_to_string("/proc/net/tcp").expect("cannot read /proc/net/tcp");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 10 || parse_address(fields[1])? != local || parse_address(fields[2])? != remote {
+            return None;
+        }
+        let (tx, rx) = fields[4].split_once(':')?;
+        Some(TcpSocket {
+            inode: fields[9].parse().ok()?,
+            state: u8::from_str_radix(fields[3], 16).ok()?,
+            tx_queue: u64::from_str_radix(tx, 16).ok()?,
+            rx_queue: u64::from_str_radix(rx, 16).ok()?,
+        })
+    })
+}
+
 /// The path of a `/proc/<pid>/maps` line (`address perms offset dev inode path`), if it has one.
 fn mapped_path(line: &str) -> Option<&str> {
     let mut rest = line;

@@ -1,6 +1,8 @@
 //! The public listener's protocols: HTTP/2 with prior knowledge next to HTTP/1.1, and request
 //! bodies that reach the app and come back intact.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use e2e_tests::client::{self, Http2, KeepAlive};
 use e2e_tests::{assert_answer, example_app, wait_until, AppVersion, Sandbox};
@@ -57,16 +59,30 @@ async fn http2_prior_knowledge_works() {
     // the client then opens a new connection, which the new version serves.
     sandbox.deploy(example_app(AppVersion::V2));
     host.reload_ok().await;
-    wait_until("the reload to close the HTTP/2 connection", Duration::from_secs(10), || {
-        let closed = connection.is_closed();
-        async move { if closed { Ok(()) } else { Err("still open".to_string()) } }
-    })
+    wait_until(
+        "the reload to close the HTTP/2 connection",
+        Duration::from_secs(10),
+        || {
+            let closed = connection.is_closed();
+            async move {
+                if closed {
+                    Ok(())
+                } else {
+                    Err("still open".to_string())
+                }
+            }
+        },
+    )
     .await;
     let mut connection = client::Http2::connect(host.addr())
         .await
         .expect("a new HTTP/2 connection after a reload");
     let reply = connection.get("/").await.expect("GET / over HTTP/2 after a reload");
-    assert_answer(&reply, &AppVersion::V2.greeting(), "a new HTTP/2 connection after a reload");
+    assert_answer(
+        &reply,
+        &AppVersion::V2.greeting(),
+        "a new HTTP/2 connection after a reload",
+    );
 }
 
 /// `POST /echo` answers with the request body, byte for byte, on fresh and keep-alive

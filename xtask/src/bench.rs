@@ -13,6 +13,9 @@
 //!   its steps (copy, load, verify, init, swap) from the host's JSON log.
 //! - `memory`: the host's RSS, threads, descriptors and mapped library copies after 0, 100 and
 //!   1000 reloads.
+//! - `streaming`: 1 GiB down (`GET /stream`) and 1 GiB up (`POST /upload`) through the host and
+//!   through the baseline, one connection each: MB/s, the host/baseline ratio, and how much the
+//!   host's RSS grows meanwhile (module [`streaming`]).
 //! - `edit`: save → served with `cargo xtask dev`, versus rebuilding and restarting a static
 //!   server (module [`edit`]).
 //!
@@ -26,7 +29,8 @@
 //! and the load generator's).
 //!
 //! Modules: [`load`] (wrk or the built-in load generator), [`procs`] (starting, stopping and
-//! reading servers), [`stats`] (percentiles, how busy the machine is), [`edit`] (item `edit`).
+//! reading servers), [`stats`] (percentiles, how busy the machine is), [`edit`] (item `edit`),
+//! [`streaming`] (item `streaming`).
 
 /// Prints one line of the benchmark's own output.
 macro_rules! say {
@@ -42,6 +46,7 @@ mod edit;
 mod load;
 mod procs;
 mod stats;
+mod streaming;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -71,6 +76,8 @@ pub enum Item {
     Reload,
     /// RSS and mapped library copies after many reloads.
     Memory,
+    /// Large bodies each way, host versus static baseline: MB/s and the host's RSS growth.
+    Streaming,
     /// Save → served: `cargo xtask dev` versus rebuilding and restarting a static server.
     Edit,
     /// Everything, in this order.
@@ -121,6 +128,11 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N,...", value_delimiter = ',')]
     memory_at: Option<Vec<usize>>,
 
+    /// Bytes each way per transfer in `streaming` [default: 1073741824 (1 GiB); 16777216 with
+    /// --smoke].
+    #[arg(long, value_name = "BYTES")]
+    stream_bytes: Option<u64>,
+
     /// Edits timed per loop by `edit` [default: 3; 1 with --smoke].
     #[arg(long, value_name = "N")]
     edits: Option<usize>,
@@ -159,6 +171,7 @@ struct Plan {
     connections: Vec<usize>,
     reloads: usize,
     memory_at: Vec<usize>,
+    stream_bytes: u64,
     edits: usize,
     max_busy: Option<f64>,
     quiet_wait: Duration,
@@ -192,6 +205,10 @@ impl Plan {
                     }
                 },
             ),
+            stream_bytes: args
+                .stream_bytes
+                .unwrap_or(if smoke { 16 << 20 } else { 1 << 30 })
+                .max(1),
             edits: args.edits.unwrap_or(if smoke { 1 } else { 3 }).max(1),
             max_busy: args.max_busy.or(if smoke { None } else { Some(0.15) }),
             quiet_wait: Duration::from_secs(args.quiet_wait),
@@ -373,6 +390,9 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<ExitCode> {
     }
     if all || args.item == Item::Memory {
         results["memory"] = memory(&env)?;
+    }
+    if all || args.item == Item::Streaming {
+        results["streaming"] = streaming::run(&env)?;
     }
     if all || args.item == Item::Edit {
         results["edit"] = edit::run(&env)?;

@@ -49,7 +49,8 @@ enum Command {
     /// Builds the host, example-app and the static baseline (release; dev with --smoke), then
     /// runs the chosen item: `throughput` (host vs baseline), `under-reload` (the host under load
     /// while reloading every 100 ms), `reload` (reload latency by step), `memory` (RSS and mapped
-    /// copies after many reloads), `edit` (save → served, `cargo xtask dev` vs rebuild and restart
+    /// copies after many reloads), `streaming` (1 GiB each way, host vs baseline: MB/s and the
+    /// host's RSS growth), `edit` (save → served, `cargo xtask dev` vs rebuild and restart
     /// of a static server), or `all`. The full run uses wrk (installed with apt-get when missing
     /// and running as root); --smoke runs everything in seconds, for CI, with no thresholds.
     Bench(bench::BenchArgs),

@@ -7,6 +7,13 @@
 //! `Router` with the same handler text as example-app `GET /`, called directly on the connection's
 //! task. Nothing is loaded, nothing crosses threads, nothing is leased or counted.
 //!
+//! It also has example-app's two streaming routes, for `cargo xtask bench streaming`:
+//! `GET /stream?bytes=N` (N bytes in 64 KiB chunks, made as the client reads them) and
+//! `POST /upload` (reads the body chunk by chunk and answers how many bytes came). Their body
+//! handling is written against hyper's `Body` trait (a small body type, `poll_frame`) rather than
+//! with futures' `Stream` as example-app's is, so that this file needs no other crate; both keep
+//! one chunk at a time. Uploads are not bounded here (the host bounds them by `--max-body-bytes`).
+//!
 //! Worker threads: the runtime's default (one per CPU), unless `--threads N` is given. The host
 //! runs one runtime for connections and one per generation for the app (each one per CPU by
 //! default); giving the baseline as many threads as both together would only add context
@@ -24,14 +31,19 @@
 use std::convert::Infallible;
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::routing::get;
+use axum::extract::RawQuery;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::Router;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Bytes, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -45,6 +57,87 @@ const VERSION: &str = "v1";
 /// The same handler as example-app `GET /`.
 async fn greet() -> String {
     format!("Hello from example-app {VERSION}\n")
+}
+
+/// The longest `/stream` body accepted (as example-app): 16 GiB.
+const MAX_STREAM_BYTES: u64 = 16 << 30;
+
+/// The size of each chunk of a `/stream` body (as example-app).
+const STREAM_CHUNK: usize = 64 * 1024;
+
+/// `GET /stream?bytes=N`, as example-app: N bytes of `x` in 64 KiB chunks that share one buffer.
+async fn stream_bytes(RawQuery(query): RawQuery) -> Response {
+    let total = query
+        .as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("bytes="))
+        .and_then(|value| value.parse::<u64>().ok());
+    let Some(total) = total else {
+        return (StatusCode::BAD_REQUEST, "give ?bytes=N\n").into_response();
+    };
+    if total > MAX_STREAM_BYTES {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("at most {MAX_STREAM_BYTES} bytes can be streamed\n"),
+        )
+            .into_response();
+    }
+    let body = Repeated {
+        chunk: Bytes::from(vec![b'x'; STREAM_CHUNK]),
+        left: total,
+    };
+    let headers = [
+        (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+        (header::CONTENT_LENGTH, total.to_string()),
+    ];
+    (headers, Body::new(body)).into_response()
+}
+
+/// A body of `left` bytes, handed out a chunk at a time when hyper asks for the next one.
+struct Repeated {
+    chunk: Bytes,
+    left: u64,
+}
+
+impl hyper::body::Body for Repeated {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let len = self.left.min(STREAM_CHUNK as u64);
+        if len == 0 {
+            return Poll::Ready(None);
+        }
+        self.left -= len;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..len as usize)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+}
+
+/// `POST /upload`, as example-app: reads the body frame by frame and answers how many bytes came.
+async fn upload(mut body: Body) -> Response {
+    let mut received: u64 = 0;
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        match frame {
+            Ok(frame) => received += frame.data_ref().map_or(0, |data| data.len() as u64),
+            Err(e) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("the upload failed after {received} bytes: {e}\n"),
+                )
+                    .into_response()
+            }
+        }
+    }
+    format!("{received}\n").into_response()
 }
 
 /// The host's defaults for `--header-read-timeout` and `--max-head-bytes`.
@@ -113,7 +206,10 @@ async fn serve(address: SocketAddr) -> Result<(), String> {
     let listener = TcpListener::bind(address)
         .await
         .map_err(|e| format!("cannot listen on {address}: {e}"))?;
-    let router = Router::new().route("/", get(greet));
+    let router = Router::new()
+        .route("/", get(greet))
+        .route("/stream", get(stream_bytes))
+        .route("/upload", post(upload));
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
