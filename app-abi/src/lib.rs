@@ -70,6 +70,9 @@ pub struct GuestVTable {
     /// through [`HostApi::started`], serve connections until [`HostApi::lifecycle`] says stop,
     /// shut the app down, stop every thread the library started, and return. Never unwinds.
     pub run: extern "C" fn(host: &HostApi<'_>) -> RResult<(), RString>,
+    /// Whether the library was built with `panic = "unwind"`. With `abort`, a panic in app code
+    /// would abort the whole host instead of answering 500, so the host refuses such a library.
+    pub panic_unwinds: bool,
 }
 
 /// An opaque reference to the host's state for one generation, valid for the whole of `run`.

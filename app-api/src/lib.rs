@@ -221,6 +221,8 @@ macro_rules! export_app {
                 layout: <$crate::__private::abi::GuestVTable as $crate::__private::StableAbi>::LAYOUT,
                 vtable: &$crate::__private::abi::GuestVTable {
                     run: $crate::__private::run::<$app>,
+                    // Expanded in the app's crate, so it is the app's build that is asked.
+                    panic_unwinds: cfg!(panic = "unwind"),
                 },
             };
     };

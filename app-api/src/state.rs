@@ -9,8 +9,10 @@
 //!   generation during a reload) wrote in between; otherwise it retries with the fresh value. Old
 //!   and new generations may serve side by side during a reload and both see one value.
 //! - **Schema evolution.** A new version may add fields (give them `#[serde(default)]`), and it
-//!   reads what the old version wrote. Writes merge into the stored JSON object, so an older
-//!   version still draining does not erase fields it does not know.
+//!   reads what the old version wrote. A write keeps the stored fields that `T` does not know
+//!   (that did not survive reading the value as `T`), so an older version still draining does
+//!   not erase fields a newer one added; everything `T` does know is written as `T` now has it,
+//!   so a removed map key or a field set to `None` stays removed.
 //! - **Refusal.** [`InitContext::state`](crate::InitContext::state) checks, during `init`, that the
 //!   cell's current value can be read as `T`. If it cannot, `init` fails with a clear error, the
 //!   reload is refused, and the old version keeps serving.
@@ -132,8 +134,13 @@ impl<T: Serialize + DeserializeOwned + Default> State<T> {
         loop {
             let (version, stored, value) = self.read_raw();
             let mut value = value?;
+            // What of the stored value `T` knows: everything else is another version's to keep.
+            let known = match &stored {
+                Some(_) => Some(serde_json::to_value(&value).map_err(|source| self.serialize_error(source))?),
+                None => None,
+            };
             let result = change(&mut value);
-            let bytes = self.encode(&value, stored)?;
+            let bytes = self.encode(&value, stored, known.as_ref())?;
             if (self.api.compare_and_set)(
                 self.api.handle,
                 RStr::from_str(&self.key),
@@ -161,21 +168,26 @@ impl<T: Serialize + DeserializeOwned + Default> State<T> {
         }
     }
 
-    /// Serialises `value`, keeping fields of the stored object that `T` does not know.
-    fn encode(&self, value: &T, stored: Option<serde_json::Value>) -> Result<Vec<u8>, StateError> {
-        let serialize = |source| StateError::Serialize {
+    /// Serialises `value`, keeping the fields of the stored object that `T` does not know.
+    fn encode(
+        &self,
+        value: &T,
+        stored: Option<serde_json::Value>,
+        known: Option<&serde_json::Value>,
+    ) -> Result<Vec<u8>, StateError> {
+        let new = serde_json::to_value(value).map_err(|source| self.serialize_error(source))?;
+        let merged = match (stored, known) {
+            (Some(stored), Some(known)) => keep_unknown_fields(stored, known, new),
+            _ => new,
+        };
+        serde_json::to_vec(&merged).map_err(|source| self.serialize_error(source))
+    }
+
+    fn serialize_error(&self, source: serde_json::Error) -> StateError {
+        StateError::Serialize {
             key: self.key.clone(),
             source,
-        };
-        let new = serde_json::to_value(value).map_err(serialize)?;
-        let merged = match (stored, new) {
-            (Some(serde_json::Value::Object(mut stored)), serde_json::Value::Object(new)) => {
-                stored.extend(new);
-                serde_json::Value::Object(stored)
-            }
-            (_, new) => new,
-        };
-        serde_json::to_vec(&merged).map_err(serialize)
+        }
     }
 
     fn incompatible(&self, source: serde_json::Error) -> StateError {
@@ -184,5 +196,66 @@ impl<T: Serialize + DeserializeOwned + Default> State<T> {
             type_name: std::any::type_name::<T>(),
             source,
         }
+    }
+}
+
+/// `new`, plus the fields of `stored` that reading it as the app's type dropped (absent from
+/// `known`, the stored value as that type sees it), at every level of nested objects. A field
+/// that `known` has and `new` lacks was removed by the app, and stays removed.
+fn keep_unknown_fields(
+    stored: serde_json::Value,
+    known: &serde_json::Value,
+    new: serde_json::Value,
+) -> serde_json::Value {
+    use serde_json::Value;
+    match (stored, new) {
+        (Value::Object(stored), Value::Object(mut new)) => {
+            let known = known.as_object();
+            for (key, old) in stored {
+                match known.and_then(|known| known.get(&key)) {
+                    None => {
+                        new.entry(key).or_insert(old);
+                    }
+                    Some(known_child) => {
+                        if let Some(new_child) = new.remove(&key) {
+                            new.insert(key, keep_unknown_fields(old, known_child, new_child));
+                        }
+                    }
+                }
+            }
+            Value::Object(new)
+        }
+        (_, new) => new,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::keep_unknown_fields;
+
+    #[test]
+    fn removed_keys_stay_removed_and_unknown_fields_are_kept() {
+        // A map: every key is known, so a removed one stays removed.
+        let stored = json!({"a": 1, "b": 2});
+        assert_eq!(
+            keep_unknown_fields(stored.clone(), &stored, json!({"a": 1})),
+            json!({"a": 1})
+        );
+        // A struct from an older version: `added` (a newer version's field) is kept, `gone` (an
+        // `Option` this version set to `None`, skipped when serialised) stays removed.
+        let stored = json!({"count": 1, "gone": 5, "added": "x", "inner": {"n": 1, "later": true}});
+        let known = json!({"count": 1, "gone": 5, "inner": {"n": 1}});
+        let new = json!({"count": 2, "inner": {"n": 2}});
+        assert_eq!(
+            keep_unknown_fields(stored, &known, new),
+            json!({"count": 2, "added": "x", "inner": {"n": 2, "later": true}})
+        );
+        // Not objects: the new value as it is.
+        assert_eq!(
+            keep_unknown_fields(json!([1, 2]), &json!([1, 2]), json!([1])),
+            json!([1])
+        );
     }
 }

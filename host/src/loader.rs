@@ -42,6 +42,8 @@ pub enum LoadError {
     DescriptorVersion { path: String, found: u32 },
     #[error("{path} was built against app-abi {library}, which this host (app-abi {ABI_VERSION}) cannot serve: rebuild it against an app-api that uses app-abi {ABI_VERSION}")]
     ApiVersion { path: String, library: String },
+    #[error("{path} was built with `panic = \"abort\"`: its first panic would abort the host; build it with `panic = \"unwind\"` (the default; check the `[profile.*]` sections of the workspace it is built in)")]
+    PanicAbort { path: String },
     #[error("{path} (app-abi {library}) does not match the interface of this host (app-abi {ABI_VERSION}): {details}")]
     Layout {
         path: String,
@@ -123,11 +125,14 @@ impl LoadedLibrary {
         let globals = CheckingGlobals::new();
         check_layout_compatibility_with_globals(<GuestVTable as StableAbi>::LAYOUT, descriptor.layout, &globals)
             .map_err(|errors| LoadError::Layout {
-                path: display,
+                path: display.clone(),
                 library: library_api,
                 details: first_lines(&errors.to_string(), 12),
             })?;
         drop(globals);
+        if !descriptor.vtable.panic_unwinds {
+            return Err(LoadError::PanicAbort { path: display });
+        }
 
         Ok(LoadedLibrary {
             load_duration,

@@ -119,6 +119,10 @@ fn main() -> ExitCode {
         Err(e) => return report(Err(e).context("cannot start the host's runtime"), ExitCode::FAILURE),
     };
     let result = runtime.block_on(run(settings, activated, handoff, launch));
+    // Everything was stopped (or given up on, within --stop-timeout) by `run`: what is left on
+    // the runtime's blocking pool is the join of a generation whose threads would not stop, and
+    // the process must exit anyway rather than wait for it.
+    runtime.shutdown_background();
     if let (Err(e), Some(channel)) = (&result, &channel) {
         // The old host serves on; tell it why this one could not.
         channel.fail(&format!("{e:#}"));

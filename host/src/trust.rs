@@ -7,7 +7,8 @@
 //! - **Ownership and permissions** (like sshd's `StrictModes`): the library file and every
 //!   directory above it — along the path as given and along its resolved target, if it is reached
 //!   through symlinks — must be owned by root or by the host's user, and must not be writable by
-//!   group or others. A directory with the sticky bit (like `/tmp`) may be writable by others:
+//!   group or others. So must every symlink on the way (whoever owns a link can re-point it, even
+//!   in a sticky directory). A directory with the sticky bit (like `/tmp`) may be writable by others:
 //!   there only a file's owner can rename or delete it, and the file itself must still pass.
 //! - **`--require-sha256`**: the bytes must have exactly this digest.
 //! - **`--trusted-key`**: the bytes must carry a detached ed25519 signature, `<app path>.sig`
@@ -161,6 +162,57 @@ fn check_directories(path: &Path, host_uid: u32) -> Result<(), Refused> {
     Ok(())
 }
 
+/// How many symlinks a path may pass through, as the kernel allows (`MAXSYMLINKS`).
+const MAX_SYMLINKS: usize = 40;
+
+/// Checks the owner of every symlink on the way from `path` to the file it names: following
+/// each one by hand, so that links reached through other links are checked too.
+fn check_symlinks(path: &Path, host_uid: u32) -> Result<(), Refused> {
+    let mut remaining: Vec<std::ffi::OsString> = std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_owned())
+        .components()
+        .rev()
+        .map(|c| c.as_os_str().to_owned())
+        .collect();
+    let mut current = PathBuf::new();
+    let mut followed = 0;
+    while let Some(component) = remaining.pop() {
+        let next = current.join(&component);
+        let metadata = std::fs::symlink_metadata(&next).map_err(|source| Refused::Read {
+            path: next.clone(),
+            source,
+        })?;
+        if !metadata.file_type().is_symlink() {
+            current = next;
+            continue;
+        }
+        // A symlink's own mode means nothing; its owner is who may re-point it.
+        check_entry(false, metadata.uid(), 0o755, host_uid).map_err(|problem| Refused::Permissions {
+            library: path.to_owned(),
+            entry: next.clone(),
+            problem,
+            host_uid,
+        })?;
+        followed += 1;
+        if followed > MAX_SYMLINKS {
+            return Err(Refused::Read {
+                path: path.to_owned(),
+                source: std::io::Error::other("too many levels of symbolic links"),
+            });
+        }
+        let target = std::fs::read_link(&next).map_err(|source| Refused::Read {
+            path: next.clone(),
+            source,
+        })?;
+        // The target's components replace the link's; an absolute one starts again at `/`.
+        if target.is_absolute() {
+            current = PathBuf::new();
+        }
+        remaining.extend(target.components().rev().map(|c| c.as_os_str().to_owned()));
+    }
+    Ok(())
+}
+
 /// Reads the library at `path` and checks it against `policy`. On success the returned bytes are
 /// exactly the ones that were checked.
 pub fn read_trusted(path: &Path, policy: &TrustPolicy) -> Result<TrustedBytes, Refused> {
@@ -176,6 +228,7 @@ pub fn read_trusted(path: &Path, policy: &TrustPolicy) -> Result<TrustedBytes, R
     }
     check_metadata(path, path, &metadata, uid)?;
     check_directories(path, uid)?;
+    check_symlinks(path, uid)?;
 
     let mut bytes = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or(0));
     file.read_to_end(&mut bytes).map_err(read_error)?;
@@ -247,6 +300,7 @@ pub fn read_trusted_keys(path: &Path) -> anyhow::Result<Vec<VerifyingKey>> {
     let metadata = file.metadata().with_context(context)?;
     check_metadata(path, path, &metadata, uid)?;
     check_directories(path, uid)?;
+    check_symlinks(path, uid)?;
     let mut text = String::new();
     file.read_to_string(&mut text).with_context(context)?;
     let keys = parse_public_keys(&text).with_context(|| format!("invalid trusted-key file {}", path.display()))?;
@@ -375,6 +429,34 @@ mod tests {
         std::fs::write(&path, bytes).expect("write");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
         path
+    }
+
+    #[test]
+    fn symlinks_owned_by_others_are_refused() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let library = write(dir.path(), "lib.so", b"library", 0o644);
+        let chain = dir.path().join("chain");
+        std::os::unix::fs::symlink(&library, &chain).expect("a symlink");
+        let link = dir.path().join("app.so");
+        std::os::unix::fs::symlink("chain", &link).expect("a relative symlink to a symlink");
+        let uid = host_uid();
+        check_symlinks(&link, uid).expect("links owned by the host's user pass");
+        // Only root can give a link away; elsewhere the rule is covered by `check_entry`.
+        if uid != 0 {
+            return;
+        }
+        let stranger = rustix::process::Uid::from_raw(54321);
+        rustix::fs::chownat(
+            rustix::fs::CWD,
+            &chain,
+            Some(stranger),
+            None,
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .expect("lchown");
+        let refused = check_symlinks(&link, uid).expect_err("a link another user owns is refused");
+        assert!(refused.to_string().contains("chain"), "{refused}");
+        assert!(refused.to_string().contains("owned by uid 54321"), "{refused}");
     }
 
     #[test]
