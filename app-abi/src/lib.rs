@@ -214,6 +214,9 @@ pub struct HostApi<'a> {
     /// Gives an idle HTTP/1 connection back to the host, for the serving generation, with the
     /// bytes read from it that no request has used yet (copied). Counts it as closed here.
     pub hand_back: extern "C" fn(HostHandle, Socket, RSlice<'_, u8>),
+    /// Whether the host holds as many connections as it may (`--max-connections`), counting
+    /// every generation's: then the library waits before it accepts another.
+    pub at_capacity: extern "C" fn(HostHandle) -> bool,
     /// The library took on a connection (accepted on a listener, or handed over).
     pub connection_opened: extern "C" fn(HostHandle),
     /// A connection of this generation was closed (including upgraded ones).

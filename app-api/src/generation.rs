@@ -18,6 +18,7 @@ pub(crate) struct HostLink {
     lifecycle: extern "C" fn(HostHandle) -> LifecycleState,
     next_connection: extern "C" fn(HostHandle) -> ROption<HandedConnection>,
     hand_back: extern "C" fn(HostHandle, Socket, RSlice<'_, u8>),
+    at_capacity: extern "C" fn(HostHandle) -> bool,
     connection_opened: extern "C" fn(HostHandle),
     connection_closed: extern "C" fn(HostHandle),
     stream_opened: extern "C" fn(HostHandle),
@@ -35,6 +36,7 @@ impl HostLink {
             lifecycle: host.lifecycle,
             next_connection: host.next_connection,
             hand_back: host.hand_back,
+            at_capacity: host.at_capacity,
             connection_opened: host.connection_opened,
             connection_closed: host.connection_closed,
             stream_opened: host.stream_opened,
@@ -55,6 +57,10 @@ impl HostLink {
 
     pub(crate) fn next_connection(&self) -> Option<HandedConnection> {
         (self.next_connection)(self.handle).into_option()
+    }
+
+    pub(crate) fn at_capacity(&self) -> bool {
+        (self.at_capacity)(self.handle)
     }
 
     pub(crate) fn drained(&self) {

@@ -81,16 +81,26 @@ impl Server {
         let server = Arc::clone(self);
         tokio::spawn(async move {
             let mut lifecycle = server.generation.lifecycle();
+            let mut failures = FailureLog::default();
             loop {
+                let not_serving = |state: &LifecycleState| state.phase != Lifecycle::Serving;
+                if server.generation.host.at_capacity() {
+                    // New connections wait in the backlog until one closes.
+                    tokio::select! {
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                        _ = lifecycle.wait_for(not_serving) => break,
+                    }
+                }
                 let accepted = tokio::select! {
                     accepted = listener.accept() => accepted,
-                    _ = lifecycle.wait_for(|state| state.phase != Lifecycle::Serving) => break,
+                    _ = lifecycle.wait_for(not_serving) => break,
                 };
                 match accepted {
                     Ok((stream, _)) => server.spawn_connection(stream, Vec::new()),
                     Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
                     Err(e) => {
-                        tracing::warn!("accept failed: {e}");
+                        // Usually out of descriptors: wait for some to close.
+                        failures.record(&e);
                         tokio::time::sleep(ACCEPT_BACKOFF).await;
                     }
                 }
@@ -277,6 +287,29 @@ impl Server {
                 Lifecycle::Stopping => return,
             }
         }
+    }
+}
+
+/// Logs failed accepts without flooding the log: the first at once, then one line per interval
+/// with how many failed meanwhile.
+#[derive(Default)]
+struct FailureLog {
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl FailureLog {
+    const INTERVAL: Duration = Duration::from_secs(10);
+
+    fn record(&mut self, error: &std::io::Error) {
+        let due = self.last_logged.is_none_or(|at| at.elapsed() >= Self::INTERVAL);
+        if !due {
+            self.unlogged += 1;
+            return;
+        }
+        tracing::warn!(failed_since_last_report = self.unlogged, "accept failed: {error}");
+        self.last_logged = Some(Instant::now());
+        self.unlogged = 0;
     }
 }
 

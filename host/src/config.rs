@@ -175,6 +175,11 @@ pub struct Options {
     #[arg(long, env = "HOST_MAX_HEAD_BYTES", value_name = "BYTES")]
     pub max_head_bytes: Option<usize>,
 
+    /// Most client connections open at once; beyond it new ones wait in the listen backlog
+    /// [default: the descriptor limit less 128 kept for the admin listener, libraries and logs].
+    #[arg(long, env = "HOST_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<u64>,
+
     /// How long a client may take to send a request head [default: 10s].
     #[arg(long, env = "HOST_HEADER_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Option<Duration>,
@@ -226,6 +231,7 @@ pub struct FileOptions {
     pub app_threads: Option<u32>,
     pub max_body_bytes: Option<usize>,
     pub max_head_bytes: Option<usize>,
+    pub max_connections: Option<u64>,
     pub header_read_timeout: Option<FromText<HumanDuration>>,
     pub staging_dir: Option<PathBuf>,
     pub pid_file: Option<PathBuf>,
@@ -257,6 +263,8 @@ pub struct Settings {
     pub app_threads: Option<u32>,
     pub max_body_bytes: usize,
     pub max_head_bytes: usize,
+    /// `None`: derived from the descriptor limit at start-up.
+    pub max_connections: Option<u64>,
     pub header_read_timeout: Duration,
     pub staging_dir: Option<PathBuf>,
     pub pid_file: Option<PathBuf>,
@@ -415,6 +423,7 @@ pub fn merge(options: Options, file: FileOptions) -> anyhow::Result<Settings> {
             .or(file.max_body_bytes)
             .unwrap_or(16 * 1024 * 1024),
         max_head_bytes: options.max_head_bytes.or(file.max_head_bytes).unwrap_or(64 * 1024),
+        max_connections: options.max_connections.or(file.max_connections),
         header_read_timeout: duration(
             options.header_read_timeout,
             file.header_read_timeout,

@@ -196,6 +196,17 @@ impl Generation {
             )),
             Err(_) => Err(StartError::InitTimeout(options.init_timeout)),
         };
+        let outcome = outcome.and_then(|()| {
+            let signals = crate::loader::signals_handled_by(&generation.library.staged_copy);
+            if signals.is_empty() {
+                Ok(())
+            } else {
+                Err(StartError::Failed(format!(
+                    "the app installed handlers for signals {signals:?}: signals belong to the host \
+                     (is tokio's `signal` feature enabled in the app's dependencies?)"
+                )))
+            }
+        });
         match outcome {
             Ok(()) => {
                 // Only now does it accept: a generation refused after its init (a timeout that
@@ -297,9 +308,14 @@ impl Generation {
         };
         let number = self.number;
         let staged = self.library.staged_copy.clone();
+        let staged_copy = staged.clone();
         let join = tokio::task::spawn_blocking(move || match thread.join() {
             Ok(Some(library)) => {
                 let stopped = began.elapsed();
+                if still_runs_code_of(number, &staged_copy) {
+                    library.leak();
+                    return (stopped, None);
+                }
                 let unload = library.unload();
                 (stopped, Some(unload))
             }
@@ -394,6 +410,46 @@ impl Generation {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         crate::metrics::global().count_request(self.number, status, micros);
     }
+}
+
+/// Whether code of the library copy at `staged` may still run after every thread the
+/// generation owns has ended, so that unmapping it would crash the host: a thread the app started
+/// outside tokio (as C libraries do; it inherits its creator's name, `gen{N}…`), or a signal
+/// handler it installed. Says why in the log.
+fn still_runs_code_of(number: u64, staged: &Path) -> bool {
+    let threads = stray_threads(number);
+    if !threads.is_empty() {
+        tracing::error!(
+            generation = number,
+            threads = ?threads,
+            "the app left threads running that it started outside tokio; its library stays loaded \
+             (unmapping it under them would crash the host), at the cost of its memory"
+        );
+    }
+    let signals = crate::loader::signals_handled_by(staged);
+    if !signals.is_empty() {
+        tracing::error!(
+            generation = number,
+            signals = ?signals,
+            "the app installed signal handlers (tokio's `signal` feature?); its library stays loaded \
+             (unmapping it would crash the host at the next such signal), at the cost of its memory"
+        );
+    }
+    !threads.is_empty() || !signals.is_empty()
+}
+
+/// The threads of this process named after generation `number` (`gen{N}`, `gen{N}-…`): once
+/// the generation's own thread and runtime are gone, these are threads its code started.
+fn stray_threads(number: u64) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    let own = format!("gen{number}");
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|comm| comm.trim_end().to_owned())
+        .filter(|comm| comm == &own || comm.strip_prefix(&own).is_some_and(|rest| rest.starts_with('-')))
+        .collect()
 }
 
 /// How many mappings of `path` this process has.

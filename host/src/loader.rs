@@ -166,6 +166,7 @@ impl LoadedLibrary {
             lifecycle: on_lifecycle,
             next_connection: on_next_connection,
             hand_back: on_hand_back,
+            at_capacity: on_at_capacity,
             connection_opened: on_connection_opened,
             connection_closed: on_connection_closed,
             stream_opened: on_stream_opened,
@@ -204,10 +205,66 @@ impl LoadedLibrary {
         }
     }
 
+    /// Leaves the library loaded for the rest of the process's life: for a library whose code
+    /// may still run (a thread it started, a signal handler it installed).
+    pub fn leak(self) {
+        std::mem::forget(self.library);
+    }
+
     /// Closes the library. Call only after every thread that ran its code has exited.
     pub fn unload(self) -> Result<(), libloading::Error> {
         self.library.close()
     }
+}
+
+/// The signals whose handler is code of the library mapped from `path`: a handler the app
+/// installed (tokio's `signal` feature does, through signal-hook-registry), which would crash the
+/// host on the next such signal once the library is unmapped.
+pub fn signals_handled_by(path: &Path) -> Vec<i32> {
+    let ranges = mapped_ranges(path);
+    if ranges.is_empty() {
+        return Vec::new();
+    }
+    let mut handled = Vec::new();
+    for signal in 1..libc::SIGRTMAX() {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: `sigaction` with a null new action only reads the current one into `current`,
+        // a plain C struct for which all zeroes is a valid value.
+        let handler = unsafe {
+            let mut current: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(signal, std::ptr::null(), &mut current) != 0 {
+                continue;
+            }
+            current.sa_sigaction
+        };
+        if handler != libc::SIG_DFL
+            && handler != libc::SIG_IGN
+            && ranges.iter().any(|&(start, end)| (start..end).contains(&handler))
+        {
+            handled.push(signal);
+        }
+    }
+    handled
+}
+
+/// The address ranges at which `path` is mapped in this process.
+fn mapped_ranges(path: &Path) -> Vec<(usize, usize)> {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return Vec::new();
+    };
+    let needle = path.to_string_lossy();
+    maps.lines()
+        .filter(|line| line.ends_with(needle.as_ref()))
+        .filter_map(|line| {
+            let (start, end) = line.split_whitespace().next()?.split_once('-')?;
+            Some((
+                usize::from_str_radix(start, 16).ok()?,
+                usize::from_str_radix(end, 16).ok()?,
+            ))
+        })
+        .collect()
 }
 
 /// Refuses an ELF image whose program headers or loadable segments run past its end, as a copy
@@ -342,6 +399,7 @@ extern "C" fn on_hand_back(handle: HostHandle, socket: Socket, unread: RSlice<'_
     let socket = unsafe { OwnedFd::from_raw_fd(socket.into_raw()) };
     with_generation("hand_back", handle, (), |generation| {
         generation.counters.connections.fetch_sub(1, Ordering::Relaxed);
+        generation.listeners.connection_closed();
         generation.handover.hand_back(HandedSocket {
             socket,
             unread: unread.as_slice().to_vec(),
@@ -349,15 +407,23 @@ extern "C" fn on_hand_back(handle: HostHandle, socket: Socket, unread: RSlice<'_
     })
 }
 
+extern "C" fn on_at_capacity(handle: HostHandle) -> bool {
+    with_generation("at_capacity", handle, false, |generation| {
+        generation.listeners.at_capacity()
+    })
+}
+
 extern "C" fn on_connection_opened(handle: HostHandle) {
     with_generation("connection_opened", handle, (), |generation| {
         generation.counters.connections.fetch_add(1, Ordering::Relaxed);
+        generation.listeners.connection_opened();
     })
 }
 
 extern "C" fn on_connection_closed(handle: HostHandle) {
     with_generation("connection_closed", handle, (), |generation| {
         generation.counters.connections.fetch_sub(1, Ordering::Relaxed);
+        generation.listeners.connection_closed();
     })
 }
 

@@ -280,10 +280,20 @@ async fn run(settings: Settings, activated: Activated, handoff: Upgraded, launch
             timeout: settings.build_timeout,
         }),
     };
+    let capacity = listeners::connection_capacity();
+    let max_connections = settings.max_connections.unwrap_or(capacity);
+    if max_connections > capacity {
+        tracing::warn!(
+            max_connections,
+            descriptors_for_connections = capacity,
+            "--max-connections is more than the descriptor limit allows; accepting will fail with EMFILE first"
+        );
+    }
     let limits = Limits {
         max_body_bytes: settings.max_body_bytes,
         max_head_bytes: settings.max_head_bytes,
         header_read_timeout: settings.header_read_timeout,
+        max_connections,
     };
     let (reloader, triggers) = Reloader::start(reload_settings, Listeners::new(listeners, &limits)?).await?;
     // Subscribed here, before any reload can start, so that none goes unannounced.
