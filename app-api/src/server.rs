@@ -417,6 +417,8 @@ impl AppService {
             inner: Limited::new(body, limit),
             state: Arc::clone(&self.state),
             ended,
+            silence_limit: self.generation.header_read_timeout(),
+            silence: None,
         };
         let request = Request::from_parts(parts, axum::body::Body::new(body));
         match AssertUnwindSafe(self.generation.router.clone().oneshot(request))
@@ -479,13 +481,17 @@ impl Drop for RequestRecord {
     }
 }
 
-/// A request body as the app sees it: bounded by the host's `--max-body-bytes`, and noting when
-/// it is dropped unread (then hyper cannot find the next request, and the connection is not
-/// handed over).
+/// A request body as the app sees it: bounded by the host's `--max-body-bytes`, failing when the
+/// client sends nothing for `--header-read-timeout` (a client that stalls must not hold a
+/// handler forever), and noting when it is dropped unread (then hyper cannot find the next
+/// request, and the connection is not handed over).
 struct RequestBody {
     inner: Limited<Incoming>,
     state: Arc<ConnState>,
     ended: bool,
+    silence_limit: Duration,
+    /// Armed while the client sends nothing.
+    silence: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Body for RequestBody {
@@ -495,10 +501,23 @@ impl Body for RequestBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(None) = frame {
-            if !this.ended {
-                this.ended = true;
-                this.state.body_read();
+        match &frame {
+            Poll::Ready(None) => {
+                this.silence = None;
+                if !this.ended {
+                    this.ended = true;
+                    this.state.body_read();
+                }
+            }
+            Poll::Ready(Some(_)) => this.silence = None,
+            Poll::Pending => {
+                let limit = this.silence_limit;
+                let silence = this.silence.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                if silence.as_mut().poll(cx).is_ready() {
+                    this.silence = None;
+                    let message = format!("the client sent no part of the request body for {limit:?}");
+                    return Poll::Ready(Some(Err(message.into())));
+                }
             }
         }
         frame
