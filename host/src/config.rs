@@ -392,7 +392,10 @@ pub fn merge(options: Options, file: FileOptions) -> anyhow::Result<Settings> {
         flag.or(file.map(|d| d.0 .0)).unwrap_or(default)
     }
     let app = options.app.or(file.app).ok_or_else(|| {
-        anyhow::anyhow!("no app library given: set --app, the HOST_APP variable, or `app` in the config file")
+        anyhow::anyhow!(
+            "no app library given: set --app, the HOST_APP variable, or `app` in the config file \
+             (usage: host --app PATH [OPTIONS]; `host --help` lists the options)"
+        )
     })?;
     let listen = options
         .listen

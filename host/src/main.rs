@@ -295,7 +295,12 @@ async fn run(settings: Settings, activated: Activated, handoff: Upgraded, launch
         header_read_timeout: settings.header_read_timeout,
         max_connections,
     };
+    let addresses: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
     let (reloader, triggers) = Reloader::start(reload_settings, Listeners::new(listeners, &limits)?).await?;
+    // Only now: a host whose first version cannot be loaded never said it serves.
+    for address in addresses {
+        tracing::info!(%address, generation = reloader.serving().0, "serving");
+    }
     // Subscribed here, before any reload can start, so that none goes unannounced.
     let notifier = tokio::spawn(notify_reloads(reloader.clone(), reloader.subscribe()));
 
@@ -434,11 +439,6 @@ async fn listen(
             .await
             .with_context(|| format!("cannot listen on {} (admin)", settings.admin))?,
     };
-    for (_, listener) in &listeners {
-        if let Ok(address) = listener.local_addr() {
-            tracing::info!(%address, "serving");
-        }
-    }
     let admin_address = admin.local_addr().context("the admin listener's address")?;
     tracing::info!(address = %admin_address, reload_endpoint = settings.admin_reload, "admin listener");
     if !admin_address.ip().is_loopback() && settings.admin_reload {

@@ -50,8 +50,9 @@ pub struct TrustedBytes {
 /// Why a library was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
-    #[error("cannot read the app library {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    // `error`, not `source`: the message already says it, and a source would say it twice.
+    #[error("cannot read the app library {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("the app library {0} is not a regular file")]
     NotAFile(PathBuf),
     #[error("the app library {0} is empty")]
@@ -154,7 +155,7 @@ fn check_directories(path: &Path, host_uid: u32) -> Result<(), Refused> {
             }
             let metadata = std::fs::metadata(directory).map_err(|source| Refused::Read {
                 path: directory.to_owned(),
-                source,
+                error: source,
             })?;
             check_metadata(path, directory, &metadata, host_uid)?;
         }
@@ -180,7 +181,7 @@ fn check_symlinks(path: &Path, host_uid: u32) -> Result<(), Refused> {
         let next = current.join(&component);
         let metadata = std::fs::symlink_metadata(&next).map_err(|source| Refused::Read {
             path: next.clone(),
-            source,
+            error: source,
         })?;
         if !metadata.file_type().is_symlink() {
             current = next;
@@ -197,12 +198,12 @@ fn check_symlinks(path: &Path, host_uid: u32) -> Result<(), Refused> {
         if followed > MAX_SYMLINKS {
             return Err(Refused::Read {
                 path: path.to_owned(),
-                source: std::io::Error::other("too many levels of symbolic links"),
+                error: std::io::Error::other("too many levels of symbolic links"),
             });
         }
         let target = std::fs::read_link(&next).map_err(|source| Refused::Read {
             path: next.clone(),
-            source,
+            error: source,
         })?;
         // The target's components replace the link's; an absolute one starts again at `/`.
         if target.is_absolute() {
@@ -218,7 +219,7 @@ fn check_symlinks(path: &Path, host_uid: u32) -> Result<(), Refused> {
 pub fn read_trusted(path: &Path, policy: &TrustPolicy) -> Result<TrustedBytes, Refused> {
     let read_error = |source| Refused::Read {
         path: path.to_owned(),
-        source,
+        error: source,
     };
     let uid = host_uid();
     let mut file = std::fs::File::open(path).map_err(read_error)?;
