@@ -166,6 +166,104 @@ pub fn axum_examples(version: AppVersion) -> &'static Path {
     })
 }
 
+/// A behaviour of the `hostile-app` fixture (`tests/fixtures/hostile-app`): one cargo feature
+/// each, or [`Hostile::Default`], the build without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hostile {
+    /// No feature: the app only answers `GET /`.
+    Default,
+    /// `init` starts a thread (`std::thread::spawn`) that never ends.
+    StrayThread,
+    /// `init` starts a thread with `pthread_create` itself (as a C dependency does) that never
+    /// ends. Unlike [`Hostile::StrayThread`]'s, it leaves no thread-local destructor that would
+    /// make glibc keep the library mapped at `dlclose`.
+    RawThread,
+    /// The app's own tokio with the "full" features; `init` installs tokio's SIGTERM handler and
+    /// a background task awaits it (axum's graceful-shutdown pattern).
+    TokioSignal,
+    /// `GET /block` blocks its worker thread for 5 s (`?secs=N`: N seconds).
+    Blocking,
+    /// axum's `todos` example with its map in host state: `PUT` and `DELETE /todos/{id}`,
+    /// `GET /todos`.
+    Todos,
+}
+
+impl Hostile {
+    pub const ALL: [Hostile; 6] = [
+        Hostile::Default,
+        Hostile::StrayThread,
+        Hostile::RawThread,
+        Hostile::TokioSignal,
+        Hostile::Blocking,
+        Hostile::Todos,
+    ];
+
+    /// The fixture's cargo feature for this behaviour (none for [`Hostile::Default`]).
+    pub fn feature(self) -> Option<&'static str> {
+        match self {
+            Hostile::Default => None,
+            Hostile::StrayThread => Some("stray-thread"),
+            Hostile::RawThread => Some("raw-thread"),
+            Hostile::TokioSignal => Some("tokio-signal"),
+            Hostile::Blocking => Some("blocking"),
+            Hostile::Todos => Some("todos"),
+        }
+    }
+
+    /// The feature's name, or `default`.
+    pub fn name(self) -> &'static str {
+        self.feature().unwrap_or("default")
+    }
+
+    /// What `GET /` answers in this build.
+    pub fn greeting(self) -> String {
+        format!("hostile-app {}\n", self.name())
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The `hostile-app` fixture built with the feature of `behaviour`. Each build is a cargo command
+/// of its own, so that the `tokio-signal` build's tokio features (`signal`, `process`,
+/// `parking_lot`) reach only that library.
+pub fn hostile_app(behaviour: Hostile) -> &'static Path {
+    static HOSTILE: [Built; Hostile::ALL.len()] = [const { OnceLock::new() }; Hostile::ALL.len()];
+    built(&HOSTILE[behaviour.index()], || {
+        let copy = artifacts_dir().join(format!("hostile-app-{}.so", behaviour.name()));
+        let features: Vec<&str> = match behaviour.feature() {
+            Some(feature) => vec!["--features", feature],
+            None => Vec::new(),
+        };
+        build_cdylib(&workspace_root().join("Cargo.toml"), "hostile-app", &features, &copy)?;
+        Ok(copy)
+    })
+}
+
+/// The `hostile-app` fixture without a feature, built with `panic = "abort"`: a library whose
+/// first panic would abort the whole process.
+///
+/// Only the app crate itself is compiled with `-C panic=abort` (`cargo rustc`): that is where
+/// `export_app!` expands and so where app-api asks `cfg!(panic = ...)`, and linking it makes
+/// `panic_abort` the library's panic runtime, as `profile.*.panic = "abort"` does. Setting the
+/// profile instead (`--config 'profile.dev.panic="abort"'`) would compile every dependency
+/// (tokio, axum, hyper, abi_stable, ...) once more, which took about two minutes on two cores.
+pub fn hostile_app_panic_abort() -> &'static Path {
+    static ABORT: Built = OnceLock::new();
+    built(&ABORT, || {
+        let copy = artifacts_dir().join("hostile-app-panic-abort.so");
+        build_cdylib_with(
+            &workspace_root().join("Cargo.toml"),
+            "hostile-app",
+            &[],
+            &["-C", "panic=abort"],
+            &copy,
+        )?;
+        Ok(copy)
+    })
+}
+
 /// A build of the example app whose counter state has another shape (its cargo features).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Schema {
@@ -394,6 +492,18 @@ impl BuildLock {
 /// Builds the cdylib of `package` (from `manifest`'s workspace, with `extra` arguments) and copies
 /// it to `copy`.
 fn build_cdylib(manifest: &Path, package: &str, extra: &[&str], copy: &Path) -> Result<(), String> {
+    build_cdylib_with(manifest, package, extra, &[], copy)
+}
+
+/// Like [`build_cdylib`], with `rustc_args` passed to the compiler for `package`'s library only
+/// (with `cargo rustc`; its dependencies are built as usual) if there are any.
+fn build_cdylib_with(
+    manifest: &Path,
+    package: &str,
+    extra: &[&str],
+    rustc_args: &[&str],
+    copy: &Path,
+) -> Result<(), String> {
     // The output name the variants of this package share: delete it so cargo must link this
     // variant anew (see the module docs).
     let file_name = format!("lib{}.so", package.replace('-', "_"));
@@ -408,7 +518,13 @@ fn build_cdylib(manifest: &Path, package: &str, extra: &[&str], copy: &Path) -> 
 
     let mut args = vec!["-p", package, "--lib"];
     args.extend_from_slice(extra);
-    let messages = cargo_build(manifest, &args)?;
+    let messages = if rustc_args.is_empty() {
+        cargo_build(manifest, &args)?
+    } else {
+        args.push("--");
+        args.extend_from_slice(rustc_args);
+        cargo(manifest, "rustc", &args)?
+    };
     let library = cdylib(&messages, package)?;
 
     let parent = copy.parent().expect("artifact copies have a parent directory");
@@ -425,9 +541,15 @@ fn build_cdylib(manifest: &Path, package: &str, extra: &[&str], copy: &Path) -> 
 /// Runs `cargo build` on `manifest` into the e2e target directory and returns cargo's JSON
 /// messages; on failure, returns everything cargo printed.
 fn cargo_build(manifest: &Path, args: &[&str]) -> Result<Vec<serde_json::Value>, String> {
+    cargo(manifest, "build", args)
+}
+
+/// Runs `cargo <subcommand>` (`build`, or `rustc` with the compiler's arguments after `--` in
+/// `args`) like [`cargo_build`].
+fn cargo(manifest: &Path, subcommand: &str, args: &[&str]) -> Result<Vec<serde_json::Value>, String> {
     let mut command = Command::new(env!("CARGO"));
     command
-        .arg("build")
+        .arg(subcommand)
         .arg("--manifest-path")
         .arg(manifest)
         .arg("--message-format=json-render-diagnostics")

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 pub use artifacts::{
     axum_examples, copy_example_app, copy_example_app_named, e2e_target_dir, example_app, example_app_schema,
-    faulty_app, host_binary, no_entry_library, replace_in, workspace_root, xtask_binary, AppVersion, Fault, Schema,
-    FAULTY_INIT_ERROR, FAULTY_INIT_PANIC,
+    faulty_app, host_binary, hostile_app, hostile_app_panic_abort, no_entry_library, replace_in, workspace_root,
+    xtask_binary, AppVersion, Fault, Hostile, Schema, FAULTY_INIT_ERROR, FAULTY_INIT_PANIC,
 };
 pub use client::{KeepAlive, Reply};
 pub use host::{free_address, Host, HostCommand, Sandbox};

@@ -45,11 +45,51 @@ fn run_generation<A: App>(host: &HostApi<'_>) -> Result<(), String> {
         Ok(runtime) => runtime,
         Err(message) => return Err(refuse(host, message)),
     };
+    let nudger = Nudger::start(runtime.handle().clone(), host.generation);
     let outcome = runtime.block_on(serve::<A>(host));
+    if let Err(e) = nudger.and_then(Nudger::stop) {
+        tracing::warn!("the generation's nudging thread: {e}");
+    }
     // Dropping the runtime drops every task (and with them every connection still open) and
     // joins every worker and blocking thread.
     drop(runtime);
     outcome
+}
+
+/// How often idle workers are woken while a handler may be blocking one of them.
+const NUDGE_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Keeps a handler that blocks its worker thread (`std::thread::sleep`, blocking I/O) from
+/// stalling its generation's other connections: tokio wakes an idle worker only when new work
+/// is pushed, so tasks queued behind the blocked worker (a connection, the accept loop) would
+/// wait for it. An empty task spawned from outside every `NUDGE_EVERY` wakes an idle worker,
+/// which then steals them. The thread is the generation's own, joined before `run` returns.
+struct Nudger {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Nudger {
+    fn start(runtime: tokio::runtime::Handle, generation: u64) -> Result<Nudger, String> {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name(format!("gen{generation}-nudge"))
+            .spawn(move || {
+                while !stopped.load(std::sync::atomic::Ordering::Acquire) {
+                    std::thread::park_timeout(NUDGE_EVERY);
+                    drop(runtime.spawn(async {}));
+                }
+            })
+            .map_err(|e| format!("cannot start it: {e}"))?;
+        Ok(Nudger { stop, thread })
+    }
+
+    fn stop(self) -> Result<(), String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.thread.thread().unpark();
+        self.thread.join().map_err(|_| "it panicked".to_string())
+    }
 }
 
 /// The generation's main task: initialise, serve until told to stop, shut the app down.
