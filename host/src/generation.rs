@@ -20,6 +20,7 @@ use tokio::sync::{oneshot, Notify};
 use crate::handover::Handover;
 use crate::listeners::Listeners;
 use crate::loader::LoadedLibrary;
+use crate::metrics::{Outcomes, Sharded};
 use crate::state::StateStore;
 
 /// Where the code of a generation came from.
@@ -47,6 +48,9 @@ pub enum Phase {
     Closing = 3,
     /// Told to stop; its library is unloaded once its thread ends.
     Stopping = 4,
+    /// Stopped, but its library stays loaded: code of it may still run (a thread it started, a
+    /// signal handler), or its threads did not stop in time.
+    KeptLoaded = 5,
 }
 
 impl Phase {
@@ -56,7 +60,8 @@ impl Phase {
             1 => Phase::Serving,
             2 => Phase::Draining,
             3 => Phase::Closing,
-            _ => Phase::Stopping,
+            4 => Phase::Stopping,
+            _ => Phase::KeptLoaded,
         }
     }
 }
@@ -71,13 +76,14 @@ pub enum Retirement {
     Close { idle_grace: Duration },
 }
 
-/// What a generation reports about its traffic.
+/// What a generation reports about its traffic. The per-request ones are sharded: they are
+/// updated on every request from every worker thread.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub connections: AtomicU64,
     pub streams: AtomicU64,
-    pub in_flight: AtomicU64,
-    pub requests: AtomicU64,
+    pub in_flight: Sharded,
+    pub requests: Outcomes,
 }
 
 pub struct Generation {
@@ -94,6 +100,8 @@ pub struct Generation {
     idle_grace_ms: AtomicU64,
     drained: AtomicBool,
     drained_signal: Notify,
+    /// Why the library stays loaded after the generation stopped.
+    kept_loaded: Mutex<Option<String>>,
     started: Mutex<Option<oneshot::Sender<Result<(), String>>>>,
     thread: Mutex<Option<JoinHandle<Option<LoadedLibrary>>>>,
 }
@@ -153,6 +161,7 @@ impl Generation {
             idle_grace_ms: AtomicU64::new(0),
             drained: AtomicBool::new(false),
             drained_signal: Notify::new(),
+            kept_loaded: Mutex::new(None),
             started: Mutex::new(Some(started_tx)),
             thread: Mutex::new(None),
         });
@@ -238,7 +247,7 @@ impl Generation {
             Phase::Serving => Lifecycle::Serving,
             Phase::Draining => Lifecycle::Retiring,
             Phase::Closing => Lifecycle::Closing,
-            Phase::Stopping => Lifecycle::Stopping,
+            Phase::Stopping | Phase::KeptLoaded => Lifecycle::Stopping,
         };
         LifecycleState {
             phase,
@@ -268,7 +277,7 @@ impl Generation {
                 generation = self.number,
                 connections = self.counters.connections.load(Ordering::Relaxed),
                 streams = self.counters.streams.load(Ordering::Relaxed),
-                in_flight = self.counters.in_flight.load(Ordering::Relaxed),
+                in_flight = self.counters.in_flight.get(),
                 drain_timeout_ms = ms(drain_timeout),
                 "drain deadline passed; closing what is still open"
             );
@@ -291,7 +300,9 @@ impl Generation {
             }
         };
         let previous = self.phase();
-        if previous == Phase::Stopping || (previous == Phase::Closing && phase == Phase::Draining) {
+        if matches!(previous, Phase::Stopping | Phase::KeptLoaded)
+            || (previous == Phase::Closing && phase == Phase::Draining)
+        {
             return;
         }
         self.set_phase(phase);
@@ -312,24 +323,24 @@ impl Generation {
         let join = tokio::task::spawn_blocking(move || match thread.join() {
             Ok(Some(library)) => {
                 let stopped = began.elapsed();
-                if still_runs_code_of(number, &staged_copy) {
+                if let Some(reason) = still_runs_code_of(number, &staged_copy) {
                     library.leak();
-                    return (stopped, None);
+                    return (stopped, Err(reason));
                 }
-                let unload = library.unload();
-                (stopped, Some(unload))
+                (stopped, Ok(Some(library.unload())))
             }
-            Ok(None) => (began.elapsed(), None),
+            Ok(None) => (began.elapsed(), Ok(None)),
             Err(_) => {
                 tracing::error!(
                     generation = number,
                     "the generation's thread panicked; its library stays loaded"
                 );
-                (began.elapsed(), None)
+                (began.elapsed(), Err("its thread panicked".to_string()))
             }
         });
         match tokio::time::timeout(stop_timeout, join).await {
-            Ok(Ok((stopped, unload))) => {
+            Ok(Ok((_, Err(reason)))) => self.keep_loaded(reason),
+            Ok(Ok((stopped, Ok(unload)))) => {
                 tracing::info!(generation = number, duration_ms = ms(stopped), "stopped");
                 match unload {
                     Some(Ok(())) => {
@@ -349,17 +360,31 @@ impl Generation {
                 }
             }
             Ok(Err(e)) => tracing::error!(generation = number, error = %e, "joining the generation failed"),
-            Err(_) => tracing::error!(
-                generation = number,
-                stop_timeout_ms = ms(stop_timeout),
-                "the library did not stop in time (a task or thread is blocked); it stays loaded"
-            ),
+            Err(_) => {
+                tracing::error!(
+                    generation = number,
+                    stop_timeout_ms = ms(stop_timeout),
+                    "the library did not stop in time (a task or thread is blocked); it stays loaded"
+                );
+                self.keep_loaded(format!("its threads did not stop within {stop_timeout:?}"));
+            }
         }
         // Its library's threads are gone (or it stays loaded, stuck): close the spans it left open.
         self.log.release();
         if let Err(e) = std::fs::remove_file(&staged) {
             tracing::debug!(generation = number, error = %e, "could not remove the staged copy");
         }
+    }
+
+    /// Records that this generation's library stays loaded, and why, for `/status` and `/metrics`.
+    fn keep_loaded(&self, reason: String) {
+        *lock(&self.kept_loaded) = Some(reason);
+        self.set_phase(Phase::KeptLoaded);
+    }
+
+    /// Why this generation's library stays loaded after it stopped, if it does.
+    pub fn kept_loaded(&self) -> Option<String> {
+        lock(&self.kept_loaded).clone()
     }
 
     /// Wakes the library's runtime, to look at its lifecycle and the handed-over connections.
@@ -401,14 +426,15 @@ impl Generation {
             generation: self.number,
             connections: self.counters.connections.load(Ordering::Relaxed),
             streams: self.counters.streams.load(Ordering::Relaxed),
-            in_flight: self.counters.in_flight.load(Ordering::Relaxed),
+            in_flight: self.counters.in_flight.get(),
+            requests: self.counters.requests.totals(),
         }
     }
 
     pub fn request_finished(&self, status: u16, micros: u64) {
-        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::global().count_request(self.number, status, micros);
+        self.counters.in_flight.sub(1);
+        self.counters.requests.count(status);
+        crate::metrics::global().observe_request(micros);
     }
 }
 
@@ -416,7 +442,8 @@ impl Generation {
 /// generation owns has ended, so that unmapping it would crash the host: a thread the app started
 /// outside tokio (as C libraries do; it inherits its creator's name, `gen{N}…`), or a signal
 /// handler it installed. Says why in the log.
-fn still_runs_code_of(number: u64, staged: &Path) -> bool {
+fn still_runs_code_of(number: u64, staged: &Path) -> Option<String> {
+    let mut reasons = Vec::new();
     let threads = stray_threads(number);
     if !threads.is_empty() {
         tracing::error!(
@@ -425,6 +452,7 @@ fn still_runs_code_of(number: u64, staged: &Path) -> bool {
             "the app left threads running that it started outside tokio; its library stays loaded \
              (unmapping it under them would crash the host), at the cost of its memory"
         );
+        reasons.push(format!("the app left {} thread(s) running: {threads:?}", threads.len()));
     }
     let signals = crate::loader::signals_handled_by(staged);
     if !signals.is_empty() {
@@ -434,8 +462,9 @@ fn still_runs_code_of(number: u64, staged: &Path) -> bool {
             "the app installed signal handlers (tokio's `signal` feature?); its library stays loaded \
              (unmapping it would crash the host at the next such signal), at the cost of its memory"
         );
+        reasons.push(format!("signal handlers for {signals:?} point into it"));
     }
-    !threads.is_empty() || !signals.is_empty()
+    (!reasons.is_empty()).then(|| reasons.join("; "))
 }
 
 /// The threads of this process named after generation `number` (`gen{N}`, `gen{N}-…`): once

@@ -42,6 +42,8 @@ pub enum LoadError {
     DescriptorVersion { path: String, found: u32 },
     #[error("{path} was built against app-abi {library}, which this host (app-abi {ABI_VERSION}) cannot serve: rebuild it against an app-api that uses app-abi {ABI_VERSION}")]
     ApiVersion { path: String, library: String },
+    #[error("{path} contains tokio's signal driver (tokio's `signal` feature, which `full` includes): every copy would keep a socket pair and a table per signal that unloading cannot free (2 descriptors leaked per reload), and signal handlers pointing into unloaded code; in the app's Cargo.toml, give tokio its features without `full`, `signal` or `process` (app_api::tokio has what an app needs), and do shutdown work in `App::shutdown`")]
+    TokioSignal { path: String },
     #[error("{path} was built with `panic = \"abort\"`: its first panic would abort the host; build it with `panic = \"unwind\"` (the default; check the `[profile.*]` sections of the workspace it is built in)")]
     PanicAbort { path: String },
     #[error("{path} (app-abi {library}) does not match the interface of this host (app-abi {ABI_VERSION}): {details}")]
@@ -267,11 +269,24 @@ fn mapped_ranges(path: &Path) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// Refuses an ELF image whose program headers or loadable segments run past its end, as a copy
-/// still being written does: glibc maps such a file anyway and the process dies of SIGBUS when the
-/// loader touches the missing pages. Files that are not 64-bit ELF at all are left for `dlopen`
-/// to refuse with its own reason.
+/// Refuses, before `dlopen`, an ELF image whose program headers or loadable segments run past its
+/// end, as a copy still being written does (glibc maps such a file anyway and the process dies of
+/// SIGBUS when the loader touches the missing pages), and one with tokio's signal driver in it.
+/// Files that are not 64-bit ELF at all are left for `dlopen` to refuse with its own reason.
 pub fn check_image(path: &Path, image: &[u8]) -> Result<(), LoadError> {
+    check_segments(path, image)?;
+    // A message of tokio's signal driver, linked in only with the `signal` feature: the driver
+    // is built with every runtime, so its mere presence means the leak described in the error.
+    if memchr::memmem::find(image, b"EOF on self-pipe").is_some() {
+        return Err(LoadError::TokioSignal {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The part of [`check_image`] about segments cut short.
+fn check_segments(path: &Path, image: &[u8]) -> Result<(), LoadError> {
     use object::elf::{FileHeader64, PT_LOAD};
     use object::read::elf::{FileHeader as _, ProgramHeader as _};
     use object::Endianness;
@@ -441,7 +456,7 @@ extern "C" fn on_stream_closed(handle: HostHandle) {
 
 extern "C" fn on_request_started(handle: HostHandle) {
     with_generation("request_started", handle, (), |generation| {
-        generation.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        generation.counters.in_flight.add(1);
     })
 }
 
@@ -561,9 +576,14 @@ mod tests {
     fn images_cut_short_are_refused_before_dlopen() {
         let path = Path::new("/proc/self/exe");
         let image = std::fs::read(path).expect("this test's own executable is readable");
-        check_image(path, &image).expect("a whole ELF image passes");
+        // This test's executable has tokio's signal driver (the host uses it): only its segments
+        // are checked here.
+        check_segments(path, &image).expect("a whole ELF image passes");
         check_image(path, b"not an ELF file at all").expect("non-ELF files are left for dlopen to refuse");
         let error = check_image(path, &image[..4096]).expect_err("a cut image is refused");
+        let with_signal_driver = b"a library with the message `EOF on self-pipe` in it";
+        let refused = check_image(path, with_signal_driver).expect_err("tokio's signal driver is refused");
+        assert!(refused.to_string().contains("`signal` feature"), "{refused}");
         assert!(error.to_string().contains("cut short"), "{error}");
     }
 }

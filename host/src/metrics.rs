@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the duration histograms' buckets.
@@ -52,6 +52,69 @@ impl Histogram {
     }
 }
 
+/// How many shards a [`Sharded`] counter has: more than the worker threads of a small machine,
+/// few enough to sum at every scrape.
+const SHARDS: usize = 8;
+
+/// One shard, alone on its cache line (two, for the adjacent-line prefetcher).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard(AtomicU64);
+
+/// A counter that the threads of every generation update per request without sharing a cache
+/// line: each thread adds to its own shard, a scrape sums them. A shared atomic would bounce
+/// between the CPUs on every request, which is most of what per-request accounting costs.
+#[derive(Debug, Default)]
+pub struct Sharded {
+    shards: [Shard; SHARDS],
+}
+
+impl Sharded {
+    pub fn add(&self, n: u64) {
+        self.shards[shard_index()].0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Takes `n` away; this thread's shard may wrap below zero, the sum does not.
+    pub fn sub(&self, n: u64) {
+        self.shards[shard_index()].0.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.shards
+            .iter()
+            .fold(0u64, |sum, shard| sum.wrapping_add(shard.0.load(Ordering::Relaxed)))
+    }
+}
+
+/// This thread's shard, given out round-robin the first time a thread asks.
+fn shard_index() -> usize {
+    use std::cell::Cell;
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    // No destructor: setting it registers nothing on the (library-owned) thread.
+    thread_local!(static INDEX: Cell<usize> = const { Cell::new(usize::MAX) });
+    INDEX.with(|index| {
+        if index.get() == usize::MAX {
+            index.set(NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS);
+        }
+        index.get()
+    })
+}
+
+/// One generation's finished requests by outcome (see [`CLASSES`]).
+#[derive(Debug, Default)]
+pub struct Outcomes([Sharded; CLASSES.len()]);
+
+impl Outcomes {
+    pub fn count(&self, status: u16) {
+        self.0[class_index(status)].add(1);
+    }
+
+    pub fn totals(&self) -> [u64; CLASSES.len()] {
+        std::array::from_fn(|class| self.0[class].get())
+    }
+}
+
 /// Upper bounds (seconds) of the request duration histogram's buckets: requests take
 /// microseconds to minutes (a stream lasts as long as it runs).
 const REQUEST_BUCKETS: [f64; 16] = [
@@ -62,8 +125,8 @@ const REQUEST_BUCKETS: [f64; 16] = [
 #[derive(Debug, Default)]
 struct RequestDurations {
     /// Per bucket (not cumulative), plus one for `+Inf`.
-    counts: [AtomicU64; REQUEST_BUCKETS.len() + 1],
-    sum_micros: AtomicU64,
+    counts: [Sharded; REQUEST_BUCKETS.len() + 1],
+    sum_micros: Sharded,
 }
 
 impl RequestDurations {
@@ -73,8 +136,8 @@ impl RequestDurations {
             .iter()
             .position(|&le| seconds <= le)
             .unwrap_or(REQUEST_BUCKETS.len());
-        self.counts[index].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        self.counts[index].add(1);
+        self.sum_micros.add(micros);
     }
 
     fn render(&self, out: &mut String) {
@@ -86,12 +149,12 @@ impl RequestDurations {
         );
         let mut cumulative = 0;
         for (le, count) in REQUEST_BUCKETS.iter().zip(&self.counts) {
-            cumulative += count.load(Ordering::Relaxed);
+            cumulative += count.get();
             let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
         }
-        cumulative += self.counts[REQUEST_BUCKETS.len()].load(Ordering::Relaxed);
+        cumulative += self.counts[REQUEST_BUCKETS.len()].get();
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let sum = self.sum_micros.get() as f64 / 1e6;
         let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
     }
 }
@@ -112,9 +175,9 @@ fn class_index(status: u16) -> usize {
 /// Process-wide counters and histograms.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Generation → count per outcome. The request path takes only the read lock, except for a
-    /// generation's first request.
-    requests: RwLock<BTreeMap<u64, [AtomicU64; CLASSES.len()]>>,
+    /// Retired generation → its requests per outcome (live ones count in their own
+    /// [`Outcomes`], read at scrape time).
+    retired_requests: Mutex<BTreeMap<u64, [u64; CLASSES.len()]>>,
     request_durations: RequestDurations,
     reload_duration: Mutex<Histogram>,
     drain_duration: Mutex<Histogram>,
@@ -132,6 +195,8 @@ pub struct GenerationLoad {
     /// Upgraded connections (WebSocket and the like).
     pub streams: u64,
     pub in_flight: u64,
+    /// Requests finished, per outcome.
+    pub requests: [u64; CLASSES.len()],
 }
 
 /// What the reloader knows at scrape time.
@@ -144,6 +209,8 @@ pub struct Snapshot {
     pub reloads_failed: u64,
     /// Whether the last reload worked; `None` before the first.
     pub last_reload_ok: Option<bool>,
+    /// Stopped generations whose library stays loaded (code of it may still run).
+    pub kept_loaded: u64,
 }
 
 /// The process's metrics.
@@ -153,26 +220,14 @@ pub fn global() -> &'static Metrics {
 }
 
 impl Metrics {
-    /// Counts one finished request with the status the app answered (0: none, it was cancelled)
-    /// and how long it took.
-    pub fn count_request(&self, generation: u64, status: u16, micros: u64) {
+    /// Times one finished request (its outcome is counted by its generation's [`Outcomes`]).
+    pub fn observe_request(&self, micros: u64) {
         self.request_durations.observe(micros);
-        let class = class_index(status);
-        if let Some(counts) = self
-            .requests
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&generation)
-        {
-            counts[class].fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        self.requests
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(generation)
-            .or_default()[class]
-            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Keeps the request counts of a generation that is gone, for the scrapes to come.
+    pub fn retire_generation(&self, generation: u64, requests: [u64; CLASSES.len()]) {
+        lock(&self.retired_requests).insert(generation, requests);
     }
 
     pub fn observe_reload(&self, duration: Duration) {
@@ -187,20 +242,19 @@ impl Metrics {
     pub fn render(&self, snapshot: &Snapshot) -> String {
         let mut out = String::new();
         {
-            let mut requests = self.requests.write().unwrap_or_else(PoisonError::into_inner);
+            let mut retired = lock(&self.retired_requests);
             let oldest_kept = snapshot.serving.saturating_sub(KEPT_GENERATIONS - 1);
-            requests.retain(|generation, _| {
-                *generation >= oldest_kept || snapshot.live.iter().any(|live| live.generation == *generation)
-            });
+            retired.retain(|generation, _| *generation >= oldest_kept);
+            let mut requests: BTreeMap<u64, [u64; CLASSES.len()]> = retired.clone();
+            requests.extend(snapshot.live.iter().map(|load| (load.generation, load.requests)));
             out.push_str(
                 "# HELP host_http_requests_total Requests finished, by the generation that served them \
                  and status class (\"cancelled\": dropped before an answer).\n\
                  # TYPE host_http_requests_total counter\n",
             );
-            for (generation, counts) in requests.iter() {
+            for (generation, counts) in &requests {
                 for (class, count) in CLASSES.iter().zip(counts) {
-                    let count = count.load(Ordering::Relaxed);
-                    if count > 0 {
+                    if *count > 0 {
                         let _ = writeln!(
                             out,
                             "host_http_requests_total{{generation=\"{generation}\",class=\"{class}\"}} {count}"
@@ -233,9 +287,16 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
-            "# HELP host_generations_live Generations loaded: the serving one plus any still draining.\n\
-             # TYPE host_generations_live gauge\nhost_generations_live {}",
+            "# HELP host_generations_live Generations loaded: the serving one plus any still draining \
+             or kept loaded.\n# TYPE host_generations_live gauge\nhost_generations_live {}",
             snapshot.live.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP host_generations_kept_loaded Stopped generations whose library stays loaded (a thread \
+             or signal handler of the app may still run its code; /status says why).\n\
+             # TYPE host_generations_kept_loaded gauge\nhost_generations_kept_loaded {}",
+            snapshot.kept_loaded
         );
         let _ = writeln!(
             out,
@@ -315,24 +376,35 @@ mod tests {
     #[test]
     fn requests_by_generation_and_class() {
         let metrics = Metrics::default();
-        metrics.count_request(2, 200, 80);
-        metrics.count_request(2, 201, 300);
-        metrics.count_request(3, 500, 2_000_000);
-        metrics.count_request(3, 0, 1_000);
-        let load = |generation, in_flight| GenerationLoad {
+        let (second, third) = (Outcomes::default(), Outcomes::default());
+        for (outcomes, status, micros) in [
+            (&second, 200, 80),
+            (&second, 201, 300),
+            (&third, 500, 2_000_000),
+            (&third, 0, 1_000),
+        ] {
+            outcomes.count(status);
+            metrics.observe_request(micros);
+        }
+        // A retired generation's counts are kept.
+        metrics.retire_generation(1, [0, 7, 0, 0, 0, 0]);
+        let load = |generation, in_flight, outcomes: &Outcomes| GenerationLoad {
             generation,
             connections: 2,
             streams: 1,
             in_flight,
+            requests: outcomes.totals(),
         };
         let text = metrics.render(&Snapshot {
             serving: 3,
-            live: vec![load(2, 0), load(3, 1)],
+            live: vec![load(2, 0, &second), load(3, 1, &third)],
             reloads_ok: 2,
             reloads_failed: 1,
             last_reload_ok: Some(true),
+            kept_loaded: 0,
         });
         for line in [
+            "host_http_requests_total{generation=\"1\",class=\"2xx\"} 7",
             "host_http_requests_total{generation=\"2\",class=\"2xx\"} 2",
             "host_http_requests_total{generation=\"3\",class=\"5xx\"} 1",
             "host_http_requests_total{generation=\"3\",class=\"cancelled\"} 1",
@@ -367,8 +439,8 @@ mod tests {
     #[test]
     fn old_generations_are_forgotten() {
         let metrics = Metrics::default();
-        metrics.count_request(1, 200, 1);
-        metrics.count_request(100, 200, 1);
+        metrics.retire_generation(1, [0, 1, 0, 0, 0, 0]);
+        metrics.retire_generation(99, [0, 1, 0, 0, 0, 0]);
         let text = metrics.render(&Snapshot {
             serving: 100,
             live: vec![GenerationLoad {
@@ -378,6 +450,22 @@ mod tests {
             ..Snapshot::default()
         });
         assert!(!text.contains("generation=\"1\""), "{text}");
-        assert!(text.contains("generation=\"100\""), "{text}");
+        assert!(text.contains("generation=\"99\""), "{text}");
+    }
+}
+
+#[cfg(test)]
+mod sharded_tests {
+    use super::Sharded;
+
+    #[test]
+    fn shards_sum_across_threads_even_when_one_goes_below_zero() {
+        let counter = std::sync::Arc::new(Sharded::default());
+        counter.add(5);
+        let other = std::sync::Arc::clone(&counter);
+        std::thread::spawn(move || other.sub(3))
+            .join()
+            .expect("the other thread");
+        assert_eq!(counter.get(), 2);
     }
 }

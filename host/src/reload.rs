@@ -289,7 +289,11 @@ impl Reloader {
         self.retiring.spawn(async move {
             old.retire(how, this.settings.drain_timeout, this.settings.stop_timeout)
                 .await;
-            lock(&this.live).retain(|g| !Arc::ptr_eq(g, &old));
+            // One whose library stays loaded stays listed, with why.
+            if old.kept_loaded().is_none() {
+                lock(&this.live).retain(|g| !Arc::ptr_eq(g, &old));
+                crate::metrics::global().retire_generation(old.number, old.counters.requests.totals());
+            }
         });
     }
 
@@ -316,9 +320,15 @@ impl Reloader {
 
     /// What `GET /metrics` reports about generations and reloads.
     pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let (live, kept_loaded) = {
+            let live = lock(&self.live);
+            let kept_loaded = live.iter().filter(|g| g.kept_loaded().is_some()).count() as u64;
+            (live.iter().map(|g| g.load()).collect(), kept_loaded)
+        };
         crate::metrics::Snapshot {
             serving: self.current.load().number,
-            live: lock(&self.live).iter().map(|g| g.load()).collect(),
+            live,
+            kept_loaded,
             reloads_ok: self.succeeded.load(Ordering::Relaxed),
             reloads_failed: self.failed.load(Ordering::Relaxed),
             last_reload_ok: lock(&self.last_reload).as_ref().map(|r| r.ok),
@@ -336,8 +346,9 @@ impl Reloader {
                     "phase": g.phase(),
                     "connections": g.counters.connections.load(Ordering::Relaxed),
                     "streams": g.counters.streams.load(Ordering::Relaxed),
-                    "in_flight": g.counters.in_flight.load(Ordering::Relaxed),
-                    "requests": g.counters.requests.load(Ordering::Relaxed),
+                    "in_flight": g.counters.in_flight.get(),
+                    "requests": g.counters.requests.totals().iter().sum::<u64>(),
+                    "kept_loaded": g.kept_loaded(),
                     "sha256": g.library.sha256,
                 })
             })

@@ -187,6 +187,27 @@ async fn stray_threads_keep_their_library_loaded(stray: Hostile) {
         thread_keeps_library_loaded_lines(&log).join("\n")
     );
 
+    // What stays loaded is visible: both stray generations, with why.
+    let status = host.status().await;
+    let kept: Vec<&serde_json::Value> = status["generations"]
+        .as_array()
+        .expect("/status lists generations")
+        .iter()
+        .filter(|g| g["phase"] == "kept_loaded")
+        .collect();
+    assert!(
+        kept.len() == 2
+            && kept
+                .iter()
+                .all(|g| g["kept_loaded"].as_str().is_some_and(|why| why.contains("thread"))),
+        "/status should list the two stray generations as kept loaded because of a thread: {status}"
+    );
+    let metrics = host.admin_request(hyper::Method::GET, "/metrics").await.text();
+    assert!(
+        metrics.lines().any(|line| line == "host_generations_kept_loaded 2"),
+        "/metrics should count the two generations kept loaded:\n{metrics}"
+    );
+
     // Still serving, and still reloading.
     assert_serves(&mut host, Hostile::Default, "after the stray generations retired").await;
     reload_into(&sandbox, &mut host, Hostile::Default).await;
