@@ -428,8 +428,11 @@ async fn stage(settings: &ReloadSettings, number: u64) -> anyhow::Result<Library
     tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
         let trusted = crate::trust::read_trusted(&path, &trust)?;
         crate::loader::check_image(&path, &trusted.bytes)?;
-        std::fs::write(&staged, &trusted.bytes)
-            .with_context(|| format!("cannot stage a copy at {}", staged.display()))?;
+        if let Err(e) = std::fs::write(&staged, &trusted.bytes) {
+            // A partial copy (the disk is full) must not stay behind until the host exits.
+            let _ = std::fs::remove_file(&staged);
+            return Err(e).with_context(|| format!("cannot stage a copy at {}", staged.display()));
+        }
         Ok(trusted.sha256)
     })
     .await
