@@ -182,6 +182,9 @@ pub struct ConnectionLimits {
     pub max_head_bytes: u64,
     /// How long a client may take to send a request head.
     pub header_read_timeout_ms: u64,
+    /// How long the app may take to produce a response head (0: no limit): then the request is
+    /// answered 503 and its handler dropped.
+    pub request_timeout_ms: u64,
 }
 
 /// Everything the host gives a generation: its configuration and the callbacks it may use.

@@ -421,10 +421,24 @@ impl AppService {
             silence: None,
         };
         let request = Request::from_parts(parts, axum::body::Body::new(body));
-        match AssertUnwindSafe(self.generation.router.clone().oneshot(request))
-            .catch_unwind()
-            .await
-        {
+        let handled = AssertUnwindSafe(self.generation.router.clone().oneshot(request)).catch_unwind();
+        let timeout = self.generation.limits.request_timeout_ms;
+        let handled = if timeout == 0 {
+            handled.await
+        } else {
+            match tokio::time::timeout(Duration::from_millis(timeout), handled).await {
+                Ok(handled) => handled,
+                Err(_) => {
+                    // Dropping the handler's future cancels it, as a client going away would.
+                    tracing::warn!(
+                        timeout_ms = timeout,
+                        "a handler took too long to answer; it was dropped"
+                    );
+                    return plain(StatusCode::SERVICE_UNAVAILABLE, "the app took too long to answer\n");
+                }
+            }
+        };
+        match handled {
             Ok(Ok(response)) => response,
             Ok(Err(infallible)) => match infallible {},
             Err(panic) => {

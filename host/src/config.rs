@@ -180,6 +180,12 @@ pub struct Options {
     #[arg(long, env = "HOST_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<u64>,
 
+    /// How long the app may take to answer a request (its response head; a streamed body or an
+    /// upgraded connection is not limited): then it is answered 503 and its handler dropped
+    /// [default: 60s; 0 for no limit].
+    #[arg(long, env = "HOST_REQUEST_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub request_timeout: Option<Duration>,
+
     /// How long a client may take to send a request head [default: 10s].
     #[arg(long, env = "HOST_HEADER_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Option<Duration>,
@@ -232,6 +238,7 @@ pub struct FileOptions {
     pub max_body_bytes: Option<usize>,
     pub max_head_bytes: Option<usize>,
     pub max_connections: Option<u64>,
+    pub request_timeout: Option<FromText<HumanDuration>>,
     pub header_read_timeout: Option<FromText<HumanDuration>>,
     pub staging_dir: Option<PathBuf>,
     pub pid_file: Option<PathBuf>,
@@ -265,6 +272,8 @@ pub struct Settings {
     pub max_head_bytes: usize,
     /// `None`: derived from the descriptor limit at start-up.
     pub max_connections: Option<u64>,
+    /// Zero: no limit.
+    pub request_timeout: Duration,
     pub header_read_timeout: Duration,
     pub staging_dir: Option<PathBuf>,
     pub pid_file: Option<PathBuf>,
@@ -427,6 +436,7 @@ pub fn merge(options: Options, file: FileOptions) -> anyhow::Result<Settings> {
             .unwrap_or(16 * 1024 * 1024),
         max_head_bytes: options.max_head_bytes.or(file.max_head_bytes).unwrap_or(64 * 1024),
         max_connections: options.max_connections.or(file.max_connections),
+        request_timeout: duration(options.request_timeout, file.request_timeout, Duration::from_secs(60)),
         header_read_timeout: duration(
             options.header_read_timeout,
             file.header_read_timeout,

@@ -23,6 +23,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub max_head_bytes: usize,
     pub header_read_timeout: Duration,
+    /// How long the app may take to answer a request (zero: no limit).
+    pub request_timeout: Duration,
     /// Most client connections open at once, all generations together.
     pub max_connections: u64,
 }
@@ -53,6 +55,7 @@ impl Listeners {
                 max_body_bytes: limits.max_body_bytes as u64,
                 max_head_bytes: limits.max_head_bytes as u64,
                 header_read_timeout_ms: millis(limits.header_read_timeout),
+                request_timeout_ms: millis(limits.request_timeout),
             },
             max_connections: limits.max_connections,
             open_connections: AtomicU64::new(0),

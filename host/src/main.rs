@@ -293,6 +293,7 @@ async fn run(settings: Settings, activated: Activated, handoff: Upgraded, launch
         max_body_bytes: settings.max_body_bytes,
         max_head_bytes: settings.max_head_bytes,
         header_read_timeout: settings.header_read_timeout,
+        request_timeout: settings.request_timeout,
         max_connections,
     };
     let addresses: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();

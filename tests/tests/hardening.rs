@@ -415,6 +415,35 @@ async fn a_blocking_handler_stalls_neither_its_generation_nor_the_shutdown() {
 
 /// axum's `todos` example with its map in host state: a deleted todo stays deleted, in the
 /// generation that deleted it and in the next one.
+/// A handler that never answers (without blocking anything) is dropped after
+/// `--request-timeout`, and its client gets 503 rather than waiting for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_never_answers_gets_503_after_the_request_timeout() {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(hostile_app(Hostile::Blocking));
+    let host = sandbox.start_host(&["--request-timeout", "1s"]).await;
+    let began = Instant::now();
+    let reply = tokio::time::timeout(Duration::from_secs(30), client::get(host.addr(), "/hang"))
+        .await
+        .expect("GET /hang answered within 30 s")
+        .expect("GET /hang");
+    let took = began.elapsed();
+    assert!(
+        reply.status == StatusCode::SERVICE_UNAVAILABLE && reply.text().contains("too long"),
+        "GET /hang should be answered 503 after the request timeout, got {} {:?}",
+        reply.status,
+        reply.text()
+    );
+    assert!(
+        took >= Duration::from_millis(900),
+        "answered before the timeout: {took:?}"
+    );
+    let reply = client::get(host.addr(), "/")
+        .await
+        .expect("GET / after a timed-out request");
+    assert_answer(&reply, &Hostile::Blocking.greeting(), "GET / after a timed-out request");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_todos_stay_deleted_across_a_reload() {
     let sandbox = Sandbox::new();
