@@ -190,7 +190,9 @@ pub struct Options {
     #[arg(long, env = "HOST_HEADER_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Option<Duration>,
 
-    /// Directory for the private copies of loaded libraries [default: a new temporary directory].
+    /// Directory under which the host makes its private directory of loaded libraries' copies
+    /// (`host-<pid>-…`, removed at exit; those of hosts that no longer run are removed at start)
+    /// [default: the system's temporary directory].
     #[arg(long, env = "HOST_STAGING_DIR", value_name = "DIR")]
     pub staging_dir: Option<PathBuf>,
 

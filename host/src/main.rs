@@ -5,6 +5,7 @@
 //! - `generation`: one loaded copy, its thread and what it serves; retire and unload.
 //! - `reload`: the current generation, the one-at-a-time reload loop, `/status`.
 //! - `trust`: who may have written a library, its sha256 and signature, checked before staging.
+//! - `staging`: the private directory of staged copies, and the ones killed hosts left.
 //! - `listeners`: the public listening sockets that every generation accepts on, and the limits.
 //! - `handover`: kept-alive connections on their way from a retiring generation to the next.
 //! - `applog`: app log events in the host's log.
@@ -29,6 +30,7 @@ mod loader;
 mod metrics;
 mod pidfile;
 mod reload;
+mod staging;
 mod state;
 mod systemd;
 mod trust;
@@ -228,14 +230,7 @@ async fn run(settings: Settings, activated: Activated, handoff: Upgraded, launch
 
     // Created before anything is loaded so that nothing can be staged outside it; removed when
     // dropped at the end of `run`, after every generation is unloaded.
-    let staging = match &settings.staging_dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            tempfile::Builder::new().prefix("host-").tempdir_in(dir)
-        }
-        None => tempfile::Builder::new().prefix("hot-reload-host-").tempdir(),
-    }
-    .context("cannot create the staging directory")?;
+    let staging = staging::create(settings.staging_dir.as_deref())?;
 
     let (listeners, admin_listener) = listen(&settings, activated).await?;
     // Copies of the listening sockets, for an upgrade to hand over.
