@@ -426,14 +426,24 @@ async fn stage(settings: &ReloadSettings, number: u64) -> anyhow::Result<Library
     let staged = staged_copy.clone();
     let trust = settings.trust.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        let trusted = crate::trust::read_trusted(&path, &trust)?;
-        crate::loader::check_image(&path, &trusted.bytes)?;
-        if let Err(e) = std::fs::write(&staged, &trusted.bytes) {
-            // A partial copy (the disk is full) must not stay behind until the host exits.
-            let _ = std::fs::remove_file(&staged);
-            return Err(e).with_context(|| format!("cannot stage a copy at {}", staged.display()));
+        // Checked and written while the bytes are hashed; the copy is removed if they are refused.
+        let stage_copy = |bytes: &[u8]| -> anyhow::Result<()> {
+            crate::loader::check_image(&path, bytes)?;
+            if let Err(e) = std::fs::write(&staged, bytes) {
+                // A partial copy (the disk is full) must not stay behind until the host exits.
+                let _ = std::fs::remove_file(&staged);
+                return Err(e).with_context(|| format!("cannot stage a copy at {}", staged.display()));
+            }
+            Ok(())
+        };
+        match crate::trust::read_trusted(&path, &trust, stage_copy) {
+            Ok((sha256, Ok(()))) => Ok(sha256),
+            Ok((_, Err(e))) => Err(e),
+            Err(refused) => {
+                let _ = std::fs::remove_file(&staged);
+                Err(refused.into())
+            }
         }
-        Ok(trusted.sha256)
     })
     .await
     .context("the staging task failed")?

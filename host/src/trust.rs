@@ -40,13 +40,6 @@ pub struct TrustPolicy {
     pub trusted_key_file: Option<PathBuf>,
 }
 
-/// A library's bytes that passed every check.
-#[derive(Debug)]
-pub struct TrustedBytes {
-    pub bytes: Vec<u8>,
-    pub sha256: String,
-}
-
 /// Why a library was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
@@ -214,9 +207,16 @@ fn check_symlinks(path: &Path, host_uid: u32) -> Result<(), Refused> {
     Ok(())
 }
 
-/// Reads the library at `path` and checks it against `policy`. On success the returned bytes are
-/// exactly the ones that were checked.
-pub fn read_trusted(path: &Path, policy: &TrustPolicy) -> Result<TrustedBytes, Refused> {
+/// Reads the library at `path`, checks it against `policy`, and returns its sha256. The bytes
+/// checked are the ones given to `alongside`, which runs on another thread while they are hashed
+/// and checked: work that is useless if they are refused but costs nothing to undo (staging a
+/// copy that will not be loaded), done in parallel with the hash rather than after it. Its
+/// result is returned with the digest.
+pub fn read_trusted<R: Send>(
+    path: &Path,
+    policy: &TrustPolicy,
+    alongside: impl FnOnce(&[u8]) -> R + Send,
+) -> Result<(String, R), Refused> {
     let read_error = |source| Refused::Read {
         path: path.to_owned(),
         error: source,
@@ -236,7 +236,13 @@ pub fn read_trusted(path: &Path, policy: &TrustPolicy) -> Result<TrustedBytes, R
     if bytes.is_empty() {
         return Err(Refused::Empty(path.to_owned()));
     }
-    let sha256 = format!("{:x}", Sha256::digest(&bytes));
+    let (sha256, alongside) = std::thread::scope(|scope| {
+        let other = scope.spawn(|| alongside(&bytes));
+        let sha256 = format!("{:x}", Sha256::digest(&bytes));
+        // A panic in `alongside` is the caller's own, and goes on in the caller.
+        let alongside = other.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (sha256, alongside)
+    });
 
     if let Some(required) = &policy.require_sha256 {
         if *required != sha256 {
@@ -250,7 +256,7 @@ pub fn read_trusted(path: &Path, policy: &TrustPolicy) -> Result<TrustedBytes, R
     if !policy.trusted_keys.is_empty() {
         verify_signature(path, &bytes, &sha256, policy)?;
     }
-    Ok(TrustedBytes { bytes, sha256 })
+    Ok((sha256, alongside))
 }
 
 /// The detached signature of the library at `path`.
@@ -464,16 +470,17 @@ mod tests {
     fn files_are_checked_on_disk() {
         let dir = tempfile::tempdir().expect("tempdir");
         let good = write(dir.path(), "good.so", b"code", 0o644);
-        let trusted = read_trusted(&good, &TrustPolicy::default()).expect("accepted");
-        assert_eq!(trusted.bytes, b"code");
+        let (sha256, seen) = read_trusted(&good, &TrustPolicy::default(), <[u8]>::to_vec).expect("accepted");
+        assert_eq!(seen, b"code", "`alongside` gets exactly the bytes checked");
+        assert_eq!(sha256, format!("{:x}", Sha256::digest(b"code")));
         let writable = write(dir.path(), "writable.so", b"code", 0o666);
-        let message = read_trusted(&writable, &TrustPolicy::default())
+        let message = read_trusted(&writable, &TrustPolicy::default(), |_| ())
             .expect_err("refused")
             .to_string();
         assert!(message.contains("writable by others"), "{message}");
 
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
-        let message = read_trusted(&good, &TrustPolicy::default())
+        let message = read_trusted(&good, &TrustPolicy::default(), |_| ())
             .expect_err("refused")
             .to_string();
         assert!(message.contains("writable by others"), "{message}");
@@ -488,13 +495,13 @@ mod tests {
             require_sha256: Some(digest),
             ..TrustPolicy::default()
         };
-        read_trusted(&library, &pinned).expect("the right digest passes");
+        read_trusted(&library, &pinned, |_| ()).expect("the right digest passes");
         let wrong = TrustPolicy {
             require_sha256: Some("0".repeat(64)),
             ..TrustPolicy::default()
         };
         assert!(matches!(
-            read_trusted(&library, &wrong),
+            read_trusted(&library, &wrong, |_| ()),
             Err(Refused::Sha256Mismatch { .. })
         ));
 
@@ -507,14 +514,14 @@ mod tests {
             ..TrustPolicy::default()
         };
         assert!(matches!(
-            read_trusted(&library, &signed),
+            read_trusted(&library, &signed, |_| ()),
             Err(Refused::NoSignature { .. })
         ));
         sign(&secret, &library).expect("sign");
-        read_trusted(&library, &signed).expect("a good signature passes");
+        read_trusted(&library, &signed, |_| ()).expect("a good signature passes");
         write(dir.path(), "app.so", b"other bytes", 0o644);
         assert!(matches!(
-            read_trusted(&library, &signed),
+            read_trusted(&library, &signed, |_| ()),
             Err(Refused::BadSignature { .. })
         ));
     }
@@ -562,7 +569,7 @@ mod tests {
             trusted_keys: read_trusted_keys(&public).expect("openssl's public key"),
             ..TrustPolicy::default()
         };
-        read_trusted(&library, &policy).expect("openssl's signature verifies");
+        read_trusted(&library, &policy, |_| ()).expect("openssl's signature verifies");
 
         let ours = dir.path().join("ours");
         keygen(&ours).expect("keygen");
