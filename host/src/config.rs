@@ -175,6 +175,11 @@ pub struct Options {
     #[arg(long, env = "HOST_MAX_HEAD_BYTES", value_name = "BYTES")]
     pub max_head_bytes: Option<usize>,
 
+    /// How many connections the kernel queues on a public listener that the host has not
+    /// accepted yet (capped by `net.core.somaxconn`) [default: 4096].
+    #[arg(long, env = "HOST_LISTEN_BACKLOG", value_name = "N")]
+    pub listen_backlog: Option<u32>,
+
     /// Most client connections open at once; beyond it new ones wait in the listen backlog
     /// [default: the descriptor limit less 128 kept for the admin listener, libraries and logs].
     #[arg(long, env = "HOST_MAX_CONNECTIONS", value_name = "N")]
@@ -240,6 +245,7 @@ pub struct FileOptions {
     pub max_body_bytes: Option<usize>,
     pub max_head_bytes: Option<usize>,
     pub max_connections: Option<u64>,
+    pub listen_backlog: Option<u32>,
     pub request_timeout: Option<FromText<HumanDuration>>,
     pub header_read_timeout: Option<FromText<HumanDuration>>,
     pub staging_dir: Option<PathBuf>,
@@ -274,6 +280,7 @@ pub struct Settings {
     pub max_head_bytes: usize,
     /// `None`: derived from the descriptor limit at start-up.
     pub max_connections: Option<u64>,
+    pub listen_backlog: u32,
     /// Zero: no limit.
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
@@ -438,6 +445,7 @@ pub fn merge(options: Options, file: FileOptions) -> anyhow::Result<Settings> {
             .unwrap_or(16 * 1024 * 1024),
         max_head_bytes: options.max_head_bytes.or(file.max_head_bytes).unwrap_or(64 * 1024),
         max_connections: options.max_connections.or(file.max_connections),
+        listen_backlog: options.listen_backlog.or(file.listen_backlog).unwrap_or(4096),
         request_timeout: duration(options.request_timeout, file.request_timeout, Duration::from_secs(60)),
         header_read_timeout: duration(
             options.header_read_timeout,

@@ -423,9 +423,8 @@ async fn listen(
             *used = true;
             continue;
         }
-        let listener = TcpListener::bind(address)
-            .await
-            .with_context(|| format!("cannot listen on {address}"))?;
+        let listener =
+            bind(*address, settings.listen_backlog).with_context(|| format!("cannot listen on {address}"))?;
         listeners.push(("http".to_owned(), listener));
     }
     anyhow::ensure!(!listeners.is_empty(), "no public listener: give --listen");
@@ -445,6 +444,18 @@ async fn listen(
         );
     }
     Ok((listeners, admin))
+}
+
+/// A public listening socket with a backlog of `backlog` connections (the kernel caps it at
+/// `net.core.somaxconn`): connections wait there while the host is at `--max-connections`.
+fn bind(address: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(backlog)
 }
 
 /// Tells systemd about every reload (`Type=notify-reload`): `RELOADING=1` when one starts,

@@ -444,6 +444,69 @@ async fn a_handler_that_never_answers_gets_503_after_the_request_timeout() {
     assert_answer(&reply, &Hostile::Blocking.greeting(), "GET / after a timed-out request");
 }
 
+/// Connections that send nothing neither lock out other clients nor the admin listener: at
+/// `--max-connections` new connections wait in the backlog (the admin listener still answers),
+/// and the silent ones are closed after `--header-read-timeout`, which lets the waiting one in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_at_the_connection_limit_lock_nobody_out() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let sandbox = Sandbox::new();
+    sandbox.deploy(hostile_app(Hostile::Default));
+    let host = sandbox
+        .start_host(&["--max-connections", "4", "--header-read-timeout", "2s"])
+        .await;
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(tokio::net::TcpStream::connect(host.addr()).await.expect("connect"));
+    }
+    // Let the host take all four before the fifth comes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let began = Instant::now();
+    let mut waiting = tokio::net::TcpStream::connect(host.addr())
+        .await
+        .expect("the fifth connection is queued, not refused");
+    waiting
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send a request on the fifth connection");
+
+    let status = host.status().await;
+    let connections: u64 = status["generations"]
+        .as_array()
+        .expect("/status lists generations")
+        .iter()
+        .filter_map(|g| g["connections"].as_u64())
+        .sum();
+    assert_eq!(connections, 4, "the admin listener answers at the limit: {status}");
+
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), waiting.read_to_end(&mut answer))
+        .await
+        .expect("the fifth connection is answered within 30 s")
+        .expect("read the answer");
+    let took = began.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains(&Hostile::Default.greeting()),
+        "the fifth connection's answer: {answer:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1500),
+        "answered after {took:?}: before the silent connections' header timeout, so the limit did not hold"
+    );
+    for (index, connection) in silent.iter_mut().enumerate() {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), connection.read(&mut byte))
+            .await
+            .unwrap_or_else(|_| panic!("silent connection {index} was not closed"));
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "silent connection {index} got bytes: {read:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_todos_stay_deleted_across_a_reload() {
     let sandbox = Sandbox::new();
