@@ -211,6 +211,14 @@ pub struct Snapshot {
     pub last_reload_ok: Option<bool>,
     /// Stopped generations whose library stays loaded (code of it may still run).
     pub kept_loaded: u64,
+    /// Descriptors the process has open, if they can be counted.
+    pub open_descriptors: Option<u64>,
+}
+
+/// How many descriptors this process has open (`/proc/self/fd`), if it can tell.
+pub fn open_descriptors() -> Option<u64> {
+    // Less the one `read_dir` holds while it lists them.
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count().saturating_sub(1) as u64)
 }
 
 /// The process's metrics.
@@ -298,6 +306,13 @@ impl Metrics {
              # TYPE host_generations_kept_loaded gauge\nhost_generations_kept_loaded {}",
             snapshot.kept_loaded
         );
+        if let Some(open) = snapshot.open_descriptors {
+            let _ = writeln!(
+                out,
+                "# HELP host_open_descriptors Descriptors the host process has open: flat across reloads \
+                 unless an app leaks some.\n# TYPE host_open_descriptors gauge\nhost_open_descriptors {open}"
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP host_serving_generation The generation new requests go to.\n\
@@ -402,6 +417,7 @@ mod tests {
             reloads_failed: 1,
             last_reload_ok: Some(true),
             kept_loaded: 0,
+            open_descriptors: Some(20),
         });
         for line in [
             "host_http_requests_total{generation=\"1\",class=\"2xx\"} 7",
@@ -412,6 +428,7 @@ mod tests {
             "host_connections_open{generation=\"2\"} 2",
             "host_streams_open{generation=\"3\"} 1",
             "host_generations_live 2",
+            "host_open_descriptors 20",
             "host_serving_generation 3",
             "host_reloads_total{outcome=\"failed\"} 1",
             "host_last_reload_ok 1",

@@ -310,6 +310,15 @@ impl Reloader {
         self.retire(self.current.load_full(), how);
         self.retiring.close();
         self.retiring.wait().await;
+        for generation in lock(&self.live).iter() {
+            if let Some(reason) = generation.kept_loaded() {
+                tracing::warn!(
+                    generation = generation.number,
+                    reason,
+                    "exiting with this generation's library still loaded; whatever of it still runs ends with the process"
+                );
+            }
+        }
     }
 
     /// The serving generation's number and sha256.
@@ -329,6 +338,7 @@ impl Reloader {
             serving: self.current.load().number,
             live,
             kept_loaded,
+            open_descriptors: crate::metrics::open_descriptors(),
             reloads_ok: self.succeeded.load(Ordering::Relaxed),
             reloads_failed: self.failed.load(Ordering::Relaxed),
             last_reload_ok: lock(&self.last_reload).as_ref().map(|r| r.ok),
@@ -359,6 +369,7 @@ impl Reloader {
             "generations": generations,
             "last_reload": *lock(&self.last_reload),
             "state_cells": self.state.len(),
+            "open_descriptors": crate::metrics::open_descriptors(),
             "reloads": {
                 "ok": self.succeeded.load(Ordering::Relaxed),
                 "failed": self.failed.load(Ordering::Relaxed),
