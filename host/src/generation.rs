@@ -444,7 +444,14 @@ impl Generation {
 /// handler it installed. Says why in the log.
 fn still_runs_code_of(number: u64, staged: &Path) -> Option<String> {
     let mut reasons = Vec::new();
-    let threads = stray_threads(number);
+    // tokio joins only the last of its blocking threads at shutdown; the others have finished
+    // their work and are exiting, which may take a moment: only threads that stay are stray.
+    let waiting = Instant::now();
+    let mut threads = stray_threads(number);
+    while !threads.is_empty() && waiting.elapsed() < EXITING_THREADS_GRACE {
+        std::thread::sleep(Duration::from_millis(5));
+        threads = stray_threads(number);
+    }
     if !threads.is_empty() {
         tracing::error!(
             generation = number,
@@ -466,6 +473,9 @@ fn still_runs_code_of(number: u64, staged: &Path) -> Option<String> {
     }
     (!reasons.is_empty()).then(|| reasons.join("; "))
 }
+
+/// How long threads of a stopped generation's runtime may take to finish exiting.
+const EXITING_THREADS_GRACE: Duration = Duration::from_millis(500);
 
 /// The threads of this process named after generation `number` (`gen{N}`, `gen{N}-…`): once
 /// the generation's own thread and runtime are gone, these are threads its code started.
