@@ -46,7 +46,10 @@ pub(crate) struct ConnState {
     hand_over_before_reading: AtomicBool,
     /// Request bodies still being read: while one is, the socket must be read whatever happens.
     bodies_reading: AtomicU64,
-    /// Woken when `in_flight` drops to 0.
+    /// Set once the driver waits for `in_flight` to drop to 0 (the generation is leaving): only
+    /// then is waking it worth a poll per request.
+    idle_wanted: AtomicBool,
+    /// Woken when `in_flight` drops to 0, if wanted.
     pub(crate) idle: Notify,
 }
 
@@ -57,9 +60,15 @@ impl ConnState {
     }
 
     pub(crate) fn request_finished(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 && self.idle_wanted.load(Ordering::Acquire) {
             self.idle.notify_one();
         }
+    }
+
+    /// From now on, the end of the last request in flight wakes the driver. Call before looking
+    /// at `in_flight`, so that no end goes unnoticed.
+    pub(crate) fn want_idle(&self) {
+        self.idle_wanted.store(true, Ordering::Release);
     }
 
     pub(crate) fn in_flight(&self) -> u64 {

@@ -224,6 +224,7 @@ impl Server {
             match current.phase {
                 Lifecycle::Starting | Lifecycle::Serving => {}
                 Lifecycle::Retiring => {
+                    state.want_idle();
                     if state.in_flight() > 0 {
                         continue;
                     }
