@@ -148,12 +148,13 @@ impl Server {
                 io.hand_back(&[]);
                 return;
             }
-            Sniffed::Done(Ok(Ok(protocol))) => protocol,
+            Sniffed::Done(Ok(Ok(Some(protocol)))) => protocol,
+            // The client closed, or sent nothing within the header read timeout.
+            Sniffed::Done(Ok(Ok(None)) | Err(_)) => return,
             Sniffed::Done(Ok(Err(e))) => {
                 tracing::debug!("a connection failed before its first request: {e}");
-                None
+                return;
             }
-            Sniffed::Done(Err(_)) => None,
             Sniffed::Retired => {
                 // Nothing was answered yet: the next generation gets the connection and what it
                 // sent so far.
@@ -167,12 +168,11 @@ impl Server {
             generation: Arc::clone(&self.generation),
             state: Arc::clone(&state),
             peer,
-            http1: protocol == Some(Protocol::Http1),
+            http1: protocol == Protocol::Http1,
         };
         match protocol {
-            Some(Protocol::Http1) => self.serve_http1(io, service, state, lifecycle).await,
-            Some(Protocol::Http2) => self.serve_http2(io, service, lifecycle).await,
-            None => {}
+            Protocol::Http1 => self.serve_http1(io, service, state, lifecycle).await,
+            Protocol::Http2 => self.serve_http2(io, service, lifecycle).await,
         }
     }
 

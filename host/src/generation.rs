@@ -344,7 +344,7 @@ impl Generation {
                 tracing::info!(generation = number, duration_ms = ms(stopped), "stopped");
                 match unload {
                     Some(Ok(())) => {
-                        let still_mapped = mapped_copies(&staged);
+                        let still_mapped = crate::loader::mapped_ranges(&staged).len();
                         if still_mapped == 0 {
                             tracing::info!(generation = number, duration_ms = ms(began.elapsed()), "unloaded");
                         } else {
@@ -431,6 +431,19 @@ impl Generation {
         }
     }
 
+    /// A connection of this generation opened: it counts here and against `--max-connections`.
+    pub fn connection_opened(&self) {
+        self.counters.connections.fetch_add(1, Ordering::Relaxed);
+        self.listeners.connection_opened();
+    }
+
+    /// A connection of this generation closed, or was handed back (then the next generation
+    /// counts it when it takes it).
+    pub fn connection_closed(&self) {
+        self.counters.connections.fetch_sub(1, Ordering::Relaxed);
+        self.listeners.connection_closed();
+    }
+
     pub fn request_finished(&self, status: u16, micros: u64) {
         self.counters.in_flight.sub(1);
         self.counters.requests.count(status);
@@ -489,15 +502,6 @@ fn stray_threads(number: u64) -> Vec<String> {
         .map(|comm| comm.trim_end().to_owned())
         .filter(|comm| comm == &own || comm.strip_prefix(&own).is_some_and(|rest| rest.starts_with('-')))
         .collect()
-}
-
-/// How many mappings of `path` this process has.
-pub fn mapped_copies(path: &Path) -> usize {
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
-        return 0;
-    };
-    let needle = path.to_string_lossy();
-    maps.lines().filter(|line| line.contains(needle.as_ref())).count()
 }
 
 pub fn ms(duration: Duration) -> f64 {

@@ -251,14 +251,15 @@ pub fn signals_handled_by(path: &Path) -> Vec<i32> {
     handled
 }
 
-/// The address ranges at which `path` is mapped in this process.
-fn mapped_ranges(path: &Path) -> Vec<(usize, usize)> {
+/// The address ranges at which `path` is mapped in this process (one per mapping).
+pub fn mapped_ranges(path: &Path) -> Vec<(usize, usize)> {
     let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
         return Vec::new();
     };
     let needle = path.to_string_lossy();
     maps.lines()
-        .filter(|line| line.ends_with(needle.as_ref()))
+        // `contains`: a mapping of a file deleted since ends with " (deleted)".
+        .filter(|line| line.contains(needle.as_ref()))
         .filter_map(|line| {
             let (start, end) = line.split_whitespace().next()?.split_once('-')?;
             Some((
@@ -413,8 +414,7 @@ extern "C" fn on_hand_back(handle: HostHandle, socket: Socket, unread: RSlice<'_
     // SAFETY: the library gives up this connected socket (`Socket`'s contract).
     let socket = unsafe { OwnedFd::from_raw_fd(socket.into_raw()) };
     with_generation("hand_back", handle, (), |generation| {
-        generation.counters.connections.fetch_sub(1, Ordering::Relaxed);
-        generation.listeners.connection_closed();
+        generation.connection_closed();
         generation.handover.hand_back(HandedSocket {
             socket,
             unread: unread.as_slice().to_vec(),
@@ -429,17 +429,11 @@ extern "C" fn on_at_capacity(handle: HostHandle) -> bool {
 }
 
 extern "C" fn on_connection_opened(handle: HostHandle) {
-    with_generation("connection_opened", handle, (), |generation| {
-        generation.counters.connections.fetch_add(1, Ordering::Relaxed);
-        generation.listeners.connection_opened();
-    })
+    with_generation("connection_opened", handle, (), Generation::connection_opened)
 }
 
 extern "C" fn on_connection_closed(handle: HostHandle) {
-    with_generation("connection_closed", handle, (), |generation| {
-        generation.counters.connections.fetch_sub(1, Ordering::Relaxed);
-        generation.listeners.connection_closed();
-    })
+    with_generation("connection_closed", handle, (), Generation::connection_closed)
 }
 
 extern "C" fn on_stream_opened(handle: HostHandle) {

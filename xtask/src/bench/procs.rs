@@ -198,17 +198,23 @@ pub struct ProcessMemory {
     pub mapped_regions: usize,
 }
 
-pub fn process_memory(pid: u32, staging_dir: &Path) -> anyhow::Result<ProcessMemory> {
+/// The numeric fields `names` (`"VmRSS:"`, `"Threads:"`…) of `/proc/<pid>/status`, in that
+/// order; 0 for a field it does not have.
+pub fn status_fields<const N: usize>(pid: u32, names: [&str; N]) -> anyhow::Result<[u64; N]> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("cannot read /proc/{pid}/status"))?;
-    let field = |name: &str| -> u64 {
+    Ok(names.map(|name| {
         status
             .lines()
             .find_map(|line| line.strip_prefix(name))
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|value| value.parse().ok())
             .unwrap_or(0)
-    };
+    }))
+}
+
+pub fn process_memory(pid: u32, staging_dir: &Path) -> anyhow::Result<ProcessMemory> {
+    let [rss_kib, threads] = status_fields(pid, ["VmRSS:", "Threads:"])?;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .with_context(|| format!("cannot read /proc/{pid}/maps"))?;
     let needle = staging_dir.to_string_lossy();
@@ -221,8 +227,8 @@ pub fn process_memory(pid: u32, staging_dir: &Path) -> anyhow::Result<ProcessMem
     copies.dedup();
     let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count() as u64);
     Ok(ProcessMemory {
-        rss_kib: field("VmRSS:"),
-        threads: field("Threads:"),
+        rss_kib,
+        threads,
         open_fds,
         mapped_copies: copies.len(),
         mapped_regions: regions.len(),

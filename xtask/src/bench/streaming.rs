@@ -502,15 +502,6 @@ impl MemoryWatch {
 
 /// `VmRSS` and `VmHWM` of a process, in KiB.
 fn memory_status(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("cannot read /proc/{pid}/status"))?;
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|value| value.parse().ok())
-            .unwrap_or(0)
-    };
-    Ok((field("VmRSS:"), field("VmHWM:")))
+    let [rss, hwm] = procs::status_fields(pid, ["VmRSS:", "VmHWM:"])?;
+    Ok((rss, hwm))
 }
