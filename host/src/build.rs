@@ -127,18 +127,10 @@ fn clip(mut line: String) -> String {
     line
 }
 
-/// Runs the build command to completion. `Ok` only if it exited 0.
-pub async fn run(build: &BuildCommand, generation: u64, stop: &CancellationToken) -> Result<(), BuildError> {
-    let command = build.command.clone();
-    let began = Instant::now();
-    tracing::info!(generation, command, "building");
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(&build.command)
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+/// Removes from a child's environment what is meant for the host alone (systemd's notify socket,
+/// watchdog and activated sockets, an upgrade's hand-off), so that the child never acts on it.
+pub fn without_host_environment(command: &mut Command) -> &mut Command {
+    command
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID")
@@ -146,7 +138,23 @@ pub async fn run(build: &BuildCommand, generation: u64, stop: &CancellationToken
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDNAMES")
         .env_remove(crate::upgrade::HANDOFF_VARIABLE)
-        .kill_on_drop(true)
+}
+
+/// Runs the build command to completion. `Ok` only if it exited 0.
+pub async fn run(build: &BuildCommand, generation: u64, stop: &CancellationToken) -> Result<(), BuildError> {
+    let command = build.command.clone();
+    let began = Instant::now();
+    tracing::info!(generation, command, "building");
+    let mut child = Command::new("sh");
+    child
+        .arg("-c")
+        .arg(&build.command)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = without_host_environment(&mut child)
         .spawn()
         .map_err(|source| BuildError::Spawn {
             command: command.clone(),

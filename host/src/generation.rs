@@ -10,7 +10,7 @@
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use app_abi::{Lifecycle, LifecycleState};
 use tokio::sync::{oneshot, Notify};
 
 use crate::handover::Handover;
+use crate::leftovers::{Descriptors, Leftover};
 use crate::listeners::Listeners;
 use crate::loader::LoadedLibrary;
 use crate::metrics::{Outcomes, Sharded};
@@ -104,7 +105,14 @@ pub struct Generation {
     kept_loaded: Mutex<Option<String>>,
     started: Mutex<Option<oneshot::Sender<Result<(), String>>>>,
     thread: Mutex<Option<JoinHandle<Option<LoadedLibrary>>>>,
+    /// The process's descriptors when its load began, and when its successor's load began: what
+    /// it opened lies between (see `leftovers.rs`).
+    descriptors_before: Option<Descriptors>,
+    successor_began: OnceLock<Descriptors>,
 }
+
+/// The generations still loaded: the serving one, those draining, and those kept loaded.
+pub type LiveGenerations = Arc<Mutex<Vec<Arc<Generation>>>>;
 
 /// How a generation is started.
 pub struct StartOptions {
@@ -118,6 +126,11 @@ pub struct StartOptions {
     pub init_timeout: Duration,
     /// How long to wait for a failed or retired generation's thread before leaking its library.
     pub stop_timeout: Duration,
+    /// The process's descriptors just before this load began; `None` for the load at start-up,
+    /// when the host's own descriptors are still being opened and cannot be told apart.
+    pub descriptors_before: Option<Descriptors>,
+    /// Where a generation that could not start but whose library stays loaded is listed.
+    pub live: LiveGenerations,
 }
 
 /// Why a generation did not start.
@@ -127,6 +140,11 @@ pub enum StartError {
     Failed(String),
     #[error("the app's init did not finish within {0:?}")]
     InitTimeout(Duration),
+    #[error(
+        "the library's initialisers (constructors, run by dlopen before any app code) did not return \
+         within {0:?}"
+    )]
+    ConstructorTimeout(Duration),
     #[error("cannot start the generation: {0}")]
     Setup(String),
 }
@@ -164,6 +182,8 @@ impl Generation {
             kept_loaded: Mutex::new(None),
             started: Mutex::new(Some(started_tx)),
             thread: Mutex::new(None),
+            descriptors_before: options.descriptors_before,
+            successor_began: OnceLock::new(),
         });
 
         let thread_generation = Arc::clone(&generation);
@@ -173,7 +193,7 @@ impl Generation {
             .spawn(move || {
                 let generation = thread_generation;
                 let loaded = Instant::now();
-                let library = match LoadedLibrary::open(&staged) {
+                let library = match LoadedLibrary::open(&staged, number) {
                     Ok(library) => library,
                     Err(e) => {
                         generation.report_started(Err(e.to_string()));
@@ -203,7 +223,10 @@ impl Generation {
             Ok(Err(_)) => Err(StartError::Failed(
                 "the generation's thread ended without starting the app".into(),
             )),
-            Err(_) => Err(StartError::InitTimeout(options.init_timeout)),
+            Err(_) => match crate::loader::open_under_way() {
+                Some((opening, _)) if opening == number => Err(StartError::ConstructorTimeout(options.init_timeout)),
+                _ => Err(StartError::InitTimeout(options.init_timeout)),
+            },
         };
         let outcome = outcome.and_then(|()| {
             let signals = crate::loader::signals_handled_by(&generation.library.staged_copy);
@@ -226,6 +249,9 @@ impl Generation {
             }
             Err(e) => {
                 generation.stop(options.stop_timeout).await;
+                if generation.kept_loaded().is_some() {
+                    lock(&options.live).push(Arc::clone(&generation));
+                }
                 Err(e)
             }
         }
@@ -309,9 +335,17 @@ impl Generation {
         self.wake();
     }
 
+    /// The next generation's load begins: what this one opens from now on is no longer told
+    /// apart from what the next one opens (the first such moment counts).
+    pub fn successor_loading(&self, descriptors: &Descriptors) {
+        let _ = self.successor_began.set(descriptors.clone());
+    }
+
     /// Tells the library to stop, joins its thread and unloads it.
     async fn stop(&self, stop_timeout: Duration) {
         let began = Instant::now();
+        // At shutdown nothing is left to protect from leftovers: only a reload's are looked for.
+        let leftovers_matter = self.phase() != Phase::Closing;
         self.set_phase(Phase::Stopping);
         self.wake();
         let Some(thread) = lock(&self.thread).take() else {
@@ -320,6 +354,11 @@ impl Generation {
         let number = self.number;
         let staged = self.library.staged_copy.clone();
         let staged_copy = staged.clone();
+        let window = self
+            .descriptors_before
+            .clone()
+            .filter(|_| leftovers_matter)
+            .map(|before| (before, self.successor_began.get().cloned()));
         let join = tokio::task::spawn_blocking(move || match thread.join() {
             Ok(Some(library)) => {
                 let stopped = began.elapsed();
@@ -327,7 +366,27 @@ impl Generation {
                     library.leak();
                     return (stopped, Err(reason));
                 }
-                (stopped, Ok(Some(library.unload())))
+                if let Some((stuck, _)) = crate::loader::open_under_way() {
+                    library.leak();
+                    return (
+                        stopped,
+                        Err(format!(
+                            "closing it would wait for the dynamic loader's lock, which the initialisers \
+                             of generation {stuck}'s library hold"
+                        )),
+                    );
+                }
+                let unloaded = library.unload();
+                if unloaded.is_ok() {
+                    if let Some((before, successor_began)) = window {
+                        crate::leftovers::ledger().record(Leftover {
+                            generation: number,
+                            descriptors: crate::leftovers::left_behind(&before, successor_began.as_ref()),
+                            still_mapped: !crate::loader::mapped_ranges(&staged_copy).is_empty(),
+                        });
+                    }
+                }
+                (stopped, Ok(Some(unloaded)))
             }
             Ok(None) => (began.elapsed(), Ok(None)),
             Err(_) => {
@@ -344,30 +403,37 @@ impl Generation {
                 tracing::info!(generation = number, duration_ms = ms(stopped), "stopped");
                 match unload {
                     Some(Ok(())) => {
-                        let still_mapped = crate::loader::mapped_ranges(&staged).len();
-                        if still_mapped == 0 {
-                            tracing::info!(generation = number, duration_ms = ms(began.elapsed()), "unloaded");
-                        } else {
-                            tracing::warn!(
-                                generation = number,
-                                still_mapped,
-                                "closed, but the library is still mapped"
-                            );
-                        }
+                        tracing::info!(generation = number, duration_ms = ms(began.elapsed()), "unloaded");
                     }
                     Some(Err(e)) => tracing::error!(generation = number, error = %e, "dlclose failed"),
                     None => {}
                 }
             }
             Ok(Err(e)) => tracing::error!(generation = number, error = %e, "joining the generation failed"),
-            Err(_) => {
-                tracing::error!(
-                    generation = number,
-                    stop_timeout_ms = ms(stop_timeout),
-                    "the library did not stop in time (a task or thread is blocked); it stays loaded"
-                );
-                self.keep_loaded(format!("its threads did not stop within {stop_timeout:?}"));
-            }
+            Err(_) => match crate::loader::open_under_way() {
+                Some((opening, for_how_long)) if opening == number => {
+                    tracing::error!(
+                        generation = number,
+                        seconds = for_how_long.as_secs(),
+                        "the library's initialisers (constructors) never returned; it stays loaded, and \
+                         no other library can be loaded until the host restarts (they hold the dynamic \
+                         loader's lock)"
+                    );
+                    self.keep_loaded(format!(
+                        "its initialisers (constructors) have not returned after {}s: they hold the dynamic \
+                         loader's lock, so no other version can be loaded until the host restarts",
+                        for_how_long.as_secs()
+                    ));
+                }
+                _ => {
+                    tracing::error!(
+                        generation = number,
+                        stop_timeout_ms = ms(stop_timeout),
+                        "the library did not stop in time (a task or thread is blocked); it stays loaded"
+                    );
+                    self.keep_loaded(format!("its threads did not stop within {stop_timeout:?}"));
+                }
+            },
         }
         // Its library's threads are gone (or it stays loaded, stuck): close the spans it left open.
         self.log.release();

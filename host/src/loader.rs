@@ -12,7 +12,7 @@
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use abi_stable::abi_stability::abi_checking::{check_layout_compatibility_with_globals, CheckingGlobals};
@@ -70,12 +70,13 @@ unsafe impl Send for LoadedLibrary {}
 impl LoadedLibrary {
     /// Opens the library at `path` (a private staged copy) and checks that it is an app built
     /// against a compatible app-api, without running any of the app's code.
-    pub fn open(path: &Path) -> Result<Self, LoadError> {
+    pub fn open(path: &Path, generation: u64) -> Result<Self, LoadError> {
         let display = path.display().to_string();
         // RTLD_LOCAL keeps each copy's symbols out of the global namespace, so two generations
         // of the same app never resolve to each other's code.
         let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL;
         let opening = Instant::now();
+        let open_under_way = OpenUnderWay::begin(generation);
         // SAFETY: loading runs the library's initialisers. A Rust cdylib's only initialisers are
         // std's, which register no thread-local destructors. This runs on the generation's own
         // thread, which is joined before the library is closed.
@@ -84,6 +85,7 @@ impl LoadedLibrary {
                 path: display.clone(),
                 reason: error_chain(&e),
             })?;
+        drop(open_under_way);
         let library = libloading::Library::from(library);
         let load_duration = opening.elapsed();
 
@@ -216,6 +218,68 @@ impl LoadedLibrary {
     /// Closes the library. Call only after every thread that ran its code has exited.
     pub fn unload(self) -> Result<(), libloading::Error> {
         self.library.close()
+    }
+}
+
+/// The `dlopen` under way, if any: which generation, since when. glibc runs a library's
+/// initialisers (constructors) inside `dlopen` holding the dynamic loader's lock, so one that
+/// never returns blocks every later `dlopen` and `dlclose`, and `exit` (which takes the lock to
+/// run the libraries' finalisers). Reloads are one at a time, so an open still under way when
+/// the next one begins is stuck.
+static OPENING: Mutex<Option<(u64, Instant)>> = Mutex::new(None);
+
+/// Marks a `dlopen` as under way for as long as it lives.
+struct OpenUnderWay;
+
+impl OpenUnderWay {
+    fn begin(generation: u64) -> OpenUnderWay {
+        *OPENING.lock().unwrap_or_else(PoisonError::into_inner) = Some((generation, Instant::now()));
+        OpenUnderWay
+    }
+}
+
+impl Drop for OpenUnderWay {
+    fn drop(&mut self) {
+        *OPENING.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+/// The generation whose library is inside `dlopen` now, and for how long it has been.
+pub fn open_under_way() -> Option<(u64, Duration)> {
+    let opening = *OPENING.lock().unwrap_or_else(PoisonError::into_inner);
+    opening.map(|(generation, since)| (generation, since.elapsed()))
+}
+
+/// Ends the process with `status` at once, without `exit`'s handlers and finalisers: for when a
+/// library's initialisers hold the dynamic loader's lock, which `exit` would wait for forever.
+pub fn exit_at_once(status: i32) -> ! {
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: `_exit` ends the process without running anything in it; every thread ends with it.
+    unsafe { libc::_exit(status) }
+}
+
+/// The trial process's whole work (see `probe.rs`): opens `library`, which runs its
+/// initialisers, and exits at once, with 0 if that worked and [`crate::probe::OPEN_FAILED`],
+/// having written why to stderr, if not. Nothing else of the library runs.
+pub fn try_initialisers_and_exit(library: &Path) -> ! {
+    let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL;
+    // SAFETY: this process exists only to run the library's initialisers; whatever they do can
+    // harm nothing but it, and it ends right after without running any other code of the library.
+    match unsafe { libloading::os::unix::Library::open(Some(library), flags) } {
+        Ok(opened) => {
+            std::mem::forget(opened);
+            exit_at_once(0)
+        }
+        Err(e) => {
+            eprintln!(
+                "cannot load {} as a shared library: {}",
+                library.display(),
+                error_chain(&e)
+            );
+            exit_at_once(crate::probe::OPEN_FAILED)
+        }
     }
 }
 

@@ -25,10 +25,12 @@ mod build;
 mod config;
 mod generation;
 mod handover;
+mod leftovers;
 mod listeners;
 mod loader;
 mod metrics;
 mod pidfile;
+mod probe;
 mod reload;
 mod staging;
 mod state;
@@ -68,6 +70,13 @@ struct Launch {
 }
 
 fn main() -> ExitCode {
+    // A trial process for a library's initialisers does that and nothing else (`probe.rs`).
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|arg| arg == probe::ARG) {
+        if let Some(library) = args.next() {
+            loader::try_initialisers_and_exit(std::path::Path::new(&library));
+        }
+    }
     // Before anything can change the working directory.
     let launch = Launch {
         binary: upgrade::own_binary(),
@@ -128,6 +137,16 @@ fn main() -> ExitCode {
     if let (Err(e), Some(channel)) = (&result, &channel) {
         // The old host serves on; tell it why this one could not.
         channel.fail(&format!("{e:#}"));
+    }
+    if let Some((stuck, _)) = loader::open_under_way() {
+        tracing::warn!(
+            generation = stuck,
+            "exiting without exit handlers: this generation's library initialisers never returned and \
+             hold the dynamic loader's lock, which they would wait for"
+        );
+        let status = i32::from(result.is_err());
+        let _ = report(result, ExitCode::FAILURE);
+        loader::exit_at_once(status);
     }
     report(result, ExitCode::FAILURE)
 }

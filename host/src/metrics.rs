@@ -213,6 +213,10 @@ pub struct Snapshot {
     pub kept_loaded: u64,
     /// Descriptors the process has open, if they can be counted.
     pub open_descriptors: Option<u64>,
+    /// Descriptors unloaded generations left open (`leftovers.rs`).
+    pub descriptors_left_open: u64,
+    /// Library copies still mapped after they were closed.
+    pub copies_left_mapped: u64,
 }
 
 /// How many descriptors this process has open (`/proc/self/fd`), if it can tell.
@@ -313,6 +317,19 @@ impl Metrics {
                  unless an app leaks some.\n# TYPE host_open_descriptors gauge\nhost_open_descriptors {open}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP host_leftover_descriptors_total Descriptors that generations opened and left open when \
+             they were unloaded (/status lists them).\n\
+             # TYPE host_leftover_descriptors_total counter\nhost_leftover_descriptors_total {}",
+            snapshot.descriptors_left_open
+        );
+        let _ = writeln!(
+            out,
+            "# HELP host_leftover_mapped_copies_total Library copies still mapped after they were closed.\n\
+             # TYPE host_leftover_mapped_copies_total counter\nhost_leftover_mapped_copies_total {}",
+            snapshot.copies_left_mapped
+        );
         let _ = writeln!(
             out,
             "# HELP host_serving_generation The generation new requests go to.\n\
@@ -418,6 +435,8 @@ mod tests {
             last_reload_ok: Some(true),
             kept_loaded: 0,
             open_descriptors: Some(20),
+            descriptors_left_open: 2,
+            copies_left_mapped: 0,
         });
         for line in [
             "host_http_requests_total{generation=\"1\",class=\"2xx\"} 7",
@@ -429,6 +448,7 @@ mod tests {
             "host_streams_open{generation=\"3\"} 1",
             "host_generations_live 2",
             "host_open_descriptors 20",
+            "host_leftover_descriptors_total 2",
             "host_serving_generation 3",
             "host_reloads_total{outcome=\"failed\"} 1",
             "host_last_reload_ok 1",

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::build::BuildCommand;
-use crate::generation::{ms, Generation, LibraryInfo, Retirement, StartOptions};
+use crate::generation::{ms, Generation, LibraryInfo, LiveGenerations, Retirement, StartOptions};
 use crate::handover::Handover;
 use crate::listeners::Listeners;
 use crate::state::StateStore;
@@ -100,7 +100,7 @@ pub struct ReloadRecord {
 pub struct Reloader {
     settings: ReloadSettings,
     current: ArcSwap<Generation>,
-    live: Mutex<Vec<Arc<Generation>>>,
+    live: LiveGenerations,
     last_reload: Mutex<Option<ReloadRecord>>,
     attempts: AtomicU64,
     succeeded: AtomicU64,
@@ -128,19 +128,23 @@ impl Reloader {
         let state = Arc::new(StateStore::default());
         let handover = Arc::new(Handover::new());
         let listeners = Arc::new(listeners);
+        let live = LiveGenerations::default();
         let shared = Shared {
             state: &state,
             handover: &handover,
             listeners: &listeners,
+            live: &live,
+            serving: None,
         };
         let first = load_generation(&settings, shared, 1)
             .await
             .with_context(|| format!("cannot serve {}", settings.app_path.display()))?;
         handover.serve_with(&first);
+        lock(&live).push(Arc::clone(&first));
         let (triggers, receiver) = mpsc::unbounded_channel();
         let reloader = Arc::new(Reloader {
             current: ArcSwap::new(Arc::clone(&first)),
-            live: Mutex::new(vec![first]),
+            live,
             last_reload: Mutex::new(None),
             attempts: AtomicU64::new(1),
             succeeded: AtomicU64::new(0),
@@ -226,10 +230,13 @@ impl Reloader {
             crate::build::run(build, number, stop).await?;
             *lock(&self.built) = FileStamp::of(&self.settings.app_path);
         }
+        let serving = self.current.load_full();
         let shared = Shared {
             state: &self.state,
             handover: &self.handover,
             listeners: &self.listeners,
+            live: &self.live,
+            serving: Some(&serving),
         };
         load_generation(&self.settings, shared, number).await
     }
@@ -339,6 +346,8 @@ impl Reloader {
             live,
             kept_loaded,
             open_descriptors: crate::metrics::open_descriptors(),
+            descriptors_left_open: crate::leftovers::ledger().descriptors(),
+            copies_left_mapped: crate::leftovers::ledger().mapped_copies(),
             reloads_ok: self.succeeded.load(Ordering::Relaxed),
             reloads_failed: self.failed.load(Ordering::Relaxed),
             last_reload_ok: lock(&self.last_reload).as_ref().map(|r| r.ok),
@@ -370,6 +379,7 @@ impl Reloader {
             "last_reload": *lock(&self.last_reload),
             "state_cells": self.state.len(),
             "open_descriptors": crate::metrics::open_descriptors(),
+            "leftovers": crate::leftovers::ledger().status(),
             "reloads": {
                 "ok": self.succeeded.load(Ordering::Relaxed),
                 "failed": self.failed.load(Ordering::Relaxed),
@@ -384,6 +394,9 @@ struct Shared<'a> {
     state: &'a Arc<StateStore>,
     handover: &'a Arc<Handover>,
     listeners: &'a Arc<Listeners>,
+    live: &'a LiveGenerations,
+    /// The generation serving while this one loads, if any.
+    serving: Option<&'a Generation>,
 }
 
 /// Stages a copy of the library and starts a generation from it.
@@ -392,14 +405,40 @@ async fn load_generation(
     shared: Shared<'_>,
     number: u64,
 ) -> anyhow::Result<Arc<Generation>> {
+    if let Some((stuck, for_how_long)) = crate::loader::open_under_way() {
+        anyhow::bail!(
+            "no library can be loaded: the initialisers (constructors) of generation {stuck}'s library have \
+             not returned after {}s and hold the dynamic loader's lock; restart the host to load another version",
+            for_how_long.as_secs()
+        );
+    }
     let began = Instant::now();
+    // Taken while the copy is staged, off the reload's critical path.
+    let descriptors = tokio::task::spawn_blocking(crate::leftovers::Descriptors::now);
     let library = stage(settings, number).await?;
+    let descriptors_before = descriptors.await.unwrap_or_default();
+    if let Some(serving) = shared.serving {
+        serving.successor_loading(&descriptors_before);
+    }
+    // At start-up the host is still opening its own descriptors: they would be blamed on the app.
+    let descriptors_before = shared.serving.is_some().then_some(descriptors_before);
     tracing::info!(
         generation = number,
         staged_copy = %library.staged_copy.display(),
         sha256 = library.sha256,
         duration_ms = ms(began.elapsed()),
         "staged"
+    );
+    let probing = Instant::now();
+    crate::probe::initialisers_return(&library.staged_copy, settings.init_timeout)
+        .await
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&library.staged_copy);
+        })?;
+    tracing::debug!(
+        generation = number,
+        duration_ms = ms(probing.elapsed()),
+        "initialisers tried"
     );
     let config = match &settings.app_config {
         Some(path) => tokio::fs::read_to_string(path)
@@ -418,6 +457,8 @@ async fn load_generation(
         listeners: Arc::clone(shared.listeners),
         init_timeout: settings.init_timeout,
         stop_timeout: settings.stop_timeout,
+        descriptors_before,
+        live: Arc::clone(shared.live),
     })
     .await?;
     tracing::info!(generation = number, duration_ms = ms(started.elapsed()), "started");

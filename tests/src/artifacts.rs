@@ -186,16 +186,28 @@ pub enum Hostile {
     /// axum's `todos` example with its map in host state: `PUT` and `DELETE /todos/{id}`,
     /// `GET /todos`.
     Todos,
+    /// `init` blocks its thread, forever.
+    HangingInit,
+    /// A library constructor that never returns: `dlopen` does not either.
+    HangingConstructor,
+    /// A library constructor that aborts the process.
+    CrashingConstructor,
+    /// `init` opens `/dev/null` into a `static`: every generation leaves a descriptor open.
+    LeakyFile,
 }
 
 impl Hostile {
-    pub const ALL: [Hostile; 6] = [
+    pub const ALL: [Hostile; 10] = [
         Hostile::Default,
         Hostile::StrayThread,
         Hostile::RawThread,
         Hostile::TokioSignal,
         Hostile::Blocking,
         Hostile::Todos,
+        Hostile::HangingInit,
+        Hostile::HangingConstructor,
+        Hostile::CrashingConstructor,
+        Hostile::LeakyFile,
     ];
 
     /// The fixture's cargo feature for this behaviour (none for [`Hostile::Default`]).
@@ -207,6 +219,10 @@ impl Hostile {
             Hostile::TokioSignal => Some("tokio-signal"),
             Hostile::Blocking => Some("blocking"),
             Hostile::Todos => Some("todos"),
+            Hostile::HangingInit => Some("hanging-init"),
+            Hostile::HangingConstructor => Some("hanging-constructor"),
+            Hostile::CrashingConstructor => Some("crashing-constructor"),
+            Hostile::LeakyFile => Some("leaky-file"),
         }
     }
 

@@ -1046,6 +1046,12 @@ async fn two_hundred_reloads_under_mixed_load_fail_no_request_and_leak_nothing()
     };
     assert_eq!(status["reloads"]["ok"], RELOADS, "{status}");
     assert_eq!(status["reloads"]["failed"], 0, "{status}");
+    // No generation is blamed for what the connections and the host open and close meanwhile.
+    assert_eq!(
+        status["leftovers"]["descriptors"], 0,
+        "(d) no version of example-app leaves a descriptor open: {}",
+        status["leftovers"]
+    );
 
     let serving = status["library"]["staged_copy"]
         .as_str()

@@ -1,7 +1,8 @@
 //! What ordinary and hostile apps do must not crash, hang or corrupt the host (issue 11), tried
 //! with the `hostile-app` fixture: threads the app starts and never ends, tokio's signal handling
 //! inside the app, a handler that blocks its thread, a map in host state whose entries are
-//! deleted, a `panic = "abort"` build, and a symlink at `--app` that another user owns.
+//! deleted, a `panic = "abort"` build, a symlink at `--app` that another user owns, an init and a
+//! library constructor that never return, and a file kept open in a `static`.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::time::{Duration, Instant};
@@ -638,4 +639,181 @@ async fn a_symlink_at_app_owned_by_another_user_is_refused() {
         "the refusal should name the link and its owner: {answer}"
     );
     assert_serves(&mut host, Hostile::Todos, "after the refused symlink").await;
+}
+
+/// Asks for a reload into `behaviour` and returns the refusal; panics if it is not refused, or if
+/// the serving version changed.
+async fn reload_refused(sandbox: &Sandbox, host: &mut Host, behaviour: Hostile, serving: Hostile) -> String {
+    sandbox.deploy(hostile_app(behaviour));
+    let answer = reload(host).await;
+    assert_eq!(
+        answer["ok"],
+        false,
+        "the reload into {} must be refused: {answer}",
+        behaviour.name()
+    );
+    assert_serves(
+        host,
+        serving,
+        &format!("after the refused reload into {}", behaviour.name()),
+    )
+    .await;
+    answer["error"].as_str().unwrap_or_default().to_owned()
+}
+
+/// The generations `/status` lists as kept loaded: `(generation, why)`.
+async fn kept_loaded(host: &Host) -> Vec<(u64, String)> {
+    let status = host.status().await;
+    status["generations"]
+        .as_array()
+        .unwrap_or_else(|| panic!("/status lists generations: {status}"))
+        .iter()
+        .filter(|g| g["phase"] == "kept_loaded")
+        .map(|g| {
+            let number = g["generation"].as_u64().unwrap_or_default();
+            (number, g["kept_loaded"].as_str().unwrap_or_default().to_owned())
+        })
+        .collect()
+}
+
+/// An `init` that never returns is refused after `--init-timeout`; its thread cannot be stopped,
+/// so its library stays loaded and `/status` lists it with why; the serving version serves on,
+/// the next good version loads, and SIGTERM exits 0 within the timeouts, naming what it abandoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_init_that_never_returns_is_refused_and_abandoned_at_exit() {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(hostile_app(Hostile::Default));
+    let mut host = sandbox
+        .start_host(&["--init-timeout", "1s", "--drain-timeout", "1s", "--stop-timeout", "1s"])
+        .await;
+
+    let error = reload_refused(&sandbox, &mut host, Hostile::HangingInit, Hostile::Default).await;
+    assert!(
+        error.contains("init did not finish"),
+        "the refusal must say that init hung: {error}"
+    );
+    let kept = kept_loaded(&host).await;
+    assert!(
+        kept.len() == 1 && kept[0].1.contains("did not stop"),
+        "/status must list the hung generation as kept loaded, with why: {kept:?}"
+    );
+
+    // Nothing else is held up: the next version loads.
+    reload_into(&sandbox, &mut host, Hostile::Default).await;
+
+    let (took, log) = terminate(&mut host, Duration::from_secs(30)).await;
+    println!("the host exited {took:?} after SIGTERM");
+    let abandoned = lines_with(&log, &["exiting with this generation's library still loaded"]);
+    assert!(
+        abandoned
+            .iter()
+            .any(|line| line.contains(&format!("generation={}", kept[0].0))),
+        "the log must name the generation abandoned at exit:\n{}",
+        abandoned.join("\n")
+    );
+}
+
+/// A library constructor that never returns (`dlopen` would not either, holding glibc's loader
+/// lock, which every thread of the host needs now and then) or that crashes its process: the host
+/// tries a library's initialisers in a throwaway process first, refuses such a version saying why,
+/// never maps it, and serves and reloads on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_constructor_that_hangs_or_crashes_is_refused_without_being_loaded() {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(hostile_app(Hostile::Default));
+    let mut host = sandbox
+        .start_host(&["--init-timeout", "1s", "--drain-timeout", "1s", "--stop-timeout", "1s"])
+        .await;
+
+    let error = reload_refused(&sandbox, &mut host, Hostile::HangingConstructor, Hostile::Default).await;
+    assert!(
+        error.contains("initialisers (constructors") && error.contains("did not return within 1s"),
+        "the refusal must say that the library's constructors hung: {error}"
+    );
+    let error = reload_refused(&sandbox, &mut host, Hostile::CrashingConstructor, Hostile::Default).await;
+    assert!(
+        error.contains("initialisers (constructors") && error.contains("SIGABRT"),
+        "the refusal must say that the library's constructors crashed, and how: {error}"
+    );
+    assert_eq!(
+        kept_loaded(&host).await,
+        Vec::new(),
+        "nothing was loaded, so nothing stays loaded"
+    );
+    let mapped = host.mapped_files_under(&sandbox.staging_dir());
+    assert_eq!(mapped.len(), 1, "only the serving copy may be mapped: {mapped:?}");
+
+    // The loader is free: the next version loads.
+    reload_into(&sandbox, &mut host, Hostile::Default).await;
+    terminate(&mut host, Duration::from_secs(30)).await;
+}
+
+/// A file an app opens into a `static` cannot be closed by unloading it: each such generation,
+/// once unloaded, is reported with what it left open (log, `/status`, `/metrics`), while versions
+/// that leave nothing add nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptors_an_unloaded_generation_left_open_are_reported() {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(hostile_app(Hostile::Default));
+    let mut host = sandbox.start_host(&["--drain-timeout", "1s"]).await;
+
+    let mut leaky = Vec::new();
+    for _ in 0..2 {
+        leaky.push(reload_into(&sandbox, &mut host, Hostile::LeakyFile).await);
+    }
+    let last = reload_into(&sandbox, &mut host, Hostile::Default).await;
+    reload_into(&sandbox, &mut host, Hostile::Default).await;
+    // Once the generation before the last has been unloaded, everything before it has been too.
+    let admin = host.admin_addr();
+    let status = host
+        .wait_until(
+            "every generation but the serving one to be unloaded",
+            Duration::from_secs(30),
+            || async move {
+                let reply = client::get(admin, "/status").await.map_err(|e| e.to_string())?;
+                let status: serde_json::Value = reply.json().map_err(|e| e.to_string())?;
+                match status["generations"].as_array().map(Vec::len) {
+                    Some(1) => Ok(status),
+                    _ => Err(status.to_string()),
+                }
+            },
+        )
+        .await;
+    let leftovers = &status["leftovers"];
+    assert_eq!(
+        leftovers["descriptors"], 2,
+        "two leaky generations left one each: {leftovers}"
+    );
+    let reported: Vec<(u64, Vec<String>)> = leftovers["recent"]
+        .as_array()
+        .unwrap_or_else(|| panic!("/status lists recent leftovers: {leftovers}"))
+        .iter()
+        .map(|l| {
+            let descriptors = l["descriptors"].as_array().into_iter().flatten();
+            let descriptors = descriptors.filter_map(|d| d.as_str().map(str::to_owned)).collect();
+            (l["generation"].as_u64().unwrap_or_default(), descriptors)
+        })
+        .collect();
+    let expected: Vec<(u64, Vec<String>)> = leaky.iter().map(|g| (*g, vec!["/dev/null".to_owned()])).collect();
+    assert_eq!(
+        reported, expected,
+        "only the leaky generations, with what they left: {leftovers}"
+    );
+    assert!(
+        reported.iter().all(|(g, _)| *g != last),
+        "generation {last} left nothing: {leftovers}"
+    );
+
+    let metrics = host.admin_request(Method::GET, "/metrics").await.text();
+    assert!(
+        metrics.lines().any(|line| line == "host_leftover_descriptors_total 2"),
+        "/metrics must count the descriptors left open:\n{metrics}"
+    );
+    let log = host.log_text();
+    assert_eq!(
+        lines_with(&log, &["left descriptors open", "/dev/null"]).len(),
+        2,
+        "the log must say it once per leaky generation"
+    );
+    terminate(&mut host, Duration::from_secs(30)).await;
 }

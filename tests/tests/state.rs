@@ -1,13 +1,14 @@
 //! State that survives reloads, and background work owned by its generation (example-app's
 //! `/counter` and `/cache`).
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use e2e_tests::client::{self, KeepAlive};
-use e2e_tests::{example_app, example_app_schema, wait_until, AppVersion, Sandbox, Schema};
+use e2e_tests::{example_app, example_app_schema, wait_until, AppVersion, Host, Sandbox, Schema};
 use hyper::Method;
 
 const RELOADS: usize = 50;
@@ -40,9 +41,33 @@ async fn increment(addr: std::net::SocketAddr) -> serde_json::Value {
 /// v1 and v2; the final count equals the number of increments that were answered 2xx.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_increment_is_lost_or_counted_twice_across_50_reloads() {
+    increments_across_reloads(example_app(AppVersion::V1), example_app(AppVersion::V2), RELOADS).await;
+}
+
+/// The same with two versions whose state types differ (the `schema-v2` build has one more field)
+/// and so write different JSON: while one retires and the other takes over, both write the same
+/// cell. No increment is lost, and the newer version's field survives the older one's writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn versions_with_different_state_types_writing_at_once_lose_nothing() {
+    let (v1, schema_v2) = (example_app(AppVersion::V1), example_app_schema(Schema::V2));
+    let (sandbox, host) = increments_across_reloads(v1, schema_v2, 20).await;
+    // The last reload was into v1, which has written since: the field v2 added must have stayed.
+    sandbox.deploy(schema_v2);
+    host.reload_ok().await;
+    let state = counter(host.addr()).await;
+    assert!(
+        state["last_generation"].as_u64().is_some_and(|g| g > 1),
+        "v1's writes must keep the field that v2 wrote: {state}"
+    );
+}
+
+/// Serves `first`, then swaps `first` and `second` `reloads` times (an even number: the last
+/// reload is into `first`) while clients increment the counter concurrently; asserts that every
+/// increment was answered 2xx and that the count equals them. Returns the sandbox and the host.
+async fn increments_across_reloads(first: &Path, second: &Path, reloads: usize) -> (Sandbox, Host) {
+    assert!(reloads % 2 == 0, "the last reload must be into the first version");
     let sandbox = Sandbox::new();
-    sandbox.deploy(example_app(AppVersion::V1));
-    let v2 = example_app(AppVersion::V2);
+    sandbox.deploy(first);
     let host = sandbox.start_host(&[]).await;
     let addr = host.addr();
 
@@ -88,13 +113,8 @@ async fn no_increment_is_lost_or_counted_twice_across_50_reloads() {
         }));
     }
 
-    for reload in 0..RELOADS {
-        let next = if reload % 2 == 0 {
-            v2
-        } else {
-            example_app(AppVersion::V1)
-        };
-        sandbox.deploy(next);
+    for reload in 0..reloads {
+        sandbox.deploy(if reload % 2 == 0 { second } else { first });
         host.reload_ok().await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -116,6 +136,7 @@ async fn no_increment_is_lost_or_counted_twice_across_50_reloads() {
         .as_u64()
         .expect("the counter has a numeric count");
     assert_eq!(count, succeeded, "the counter must equal the increments answered 2xx");
+    (sandbox, host)
 }
 
 /// A build whose state has one more field reads the older state and keeps counting; the older
