@@ -18,7 +18,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::reload::Reloader;
+use crate::reload::{Action, Refusal, Reloader};
 use crate::upgrade::{UpgradeError, Upgrader};
 
 /// How long admin requests under way may take to finish once the admin listener stops.
@@ -99,21 +99,20 @@ async fn route(
             StatusCode::FORBIDDEN,
             "POST /reload is turned off (--admin-reload=false); reload with SIGHUP or --watch\n",
         ),
-        (&Method::POST, "/reload") => {
-            let began = std::time::Instant::now();
-            let outcome = reloader.reload_and_wait("admin").await;
-            let duration_ms = crate::generation::ms(began.elapsed());
-            match outcome {
-                Ok(generation) => json(
-                    StatusCode::OK,
-                    &serde_json::json!({ "ok": true, "generation": generation, "duration_ms": duration_ms }),
-                ),
-                Err(error) => json(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    &serde_json::json!({ "ok": false, "error": error, "duration_ms": duration_ms }),
-                ),
-            }
+        (&Method::POST, "/reload") => match query_param(&request, "canary").map(|p| p.parse::<u8>()) {
+            Some(Ok(percent)) if percent <= 100 => act(&reloader, Action::Reload { canary: Some(percent) }).await,
+            Some(_) => text(StatusCode::BAD_REQUEST, "canary must be a percentage, 0 to 100\n"),
+            None => act(&reloader, Action::Reload { canary: None }).await,
+        },
+        (&Method::POST, "/rollback" | "/promote") if !options.allow_reload => text(
+            StatusCode::FORBIDDEN,
+            "POST /rollback and /promote are turned off with POST /reload (--admin-reload=false)\n",
+        ),
+        (&Method::POST, "/rollback") => {
+            let sha256 = query_param(&request, "sha256");
+            act(&reloader, Action::Rollback { sha256 }).await
         }
+        (&Method::POST, "/promote") => act(&reloader, Action::Promote).await,
         (&Method::POST, "/upgrade") if !options.allow_upgrade => text(
             StatusCode::FORBIDDEN,
             "POST /upgrade is turned off (--admin-upgrade=false); upgrade with SIGUSR2\n",
@@ -149,10 +148,47 @@ async fn route(
                 }
             }
         }
-        (_, "/healthz" | "/readyz" | "/status" | "/metrics" | "/reload" | "/upgrade") => {
+        (_, "/healthz" | "/readyz" | "/status" | "/metrics" | "/reload" | "/rollback" | "/promote" | "/upgrade") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    })
+}
+
+/// Runs `action` through the reloader and answers with its outcome: 200 `{"ok":true,...}`, 422
+/// when it failed, 409 when there was nothing to do it to.
+async fn act(reloader: &Reloader, action: Action) -> Response<Full<Bytes>> {
+    let began = std::time::Instant::now();
+    let outcome = reloader.ask("admin", action).await;
+    let duration_ms = crate::generation::ms(began.elapsed());
+    match outcome {
+        Ok(done) => {
+            let mut answer =
+                serde_json::json!({ "ok": true, "generation": done.generation, "duration_ms": duration_ms });
+            if let Some(percent) = done.canary {
+                answer["canary"] = serde_json::json!(percent);
+            }
+            json(StatusCode::OK, &answer)
+        }
+        Err(refusal) => {
+            let status = match refusal {
+                Refusal::Failed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                Refusal::Nothing(_) => StatusCode::CONFLICT,
+            };
+            json(
+                status,
+                &serde_json::json!({ "ok": false, "error": refusal.to_string(), "duration_ms": duration_ms }),
+            )
+        }
+    }
+}
+
+/// The value of `name` in the request's query string, if given (no percent-decoding: the values
+/// taken here are numbers and hex digits).
+fn query_param(request: &Request<Incoming>, name: &str) -> Option<String> {
+    request.uri().query()?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then(|| value.to_owned())
     })
 }
 

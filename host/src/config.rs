@@ -221,6 +221,35 @@ pub struct Options {
     /// (`host keygen`, or `openssl pkey -pubout`).
     #[arg(long, env = "HOST_TRUSTED_KEY", value_name = "FILE")]
     pub trusted_key: Option<PathBuf>,
+
+    /// Make every reload a canary: the new version takes this share of new connections (0-100)
+    /// beside the current one, and is promoted after --canary-duration unless its errors roll it
+    /// back first (`POST /reload?canary=PERCENT` does it for one reload) [default: 0, a reload
+    /// swaps at once].
+    #[arg(long, env = "HOST_CANARY", value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub canary: Option<u8>,
+
+    /// A canary is judged once it has answered this many requests [default: 100].
+    #[arg(long, env = "HOST_CANARY_MIN_REQUESTS", value_name = "N")]
+    pub canary_min_requests: Option<u64>,
+
+    /// A canary whose error rate (5xx answers, panics, requests dropped) exceeds the current
+    /// version's by more than this many percentage points is rolled back [default: 1].
+    #[arg(long, env = "HOST_CANARY_MAX_ERROR_RATE", value_name = "POINTS")]
+    pub canary_max_error_rate: Option<f64>,
+
+    /// How long a healthy canary runs before it is promoted [default: 60s].
+    #[arg(long, env = "HOST_CANARY_DURATION", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub canary_duration: Option<Duration>,
+
+    /// Also roll a canary back when its p99 latency exceeds the current version's by more than
+    /// this factor [default: no latency gate].
+    #[arg(long, env = "HOST_CANARY_MAX_P99_RATIO", value_name = "FACTOR")]
+    pub canary_max_p99_ratio: Option<f64>,
+
+    /// How many of the versions served last are kept for `POST /rollback` [default: 3].
+    #[arg(long, env = "HOST_KEEP_VERSIONS", value_name = "N")]
+    pub keep_versions: Option<usize>,
 }
 
 /// The same settings as they appear in the TOML file.
@@ -253,6 +282,12 @@ pub struct FileOptions {
     pub log_format: Option<LogFormat>,
     pub require_sha256: Option<FromText<Sha256Hex>>,
     pub trusted_key: Option<PathBuf>,
+    pub canary: Option<u8>,
+    pub canary_min_requests: Option<u64>,
+    pub canary_max_error_rate: Option<f64>,
+    pub canary_duration: Option<FromText<HumanDuration>>,
+    pub canary_max_p99_ratio: Option<f64>,
+    pub keep_versions: Option<usize>,
 }
 
 /// Everything the host runs with, after merging.
@@ -289,6 +324,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub require_sha256: Option<Sha256Hex>,
     pub trusted_key: Option<PathBuf>,
+    pub canary: crate::canary::CanarySettings,
+    pub keep_versions: usize,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -409,6 +446,7 @@ pub fn merge(options: Options, file: FileOptions) -> anyhow::Result<Settings> {
     fn duration(flag: Option<Duration>, file: Option<FromText<HumanDuration>>, default: Duration) -> Duration {
         flag.or(file.map(|d| d.0 .0)).unwrap_or(default)
     }
+    let canary = canary_settings(&options, &file)?;
     let app = options.app.or(file.app).ok_or_else(|| {
         anyhow::anyhow!(
             "no app library given: set --app, the HOST_APP variable, or `app` in the config file \
@@ -457,6 +495,46 @@ pub fn merge(options: Options, file: FileOptions) -> anyhow::Result<Settings> {
         log_format: options.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
         require_sha256: options.require_sha256.or(file.require_sha256.map(|s| s.0)),
         trusted_key: options.trusted_key.or(file.trusted_key),
+        canary,
+        keep_versions: options.keep_versions.or(file.keep_versions).unwrap_or(3),
+    })
+}
+
+/// The `--canary*` settings, checked.
+fn canary_settings(options: &Options, file: &FileOptions) -> anyhow::Result<crate::canary::CanarySettings> {
+    let defaults = crate::canary::CanarySettings::default();
+    let percent = options.canary.or(file.canary).unwrap_or(defaults.percent);
+    anyhow::ensure!(
+        percent <= 100,
+        "canary = {percent}: a share of connections is 0 to 100 percent"
+    );
+    let max_error_rate = options
+        .canary_max_error_rate
+        .or(file.canary_max_error_rate)
+        .unwrap_or(defaults.max_error_rate);
+    anyhow::ensure!(
+        max_error_rate.is_finite() && max_error_rate >= 0.0,
+        "canary-max-error-rate = {max_error_rate}: a number of percentage points, 0 or more"
+    );
+    let max_p99_ratio = options.canary_max_p99_ratio.or(file.canary_max_p99_ratio);
+    if let Some(ratio) = max_p99_ratio {
+        anyhow::ensure!(
+            ratio.is_finite() && ratio >= 1.0,
+            "canary-max-p99-ratio = {ratio}: a factor of 1 or more"
+        );
+    }
+    Ok(crate::canary::CanarySettings {
+        percent,
+        min_requests: options
+            .canary_min_requests
+            .or(file.canary_min_requests)
+            .unwrap_or(defaults.min_requests),
+        max_error_rate,
+        duration: options
+            .canary_duration
+            .or(file.canary_duration.as_ref().map(|d| d.0 .0))
+            .unwrap_or(defaults.duration),
+        max_p99_ratio,
     })
 }
 

@@ -17,11 +17,12 @@ use std::time::{Duration, Instant};
 use app_abi::{Lifecycle, LifecycleState};
 use tokio::sync::{oneshot, Notify};
 
+use crate::canary::AcceptShare;
 use crate::handover::Handover;
 use crate::leftovers::{Descriptors, Leftover};
 use crate::listeners::Listeners;
 use crate::loader::LoadedLibrary;
-use crate::metrics::{Outcomes, Sharded};
+use crate::metrics::{Outcomes, RequestDurations, Sharded, Traffic};
 use crate::state::StateStore;
 
 /// Where the code of a generation came from.
@@ -85,6 +86,7 @@ pub struct Counters {
     pub streams: AtomicU64,
     pub in_flight: Sharded,
     pub requests: Outcomes,
+    pub durations: RequestDurations,
 }
 
 pub struct Generation {
@@ -94,6 +96,8 @@ pub struct Generation {
     pub state: Arc<StateStore>,
     pub handover: Arc<Handover>,
     pub listeners: Arc<Listeners>,
+    /// Who accepts the next connection while a canary runs.
+    share: Arc<AcceptShare>,
     pub counters: Counters,
     /// The app's log callsites and open spans (see `applog.rs`).
     pub log: crate::applog::AppLog,
@@ -123,6 +127,7 @@ pub struct StartOptions {
     pub state: Arc<StateStore>,
     pub handover: Arc<Handover>,
     pub listeners: Arc<Listeners>,
+    pub share: Arc<AcceptShare>,
     pub init_timeout: Duration,
     /// How long to wait for a failed or retired generation's thread before leaking its library.
     pub stop_timeout: Duration,
@@ -172,6 +177,7 @@ impl Generation {
             wake,
             state: options.state,
             handover: options.handover,
+            share: options.share,
             listeners: options.listeners,
             counters: Counters::default(),
             log: crate::applog::AppLog::new(number),
@@ -493,14 +499,29 @@ impl Generation {
             connections: self.counters.connections.load(Ordering::Relaxed),
             streams: self.counters.streams.load(Ordering::Relaxed),
             in_flight: self.counters.in_flight.get(),
-            requests: self.counters.requests.totals(),
+            traffic: self.traffic(),
         }
+    }
+
+    /// What it has served so far.
+    pub fn traffic(&self) -> Traffic {
+        Traffic {
+            requests: self.counters.requests.totals(),
+            durations: self.counters.durations.totals(),
+        }
+    }
+
+    /// Whether it must not accept a connection now: the host is at `--max-connections`, or it
+    /// is a canary that has had its share.
+    pub fn holds_back_accepting(&self) -> bool {
+        self.listeners.at_capacity() || self.share.holds_back(self.number)
     }
 
     /// A connection of this generation opened: it counts here and against `--max-connections`.
     pub fn connection_opened(&self) {
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
         self.listeners.connection_opened();
+        self.share.opened(self.number);
     }
 
     /// A connection of this generation closed, or was handed back (then the next generation
@@ -513,7 +534,7 @@ impl Generation {
     pub fn request_finished(&self, status: u16, micros: u64) {
         self.counters.in_flight.sub(1);
         self.counters.requests.count(status);
-        crate::metrics::global().observe_request(micros);
+        self.counters.durations.observe(micros);
     }
 }
 

@@ -62,9 +62,15 @@ impl Handover {
         }
     }
 
-    /// The next waiting connection, for `generation` if it serves.
+    /// The next waiting connection, for `generation` if it is the one connections go to (not a
+    /// canary, which serves only connections it accepts itself).
     pub fn take_for(&self, generation: &Generation) -> Option<HandedSocket> {
-        if generation.phase() != Phase::Serving {
+        let goes_here = self
+            .serving
+            .load()
+            .as_ref()
+            .is_some_and(|serving| serving.number == generation.number);
+        if generation.phase() != Phase::Serving || !goes_here {
             return None;
         }
         lock(&self.waiting).as_mut()?.pop_front()

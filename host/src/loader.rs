@@ -488,7 +488,7 @@ extern "C" fn on_hand_back(handle: HostHandle, socket: Socket, unread: RSlice<'_
 
 extern "C" fn on_at_capacity(handle: HostHandle) -> bool {
     with_generation("at_capacity", handle, false, |generation| {
-        generation.listeners.at_capacity()
+        generation.holds_back_accepting()
     })
 }
 

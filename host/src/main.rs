@@ -22,6 +22,7 @@
 mod admin;
 mod applog;
 mod build;
+mod canary;
 mod config;
 mod generation;
 mod handover;
@@ -37,6 +38,7 @@ mod state;
 mod systemd;
 mod trust;
 mod upgrade;
+mod versions;
 mod watch;
 
 use std::ffi::OsString;
@@ -293,6 +295,8 @@ async fn run(settings: Settings, activated: Activated, handoff: Upgraded, launch
             command,
             timeout: settings.build_timeout,
         }),
+        canary: settings.canary.clone(),
+        keep_versions: settings.keep_versions,
     };
     let capacity = listeners::connection_capacity();
     let max_connections = settings.max_connections.unwrap_or(capacity);

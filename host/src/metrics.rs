@@ -121,16 +121,16 @@ const REQUEST_BUCKETS: [f64; 16] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0,
 ];
 
-/// The request duration histogram, which every request updates: atomics, no lock.
+/// One generation's request duration histogram, which every request updates: atomics, no lock.
 #[derive(Debug, Default)]
-struct RequestDurations {
+pub struct RequestDurations {
     /// Per bucket (not cumulative), plus one for `+Inf`.
     counts: [Sharded; REQUEST_BUCKETS.len() + 1],
     sum_micros: Sharded,
 }
 
 impl RequestDurations {
-    fn observe(&self, micros: u64) {
+    pub fn observe(&self, micros: u64) {
         let seconds = micros as f64 / 1e6;
         let index = REQUEST_BUCKETS
             .iter()
@@ -140,22 +140,99 @@ impl RequestDurations {
         self.sum_micros.add(micros);
     }
 
-    fn render(&self, out: &mut String) {
+    pub fn totals(&self) -> DurationTotals {
+        DurationTotals {
+            counts: std::array::from_fn(|bucket| self.counts[bucket].get()),
+            sum_micros: self.sum_micros.get(),
+        }
+    }
+}
+
+/// A [`RequestDurations`] read at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct DurationTotals {
+    counts: [u64; REQUEST_BUCKETS.len() + 1],
+    sum_micros: u64,
+}
+
+impl DurationTotals {
+    /// What was added since `earlier`, a reading of the same histogram.
+    pub fn since(&self, earlier: &DurationTotals) -> DurationTotals {
+        DurationTotals {
+            counts: std::array::from_fn(|bucket| self.counts[bucket].saturating_sub(earlier.counts[bucket])),
+            sum_micros: self.sum_micros.saturating_sub(earlier.sum_micros),
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// The upper bound of the bucket holding the `q` quantile, in seconds (the largest finite
+    /// bound for the `+Inf` bucket); `None` without any request.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let count = self.count();
+        if count == 0 {
+            return None;
+        }
+        let rank = ((q * count as f64).ceil() as u64).clamp(1, count);
+        let mut cumulative = 0;
+        for (bucket, n) in self.counts.iter().enumerate() {
+            cumulative += n;
+            if cumulative >= rank {
+                return Some(REQUEST_BUCKETS[bucket.min(REQUEST_BUCKETS.len() - 1)]);
+            }
+        }
+        REQUEST_BUCKETS.last().copied()
+    }
+
+    fn render(&self, out: &mut String, generation: u64) {
         let name = "host_http_request_duration_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} How long requests took, from their head to the end of their response body.\n\
-             # TYPE {name} histogram"
-        );
         let mut cumulative = 0;
         for (le, count) in REQUEST_BUCKETS.iter().zip(&self.counts) {
-            cumulative += count.get();
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+            cumulative += count;
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{generation=\"{generation}\",le=\"{le}\"}} {cumulative}"
+            );
         }
-        cumulative += self.counts[REQUEST_BUCKETS.len()].get();
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let sum = self.sum_micros.get() as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+        cumulative += self.counts[REQUEST_BUCKETS.len()];
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{generation=\"{generation}\",le=\"+Inf\"}} {cumulative}"
+        );
+        let sum = self.sum_micros as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "{name}_sum{{generation=\"{generation}\"}} {sum}\n{name}_count{{generation=\"{generation}\"}} {cumulative}"
+        );
+    }
+}
+
+/// What a generation has served: its finished requests per outcome and how long they took.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Traffic {
+    pub requests: [u64; CLASSES.len()],
+    pub durations: DurationTotals,
+}
+
+impl Traffic {
+    /// What was served since `earlier`, a reading of the same generation.
+    pub fn since(&self, earlier: &Traffic) -> Traffic {
+        Traffic {
+            requests: std::array::from_fn(|class| self.requests[class].saturating_sub(earlier.requests[class])),
+            durations: self.durations.since(&earlier.durations),
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.requests.iter().sum()
+    }
+
+    /// Answers that count against a version: 5xx (a panic is answered 500) and requests
+    /// dropped before an answer.
+    pub fn errors(&self) -> u64 {
+        self.requests[class_index(500)] + self.requests[class_index(0)]
     }
 }
 
@@ -175,10 +252,9 @@ fn class_index(status: u16) -> usize {
 /// Process-wide counters and histograms.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Retired generation → its requests per outcome (live ones count in their own
-    /// [`Outcomes`], read at scrape time).
-    retired_requests: Mutex<BTreeMap<u64, [u64; CLASSES.len()]>>,
-    request_durations: RequestDurations,
+    /// Retired generation → what it served (live ones count in their own [`Outcomes`] and
+    /// [`RequestDurations`], read at scrape time).
+    retired: Mutex<BTreeMap<u64, Traffic>>,
     reload_duration: Mutex<Histogram>,
     drain_duration: Mutex<Histogram>,
 }
@@ -195,8 +271,8 @@ pub struct GenerationLoad {
     /// Upgraded connections (WebSocket and the like).
     pub streams: u64,
     pub in_flight: u64,
-    /// Requests finished, per outcome.
-    pub requests: [u64; CLASSES.len()],
+    /// Requests finished, and how long they took.
+    pub traffic: Traffic,
 }
 
 /// What the reloader knows at scrape time.
@@ -232,14 +308,9 @@ pub fn global() -> &'static Metrics {
 }
 
 impl Metrics {
-    /// Times one finished request (its outcome is counted by its generation's [`Outcomes`]).
-    pub fn observe_request(&self, micros: u64) {
-        self.request_durations.observe(micros);
-    }
-
-    /// Keeps the request counts of a generation that is gone, for the scrapes to come.
-    pub fn retire_generation(&self, generation: u64, requests: [u64; CLASSES.len()]) {
-        lock(&self.retired_requests).insert(generation, requests);
+    /// Keeps what a generation that is gone served, for the scrapes to come.
+    pub fn retire_generation(&self, generation: u64, traffic: Traffic) {
+        lock(&self.retired).insert(generation, traffic);
     }
 
     pub fn observe_reload(&self, duration: Duration) {
@@ -254,18 +325,19 @@ impl Metrics {
     pub fn render(&self, snapshot: &Snapshot) -> String {
         let mut out = String::new();
         {
-            let mut retired = lock(&self.retired_requests);
+            let mut retired = lock(&self.retired);
             let oldest_kept = snapshot.serving.saturating_sub(KEPT_GENERATIONS - 1);
             retired.retain(|generation, _| *generation >= oldest_kept);
-            let mut requests: BTreeMap<u64, [u64; CLASSES.len()]> = retired.clone();
-            requests.extend(snapshot.live.iter().map(|load| (load.generation, load.requests)));
+            let mut traffic: BTreeMap<u64, Traffic> = retired.clone();
+            drop(retired);
+            traffic.extend(snapshot.live.iter().map(|load| (load.generation, load.traffic)));
             out.push_str(
                 "# HELP host_http_requests_total Requests finished, by the generation that served them \
                  and status class (\"cancelled\": dropped before an answer).\n\
                  # TYPE host_http_requests_total counter\n",
             );
-            for (generation, counts) in &requests {
-                for (class, count) in CLASSES.iter().zip(counts) {
+            for (generation, served) in &traffic {
+                for (class, count) in CLASSES.iter().zip(&served.requests) {
                     if *count > 0 {
                         let _ = writeln!(
                             out,
@@ -273,6 +345,15 @@ impl Metrics {
                         );
                     }
                 }
+            }
+            let name = "host_http_request_duration_seconds";
+            let _ = writeln!(
+                out,
+                "# HELP {name} How long requests took, from their head to the end of their response body, \
+                 by the generation that served them.\n# TYPE {name} histogram"
+            );
+            for (generation, served) in &traffic {
+                served.durations.render(&mut out, *generation);
             }
         }
         type Gauge = (&'static str, &'static str, fn(&GenerationLoad) -> u64);
@@ -351,7 +432,6 @@ impl Metrics {
                 u8::from(ok)
             );
         }
-        self.request_durations.render(&mut out);
         lock(&self.reload_duration).render(
             &mut out,
             "host_reload_duration_seconds",
@@ -408,24 +488,32 @@ mod tests {
     #[test]
     fn requests_by_generation_and_class() {
         let metrics = Metrics::default();
-        let (second, third) = (Outcomes::default(), Outcomes::default());
-        for (outcomes, status, micros) in [
+        let second = (Outcomes::default(), RequestDurations::default());
+        let third = (Outcomes::default(), RequestDurations::default());
+        for ((outcomes, durations), status, micros) in [
             (&second, 200, 80),
             (&second, 201, 300),
             (&third, 500, 2_000_000),
             (&third, 0, 1_000),
         ] {
             outcomes.count(status);
-            metrics.observe_request(micros);
+            durations.observe(micros);
         }
         // A retired generation's counts are kept.
-        metrics.retire_generation(1, [0, 7, 0, 0, 0, 0]);
-        let load = |generation, in_flight, outcomes: &Outcomes| GenerationLoad {
+        let retired = Traffic {
+            requests: [0, 7, 0, 0, 0, 0],
+            ..Traffic::default()
+        };
+        metrics.retire_generation(1, retired);
+        let load = |generation, in_flight, (outcomes, durations): &(Outcomes, RequestDurations)| GenerationLoad {
             generation,
             connections: 2,
             streams: 1,
             in_flight,
-            requests: outcomes.totals(),
+            traffic: Traffic {
+                requests: outcomes.totals(),
+                durations: durations.totals(),
+            },
         };
         let text = metrics.render(&Snapshot {
             serving: 3,
@@ -452,10 +540,12 @@ mod tests {
             "host_serving_generation 3",
             "host_reloads_total{outcome=\"failed\"} 1",
             "host_last_reload_ok 1",
-            "host_http_request_duration_seconds_bucket{le=\"0.0001\"} 1",
-            "host_http_request_duration_seconds_bucket{le=\"0.001\"} 3",
-            "host_http_request_duration_seconds_bucket{le=\"+Inf\"} 4",
-            "host_http_request_duration_seconds_count 4",
+            "host_http_request_duration_seconds_bucket{generation=\"2\",le=\"0.0001\"} 1",
+            "host_http_request_duration_seconds_bucket{generation=\"2\",le=\"0.001\"} 2",
+            "host_http_request_duration_seconds_bucket{generation=\"3\",le=\"0.001\"} 1",
+            "host_http_request_duration_seconds_bucket{generation=\"3\",le=\"+Inf\"} 2",
+            "host_http_request_duration_seconds_count{generation=\"3\"} 2",
+            "host_http_request_duration_seconds_count{generation=\"1\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
         }
@@ -474,10 +564,31 @@ mod tests {
     }
 
     #[test]
+    fn quantiles_are_bucket_bounds() {
+        let durations = RequestDurations::default();
+        assert_eq!(durations.totals().quantile(0.5), None);
+        for micros in [50, 60, 70, 80, 90, 100, 3_000, 4_000, 9_000, 400_000_000] {
+            durations.observe(micros);
+        }
+        let totals = durations.totals();
+        assert_eq!(totals.quantile(0.5), Some(0.0001));
+        assert_eq!(totals.quantile(0.9), Some(0.01));
+        assert_eq!(totals.quantile(0.99), Some(300.0));
+        let earlier = totals;
+        durations.observe(2_000);
+        assert_eq!(durations.totals().since(&earlier).count(), 1);
+        assert_eq!(durations.totals().since(&earlier).quantile(0.99), Some(0.0025));
+    }
+
+    #[test]
     fn old_generations_are_forgotten() {
         let metrics = Metrics::default();
-        metrics.retire_generation(1, [0, 1, 0, 0, 0, 0]);
-        metrics.retire_generation(99, [0, 1, 0, 0, 0, 0]);
+        let one = Traffic {
+            requests: [0, 1, 0, 0, 0, 0],
+            ..Traffic::default()
+        };
+        metrics.retire_generation(1, one);
+        metrics.retire_generation(99, one);
         let text = metrics.render(&Snapshot {
             serving: 100,
             live: vec![GenerationLoad {

@@ -6,6 +6,12 @@
 //! one atomic store. The previous generation then retires in the background. Any failure leaves
 //! the serving generation untouched.
 //!
+//! A reload may instead start the new generation as a canary (`canary.rs`): it then serves a
+//! share of the new connections beside the current one until it is promoted (swapped in as
+//! above) or rolled back (retired, the current one untouched). Every version that becomes the
+//! serving one is kept (`versions.rs`), so that `POST /rollback` loads a previous one again
+//! without reading `--app`. Reloads, promotions and rollbacks all run one at a time, here.
+//!
 //! With both `--build` and `--watch`, the build's own write of the library is a change the
 //! watcher reports too; a reload asked for only by the watcher is skipped when the file is still
 //! the one the last build left (same inode, size and modification time), so that one change
@@ -23,11 +29,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::build::BuildCommand;
+use crate::canary::{AcceptShare, Canary, CanarySettings, Verdict};
 use crate::generation::{ms, Generation, LibraryInfo, LiveGenerations, Retirement, StartOptions};
 use crate::handover::Handover;
 use crate::listeners::Listeners;
 use crate::state::StateStore;
 use crate::trust::TrustPolicy;
+use crate::versions::{Version, Versions};
 
 /// How reloads are done.
 #[derive(Debug, Clone)]
@@ -46,6 +54,9 @@ pub struct ReloadSettings {
     pub trust: TrustPolicy,
     /// `--build`: run before every reload; the library is loaded only if it succeeds.
     pub build: Option<BuildCommand>,
+    pub canary: CanarySettings,
+    /// How many versions are kept for `POST /rollback`.
+    pub keep_versions: usize,
 }
 
 /// What identifies one version of a file without reading it.
@@ -70,12 +81,57 @@ impl FileStamp {
     }
 }
 
-/// The outcome of a reload: the new generation's number, or why it was refused.
-pub type ReloadOutcome = Result<u64, String>;
+/// What a generation that now serves is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done {
+    pub generation: u64,
+    /// Its share of new connections, in percent, if it runs as a canary.
+    pub canary: Option<u8>,
+}
 
-/// A request for a reload, from a signal, the watcher or the admin endpoint.
+impl Done {
+    fn serving(generation: u64) -> Done {
+        Done {
+            generation,
+            canary: None,
+        }
+    }
+}
+
+/// Why an action did nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// It was tried and failed; what serves stays.
+    #[error("{0}")]
+    Failed(String),
+    /// There was nothing to do it to (no canary to promote, no version to roll back to).
+    #[error("{0}")]
+    Nothing(String),
+}
+
+/// The outcome of a reload, promotion or rollback.
+pub type ReloadOutcome = Result<Done, Refusal>;
+
+/// What a trigger asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Load the app library anew, as a canary with this share of new connections (`None`: the
+    /// `--canary` setting; 0: swap at once).
+    Reload { canary: Option<u8> },
+    /// Abort the canary if one runs; otherwise load a kept version again: the previous one, or
+    /// the one with this sha256.
+    Rollback { sha256: Option<String> },
+    /// Make the canary the serving generation now.
+    Promote,
+    /// The canary's verdict (`canary.rs`), for the canary of that generation.
+    Judged { generation: u64, verdict: Verdict },
+}
+
+/// A request for a reload (or promotion, or rollback), from a signal, the watcher, the admin
+/// endpoint, or a canary's judge.
 pub struct Trigger {
     pub source: &'static str,
+    pub action: Action,
     pub reply: Option<oneshot::Sender<ReloadOutcome>>,
 }
 
@@ -95,6 +151,9 @@ pub struct ReloadRecord {
     pub duration_ms: f64,
     pub trigger: String,
     pub generation: u64,
+    /// The new generation's share of new connections, if it started as a canary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary: Option<u8>,
 }
 
 pub struct Reloader {
@@ -113,7 +172,13 @@ pub struct Reloader {
     events: broadcast::Sender<ReloadEvent>,
     /// The library file as the last successful build left it (only with `--build`).
     built: Mutex<Option<FileStamp>>,
+    canary: Mutex<Option<Canary>>,
+    share: Arc<AcceptShare>,
+    versions: Mutex<Versions>,
 }
+
+/// How often a canary is judged.
+const JUDGE_INTERVAL: Duration = Duration::from_millis(100);
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -129,18 +194,22 @@ impl Reloader {
         let handover = Arc::new(Handover::new());
         let listeners = Arc::new(listeners);
         let live = LiveGenerations::default();
+        let share = Arc::new(AcceptShare::default());
         let shared = Shared {
             state: &state,
             handover: &handover,
             listeners: &listeners,
             live: &live,
+            share: &share,
             serving: None,
         };
-        let first = load_generation(&settings, shared, 1)
+        let first = load_generation(&settings, shared, 1, Source::App)
             .await
             .with_context(|| format!("cannot serve {}", settings.app_path.display()))?;
         handover.serve_with(&first);
         lock(&live).push(Arc::clone(&first));
+        let mut versions = Versions::new(settings.staging_dir.join("versions"), settings.keep_versions);
+        versions.record(first.number, &first.library);
         let (triggers, receiver) = mpsc::unbounded_channel();
         let reloader = Arc::new(Reloader {
             current: ArcSwap::new(Arc::clone(&first)),
@@ -156,6 +225,9 @@ impl Reloader {
             triggers,
             events: broadcast::channel(16).0,
             built: Mutex::new(None),
+            canary: Mutex::new(None),
+            share,
+            versions: Mutex::new(versions),
             settings,
         });
         Ok((reloader, receiver))
@@ -166,47 +238,72 @@ impl Reloader {
         self.events.subscribe()
     }
 
-    /// Asks for a reload without waiting for it.
+    /// Asks for a reload (with the `--canary` setting) without waiting for it.
     pub fn trigger(&self, source: &'static str) {
         // The receiver lives as long as the host serves; after that, reloads no longer matter.
-        let _ = self.triggers.send(Trigger { source, reply: None });
+        let _ = self.triggers.send(Trigger {
+            source,
+            action: Action::Reload { canary: None },
+            reply: None,
+        });
     }
 
-    /// Asks for a reload and waits for its outcome.
-    pub async fn reload_and_wait(&self, source: &'static str) -> ReloadOutcome {
+    /// Asks for `action` and waits for its outcome.
+    pub async fn ask(&self, source: &'static str, action: Action) -> ReloadOutcome {
+        let shutting_down = || Refusal::Failed("the host is shutting down".to_string());
         let (reply, outcome) = oneshot::channel();
         self.triggers
             .send(Trigger {
                 source,
+                action,
                 reply: Some(reply),
             })
-            .map_err(|_| "the host is shutting down".to_string())?;
-        outcome.await.map_err(|_| "the host is shutting down".to_string())?
+            .map_err(|_| shutting_down())?;
+        outcome.await.map_err(|_| shutting_down())?
     }
 
-    /// Runs reloads one at a time. Triggers that arrive during a reload are answered together by
-    /// the one reload that follows it.
+    /// Runs reloads, promotions and rollbacks one at a time. Reload triggers that arrive during a
+    /// reload and ask for the same are answered together by the one reload that follows it.
     /// Returns when `stop` is cancelled, after finishing the reload under way (a `--build` under
     /// way is stopped, and that reload refused).
     pub async fn run(self: Arc<Self>, mut triggers: mpsc::UnboundedReceiver<Trigger>, stop: CancellationToken) {
+        let mut next = None;
         loop {
-            let first = tokio::select! {
-                trigger = triggers.recv() => match trigger {
-                    Some(trigger) => trigger,
-                    None => return,
+            let first = match next.take() {
+                Some(trigger) => trigger,
+                None => tokio::select! {
+                    trigger = triggers.recv() => match trigger {
+                        Some(trigger) => trigger,
+                        None => return,
+                    },
+                    () = stop.cancelled() => return,
                 },
-                () = stop.cancelled() => return,
             };
             let mut batch = vec![first];
-            while let Ok(more) = triggers.try_recv() {
-                batch.push(more);
+            if matches!(batch[0].action, Action::Reload { .. }) {
+                while let Ok(more) = triggers.try_recv() {
+                    if more.action != batch[0].action {
+                        next = Some(more);
+                        break;
+                    }
+                    batch.push(more);
+                }
             }
             if self.is_own_build_output(&batch) {
                 tracing::debug!("ignoring a change of the library that was the build's own output");
                 continue;
             }
             let sources: Vec<&str> = batch.iter().map(|t| t.source).collect();
-            let outcome = self.reload(&sources.join(","), &stop).await;
+            let trigger = sources.join(",");
+            let outcome = match batch[0].action.clone() {
+                Action::Reload { canary } => {
+                    let percent = canary.unwrap_or(self.settings.canary.percent);
+                    self.reload(&trigger, percent, &stop).await
+                }
+                Action::Rollback { sha256 } => self.rollback(&trigger, sha256.as_deref()).await,
+                Action::Promote => self.promote(&trigger),
+                Action::Judged { generation, verdict } => self.conclude(generation, verdict),
+            };
             for trigger in batch {
                 if let Some(reply) = trigger.reply {
                     let _ = reply.send(outcome.clone());
@@ -217,7 +314,10 @@ impl Reloader {
 
     /// Whether `batch` is only the watcher reporting the file the last build wrote.
     fn is_own_build_output(&self, batch: &[Trigger]) -> bool {
-        if self.settings.build.is_none() || !batch.iter().all(|t| t.source == "watch" && t.reply.is_none()) {
+        let only_watch = batch
+            .iter()
+            .all(|t| t.source == "watch" && t.reply.is_none() && matches!(t.action, Action::Reload { .. }));
+        if self.settings.build.is_none() || !only_watch {
             return false;
         }
         let built = lock(&self.built).clone();
@@ -230,62 +330,234 @@ impl Reloader {
             crate::build::run(build, number, stop).await?;
             *lock(&self.built) = FileStamp::of(&self.settings.app_path);
         }
+        self.load(number, Source::App).await
+    }
+
+    /// Loads a generation from `source` beside the serving one.
+    async fn load(&self, number: u64, source: Source<'_>) -> anyhow::Result<Arc<Generation>> {
         let serving = self.current.load_full();
         let shared = Shared {
             state: &self.state,
             handover: &self.handover,
             listeners: &self.listeners,
             live: &self.live,
+            share: &self.share,
             serving: Some(&serving),
         };
-        load_generation(&self.settings, shared, number).await
+        load_generation(&self.settings, shared, number, source).await
     }
 
-    async fn reload(self: &Arc<Self>, trigger: &str, stop: &CancellationToken) -> ReloadOutcome {
+    /// Builds (with `--build`) and loads the app library, then swaps it in, or starts it as a
+    /// canary with `percent`% of new connections. A canary still running is rolled back first.
+    async fn reload(self: &Arc<Self>, trigger: &str, percent: u8, stop: &CancellationToken) -> ReloadOutcome {
         let began = Instant::now();
         let number = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::info!(generation = number, trigger, "reloading");
+        tracing::info!(generation = number, trigger, canary_percent = percent, "reloading");
         // No receiver (not under systemd) is fine.
         let _ = self.events.send(ReloadEvent::Started);
+        if let Some(canary) = self.end_canary() {
+            tracing::info!(generation = canary, "canary rolled back: a new version comes");
+        }
         let outcome = match self.build_and_load(number, stop).await {
-            Ok(new) => {
-                lock(&self.live).push(Arc::clone(&new));
-                let old = self.current.swap(Arc::clone(&new));
-                self.handover.serve_with(&new);
-                tracing::info!(
-                    generation = number,
-                    previous = old.number,
-                    duration_ms = ms(began.elapsed()),
-                    "swapped: new connections and kept-alive ones go to generation {number}"
-                );
-                self.retire(old, Retirement::HandOver);
-                self.succeeded.fetch_add(1, Ordering::Relaxed);
-                Ok(number)
+            Ok(new) if percent > 0 => {
+                self.start_canary(new, percent);
+                Ok(Done {
+                    generation: number,
+                    canary: Some(percent),
+                })
             }
-            Err(e) => {
-                let error = format!("{e:#}");
+            Ok(new) => Ok(self.swap_in(new, began)),
+            Err(e) => Err(self.refused(number, &e)),
+        };
+        self.finish(trigger, number, began, &outcome);
+        outcome
+    }
+
+    /// Loads a kept version again and swaps it in; during a canary, rolls the canary back instead.
+    async fn rollback(self: &Arc<Self>, trigger: &str, sha256: Option<&str>) -> ReloadOutcome {
+        let began = Instant::now();
+        if let Some(number) = self.end_canary() {
+            tracing::info!(generation = number, "canary rolled back on request");
+            let serving = self.current.load().number;
+            let outcome = Err(Refusal::Failed(format!(
+                "canary rolled back on request: generation {number} retired, generation {serving} serves"
+            )));
+            self.finish(trigger, number, began, &outcome);
+            return Ok(Done::serving(serving));
+        }
+        let serving = self.current.load().library.sha256.clone();
+        let version: Version = {
+            let versions = lock(&self.versions);
+            let found = match sha256 {
+                Some(wanted) => versions.find(wanted).ok_or_else(|| {
+                    format!("no kept version has sha256 {wanted} (GET /status lists them under `versions`)")
+                }),
+                None => versions
+                    .previous()
+                    .ok_or_else(|| "there is no previous version to roll back to".to_string()),
+            };
+            found.map_err(Refusal::Nothing)?.clone()
+        };
+        if version.sha256 == serving {
+            return Err(Refusal::Nothing(format!("version {serving} is the one serving")));
+        }
+        let number = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(generation = number, trigger, sha256 = version.sha256, "rolling back");
+        let _ = self.events.send(ReloadEvent::Started);
+        let outcome = match self.load(number, Source::Kept(&version)).await {
+            Ok(new) => Ok(self.swap_in(new, began)),
+            Err(e) => Err(self.refused(number, &e)),
+        };
+        self.finish(trigger, number, began, &outcome);
+        outcome
+    }
+
+    /// Makes the canary the serving generation.
+    fn promote(self: &Arc<Self>, trigger: &str) -> ReloadOutcome {
+        let began = Instant::now();
+        let canary = lock(&self.canary)
+            .take()
+            .ok_or_else(|| Refusal::Nothing("there is no canary to promote".to_string()))?;
+        let generation = Arc::clone(&canary.generation);
+        // Dropping it stops the split before the swap: from now on every connection goes to it.
+        drop(canary);
+        let number = generation.number;
+        let outcome = Ok(self.swap_in(generation, began));
+        self.finish(trigger, number, began, &outcome);
+        outcome
+    }
+
+    /// Acts on a canary's verdict, if that canary still runs.
+    fn conclude(self: &Arc<Self>, generation: u64, verdict: Verdict) -> ReloadOutcome {
+        let runs = lock(&self.canary)
+            .as_ref()
+            .is_some_and(|canary| canary.generation.number == generation);
+        if !runs {
+            return Err(Refusal::Nothing(format!(
+                "generation {generation} is no longer a canary"
+            )));
+        }
+        match verdict {
+            Verdict::Promote => self.promote("canary"),
+            Verdict::Wait => Ok(Done {
+                generation,
+                canary: lock(&self.canary).as_ref().map(|canary| canary.percent),
+            }),
+            Verdict::RollBack(reason) => {
+                let began = Instant::now();
+                self.end_canary();
                 tracing::error!(
-                    generation = number,
+                    generation,
                     serving = self.current.load().number,
-                    error,
-                    "reload failed; the serving generation stays"
+                    reason,
+                    "canary rolled back"
                 );
                 self.failed.fetch_add(1, Ordering::Relaxed);
-                Err(error)
+                let outcome = Err(Refusal::Failed(reason));
+                self.finish("canary", generation, began, &outcome);
+                outcome
             }
-        };
+        }
+    }
+
+    /// Retires the canary, if one runs (its idle connections go to the current generation), and
+    /// says which it was.
+    fn end_canary(self: &Arc<Self>) -> Option<u64> {
+        let canary = lock(&self.canary).take()?;
+        self.retire(Arc::clone(&canary.generation), Retirement::HandOver);
+        Some(canary.generation.number)
+    }
+
+    /// Lets `new` (serving already) take a share of new connections, and has it judged.
+    fn start_canary(self: &Arc<Self>, new: Arc<Generation>, percent: u8) {
+        lock(&self.live).push(Arc::clone(&new));
+        let current = self.current.load_full();
+        tracing::info!(
+            generation = new.number,
+            current = current.number,
+            percent,
+            "canary: generation {} takes {percent}% of new connections",
+            new.number
+        );
+        let number = new.number;
+        *lock(&self.canary) = Some(Canary::start(new, &current, percent, Arc::clone(&self.share)));
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(JUDGE_INTERVAL).await;
+                let verdict = {
+                    let canary = lock(&this.canary);
+                    let Some(canary) = canary.as_ref().filter(|c| c.generation.number == number) else {
+                        return;
+                    };
+                    let (canary_side, current_side) = canary.sides(&this.current.load());
+                    crate::canary::judge(&canary_side, &current_side, canary.elapsed(), &this.settings.canary)
+                };
+                if verdict != Verdict::Wait {
+                    let _ = this.triggers.send(Trigger {
+                        source: "canary",
+                        action: Action::Judged {
+                            generation: number,
+                            verdict,
+                        },
+                        reply: None,
+                    });
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Makes `new` the serving generation and retires the one it replaces.
+    fn swap_in(self: &Arc<Self>, new: Arc<Generation>, began: Instant) -> Done {
+        {
+            let mut live = lock(&self.live);
+            if !live.iter().any(|g| Arc::ptr_eq(g, &new)) {
+                live.push(Arc::clone(&new));
+            }
+        }
+        let old = self.current.swap(Arc::clone(&new));
+        self.handover.serve_with(&new);
+        tracing::info!(
+            generation = new.number,
+            previous = old.number,
+            duration_ms = ms(began.elapsed()),
+            "swapped: new connections and kept-alive ones go to generation {}",
+            new.number
+        );
+        lock(&self.versions).record(new.number, &new.library);
+        self.retire(old, Retirement::HandOver);
+        self.succeeded.fetch_add(1, Ordering::Relaxed);
+        Done::serving(new.number)
+    }
+
+    /// Logs why generation `number` was refused, and counts it.
+    fn refused(&self, number: u64, error: &anyhow::Error) -> Refusal {
+        let error = format!("{error:#}");
+        tracing::error!(
+            generation = number,
+            serving = self.current.load().number,
+            error,
+            "reload failed; the serving generation stays"
+        );
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        Refusal::Failed(error)
+    }
+
+    /// Records the outcome for `/status`, `/metrics` and systemd.
+    fn finish(&self, trigger: &str, number: u64, began: Instant, outcome: &ReloadOutcome) {
         crate::metrics::global().observe_reload(began.elapsed());
         let record = ReloadRecord {
             ok: outcome.is_ok(),
-            error: outcome.as_ref().err().cloned(),
+            error: outcome.as_ref().err().map(ToString::to_string),
             at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             duration_ms: ms(began.elapsed()),
             trigger: trigger.to_string(),
             generation: number,
+            canary: outcome.as_ref().ok().and_then(|done| done.canary),
         };
         *lock(&self.last_reload) = Some(record.clone());
         let _ = self.events.send(ReloadEvent::Finished(record));
-        outcome
     }
 
     fn retire(self: &Arc<Self>, old: Arc<Generation>, how: Retirement) {
@@ -299,7 +571,7 @@ impl Reloader {
             // One whose library stays loaded stays listed, with why.
             if old.kept_loaded().is_none() {
                 lock(&this.live).retain(|g| !Arc::ptr_eq(g, &old));
-                crate::metrics::global().retire_generation(old.number, old.counters.requests.totals());
+                crate::metrics::global().retire_generation(old.number, old.traffic());
             }
         });
     }
@@ -309,6 +581,8 @@ impl Reloader {
     /// the drain timeout), then every generation is stopped and unloaded.
     pub async fn shutdown(self: &Arc<Self>, idle_grace: Duration) {
         let how = Retirement::Close { idle_grace };
+        // A canary is closed like every other generation (it is one of the live ones).
+        drop(lock(&self.canary).take());
         for generation in lock(&self.live).iter() {
             generation.leave(how);
         }
@@ -376,6 +650,8 @@ impl Reloader {
             "generation": current.number,
             "library": current.library,
             "generations": generations,
+            "canary": lock(&self.canary).as_ref().map(|canary| canary.status(&current)),
+            "versions": lock(&self.versions).list(),
             "last_reload": *lock(&self.last_reload),
             "state_cells": self.state.len(),
             "open_descriptors": crate::metrics::open_descriptors(),
@@ -395,8 +671,18 @@ struct Shared<'a> {
     handover: &'a Arc<Handover>,
     listeners: &'a Arc<Listeners>,
     live: &'a LiveGenerations,
+    share: &'a Arc<AcceptShare>,
     /// The generation serving while this one loads, if any.
     serving: Option<&'a Generation>,
+}
+
+/// Where a generation's library comes from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// The app path, read (and checked) anew.
+    App,
+    /// A version kept for rollback, exactly as it was loaded before.
+    Kept(&'a Version),
 }
 
 /// Stages a copy of the library and starts a generation from it.
@@ -404,6 +690,7 @@ async fn load_generation(
     settings: &ReloadSettings,
     shared: Shared<'_>,
     number: u64,
+    source: Source<'_>,
 ) -> anyhow::Result<Arc<Generation>> {
     if let Some((stuck, for_how_long)) = crate::loader::open_under_way() {
         anyhow::bail!(
@@ -415,7 +702,10 @@ async fn load_generation(
     let began = Instant::now();
     // Taken while the copy is staged, off the reload's critical path.
     let descriptors = tokio::task::spawn_blocking(crate::leftovers::Descriptors::now);
-    let library = stage(settings, number).await?;
+    let library = match source {
+        Source::App => stage(settings, number).await?,
+        Source::Kept(version) => stage_kept(settings, number, version).await?,
+    };
     let descriptors_before = descriptors.await.unwrap_or_default();
     if let Some(serving) = shared.serving {
         serving.successor_loading(&descriptors_before);
@@ -455,6 +745,7 @@ async fn load_generation(
         state: Arc::clone(shared.state),
         handover: Arc::clone(shared.handover),
         listeners: Arc::clone(shared.listeners),
+        share: Arc::clone(shared.share),
         init_timeout: settings.init_timeout,
         stop_timeout: settings.stop_timeout,
         descriptors_before,
@@ -463,6 +754,31 @@ async fn load_generation(
     .await?;
     tracing::info!(generation = number, duration_ms = ms(started.elapsed()), "started");
     Ok(generation)
+}
+
+/// Copies a kept version to a fresh staged file (a new inode: `dlopen` would return the object
+/// already loaded from the kept file's inode, if a generation still runs it).
+async fn stage_kept(settings: &ReloadSettings, number: u64, version: &Version) -> anyhow::Result<LibraryInfo> {
+    let file_name = version
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "app.so".into());
+    let staged_copy = settings.staging_dir.join(format!("gen{number}-{file_name}"));
+    let (kept, staged) = (version.kept().to_owned(), staged_copy.clone());
+    tokio::task::spawn_blocking(move || {
+        std::fs::copy(&kept, &staged).inspect_err(|_| {
+            let _ = std::fs::remove_file(&staged);
+        })
+    })
+    .await
+    .context("the staging task failed")?
+    .with_context(|| format!("cannot copy the kept version {} to stage it", version.sha256))?;
+    Ok(LibraryInfo {
+        path: version.path.clone(),
+        staged_copy,
+        sha256: version.sha256.clone(),
+    })
 }
 
 /// Copies the library at the app path to a fresh, uniquely named file: `dlopen` of a path that

@@ -194,10 +194,12 @@ pub enum Hostile {
     CrashingConstructor,
     /// `init` opens `/dev/null` into a `static`: every generation leaves a descriptor open.
     LeakyFile,
+    /// `GET /` answers 500.
+    Failing,
 }
 
 impl Hostile {
-    pub const ALL: [Hostile; 10] = [
+    pub const ALL: [Hostile; 11] = [
         Hostile::Default,
         Hostile::StrayThread,
         Hostile::RawThread,
@@ -208,6 +210,7 @@ impl Hostile {
         Hostile::HangingConstructor,
         Hostile::CrashingConstructor,
         Hostile::LeakyFile,
+        Hostile::Failing,
     ];
 
     /// The fixture's cargo feature for this behaviour (none for [`Hostile::Default`]).
@@ -223,6 +226,7 @@ impl Hostile {
             Hostile::HangingConstructor => Some("hanging-constructor"),
             Hostile::CrashingConstructor => Some("crashing-constructor"),
             Hostile::LeakyFile => Some("leaky-file"),
+            Hostile::Failing => Some("failing"),
         }
     }
 

@@ -1,0 +1,303 @@
+//! Canary releases inside one process: a new generation takes a share of the new connections
+//! while the current one serves the rest, and is judged on what it answers — rolled back as soon
+//! as its error rate is worse than the current version's by more than allowed, promoted once it
+//! has been healthy for long enough.
+//!
+//! The split is per connection, made where connections are accepted: every serving generation
+//! asks the host before it accepts (`at_capacity`), and the canary is held back while it has
+//! taken more than its share of the connections accepted since it started. It cannot be held to
+//! less than that (the current generation is never held back), so its share is approximate:
+//! it gets what it would by competing for the listener, capped at its percentage. Connections
+//! kept alive by clients stay where they are; only new ones are split.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::generation::Generation;
+use crate::metrics::Traffic;
+
+/// How canaries are run and judged (`--canary*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanarySettings {
+    /// The share of new connections, in percent, a reload gives the new version first; 0 means
+    /// that a reload swaps at once.
+    pub percent: u8,
+    /// The canary is judged only once it has answered this many requests.
+    pub min_requests: u64,
+    /// How many percentage points the canary's error rate may exceed the current version's.
+    pub max_error_rate: f64,
+    /// How long a healthy canary runs before it is promoted.
+    pub duration: Duration,
+    /// If set: the canary is rolled back when its p99 latency exceeds the current version's by
+    /// more than this factor.
+    pub max_p99_ratio: Option<f64>,
+}
+
+impl Default for CanarySettings {
+    fn default() -> Self {
+        CanarySettings {
+            percent: 0,
+            min_requests: 100,
+            max_error_rate: 1.0,
+            duration: Duration::from_secs(60),
+            max_p99_ratio: None,
+        }
+    }
+}
+
+/// Who may accept the next connection while a canary runs.
+#[derive(Debug, Default)]
+pub struct AcceptShare {
+    /// The canary's generation number; 0 when there is none.
+    canary: AtomicU64,
+    percent: AtomicU64,
+    canary_accepted: AtomicU64,
+    all_accepted: AtomicU64,
+}
+
+impl AcceptShare {
+    fn start(&self, generation: u64, percent: u8) {
+        self.canary_accepted.store(0, Ordering::Relaxed);
+        self.all_accepted.store(0, Ordering::Relaxed);
+        self.percent.store(u64::from(percent), Ordering::Relaxed);
+        self.canary.store(generation, Ordering::Release);
+    }
+
+    fn stop(&self) {
+        self.canary.store(0, Ordering::Release);
+    }
+
+    /// A serving generation opened a connection.
+    pub fn opened(&self, generation: u64) {
+        if self.canary.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        self.all_accepted.fetch_add(1, Ordering::Relaxed);
+        if self.canary.load(Ordering::Relaxed) == generation {
+            self.canary_accepted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `generation` must leave the next connection to the others: it is the canary and
+    /// has had its share.
+    pub fn holds_back(&self, generation: u64) -> bool {
+        if self.canary.load(Ordering::Acquire) != generation {
+            return false;
+        }
+        let percent = self.percent.load(Ordering::Relaxed);
+        let canary = self.canary_accepted.load(Ordering::Relaxed);
+        let all = self.all_accepted.load(Ordering::Relaxed);
+        // With its next connection it would still be within its share.
+        (canary + 1) * 100 > percent * (all + 1)
+    }
+}
+
+/// One side of a canary, as `/status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Side {
+    pub generation: u64,
+    pub requests: u64,
+    pub errors: u64,
+    /// Errors per request, in percent.
+    pub error_rate: f64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+impl Side {
+    fn of(generation: u64, traffic: &Traffic) -> Side {
+        let (requests, errors) = (traffic.total(), traffic.errors());
+        let ms = |q| traffic.durations.quantile(q).map(|seconds| seconds * 1e3);
+        Side {
+            generation,
+            requests,
+            errors,
+            error_rate: percent(errors, requests),
+            p50_ms: ms(0.5),
+            p99_ms: ms(0.99),
+        }
+    }
+}
+
+/// `part` of `whole`, in percent (0 of nothing).
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+/// What to do with a canary now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Keep measuring.
+    Wait,
+    /// Roll it back, for this reason.
+    RollBack(String),
+    /// It has been healthy for long enough.
+    Promote,
+}
+
+/// Judges a canary on what both sides served since it started.
+pub fn judge(canary: &Side, current: &Side, elapsed: Duration, settings: &CanarySettings) -> Verdict {
+    if canary.requests >= settings.min_requests {
+        if canary.error_rate > current.error_rate + settings.max_error_rate {
+            return Verdict::RollBack(format!(
+                "canary rolled back: {:.1}% errors against {:.1}% over {} requests",
+                canary.error_rate, current.error_rate, canary.requests
+            ));
+        }
+        if let (Some(limit), Some(canary_p99), Some(current_p99)) =
+            (settings.max_p99_ratio, canary.p99_ms, current.p99_ms)
+        {
+            if canary_p99 > current_p99 * limit {
+                return Verdict::RollBack(format!(
+                    "canary rolled back: p99 {canary_p99} ms against {current_p99} ms (more than {limit}×) over {} \
+                     requests",
+                    canary.requests
+                ));
+            }
+        }
+    }
+    if elapsed >= settings.duration {
+        return Verdict::Promote;
+    }
+    Verdict::Wait
+}
+
+/// A canary under way: the generation, its share, and what both sides had served when it began.
+pub struct Canary {
+    pub generation: Arc<Generation>,
+    pub percent: u8,
+    since: SystemTime,
+    began: Instant,
+    current_before: Traffic,
+    share: Arc<AcceptShare>,
+}
+
+impl Canary {
+    /// Starts splitting new connections between `current` and `canary` (already serving).
+    pub fn start(canary: Arc<Generation>, current: &Generation, percent: u8, share: Arc<AcceptShare>) -> Canary {
+        share.start(canary.number, percent);
+        Canary {
+            percent,
+            since: SystemTime::now(),
+            began: Instant::now(),
+            current_before: current.traffic(),
+            generation: canary,
+            share,
+        }
+    }
+
+    /// Both sides since the canary began: (canary, current).
+    pub fn sides(&self, current: &Generation) -> (Side, Side) {
+        let canary = Side::of(self.generation.number, &self.generation.traffic());
+        let current = Side::of(current.number, &current.traffic().since(&self.current_before));
+        (canary, current)
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.began.elapsed()
+    }
+
+    /// What `/status` shows.
+    pub fn status(&self, current: &Generation) -> serde_json::Value {
+        let (canary, current) = self.sides(current);
+        serde_json::json!({
+            "generation": self.generation.number,
+            "percent": self.percent,
+            "since": humantime::format_rfc3339_millis(self.since).to_string(),
+            "canary": canary,
+            "current": current,
+        })
+    }
+}
+
+impl Drop for Canary {
+    /// However it ends, new connections are no longer split.
+    fn drop(&mut self) {
+        self.share.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn side(requests: u64, errors: u64, p99_ms: f64) -> Side {
+        Side {
+            generation: 1,
+            requests,
+            errors,
+            error_rate: percent(errors, requests),
+            p50_ms: Some(1.0),
+            p99_ms: Some(p99_ms),
+        }
+    }
+
+    #[test]
+    fn a_canary_is_judged_only_after_its_minimum_requests() {
+        let settings = CanarySettings::default();
+        let broken = side(99, 99, 1.0);
+        assert_eq!(
+            judge(&broken, &side(1000, 0, 1.0), Duration::ZERO, &settings),
+            Verdict::Wait
+        );
+        let broken = side(100, 100, 1.0);
+        let Verdict::RollBack(reason) = judge(&broken, &side(1000, 0, 1.0), Duration::ZERO, &settings) else {
+            panic!("a canary failing every request must be rolled back");
+        };
+        assert_eq!(
+            reason,
+            "canary rolled back: 100.0% errors against 0.0% over 100 requests"
+        );
+    }
+
+    #[test]
+    fn the_error_rate_is_compared_with_the_current_versions() {
+        let settings = CanarySettings::default();
+        // 5% against 4.5%: within one percentage point.
+        assert_eq!(
+            judge(&side(200, 10, 1.0), &side(200, 9, 1.0), Duration::ZERO, &settings),
+            Verdict::Wait
+        );
+        assert!(matches!(
+            judge(&side(200, 10, 1.0), &side(200, 1, 1.0), Duration::ZERO, &settings),
+            Verdict::RollBack(_)
+        ));
+    }
+
+    #[test]
+    fn a_healthy_canary_is_promoted_after_its_duration_and_a_slow_one_rolled_back_if_asked() {
+        let mut settings = CanarySettings::default();
+        assert_eq!(
+            judge(&side(5, 0, 1.0), &side(5, 0, 1.0), Duration::from_secs(60), &settings),
+            Verdict::Promote
+        );
+        settings.max_p99_ratio = Some(2.0);
+        assert!(matches!(
+            judge(&side(100, 0, 25.0), &side(100, 0, 10.0), Duration::ZERO, &settings),
+            Verdict::RollBack(_)
+        ));
+    }
+
+    #[test]
+    fn the_canary_is_held_to_its_share_of_new_connections() {
+        let share = AcceptShare::default();
+        assert!(!share.holds_back(2), "without a canary nobody is held back");
+        share.start(2, 10);
+        let mut canary = 0;
+        for _ in 0..1000 {
+            // The canary takes every connection it is allowed; the current one the rest.
+            let generation = if share.holds_back(2) { 1 } else { 2 };
+            canary += u64::from(generation == 2);
+            share.opened(generation);
+            assert!(!share.holds_back(1), "the current generation is never held back");
+        }
+        assert_eq!(canary, 100);
+        share.stop();
+        assert!(!share.holds_back(2));
+    }
+}

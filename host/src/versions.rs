@@ -1,0 +1,157 @@
+//! The versions the host served last, kept byte for byte for `POST /rollback`: going back must
+//! not depend on finding the old `.so` again, nor on rebuilding it, nor on what `--app` holds now.
+//!
+//! Each version that becomes the serving one is hard-linked, as staged (the very bytes that were
+//! checked and loaded), into `versions/` in the host's staging directory; the newest
+//! `--keep-versions` distinct versions stay. Loading one again copies it to a fresh staged file,
+//! since `dlopen` would hand back the loaded object for a file it already has mapped.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+
+use crate::generation::LibraryInfo;
+
+/// One kept version.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Version {
+    /// The last generation that served it.
+    pub generation: u64,
+    pub sha256: String,
+    /// When that generation started serving (RFC 3339).
+    pub loaded_at: String,
+    /// The path the host was told to serve when it was loaded first.
+    pub path: PathBuf,
+    #[serde(skip)]
+    kept: PathBuf,
+}
+
+impl Version {
+    /// The kept bytes.
+    pub fn kept(&self) -> &Path {
+        &self.kept
+    }
+}
+
+/// The newest versions served, newest first, each at most once.
+#[derive(Debug)]
+pub struct Versions {
+    dir: PathBuf,
+    keep: usize,
+    list: VecDeque<Version>,
+}
+
+impl Versions {
+    /// Keeps up to `keep` versions in `dir`, a directory of the host's own (made here).
+    pub fn new(dir: PathBuf, keep: usize) -> Versions {
+        Versions {
+            dir,
+            keep,
+            list: VecDeque::new(),
+        }
+    }
+
+    /// `library` now serves as `generation`: keep it as the newest version.
+    pub fn record(&mut self, generation: u64, library: &LibraryInfo) {
+        if self.keep == 0 {
+            return;
+        }
+        let loaded_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        if let Some(index) = self.list.iter().position(|v| v.sha256 == library.sha256) {
+            if let Some(mut known) = self.list.remove(index) {
+                known.generation = generation;
+                known.loaded_at = loaded_at;
+                self.list.push_front(known);
+            }
+            return;
+        }
+        let kept = self.dir.join(format!("{}.so", library.sha256));
+        if let Err(e) = keep_copy(&library.staged_copy, &self.dir, &kept) {
+            tracing::warn!(
+                generation,
+                error = format!("{e:#}"),
+                "cannot keep this version for rollback"
+            );
+            return;
+        }
+        self.list.push_front(Version {
+            generation,
+            sha256: library.sha256.clone(),
+            loaded_at,
+            path: library.path.clone(),
+            kept,
+        });
+        while self.list.len() > self.keep {
+            if let Some(oldest) = self.list.pop_back() {
+                if let Err(e) = std::fs::remove_file(&oldest.kept) {
+                    tracing::debug!(error = %e, sha256 = oldest.sha256, "cannot remove a kept version");
+                }
+            }
+        }
+    }
+
+    /// The version served before the newest one.
+    pub fn previous(&self) -> Option<&Version> {
+        self.list.get(1)
+    }
+
+    /// The kept version with this sha256.
+    pub fn find(&self, sha256: &str) -> Option<&Version> {
+        self.list.iter().find(|v| v.sha256.eq_ignore_ascii_case(sha256))
+    }
+
+    /// Newest first, as `/status` lists them.
+    pub fn list(&self) -> Vec<Version> {
+        self.list.iter().cloned().collect()
+    }
+}
+
+/// A second name for the staged copy (the same bytes, no copying), or a copy if linking fails.
+fn keep_copy(staged: &Path, dir: &Path, kept: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    if std::fs::hard_link(staged, kept).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(staged, kept)
+        .map(|_| ())
+        .with_context(|| format!("cannot copy {} to {}", staged.display(), kept.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn library(dir: &Path, sha256: &str) -> LibraryInfo {
+        let staged_copy = dir.join(format!("staged-{sha256}.so"));
+        std::fs::write(&staged_copy, sha256).expect("write a staged copy");
+        LibraryInfo {
+            path: dir.join("app.so"),
+            staged_copy,
+            sha256: sha256.to_owned(),
+        }
+    }
+
+    #[test]
+    fn the_newest_versions_are_kept_each_once() {
+        let dir = std::env::temp_dir().join(format!("versions-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("make the test directory");
+        let mut versions = Versions::new(dir.join("versions"), 2);
+        assert!(versions.previous().is_none());
+        versions.record(1, &library(&dir, "aa"));
+        versions.record(2, &library(&dir, "bb"));
+        assert_eq!(versions.previous().map(|v| v.generation), Some(1));
+        // Back to the first: it moves to the front rather than being kept twice.
+        versions.record(3, &library(&dir, "aa"));
+        let list: Vec<(u64, String)> = versions.list().into_iter().map(|v| (v.generation, v.sha256)).collect();
+        assert_eq!(list, vec![(3, "aa".to_owned()), (2, "bb".to_owned())]);
+        // A third distinct version pushes out the oldest, and its kept file.
+        versions.record(4, &library(&dir, "cc"));
+        assert!(versions.find("bb").is_none());
+        assert!(!dir.join("versions").join("bb.so").exists());
+        let kept = versions.find("AA").expect("found whatever the case of its hex");
+        assert_eq!(std::fs::read_to_string(kept.kept()).expect("read the kept copy"), "aa");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
