@@ -108,14 +108,24 @@ async fn route(
             StatusCode::FORBIDDEN,
             "POST /rollback and /promote are turned off with POST /reload (--admin-reload=false)\n",
         ),
-        (&Method::POST, "/rollback") => {
-            let sha256 = query_param(&request, "sha256");
-            act(&reloader, Action::Rollback { sha256 }).await
-        }
+        (&Method::POST, "/rollback") => match query_param(&request, "sha256") {
+            Some(hex) if hex.is_empty() || hex.len() > 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) => text(
+                StatusCode::BAD_REQUEST,
+                "sha256 must be the hex digits of a kept version's digest (GET /status lists them)\n",
+            ),
+            sha256 => act(&reloader, Action::Rollback { sha256 }).await,
+        },
         (&Method::POST, "/promote") => act(&reloader, Action::Promote).await,
         (&Method::POST, "/upgrade") if !options.allow_upgrade => text(
             StatusCode::FORBIDDEN,
             "POST /upgrade is turned off (--admin-upgrade=false); upgrade with SIGUSR2\n",
+        ),
+        (&Method::POST, "/upgrade") if reloader.canary_generation().is_some() => json(
+            StatusCode::CONFLICT,
+            &serde_json::json!({
+                "ok": false,
+                "error": "a canary runs: promote it (POST /promote) or roll it back (POST /rollback) before upgrading the host",
+            }),
         ),
         (&Method::POST, "/upgrade") => {
             let began = std::time::Instant::now();
@@ -173,7 +183,7 @@ async fn act(reloader: &Reloader, action: Action) -> Response<Full<Bytes>> {
         Err(refusal) => {
             let status = match refusal {
                 Refusal::Failed(_) => StatusCode::UNPROCESSABLE_ENTITY,
-                Refusal::Nothing(_) => StatusCode::CONFLICT,
+                Refusal::Conflict(_) => StatusCode::CONFLICT,
             };
             json(
                 status,

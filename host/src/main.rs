@@ -365,7 +365,13 @@ async fn run(settings: Settings, activated: Activated, handoff: Upgraded, launch
         tokio::select! {
             _ = hangup.recv() => reloader.trigger("SIGHUP"),
             // The outcome is logged and shown in /status.
-            _ = user2.recv() => drop(upgrader.start("SIGUSR2")),
+            _ = user2.recv() => match reloader.canary_generation() {
+                Some(canary) => tracing::warn!(
+                    generation = canary,
+                    "SIGUSR2 ignored: generation {canary} runs as a canary; promote it or roll it back before upgrading the host"
+                ),
+                None => drop(upgrader.start("SIGUSR2")),
+            },
             () = handed_over.cancelled() => {
                 tracing::info!(new_host = upgrader.new_pid(), "handed over: stopping accepting, draining, exiting");
                 break

@@ -104,9 +104,10 @@ pub enum Refusal {
     /// It was tried and failed; what serves stays.
     #[error("{0}")]
     Failed(String),
-    /// There was nothing to do it to (no canary to promote, no version to roll back to).
+    /// It cannot be done now: there is no canary to promote or version to roll back to, or a
+    /// canary runs (promote it or roll it back first).
     #[error("{0}")]
-    Nothing(String),
+    Conflict(String),
 }
 
 /// The outcome of a reload, promotion or rollback.
@@ -348,16 +349,22 @@ impl Reloader {
     }
 
     /// Builds (with `--build`) and loads the app library, then swaps it in, or starts it as a
-    /// canary with `percent`% of new connections. A canary still running is rolled back first.
+    /// canary with `percent`% of new connections. Refused while a canary runs: which of the two
+    /// versions the next one should replace is the operator's call.
     async fn reload(self: &Arc<Self>, trigger: &str, percent: u8, stop: &CancellationToken) -> ReloadOutcome {
+        if let Some(canary) = self.canary_generation() {
+            let refusal = Refusal::Conflict(format!(
+                "generation {canary} runs as a canary: promote it (POST /promote) or roll it back \
+                 (POST /rollback) before reloading"
+            ));
+            tracing::warn!(generation = canary, trigger, "{refusal}");
+            return Err(refusal);
+        }
         let began = Instant::now();
         let number = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::info!(generation = number, trigger, canary_percent = percent, "reloading");
         // No receiver (not under systemd) is fine.
         let _ = self.events.send(ReloadEvent::Started);
-        if let Some(canary) = self.end_canary() {
-            tracing::info!(generation = canary, "canary rolled back: a new version comes");
-        }
         let outcome = match self.build_and_load(number, stop).await {
             Ok(new) if percent > 0 => {
                 self.start_canary(new, percent);
@@ -396,10 +403,10 @@ impl Reloader {
                     .previous()
                     .ok_or_else(|| "there is no previous version to roll back to".to_string()),
             };
-            found.map_err(Refusal::Nothing)?.clone()
+            found.map_err(Refusal::Conflict)?.clone()
         };
         if version.sha256 == serving {
-            return Err(Refusal::Nothing(format!("version {serving} is the one serving")));
+            return Err(Refusal::Conflict(format!("version {serving} is the one serving")));
         }
         let number = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::info!(generation = number, trigger, sha256 = version.sha256, "rolling back");
@@ -417,7 +424,7 @@ impl Reloader {
         let began = Instant::now();
         let canary = lock(&self.canary)
             .take()
-            .ok_or_else(|| Refusal::Nothing("there is no canary to promote".to_string()))?;
+            .ok_or_else(|| Refusal::Conflict("there is no canary to promote".to_string()))?;
         let generation = Arc::clone(&canary.generation);
         // Dropping it stops the split before the swap: from now on every connection goes to it.
         drop(canary);
@@ -433,7 +440,7 @@ impl Reloader {
             .as_ref()
             .is_some_and(|canary| canary.generation.number == generation);
         if !runs {
-            return Err(Refusal::Nothing(format!(
+            return Err(Refusal::Conflict(format!(
                 "generation {generation} is no longer a canary"
             )));
         }
@@ -458,6 +465,11 @@ impl Reloader {
                 outcome
             }
         }
+    }
+
+    /// The canary's generation, if one runs.
+    pub fn canary_generation(&self) -> Option<u64> {
+        lock(&self.canary).as_ref().map(|canary| canary.generation.number)
     }
 
     /// Retires the canary, if one runs (its idle connections go to the current generation), and
@@ -757,23 +769,53 @@ async fn load_generation(
 }
 
 /// Copies a kept version to a fresh staged file (a new inode: `dlopen` would return the object
-/// already loaded from the kept file's inode, if a generation still runs it).
+/// already loaded from the kept file's inode, if a generation still runs it), checking on the way
+/// that its bytes are still the ones kept and that `--require-sha256`, if given, allows them.
 async fn stage_kept(settings: &ReloadSettings, number: u64, version: &Version) -> anyhow::Result<LibraryInfo> {
+    if let Some(pinned) = &settings.trust.require_sha256 {
+        anyhow::ensure!(
+            *pinned == version.sha256,
+            "--require-sha256 allows only {pinned}, not version {}",
+            version.sha256
+        );
+    }
     let file_name = version
         .path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "app.so".into());
     let staged_copy = settings.staging_dir.join(format!("gen{number}-{file_name}"));
-    let (kept, staged) = (version.kept().to_owned(), staged_copy.clone());
-    tokio::task::spawn_blocking(move || {
-        std::fs::copy(&kept, &staged).inspect_err(|_| {
-            let _ = std::fs::remove_file(&staged);
-        })
+    let (kept, staged, expected) = (version.kept().to_owned(), staged_copy.clone(), version.sha256.clone());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let bytes = std::fs::read(&kept).with_context(|| format!("cannot read the kept version {expected}"))?;
+        let (sha256, written) = std::thread::scope(|scope| {
+            let writing = scope.spawn(|| std::fs::write(&staged, &bytes));
+            let sha256 = crate::trust::sha256_hex(&bytes);
+            (sha256, writing.join())
+        });
+        let refused = if sha256 != expected {
+            Some(anyhow::anyhow!(
+                "the kept copy of version {expected} was altered (its sha256 is now {sha256}): it is not loaded"
+            ))
+        } else {
+            match written {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => {
+                    Some(anyhow::Error::from(e).context(format!("cannot stage a copy at {}", staged.display())))
+                }
+                Err(_) => Some(anyhow::anyhow!("staging the kept version failed")),
+            }
+        };
+        match refused {
+            None => Ok(()),
+            Some(error) => {
+                let _ = std::fs::remove_file(&staged);
+                Err(error)
+            }
+        }
     })
     .await
-    .context("the staging task failed")?
-    .with_context(|| format!("cannot copy the kept version {} to stage it", version.sha256))?;
+    .context("the staging task failed")??;
     Ok(LibraryInfo {
         path: version.path.clone(),
         staged_copy,
