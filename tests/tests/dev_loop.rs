@@ -1,13 +1,15 @@
-//! `cargo xtask dev`, end to end: the real xtask binary develops a copy of the example app.
+//! `cargo xtask dev`, end to end: the real xtask binary develops a copy of the example app, and
+//! an app `cargo xtask new` just created.
 //!
 //! It must serve the app, serve each saved version that builds (in the same host process), keep
 //! the old version serving and report the error when a save does not build, and on SIGINT stop
-//! everything it started and exit 0.
+//! everything it started and exit 0. A new app must be served, and reloaded, on the first try.
 //!
 //! The shared harness builds the xtask and the host into `target/e2e`, and the xtask builds the app
 //! there too (its cargo runs with `CARGO_TARGET_DIR` set to it), so that compiled dependencies are
 //! shared between runs. Everything talks to 127.0.0.1 only; every wait is bounded; there are no
-//! timing assertions.
+//! timing assertions. The tests take turns ([`SERIAL`]): a build of one would hold cargo's lock on
+//! the shared target directory for minutes while the other waits for a rebuild.
 
 use std::future::Future;
 use std::io::{BufRead as _, BufReader};
@@ -19,8 +21,8 @@ use std::time::Duration;
 
 use e2e_tests::process::{signal, wait_bounded};
 use e2e_tests::{
-    client, copy_example_app_named, e2e_target_dir, free_address, host_binary, replace_in, wait_until, xtask_binary,
-    Sandbox,
+    assert_answer, client, copy_example_app_named, e2e_target_dir, free_address, host_binary, replace_in, wait_until,
+    workspace_root, xtask_binary, Sandbox,
 };
 use hyper::StatusCode;
 use rustix::process::Signal;
@@ -33,12 +35,22 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(180);
 /// The xtask stopping after SIGINT.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// `cargo xtask new` (it writes two files and copies one).
+const NEW_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The package name of the copy: the library cargo produces is named after it, and other tests
 /// build copies of the example app into the same target directory.
 const APP_NAME: &str = "dev-loop-app";
 
+/// The package name of the app `cargo xtask new` creates (for its library's name, as above).
+const NEW_APP_NAME: &str = "dev-loop-new-app";
+
+/// Held by each test for its whole run.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_loop_serves_each_version_that_builds_and_stops_cleanly() {
+    let _serial = SERIAL.lock().await;
     let xtask = xtask_binary();
     // Built the way the xtask builds it, so that the xtask's own build of the host finds it up to
     // date.
@@ -135,6 +147,135 @@ async fn dev_loop_serves_each_version_that_builds_and_stops_cleanly() {
     let port_text = listen.to_string();
     let left = processes_mentioning(&[&app_text, &port_text]);
     assert!(left.is_empty(), "processes left behind: {left:?}");
+}
+
+/// `cargo xtask new` outside the workspace, then `cargo xtask dev --app DIR` on what it made: served
+/// on the first try, an edit reloaded, a clean stop; and the new app's own unit test passes.
+///
+/// The new app is a workspace of its own, so its builds would go to its own `target/`, compiling
+/// every dependency anew (minutes on two cores). The dev loop runs with `CARGO_TARGET_DIR` set to
+/// `target/e2e` (see [`Dev::start`]), as does the `cargo test` below, so it reuses what the other
+/// tests' builds compiled there: `xtask new` copies the workspace's `Cargo.lock`, so versions and
+/// features are the same. Not all of it: the new app's manifest leaves out the workspace's
+/// `opt-level = 3` for memchr, so memchr and what depends on it in the app's graph (serde_json,
+/// multer, abi_stable, axum, app-abi, app-api) are compiled once more, about 25 s on two cores the
+/// first time and nothing after; the test build adds only the app's test harness (about 5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_app_is_served_and_reloaded_on_the_first_try() {
+    let _serial = SERIAL.lock().await;
+    let xtask = xtask_binary();
+    host_binary();
+    let sandbox = Sandbox::new();
+    let outside = sandbox.path();
+    assert!(
+        !outside.starts_with(workspace_root()),
+        "the sandbox {} must be outside the workspace",
+        outside.display()
+    );
+
+    // `xtask new NAME`, run where the app should go.
+    let (status, created) = run_bounded(
+        Command::new(xtask).args(["new", NEW_APP_NAME]).current_dir(outside),
+        &outside.join("new.log"),
+        NEW_TIMEOUT,
+    );
+    assert!(status.success(), "`xtask new` failed ({status}):\n{created}");
+    let app = outside.join(NEW_APP_NAME);
+    // As the xtask prints paths: with symbolic links resolved.
+    let canonical = |path: &Path| std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    assert!(
+        created.contains(&format!("cargo xtask dev --app {}", canonical(&app).display())),
+        "`xtask new` says how to serve the app:\n{created}"
+    );
+    let manifest = std::fs::read_to_string(app.join("Cargo.toml")).expect("`xtask new` wrote Cargo.toml");
+    let app_api = canonical(&workspace_root().join("app-api"));
+    assert!(
+        manifest.contains(&format!("app-api = {{ path = \"{}\" }}", app_api.display()))
+            && manifest.contains("[workspace]"),
+        "outside the workspace, the app is a workspace of its own depending on this app-api by path:\n{manifest}"
+    );
+
+    let (listen, admin) = (free_address(), free_address());
+    let mut dev = Dev::start(xtask, &app, listen, admin);
+    let greeting = format!("Hello from {NEW_APP_NAME}!");
+    dev.wait_until(FIRST_SERVE_TIMEOUT, "the new app is served", |lines| {
+        let greeting = greeting.clone();
+        async move {
+            lines.iter().any(|l| l.starts_with("[dev] serving"))
+                && served(listen).await.is_some_and(|body| body.contains(&greeting))
+        }
+    })
+    .await;
+    let output = dev.output();
+    assert!(
+        output.lines().any(|l| l.starts_with("[dev] building the host, then")),
+        "the first build says what it builds:\n{output}"
+    );
+    let serving = output
+        .lines()
+        .find(|l| l.starts_with("[dev] serving"))
+        .unwrap_or_default();
+    assert!(
+        !serving.contains("warning"),
+        "the new app builds without warnings: {serving}"
+    );
+    let hello = client::get(listen, "/hello/e2e").await.expect("GET /hello/e2e");
+    assert_answer(&hello, r#"{"hello":"e2e"}"#, "the JSON route");
+    let host_pid = dev.host_pid();
+
+    // Edit the text, as its doc comment invites: the edit is served, by the same host.
+    replace_in(
+        &app.join("src/lib.rs"),
+        &greeting,
+        &format!("Hello again from {NEW_APP_NAME}!"),
+    );
+    dev.wait_until(BUILD_TIMEOUT, "the edited app is served", |_| async move {
+        served(listen).await.is_some_and(|body| body.contains("Hello again"))
+    })
+    .await;
+    assert_eq!(dev.host_pid(), host_pid, "the host was not restarted");
+
+    let status = dev.interrupt();
+    assert!(status.success(), "the xtask exited with {status}:\n{}", dev.output());
+    assert!(!is_host(host_pid), "the host (pid {host_pid}) is still running");
+    let app_text = app.to_string_lossy().into_owned();
+    let left = processes_mentioning(&[&app_text, &listen.to_string()]);
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+
+    // The app's own unit test (through its router) passes, without a warning.
+    let (status, tested) = run_bounded(
+        Command::new(env!("CARGO"))
+            .args(["test", "--manifest-path"])
+            .arg(app.join("Cargo.toml"))
+            .env("CARGO_TARGET_DIR", e2e_target_dir()),
+        &outside.join("cargo-test.log"),
+        BUILD_TIMEOUT,
+    );
+    assert!(
+        status.success(),
+        "`cargo test` of the new app failed ({status}):\n{tested}"
+    );
+    assert!(
+        tested.contains("test tests::routes_answer ... ok") && !tested.contains("warning"),
+        "the new app's test passes without a warning:\n{tested}"
+    );
+}
+
+/// Runs `command` with its stdout and stderr in the file `log`, for at most `timeout` (then it is
+/// killed and the test fails); its exit status and what it printed.
+fn run_bounded(command: &mut Command, log: &Path, timeout: Duration) -> (ExitStatus, String) {
+    let file = std::fs::File::create(log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+    let second = file.try_clone().expect("cannot duplicate a file descriptor");
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(second)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    let status = wait_bounded(&mut child, timeout);
+    let output = std::fs::read_to_string(log).unwrap_or_default();
+    let status = status.unwrap_or_else(|| panic!("{command:?} did not finish within {timeout:?}:\n{output}"));
+    (status, output)
 }
 
 /// The body of `GET /` if it answers 200.

@@ -625,6 +625,11 @@ impl Dev {
                 self.workspace.join("Cargo.toml").into_os_string(),
             ]);
             args.extend(["--package", "host", "--bin", "host"].map(OsString::from));
+            // The first build of a checkout compiles every dependency, for minutes: say what it is.
+            say!(
+                "building the host, then {} (the first build in a checkout compiles all their dependencies: minutes)",
+                self.app.name
+            );
             (BuildKind::Host, Wanted::Binary("host".into()), false)
         } else {
             args.extend([

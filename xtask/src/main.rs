@@ -5,6 +5,7 @@
 //!
 //! - `dev` (module [`dev`]): the live-editing loop. Build the app and the host, serve the app, and
 //!   rebuild and hot-reload it in the same host process on every save.
+//! - `new` (module [`new`]): a new app crate, ready for `cargo xtask dev --app DIR`.
 //! - `bench` (module [`bench`]): what hot reloading costs, measured against a plain static server
 //!   (`cargo xtask bench all`, or `--smoke` for the seconds-long CI version).
 //!
@@ -17,6 +18,7 @@ mod cargo;
 mod dev;
 mod host;
 mod http;
+mod new;
 mod watch;
 
 use std::io::Write as _;
@@ -44,6 +46,15 @@ enum Command {
     /// and builds again. Ctrl-C (or SIGTERM) stops the build and the host; a second one kills the
     /// host at once.
     Dev(dev::DevArgs),
+    /// Create an app crate (./NAME, or --path DIR) that `cargo xtask dev --app DIR` serves.
+    ///
+    /// Writes `Cargo.toml` and `src/lib.rs`: an app with `GET /` (text) and `GET /hello/{name}`
+    /// (JSON) and a unit test of its router. Inside this workspace the crate becomes a member
+    /// (added to `members` in the root Cargo.toml) depending on app-api by relative path; outside
+    /// it, a workspace of its own depending on this checkout's app-api by absolute path, with a
+    /// copy of this workspace's Cargo.lock. Refuses an invalid package name and a directory that
+    /// is not empty. Prints the command that serves the new app.
+    New(new::NewArgs),
     /// Measure what hot reloading costs against a static server (see BENCHMARKS.md).
     ///
     /// Builds the host, example-app and the static baseline (release; dev with --smoke), then
@@ -64,6 +75,7 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Dev(args)) => dev::run(args, &workspace_root()),
+        Some(Command::New(args)) => new::run(args, &workspace_root()).map(|()| ExitCode::SUCCESS),
         Some(Command::Bench(args)) => bench::run(args, &workspace_root()),
     };
     match result {
