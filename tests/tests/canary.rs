@@ -278,3 +278,95 @@ async fn promote_and_rollback_on_request() {
     assert!(status["canary"].is_null(), "the canary is gone: {status}");
     serves(Hostile::Todos, "after the canary was aborted").await;
 }
+
+/// The kept copies of versions in the host's staging directory (`<staging>/host-*/versions/`).
+fn kept_versions(sandbox: &Sandbox) -> Vec<std::path::PathBuf> {
+    let mut kept = Vec::new();
+    for host_dir in std::fs::read_dir(sandbox.staging_dir())
+        .expect("read the staging dir")
+        .flatten()
+    {
+        if let Ok(entries) = std::fs::read_dir(host_dir.path().join("versions")) {
+            kept.extend(entries.flatten().map(|entry| entry.path()));
+        }
+    }
+    kept
+}
+
+/// Bad input loses nothing: a percent outside 0-100 or a malformed query is answered 400; a
+/// reload or an upgrade while a canary runs, 409; a rollback to a kept version whose bytes
+/// changed or vanished is refused with the reason; and through it all the same version serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_the_serving_version_stays() {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(hostile_app(Hostile::Default));
+    let host = sandbox.start_host(&["--drain-timeout", "1s"]).await;
+    let addr = host.addr();
+    let serves = |behaviour: Hostile, context: &'static str| async move {
+        let reply = client::get(addr, "/").await.expect("GET /");
+        assert_answer(&reply, &behaviour.greeting(), context);
+    };
+
+    for path in ["/reload?canary=101", "/reload?canary=ten", "/rollback?sha256=xyz"] {
+        let reply = host.admin_request(Method::POST, path).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "POST {path}: {}", reply.text());
+    }
+
+    sandbox.deploy(hostile_app(Hostile::Todos));
+    let (status, answer) = admin_post(&host, "/reload?canary=20").await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    for path in ["/reload", "/reload?canary=50", "/upgrade"] {
+        let (status, answer) = admin_post(&host, path).await;
+        assert_eq!(
+            status,
+            StatusCode::CONFLICT,
+            "POST {path} while a canary runs: {answer}"
+        );
+        assert!(
+            answer["error"].as_str().is_some_and(|e| e.contains("canary")),
+            "the refusal says why: {answer}"
+        );
+    }
+    let (status, answer) = admin_post(&host, "/promote").await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    serves(Hostile::Todos, "after the promotion").await;
+
+    // The first version's kept bytes change: it is not loaded.
+    let first = host.status().await["versions"][1]["sha256"]
+        .as_str()
+        .expect("/status lists the first version")
+        .to_owned();
+    let kept = kept_versions(&sandbox);
+    let altered = kept
+        .iter()
+        .find(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with(&first))
+        })
+        .unwrap_or_else(|| panic!("the first version is kept: {kept:?}"));
+    let mut bytes = std::fs::read(altered).expect("read the kept copy");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    // A new file at that name: the staged copy of the serving version may share the old inode.
+    std::fs::remove_file(altered).expect("remove the kept copy");
+    std::fs::write(altered, &bytes).expect("write the altered copy");
+    let (status, answer) = admin_post(&host, "/rollback").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert!(
+        answer["error"].as_str().is_some_and(|e| e.contains("was altered")),
+        "the refusal says the bytes changed: {answer}"
+    );
+    serves(Hostile::Todos, "after the refused rollback").await;
+
+    // Gone altogether.
+    std::fs::remove_file(altered).expect("remove the altered copy");
+    let (status, answer) = admin_post(&host, "/rollback").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot read the kept version")),
+        "the refusal says the copy is gone: {answer}"
+    );
+    serves(Hostile::Todos, "after the second refused rollback").await;
+}
