@@ -33,9 +33,12 @@ use crate::cargo::{self, AppCrate, BuildOutput, Cargo, Wanted};
 use crate::host::{self, AppLink, FileIdentity, HostOptions, Reload};
 use crate::watch::Watch;
 
-/// How long the sources must stay quiet before a build starts: a burst of saves (an editor
-/// saving all files, a `git checkout`) makes one build.
-const DEBOUNCE: Duration = Duration::from_millis(200);
+/// How long the sources must stay quiet before a build starts: long enough to gather the events
+/// of one save (an editor writes a temporary file and renames it over the source: they arrive
+/// within a millisecond or two), short enough not to show in the loop's latency. A longer burst
+/// (saving all files, a `git checkout`) cancels the build it started and starts one more, which
+/// costs little while cargo is still checking what to rebuild.
+const DEBOUNCE: Duration = Duration::from_millis(10);
 
 /// How often children are checked on when nothing else happens.
 const TICK: Duration = Duration::from_millis(50);
@@ -283,7 +286,11 @@ impl Dev {
     fn turn(&mut self) -> anyhow::Result<Option<Stop>> {
         let event = match self.deferred.pop_front() {
             Some(event) => Some(event),
-            None => match self.events.recv_timeout(TICK) {
+            // Wake up for a build that falls due before the next tick.
+            None => match self.events.recv_timeout(
+                self.build_after
+                    .map_or(TICK, |after| after.saturating_duration_since(Instant::now()).min(TICK)),
+            ) {
                 Ok(event) => Some(event),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => bail!("the event channel closed"),
