@@ -731,17 +731,20 @@ async fn load_generation(
         duration_ms = ms(began.elapsed()),
         "staged"
     );
-    let probing = Instant::now();
-    crate::probe::initialisers_return(&library.staged_copy, settings.init_timeout)
-        .await
-        .inspect_err(|_| {
-            let _ = std::fs::remove_file(&library.staged_copy);
-        })?;
-    tracing::debug!(
-        generation = number,
-        duration_ms = ms(probing.elapsed()),
-        "initialisers tried"
-    );
+    // A kept version's initialisers already returned in this process, when it was loaded first.
+    if matches!(source, Source::App) {
+        let probing = Instant::now();
+        crate::probe::initialisers_return(&library.staged_copy, settings.init_timeout)
+            .await
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&library.staged_copy);
+            })?;
+        tracing::debug!(
+            generation = number,
+            duration_ms = ms(probing.elapsed()),
+            "initialisers tried"
+        );
+    }
     let config = match &settings.app_config {
         Some(path) => tokio::fs::read_to_string(path)
             .await
