@@ -18,6 +18,13 @@
 //!   host's RSS grows meanwhile (module [`streaming`]).
 //! - `edit`: save → served with `cargo xtask dev`, versus rebuilding and restarting a static
 //!   server (module [`edit`]).
+//! - `canary`: `POST /reload?canary=10` into a build that answers 500 (hostile-app's `failing`
+//!   feature) under load on fresh connections: the failed share of the requests until the
+//!   host's judge rolls the canary back by itself, how many failed, and how long that took
+//!   (module [`canary`]).
+//! - `rollback`: `POST /rollback` (the previous version, from the bytes the host kept) to the
+//!   answer, after a reload into another version, p50/p99 over `--rollbacks` repeats (module
+//!   [`rollback`]).
 //!
 //! `--smoke` runs everything in seconds (dev-profile builds, short runs, few reloads, no
 //! thresholds) so that CI keeps this code working; the full run builds with `--release`.
@@ -30,7 +37,7 @@
 //!
 //! Modules: [`load`] (wrk or the built-in load generator), [`procs`] (starting, stopping and
 //! reading servers), [`stats`] (percentiles, how busy the machine is), [`edit`] (item `edit`),
-//! [`streaming`] (item `streaming`).
+//! [`streaming`] (item `streaming`), [`canary`] (item `canary`), [`rollback`] (item `rollback`).
 
 /// Prints one line of the benchmark's own output.
 macro_rules! say {
@@ -42,9 +49,11 @@ macro_rules! say {
     }};
 }
 
+mod canary;
 mod edit;
 mod load;
 mod procs;
+mod rollback;
 mod stats;
 mod streaming;
 
@@ -80,6 +89,10 @@ pub enum Item {
     Streaming,
     /// Save → served: `cargo xtask dev` versus rebuilding and restarting a static server.
     Edit,
+    /// A canary that answers 500: failed requests and time until it is rolled back by itself.
+    Canary,
+    /// `POST /rollback` latency (the previous version served again).
+    Rollback,
     /// Everything, in this order.
     All,
 }
@@ -137,6 +150,15 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N")]
     edits: Option<usize>,
 
+    /// The host's `--canary-min-requests` in `canary`: requests the canary answers before it is
+    /// judged [default: 100; 20 with --smoke].
+    #[arg(long, value_name = "N")]
+    canary_min_requests: Option<u64>,
+
+    /// Rollbacks timed by `rollback` [default: 100; 5 with --smoke].
+    #[arg(long, value_name = "N")]
+    rollbacks: Option<usize>,
+
     /// The load generator.
     #[arg(long, value_enum, default_value = "auto")]
     load_gen: LoadGenChoice,
@@ -173,6 +195,8 @@ struct Plan {
     memory_at: Vec<usize>,
     stream_bytes: u64,
     edits: usize,
+    canary_min_requests: u64,
+    rollbacks: usize,
     max_busy: Option<f64>,
     quiet_wait: Duration,
 }
@@ -210,6 +234,8 @@ impl Plan {
                 .unwrap_or(if smoke { 16 << 20 } else { 1 << 30 })
                 .max(1),
             edits: args.edits.unwrap_or(if smoke { 1 } else { 3 }).max(1),
+            canary_min_requests: args.canary_min_requests.unwrap_or(if smoke { 20 } else { 100 }).max(1),
+            rollbacks: args.rollbacks.unwrap_or(if smoke { 5 } else { 100 }).max(1),
             max_busy: args.max_busy.or(if smoke { None } else { Some(0.15) }),
             quiet_wait: Duration::from_secs(args.quiet_wait),
         }
@@ -224,6 +250,9 @@ struct Env {
     /// A private copy of the prebuilt example-app library (so a concurrent build cannot change it).
     library: PathBuf,
     library_bytes: u64,
+    /// A private copy of hostile-app built with its `failing` feature (`GET /` answers 500), for
+    /// `canary` and `rollback`; built only when one of them runs.
+    failing_library: Option<PathBuf>,
     baseline: PathBuf,
     host_args: Vec<String>,
     scratch: PathBuf,
@@ -253,6 +282,29 @@ impl Env {
             log: dir.join("host.log"),
         })?;
         Ok((server, staging))
+    }
+
+    /// A host whose `--app` is an [`AppSlot`] holding `library` at first, with the item's own
+    /// flags `own` (`--flag=value`; each left out if `--host-arg` sets that flag) before the
+    /// `--host-arg`s.
+    fn start_host_in_slot(&self, name: &str, library: &Path, own: &[String]) -> anyhow::Result<(Server, AppSlot)> {
+        let dir = self.fresh_dir(name)?;
+        let slot = AppSlot::new(&dir.join("app"), library)?;
+        let flag = |arg: &str| arg.split('=').next().unwrap_or_default().to_owned();
+        let mut args: Vec<String> = own
+            .iter()
+            .filter(|arg| !self.host_args.iter().any(|given| flag(given) == flag(arg)))
+            .cloned()
+            .collect();
+        args.extend(self.host_args.iter().cloned());
+        let server = Server::host(HostLaunch {
+            executable: &self.host,
+            library: &slot.path,
+            staging_dir: &dir.join("staging"),
+            extra_args: &args,
+            log: dir.join("host.log"),
+        })?;
+        Ok((server, slot))
     }
 
     fn start_baseline(&self, name: &str) -> anyhow::Result<Server> {
@@ -295,6 +347,59 @@ impl Env {
             }
         }
     }
+}
+
+/// The `--app` path of a host whose library an item switches between versions, as a deploy
+/// does: a file in a private directory (the host refuses a library in a directory others may
+/// write), replaced by renaming a new name of one of the prepared libraries over it.
+struct AppSlot {
+    path: PathBuf,
+}
+
+impl AppSlot {
+    fn new(dir: &Path, library: &Path) -> anyhow::Result<AppSlot> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot restrict {}", dir.display()))?;
+        let slot = AppSlot {
+            path: dir.join(format!("libbench_app{}", std::env::consts::DLL_SUFFIX)),
+        };
+        slot.install(library)?;
+        Ok(slot)
+    }
+
+    /// Makes `library` the file at the slot's path (a hard link, or a copy where linking fails).
+    fn install(&self, library: &Path) -> anyhow::Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        let inode = |path: &Path| std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        if inode(&self.path).is_some() && inode(&self.path) == inode(library) {
+            return Ok(());
+        }
+        let next = self.path.with_extension("next");
+        let _ = std::fs::remove_file(&next);
+        if std::fs::hard_link(library, &next).is_err() {
+            std::fs::copy(library, &next).with_context(|| format!("cannot copy {}", library.display()))?;
+        }
+        std::fs::rename(&next, &self.path).with_context(|| format!("cannot replace {}", self.path.display()))
+    }
+}
+
+/// Sends `method path` to the host's admin listener and reads its JSON answer: (status, body).
+fn admin_json(
+    admin: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let response = http::request(admin, method, path, timeout)?;
+    let body = serde_json::from_str(&response.body).with_context(|| {
+        format!(
+            "{method} {path} answered {} with {:?}, not JSON",
+            response.status,
+            response.body.trim()
+        )
+    })?;
+    Ok((response.status, body))
 }
 
 /// Runs the chosen items and writes the results.
@@ -343,6 +448,11 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<ExitCode> {
     let library = app_dir.join(built_library.file_name().context("the library has no file name")?);
     std::fs::copy(&built_library, &library).with_context(|| format!("cannot copy {}", built_library.display()))?;
     let library_bytes = std::fs::metadata(&library).map(|m| m.len()).unwrap_or(0);
+    let failing_library = if matches!(args.item, Item::All | Item::Canary | Item::Rollback) {
+        Some(build_failing_app(&cargo, workspace, &out_dir, &app_dir, plan.release)?)
+    } else {
+        None
+    };
 
     let load = choose_load_gen(args.load_gen, plan.smoke, &out_dir)?;
     let env = Env {
@@ -351,6 +461,7 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<ExitCode> {
         host: out_dir.join("host"),
         library,
         library_bytes,
+        failing_library,
         baseline: out_dir.join("baseline"),
         host_args: args.host_args.clone(),
         scratch,
@@ -397,6 +508,12 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<ExitCode> {
     if all || args.item == Item::Edit {
         results["edit"] = edit::run(&env)?;
     }
+    if all || args.item == Item::Canary {
+        results["canary"] = canary::run(&env)?;
+    }
+    if all || args.item == Item::Rollback {
+        results["rollback"] = rollback::run(&env)?;
+    }
 
     let json_path = args
         .json
@@ -405,6 +522,53 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<ExitCode> {
     std::fs::write(&json_path, text + "\n").with_context(|| format!("cannot write {}", json_path.display()))?;
     say!("results written to {}", json_path.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Builds hostile-app with its `failing` feature (`GET /` answers 500) on a cargo command of its
+/// own, as the end-to-end tests do, and copies the library into `app_dir`.
+///
+/// Every build of hostile-app has the same output name (cargo puts no hash in a cdylib's file
+/// name), so the outputs are deleted before the build, so that cargo links this variant anew
+/// rather than taking another variant's file for it, and after the copy, so that the next build
+/// of another variant is not taken for up to date either (see `tests/src/artifacts.rs`).
+fn build_failing_app(
+    cargo: &Cargo,
+    workspace: &Path,
+    out_dir: &Path,
+    app_dir: &Path,
+    release: bool,
+) -> anyhow::Result<PathBuf> {
+    let file_name = format!("libhostile_app{}", std::env::consts::DLL_SUFFIX);
+    let outputs = [out_dir.join("deps").join(&file_name), out_dir.join(&file_name)];
+    let remove_outputs = || -> anyhow::Result<()> {
+        for output in &outputs {
+            match std::fs::remove_file(output) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("cannot remove {}", output.display())),
+            }
+        }
+        Ok(())
+    };
+    say!("building hostile-app with its `failing` feature (GET / answers 500)");
+    remove_outputs()?;
+    let mut build = cargo.command();
+    build
+        .current_dir(workspace)
+        .args(["build", "-p", "hostile-app", "--lib", "--features", "failing"])
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    if release {
+        build.arg("--release");
+    }
+    let status = build.status().context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("cargo build of hostile-app --features failing failed ({status})");
+    }
+    let library = app_dir.join(format!("hostile-app-failing{}", std::env::consts::DLL_SUFFIX));
+    std::fs::copy(&outputs[1], &library).with_context(|| format!("cannot copy {}", outputs[1].display()))?;
+    remove_outputs()?;
+    Ok(library)
 }
 
 fn target_directory(cargo: &Cargo, workspace: &Path) -> anyhow::Result<PathBuf> {
