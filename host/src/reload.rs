@@ -35,7 +35,7 @@ use crate::handover::Handover;
 use crate::listeners::Listeners;
 use crate::state::StateStore;
 use crate::trust::TrustPolicy;
-use crate::versions::{Version, Versions};
+use crate::versions::{FileStamp, Version, Versions};
 
 /// How reloads are done.
 #[derive(Debug, Clone)]
@@ -57,28 +57,6 @@ pub struct ReloadSettings {
     pub canary: CanarySettings,
     /// How many versions are kept for `POST /rollback`.
     pub keep_versions: usize,
-}
-
-/// What identifies one version of a file without reading it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct FileStamp {
-    device: u64,
-    inode: u64,
-    size: u64,
-    modified: Option<SystemTime>,
-}
-
-impl FileStamp {
-    fn of(path: &std::path::Path) -> Option<FileStamp> {
-        use std::os::unix::fs::MetadataExt as _;
-        let metadata = std::fs::metadata(path).ok()?;
-        Some(FileStamp {
-            device: metadata.dev(),
-            inode: metadata.ino(),
-            size: metadata.len(),
-            modified: metadata.modified().ok(),
-        })
-    }
 }
 
 /// What a generation that now serves is doing.
@@ -411,7 +389,8 @@ impl Reloader {
         let number = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::info!(generation = number, trigger, sha256 = version.sha256, "rolling back");
         let _ = self.events.send(ReloadEvent::Started);
-        let outcome = match self.load(number, Source::Kept(&version)).await {
+        let in_use = lock(&self.live).iter().any(|g| g.library.sha256 == version.sha256);
+        let outcome = match self.load(number, Source::Kept(&version, in_use)).await {
             Ok(new) => Ok(self.swap_in(new, began)),
             Err(e) => Err(self.refused(number, &e)),
         };
@@ -693,8 +672,9 @@ struct Shared<'a> {
 enum Source<'a> {
     /// The app path, read (and checked) anew.
     App,
-    /// A version kept for rollback, exactly as it was loaded before.
-    Kept(&'a Version),
+    /// A version kept for rollback, exactly as it was loaded before; `true` if a generation still
+    /// runs it.
+    Kept(&'a Version, bool),
 }
 
 /// Stages a copy of the library and starts a generation from it.
@@ -716,7 +696,7 @@ async fn load_generation(
     let descriptors = tokio::task::spawn_blocking(crate::leftovers::Descriptors::now);
     let library = match source {
         Source::App => stage(settings, number).await?,
-        Source::Kept(version) => stage_kept(settings, number, version).await?,
+        Source::Kept(version, in_use) => stage_kept(settings, number, version, in_use).await?,
     };
     let descriptors_before = descriptors.await.unwrap_or_default();
     if let Some(serving) = shared.serving {
@@ -771,10 +751,16 @@ async fn load_generation(
     Ok(generation)
 }
 
-/// Copies a kept version to a fresh staged file (a new inode: `dlopen` would return the object
-/// already loaded from the kept file's inode, if a generation still runs it), checking on the way
-/// that its bytes are still the ones kept and that `--require-sha256`, if given, allows them.
-async fn stage_kept(settings: &ReloadSettings, number: u64, version: &Version) -> anyhow::Result<LibraryInfo> {
+/// Stages a kept version again, after checking that its file is still the one kept and that
+/// `--require-sha256`, if given, allows it. The staged file is a second name for the kept one (no
+/// copying) unless a generation still runs that version (`in_use`): then it is a copy, a new
+/// inode, since `dlopen` would hand back the object already loaded from the kept file's inode.
+async fn stage_kept(
+    settings: &ReloadSettings,
+    number: u64,
+    version: &Version,
+    in_use: bool,
+) -> anyhow::Result<LibraryInfo> {
     if let Some(pinned) = &settings.trust.require_sha256 {
         anyhow::ensure!(
             *pinned == version.sha256,
@@ -788,34 +774,31 @@ async fn stage_kept(settings: &ReloadSettings, number: u64, version: &Version) -
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "app.so".into());
     let staged_copy = settings.staging_dir.join(format!("gen{number}-{file_name}"));
-    let (kept, staged, expected) = (version.kept().to_owned(), staged_copy.clone(), version.sha256.clone());
+    let (kept_version, staged) = (version.clone(), staged_copy.clone());
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let bytes = std::fs::read(&kept).with_context(|| format!("cannot read the kept version {expected}"))?;
-        let (sha256, written) = std::thread::scope(|scope| {
-            let writing = scope.spawn(|| std::fs::write(&staged, &bytes));
-            let sha256 = crate::trust::sha256_hex(&bytes);
-            (sha256, writing.join())
-        });
-        let refused = if sha256 != expected {
-            Some(anyhow::anyhow!(
-                "the kept copy of version {expected} was altered (its sha256 is now {sha256}): it is not loaded"
-            ))
-        } else {
-            match written {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => {
-                    Some(anyhow::Error::from(e).context(format!("cannot stage a copy at {}", staged.display())))
-                }
-                Err(_) => Some(anyhow::anyhow!("staging the kept version failed")),
-            }
-        };
-        match refused {
-            None => Ok(()),
-            Some(error) => {
-                let _ = std::fs::remove_file(&staged);
-                Err(error)
-            }
+        let (kept, sha256) = (kept_version.kept(), &kept_version.sha256);
+        if !kept.exists() {
+            anyhow::bail!(
+                "cannot read the kept version {sha256}: its file {} is gone",
+                kept.display()
+            );
         }
+        anyhow::ensure!(
+            kept_version.unchanged(),
+            "the kept copy of version {sha256} was altered (its file {} was replaced or written since it was \
+             kept): it is not loaded",
+            kept.display()
+        );
+        let staging = if in_use {
+            std::fs::copy(kept, &staged).map(|_| ())
+        } else {
+            std::fs::hard_link(kept, &staged).or_else(|_| std::fs::copy(kept, &staged).map(|_| ()))
+        };
+        staging
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&staged);
+            })
+            .with_context(|| format!("cannot stage the kept version {sha256} at {}", staged.display()))
     })
     .await
     .context("the staging task failed")??;

@@ -3,15 +3,40 @@
 //!
 //! Each version that becomes the serving one is hard-linked, as staged (the very bytes that were
 //! checked and loaded), into `versions/` in the host's staging directory; the newest
-//! `--keep-versions` distinct versions stay. Loading one again copies it to a fresh staged file,
-//! since `dlopen` would hand back the loaded object for a file it already has mapped.
+//! `--keep-versions` distinct versions stay. Loading one again links it to a fresh staged name —
+//! or copies it, if a generation still runs that version, since `dlopen` would hand back the
+//! object it already has loaded from that inode. A kept file replaced or written since it was
+//! kept (another inode, size or modification time) is refused rather than loaded.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use anyhow::Context as _;
 
 use crate::generation::LibraryInfo;
+
+/// What identifies one version of a file without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamp {
+    device: u64,
+    inode: u64,
+    size: u64,
+    modified: Option<SystemTime>,
+}
+
+impl FileStamp {
+    pub fn of(path: &std::path::Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt as _;
+        let metadata = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+            size: metadata.len(),
+            modified: metadata.modified().ok(),
+        })
+    }
+}
 
 /// One kept version.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -25,12 +50,21 @@ pub struct Version {
     pub path: PathBuf,
     #[serde(skip)]
     kept: PathBuf,
+    /// The kept file as it was when kept: a file replaced or written since then is not loaded.
+    #[serde(skip)]
+    stamp: Option<FileStamp>,
 }
 
 impl Version {
     /// The kept bytes.
     pub fn kept(&self) -> &Path {
         &self.kept
+    }
+
+    /// Whether the kept file is still the one kept: same inode, size and modification time (the
+    /// bytes were hashed when the version was first staged; a change to them changes these).
+    pub fn unchanged(&self) -> bool {
+        self.stamp.is_some() && FileStamp::of(&self.kept) == self.stamp
     }
 }
 
@@ -57,7 +91,7 @@ impl Versions {
         if self.keep == 0 {
             return;
         }
-        let loaded_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let loaded_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         if let Some(index) = self.list.iter().position(|v| v.sha256 == library.sha256) {
             if let Some(mut known) = self.list.remove(index) {
                 known.generation = generation;
@@ -80,6 +114,7 @@ impl Versions {
             sha256: library.sha256.clone(),
             loaded_at,
             path: library.path.clone(),
+            stamp: FileStamp::of(&kept),
             kept,
         });
         while self.list.len() > self.keep {
