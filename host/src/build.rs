@@ -129,7 +129,7 @@ fn clip(mut line: String) -> String {
 
 /// Removes from a child's environment what is meant for the host alone (systemd's notify socket,
 /// watchdog and activated sockets, an upgrade's hand-off), so that the child never acts on it.
-pub fn without_host_environment(command: &mut Command) -> &mut Command {
+pub fn without_host_environment(command: &mut std::process::Command) -> &mut std::process::Command {
     command
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
@@ -154,12 +154,11 @@ pub async fn run(build: &BuildCommand, generation: u64, stop: &CancellationToken
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = without_host_environment(&mut child)
-        .spawn()
-        .map_err(|source| BuildError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+    without_host_environment(child.as_std_mut());
+    let mut child = child.spawn().map_err(|source| BuildError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
     // The group's id is the shell's pid, fixed from now on.
     let group = child.id().and_then(|pid| rustix::process::Pid::from_raw(pid as i32));
     let tail = Arc::new(Mutex::new(Tail::default()));

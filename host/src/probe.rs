@@ -12,8 +12,12 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt as _;
-use tokio::process::Command;
+use std::io::Read as _;
+use std::os::unix::process::ExitStatusExt as _;
+use std::process::Command;
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::process::{Pid, PidfdFlags, Signal};
 
 /// The argument that makes the host binary a probe: `host --try-initialisers PATH`.
 pub const ARG: &str = "--try-initialisers";
@@ -39,36 +43,68 @@ pub enum ProbeError {
 
 /// Opens `library` in a child process and waits at most `timeout` for its initialisers to return.
 pub async fn initialisers_return(library: &Path, timeout: Duration) -> Result<(), ProbeError> {
+    let library = library.to_owned();
+    tokio::task::spawn_blocking(move || try_in_child(&library, timeout))
+        .await
+        .map_err(|e| ProbeError::Spawn(std::io::Error::other(e)))?
+}
+
+/// The trial, on a blocking thread: the child is waited for with a pidfd (no round trip through
+/// the runtime's SIGCHLD handling, which costs more than the trial itself), and killed through it
+/// on time-out (no pid that could have been reused).
+fn try_in_child(library: &Path, timeout: Duration) -> Result<(), ProbeError> {
     let mut command = Command::new("/proc/self/exe");
     command
         .arg(ARG)
         .arg(library)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .stderr(Stdio::piped());
     crate::build::without_host_environment(&mut command);
     let mut child = command.spawn().map_err(ProbeError::Spawn)?;
-    let mut stderr = child.stderr.take();
-    let status = match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(status) => status.map_err(ProbeError::Spawn)?,
-        Err(_) => {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            return Err(ProbeError::Hung(timeout));
+    // Read while it runs: initialisers that write more than a pipe holds must not block on it.
+    let stderr = child.stderr.take().map(|stderr| {
+        std::thread::spawn(move || {
+            let mut reason = String::new();
+            let mut stderr = stderr;
+            let _ = (&mut stderr).take(64 * 1024).read_to_string(&mut reason);
+            let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+            reason
+        })
+    });
+    let exited = rustix::process::pidfd_open(Pid::from_child(&child), PidfdFlags::empty())
+        .and_then(|pidfd| {
+            let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+            let timeout = Timespec::try_from(timeout).unwrap_or(Timespec {
+                tv_sec: i64::MAX,
+                tv_nsec: 0,
+            });
+            let ready = rustix::event::poll(&mut fds, Some(&timeout))?;
+            if ready == 0 {
+                rustix::process::pidfd_send_signal(&pidfd, Signal::KILL)?;
+            }
+            Ok(ready > 0)
+        })
+        .map_err(|e| ProbeError::Spawn(e.into()));
+    let exited = match exited {
+        Ok(exited) => exited,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
         }
     };
+    let status = child.wait().map_err(ProbeError::Spawn)?;
+    if !exited {
+        return Err(ProbeError::Hung(timeout));
+    }
     if status.success() {
         return Ok(());
     }
-    use std::os::unix::process::ExitStatusExt as _;
     if let Some(signal) = status.signal() {
         return Err(ProbeError::Crashed(signal_name(signal)));
     }
-    let mut reason = String::new();
-    if let Some(stderr) = stderr.as_mut() {
-        let _ = stderr.take(64 * 1024).read_to_string(&mut reason).await;
-    }
+    let reason = stderr.and_then(|reader| reader.join().ok()).unwrap_or_default();
     let reason = reason.trim();
     Err(ProbeError::OpenFailed(if reason.is_empty() {
         format!("the trial process that opens the library exited with {status}")
