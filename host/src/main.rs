@@ -196,12 +196,16 @@ fn run_command(command: Command) -> anyhow::Result<()> {
 
 /// The one-line `STATUS=` systemd shows after a reload.
 fn reload_status(record: &ReloadRecord, serving: u64) -> String {
-    let text = match &record.error {
-        None => format!(
+    let text = match (&record.error, record.canary) {
+        (None, Some(percent)) => format!(
+            "canary: generation {} takes {percent}% of new connections, generation {serving} the rest",
+            record.generation
+        ),
+        (None, None) => format!(
             "serving generation {} (reload by {} took {} ms)",
             record.generation, record.trigger, record.duration_ms
         ),
-        Some(error) => format!(
+        (Some(error), _) => format!(
             "reload to generation {} failed, still serving generation {serving}: {error}",
             record.generation
         ),
@@ -499,5 +503,39 @@ async fn notify_reloads(reloader: Arc<Reloader>, mut events: tokio::sync::broadc
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(error: Option<&str>, canary: Option<u8>) -> ReloadRecord {
+        ReloadRecord {
+            ok: error.is_none(),
+            error: error.map(str::to_owned),
+            at: "2026-12-02T12:00:00.000Z".into(),
+            duration_ms: 4.2,
+            trigger: "admin".into(),
+            generation: 3,
+            canary,
+        }
+    }
+
+    #[test]
+    fn systemd_status_says_what_serves() {
+        assert_eq!(
+            reload_status(&record(None, None), 3),
+            "serving generation 3 (reload by admin took 4.2 ms)"
+        );
+        assert_eq!(
+            reload_status(&record(None, Some(10)), 2),
+            "canary: generation 3 takes 10% of new connections, generation 2 the rest"
+        );
+        let rolled_back = "canary rolled back: 100.0% errors against 0.0% over 23 requests";
+        assert_eq!(
+            reload_status(&record(Some(rolled_back), None), 2),
+            format!("reload to generation 3 failed, still serving generation 2: {rolled_back}")
+        );
     }
 }
