@@ -362,7 +362,8 @@ async fn run(
         max_connections,
     };
     let addresses: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
-    let (reloader, triggers) = Reloader::start(reload_settings, Listeners::new(listeners, &limits)?, state.clone()).await?;
+    let (reloader, triggers) =
+        Reloader::start(reload_settings, Listeners::new(listeners, &limits)?, state.clone()).await?;
     let parent_watch = handoff
         .as_ref()
         .map(|(parent, _)| tokio::spawn(watch_parent(*parent, state.clone())));

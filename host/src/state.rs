@@ -187,7 +187,9 @@ struct FileCells {
 
 enum Role {
     /// `--state-file`: the open lock file, locked.
-    Durable { lock: File },
+    Durable {
+        lock: File,
+    },
     HandOff(HandOffDirectory),
 }
 
@@ -234,7 +236,9 @@ impl std::fmt::Debug for StateStore {
             Backend::Memory(_) => "memory",
             Backend::File(file) => file.store(),
         };
-        f.debug_struct("StateStore").field("store", &store).finish_non_exhaustive()
+        f.debug_struct("StateStore")
+            .field("store", &store)
+            .finish_non_exhaustive()
     }
 }
 
@@ -476,12 +480,14 @@ impl StateStore {
             }
             Backend::File(file) => {
                 let lock = match &mut file.role {
-                    Role::Durable { lock } => Some(
-                        rustix::io::fcntl_dupfd_cloexec(&*lock, 3).map_err(|e| StateError::Lock {
-                            path: file.path.clone(),
-                            source: e.into(),
-                        })?,
-                    ),
+                    Role::Durable { lock } => {
+                        Some(
+                            rustix::io::fcntl_dupfd_cloexec(&*lock, 3).map_err(|e| StateError::Lock {
+                                path: file.path.clone(),
+                                source: e.into(),
+                            })?,
+                        )
+                    }
                     Role::HandOff(directory) => {
                         directory.successor = true;
                         None
@@ -606,7 +612,9 @@ impl FileCells {
     }
 
     fn read<T>(&self, key: &str, copy: impl FnOnce(&[u8]) -> T) -> rusqlite::Result<(u64, Option<T>)> {
-        let mut statement = self.db.prepare_cached("SELECT version, bytes FROM cells WHERE key = ?1")?;
+        let mut statement = self
+            .db
+            .prepare_cached("SELECT version, bytes FROM cells WHERE key = ?1")?;
         let cell = statement
             .query_row([key], |row| {
                 let version: u64 = row.get(0)?;
@@ -716,7 +724,10 @@ fn take_lock(path: &Path, handed: Option<OwnedFd>) -> Result<File, StateError> {
         Ok(()) => {}
         Err(rustix::io::Errno::WOULDBLOCK) => {
             let mut text = String::new();
-            let pid = file.read_to_string(&mut text).ok().and_then(|_| text.trim().parse().ok());
+            let pid = file
+                .read_to_string(&mut text)
+                .ok()
+                .and_then(|_| text.trim().parse().ok());
             return Err(StateError::Locked {
                 path: path.to_owned(),
                 pid,
@@ -773,7 +784,9 @@ fn check_format(db: &Connection, path: &Path, create: bool) -> Result<(), StateE
             found: format,
         });
     }
-    let check: String = db.query_row("PRAGMA quick_check", [], |row| row.get(0)).map_err(error)?;
+    let check: String = db
+        .query_row("PRAGMA quick_check", [], |row| row.get(0))
+        .map_err(error)?;
     if check != "ok" {
         return Err(StateError::Corrupt {
             path: path.to_owned(),

@@ -230,7 +230,10 @@ fn parse_message(text: &str) -> anyhow::Result<Message> {
         if let Some(value) = line.strip_prefix("LISTEN_FDNAMES=") {
             names = Some(value.split(':').map(str::to_owned).collect::<Vec<_>>());
         } else if let Some(value) = line.strip_prefix("STATE=") {
-            kind = Some(HandedKind::parse(value).with_context(|| format!("the old host keeps its state in an unknown way: {value:?}"))?);
+            kind = Some(
+                HandedKind::parse(value)
+                    .with_context(|| format!("the old host keeps its state in an unknown way: {value:?}"))?,
+            );
         } else if let Some(value) = line.strip_prefix("STATE_FILE=") {
             file = Some(PathBuf::from(value));
         } else if line == "END" {
@@ -488,7 +491,12 @@ impl Upgrader {
         // Just before the new process starts: from here on both processes may write the cells.
         let state = match self.cells.share_with_successor() {
             Ok(state) => state,
-            Err(e) => return (None, Err(UpgradeError::Prepare(format!("cannot hand the state over: {e}")))),
+            Err(e) => {
+                return (
+                    None,
+                    Err(UpgradeError::Prepare(format!("cannot hand the state over: {e}"))),
+                )
+            }
         };
         let mut child = match Command::new(&self.settings.binary)
             .args(&self.settings.args)
@@ -761,7 +769,10 @@ mod tests {
             Some((HandedKind::HandOff, PathBuf::from("/tmp/s/state.sqlite")))
         );
         assert!(parse_message(&format!("{PROTOCOL}\nLISTEN_FDNAMES=http\nSTATE=file\nEND\n")).is_err());
-        assert!(parse_message(&format!("{PROTOCOL}\nLISTEN_FDNAMES=http\nSTATE=disk\nSTATE_FILE=/s\nEND\n")).is_err());
+        assert!(parse_message(&format!(
+            "{PROTOCOL}\nLISTEN_FDNAMES=http\nSTATE=disk\nSTATE_FILE=/s\nEND\n"
+        ))
+        .is_err());
     }
 
     /// Both ends in one process: the sockets arrive, named, and still listen; a state file's lock
