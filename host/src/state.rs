@@ -16,7 +16,7 @@
 //!   page cache: a host killed and started again comes back with every acknowledged write. There is
 //!   no fsync per write (the log is synced at checkpoints), so a power loss or kernel crash may lose
 //!   the last writes before it (never corrupting the file); `synchronous=FULL` would fsync every
-//!   commit, 5-30 times slower here (BENCHMARKS.md, item 7). The file is locked (`flock` on
+//!   commit, 5-30 times slower here (BENCHMARKS.md, item 8). The file is locked (`flock` on
 //!   `PATH.lock`, which names the holder's pid) against a second host, stores its format version
 //!   (`PRAGMA user_version`) and this host's mark (`PRAGMA application_id`), and is checked at
 //!   start (`PRAGMA quick_check`): a file that is corrupt, unreadable, locked by another running host
@@ -33,7 +33,7 @@
 //! Rust alternative, takes an exclusive lock on its file (one process at a time), and its
 //! non-durable commits (`Durability::None`) stay in the process until a durable one follows, so a
 //! SIGKILL loses them: it would need an fsync per write (`Durability::Immediate`), 10-30 times
-//! slower than SQLite's WAL commit here (BENCHMARKS.md, item 7). Why memory stays the default: an
+//! slower than SQLite's WAL commit here (BENCHMARKS.md, item 8). Why memory stays the default: an
 //! SQLite commit costs 25-85 µs, a memory write 0.2 µs.
 
 use std::collections::HashMap;
@@ -979,7 +979,7 @@ mod tests {
         assert!(!handed.path.exists());
     }
 
-    /// What a write costs in each store (BENCHMARKS.md, item 7):
+    /// What a write costs in each store (BENCHMARKS.md, item 8):
     /// `cargo test -p host --release -- --ignored --nocapture write_cost`.
     #[test]
     #[ignore = "a measurement, not a check"]
