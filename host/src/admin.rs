@@ -1,5 +1,6 @@
 //! The admin listener: status, health, readiness, metrics, on-demand reloads and host upgrades,
-//! kept off the public listeners.
+//! and the state cells for debugging (`GET /state`, `GET /state/KEY`), kept off the public
+//! listeners.
 //!
 //! When it stops (at the end of a shutdown, or at once when an upgrade hands the listener to a new
 //! host process) it stops accepting, and the requests it is answering — such as the
@@ -95,6 +96,8 @@ async fn route(
             "text/plain; version=0.0.4; charset=utf-8",
             Bytes::from(crate::metrics::global().render(&reloader.metrics_snapshot())),
         ),
+        (&Method::GET, "/state") => state_list(&reloader),
+        (&Method::GET, path) if path.starts_with("/state/") => state_cell(&reloader, &path["/state/".len()..]),
         (&Method::POST, "/reload") if !options.allow_reload => text(
             StatusCode::FORBIDDEN,
             "POST /reload is turned off (--admin-reload=false); reload with SIGHUP or --watch\n",
@@ -158,9 +161,12 @@ async fn route(
                 }
             }
         }
-        (_, "/healthz" | "/readyz" | "/status" | "/metrics" | "/reload" | "/rollback" | "/promote" | "/upgrade") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-        }
+        (
+            _,
+            "/healthz" | "/readyz" | "/status" | "/metrics" | "/reload" | "/rollback" | "/promote" | "/upgrade"
+            | "/state",
+        ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        (_, path) if path.starts_with("/state/") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     })
 }
@@ -193,6 +199,62 @@ async fn act(reloader: &Reloader, action: Action) -> Response<Full<Bytes>> {
     }
 }
 
+/// Name, version and size of every state cell, and where they are kept.
+fn state_list(reloader: &Reloader) -> Response<Full<Bytes>> {
+    let state = reloader.state();
+    match state.summary().and_then(|summary| Ok((summary, state.list()?))) {
+        Ok((summary, cells)) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "store": summary.store, "file": summary.file, "bytes": summary.bytes, "cells": cells }),
+        ),
+        Err(e) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({ "error": e.to_string() }),
+        ),
+    }
+}
+
+/// One state cell's bytes (the JSON the app stored), with its version in `State-Version`.
+fn state_cell(reloader: &Reloader, encoded: &str) -> Response<Full<Bytes>> {
+    let Some(key) = percent_decode(encoded) else {
+        return text(StatusCode::BAD_REQUEST, "the key is not valid percent-encoded UTF-8\n");
+    };
+    match reloader.state().cell(&key) {
+        Ok(Some((version, bytes))) => {
+            let mut response = respond(StatusCode::OK, "application/json", Bytes::from(bytes));
+            response
+                .headers_mut()
+                .insert("state-version", http::HeaderValue::from(version));
+            response
+        }
+        Ok(None) => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({ "error": format!("no state cell named {key:?}") }),
+        ),
+        Err(e) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({ "error": e.to_string() }),
+        ),
+    }
+}
+
+/// `%XX`-decodes a path segment; `None` if it is not valid UTF-8 once decoded.
+fn percent_decode(text: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        if byte == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(byte);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
 /// The value of `name` in the request's query string, if given (no percent-decoding: the values
 /// taken here are numbers and hex digits).
 fn query_param(request: &Request<Incoming>, name: &str) -> Option<String> {
@@ -219,4 +281,19 @@ fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Respo
         .headers_mut()
         .insert(header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_percent_decoded() {
+        assert_eq!(percent_decode("counter").as_deref(), Some("counter"));
+        assert_eq!(percent_decode("a%20b%2Fc").as_deref(), Some("a b/c"));
+        assert_eq!(percent_decode("%C3%A9").as_deref(), Some("é"));
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%2"), None);
+        assert_eq!(percent_decode("%FF"), None);
+    }
 }

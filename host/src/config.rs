@@ -250,6 +250,13 @@ pub struct Options {
     /// How many of the versions served last are kept for `POST /rollback` [default: 3].
     #[arg(long, env = "HOST_KEEP_VERSIONS", value_name = "N")]
     pub keep_versions: Option<usize>,
+
+    /// Keep the apps' state cells (`ctx.state`) in this SQLite file, created if missing, so that a
+    /// host killed and started again comes back with every acknowledged write. The host refuses to
+    /// start on a file that is corrupt, unreadable, locked by another running host or of an unknown
+    /// format [default: cells in memory, carried across reloads and host upgrades only].
+    #[arg(long, env = "HOST_STATE_FILE", value_name = "PATH")]
+    pub state_file: Option<PathBuf>,
 }
 
 /// The same settings as they appear in the TOML file.
@@ -288,6 +295,7 @@ pub struct FileOptions {
     pub canary_duration: Option<FromText<HumanDuration>>,
     pub canary_max_p99_ratio: Option<f64>,
     pub keep_versions: Option<usize>,
+    pub state_file: Option<PathBuf>,
 }
 
 /// Everything the host runs with, after merging.
@@ -326,6 +334,8 @@ pub struct Settings {
     pub trusted_key: Option<PathBuf>,
     pub canary: crate::canary::CanarySettings,
     pub keep_versions: usize,
+    /// `None`: the cells are kept in memory.
+    pub state_file: Option<PathBuf>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -431,6 +441,7 @@ pub fn parse_file(text: &str, path: &Path) -> anyhow::Result<FileOptions> {
         &mut options.pid_file,
         &mut options.trusted_key,
         &mut options.upgrade_binary,
+        &mut options.state_file,
     ];
     for path in paths.into_iter().flatten() {
         if path.is_relative() {
@@ -497,6 +508,7 @@ pub fn merge(options: Options, file: FileOptions) -> anyhow::Result<Settings> {
         trusted_key: options.trusted_key.or(file.trusted_key),
         canary,
         keep_versions: options.keep_versions.or(file.keep_versions).unwrap_or(3),
+        state_file: options.state_file.or(file.state_file),
     })
 }
 
@@ -575,6 +587,19 @@ mod tests {
         assert_eq!(settings.upgrade_binary, None);
         assert_eq!(settings.upgrade_timeout, Duration::from_secs(60));
         assert!(settings.admin_upgrade);
+        assert_eq!(settings.state_file, None);
+    }
+
+    #[test]
+    fn the_state_file_comes_from_a_flag_or_the_file() {
+        let settings = merge(parse(&["--app", "a.so"]), file("state-file = \"state/cells.sqlite\"\n")).expect("merges");
+        assert_eq!(settings.state_file, Some(PathBuf::from("/etc/host/state/cells.sqlite")));
+        let settings = merge(
+            parse(&["--app", "a.so", "--state-file", "/var/lib/host/state.sqlite"]),
+            file("state-file = \"other.sqlite\"\n"),
+        )
+        .expect("merges");
+        assert_eq!(settings.state_file, Some(PathBuf::from("/var/lib/host/state.sqlite")));
     }
 
     #[test]

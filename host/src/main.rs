@@ -9,7 +9,7 @@
 //! - `listeners`: the public listening sockets that every generation accepts on, and the limits.
 //! - `handover`: kept-alive connections on their way from a retiring generation to the next.
 //! - `applog`: app log events in the host's log.
-//! - `state`: the state store that outlives generations.
+//! - `state`: the state store that outlives generations, upgrades and (`--state-file`) the process.
 //! - `admin`: `/status`, `/healthz`, `/readyz`, `/metrics`, `POST /reload`, `POST /upgrade`.
 //! - `build`: `--build`, the command run before each reload.
 //! - `upgrade`: SIGUSR2 / `POST /upgrade`, replacing the host process without closing a socket.
@@ -60,6 +60,7 @@ use crate::admin::AdminOptions;
 use crate::config::{Cli, Command, LogFormat, Settings};
 use crate::listeners::{Limits, Listeners, HANDOFF_IDLE_GRACE};
 use crate::reload::{ReloadEvent, ReloadRecord, ReloadSettings, Reloader};
+use crate::state::{Handed, StateStore};
 use crate::systemd::Activated;
 use crate::trust::TrustPolicy;
 use crate::upgrade::{Handoff, UpgradeSettings, Upgrader};
@@ -108,20 +109,31 @@ fn main() -> ExitCode {
         Err(e) => return report(Err(e), ExitCode::FAILURE),
     };
     let channel = handoff.as_ref().map(|h| h.channel.clone());
-    let handoff = match handoff {
+    let (handoff, handed_state) = match handoff {
         Some(Handoff {
             sockets,
             parent,
+            state,
             channel,
         }) => match activated.extend(sockets) {
-            Ok(()) => Some((parent, channel)),
+            Ok(()) => (Some((parent, channel)), state.map(|state| (state, parent))),
             Err(e) => {
                 let e = e.context("the sockets from the old host clash with socket activation");
                 channel.fail(&format!("{e:#}"));
                 return report(Err(e), ExitCode::FAILURE);
             }
         },
-        None => None,
+        None => (None, None),
+    };
+    // Before anything is served: a state file that cannot be used stops the start.
+    let state = match open_state(&settings, handed_state) {
+        Ok(state) => Arc::new(state),
+        Err(e) => {
+            if let Some((_, channel)) = &handoff {
+                channel.fail(&format!("{e:#}"));
+            }
+            return report(Err(e), ExitCode::FAILURE);
+        }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -131,7 +143,7 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return report(Err(e).context("cannot start the host's runtime"), ExitCode::FAILURE),
     };
-    let result = runtime.block_on(run(settings, activated, handoff, launch));
+    let result = runtime.block_on(run(settings, activated, handoff, launch, state));
     // Everything was stopped (or given up on, within --stop-timeout) by `run`: what is left on
     // the runtime's blocking pool is the join of a generation whose threads would not stop, and
     // the process must exit anyway rather than wait for it.
@@ -229,7 +241,41 @@ const MAX_STATUS_BYTES: usize = 1024;
 /// A host started by an upgrade: the old host's pid, and where to tell it that this one serves.
 type Upgraded = Option<(u32, upgrade::HandoffChannel)>;
 
-async fn run(settings: Settings, activated: Activated, handoff: Upgraded, launch: Launch) -> anyhow::Result<()> {
+/// The state cells: those the old host of an upgrade handed over (with the pid of that host), or
+/// `--state-file`, or new ones in memory.
+fn open_state(settings: &Settings, handed: Option<(Handed, u32)>) -> anyhow::Result<StateStore> {
+    let runtime_dir = settings.staging_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let configured = settings.state_file.as_deref();
+    Ok(match (handed, configured) {
+        (Some((handed, parent)), _) => StateStore::take_over(handed, configured, parent, runtime_dir)
+            .context("cannot take the state cells over from the old host")?,
+        (None, Some(path)) => StateStore::open_file(path, runtime_dir).context("--state-file")?,
+        (None, None) => StateStore::in_memory(runtime_dir),
+    })
+}
+
+/// Tells `state` when the old host this one replaced has exited (this process is then
+/// reparented), so that cells shared with it for the hand-off can go back into memory.
+async fn watch_parent(parent: u32, state: Arc<StateStore>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let current = rustix::process::getppid().map(|pid| pid.as_raw_nonzero().get() as u32);
+        if current != Some(parent) {
+            tracing::info!(old_host = parent, "the old host has exited");
+            state.parent_exited();
+            return;
+        }
+    }
+}
+
+async fn run(
+    settings: Settings,
+    activated: Activated,
+    handoff: Upgraded,
+    launch: Launch,
+    state: Arc<StateStore>,
+) -> anyhow::Result<()> {
     // Handlers first: a SIGHUP that arrives as soon as the pid file names this process must not
     // kill it (as PID 1 in a container, signals without a handler are even ignored).
     let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
@@ -279,6 +325,7 @@ async fn run(settings: Settings, activated: Activated, handoff: Upgraded, launch
         },
         sockets,
         handoff.as_ref().map(|(parent, _)| *parent),
+        state.clone(),
     );
     let handed_over = upgrader.handed_over();
 
@@ -319,7 +366,11 @@ async fn run(settings: Settings, activated: Activated, handoff: Upgraded, launch
         max_connections,
     };
     let addresses: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
-    let (reloader, triggers) = Reloader::start(reload_settings, Listeners::new(listeners, &limits)?).await?;
+    let (reloader, triggers) =
+        Reloader::start(reload_settings, Listeners::new(listeners, &limits)?, state.clone()).await?;
+    let parent_watch = handoff
+        .as_ref()
+        .map(|(parent, _)| tokio::spawn(watch_parent(*parent, state.clone())));
     // Only now: a host whose first version cannot be loaded never said it serves.
     for address in addresses {
         tracing::info!(%address, generation = reloader.serving().0, "serving");
@@ -410,6 +461,9 @@ async fn run(settings: Settings, activated: Activated, handoff: Upgraded, launch
     let _ = admin.await;
     if let Some(watchdog) = watchdog {
         watchdog.abort();
+    }
+    if let Some(parent_watch) = parent_watch {
+        parent_watch.abort();
     }
     drop(staging);
     tracing::info!("stopped");

@@ -293,6 +293,8 @@ pub struct Snapshot {
     pub descriptors_left_open: u64,
     /// Library copies still mapped after they were closed.
     pub copies_left_mapped: u64,
+    /// State cells and their bytes, if they could be counted.
+    pub state: Option<(u64, u64)>,
 }
 
 /// How many descriptors this process has open (`/proc/self/fd`), if it can tell.
@@ -411,6 +413,15 @@ impl Metrics {
              # TYPE host_leftover_mapped_copies_total counter\nhost_leftover_mapped_copies_total {}",
             snapshot.copies_left_mapped
         );
+        if let Some((cells, bytes)) = snapshot.state {
+            let _ = writeln!(
+                out,
+                "# HELP host_state_cells State cells (ctx.state) the host keeps.\n\
+                 # TYPE host_state_cells gauge\nhost_state_cells {cells}\n\
+                 # HELP host_state_bytes Bytes of the values in the state cells.\n\
+                 # TYPE host_state_bytes gauge\nhost_state_bytes {bytes}"
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP host_serving_generation The generation new requests go to.\n\
@@ -525,6 +536,7 @@ mod tests {
             open_descriptors: Some(20),
             descriptors_left_open: 2,
             copies_left_mapped: 0,
+            state: Some((2, 31)),
         });
         for line in [
             "host_http_requests_total{generation=\"1\",class=\"2xx\"} 7",
@@ -540,6 +552,8 @@ mod tests {
             "host_serving_generation 3",
             "host_reloads_total{outcome=\"failed\"} 1",
             "host_last_reload_ok 1",
+            "host_state_cells 2",
+            "host_state_bytes 31",
             "host_http_request_duration_seconds_bucket{generation=\"2\",le=\"0.0001\"} 1",
             "host_http_request_duration_seconds_bucket{generation=\"2\",le=\"0.001\"} 2",
             "host_http_request_duration_seconds_bucket{generation=\"3\",le=\"0.001\"} 1",

@@ -165,11 +165,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Reloader {
     /// Loads the first generation. The host cannot serve without one, so failing here is fatal.
+    /// `state`: the cells every generation shares (opened, or taken over, by `main`).
     pub async fn start(
         settings: ReloadSettings,
         listeners: Listeners,
+        state: Arc<StateStore>,
     ) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Trigger>)> {
-        let state = Arc::new(StateStore::default());
         let handover = Arc::new(Handover::new());
         let listeners = Arc::new(listeners);
         let live = LiveGenerations::default();
@@ -616,12 +617,25 @@ impl Reloader {
             reloads_ok: self.succeeded.load(Ordering::Relaxed),
             reloads_failed: self.failed.load(Ordering::Relaxed),
             last_reload_ok: lock(&self.last_reload).as_ref().map(|r| r.ok),
+            state: match self.state.summary() {
+                Ok(summary) => Some((summary.cells, summary.bytes)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot count the state cells");
+                    None
+                }
+            },
         }
+    }
+
+    /// The state cells every generation shares.
+    pub fn state(&self) -> &StateStore {
+        &self.state
     }
 
     /// The JSON document `GET /status` answers with.
     pub fn status(&self) -> serde_json::Value {
         let current = self.current.load();
+        let state = self.state.summary();
         let generations: Vec<serde_json::Value> = lock(&self.live)
             .iter()
             .map(|g| {
@@ -644,7 +658,11 @@ impl Reloader {
             "canary": lock(&self.canary).as_ref().map(|canary| canary.status(&current)),
             "versions": lock(&self.versions).list(),
             "last_reload": *lock(&self.last_reload),
-            "state_cells": self.state.len(),
+            "state_cells": state.as_ref().map(|s| s.cells).ok(),
+            "state": match &state {
+                Ok(summary) => serde_json::json!(summary),
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            },
             "open_descriptors": crate::metrics::open_descriptors(),
             "leftovers": crate::leftovers::ledger().status(),
             "reloads": {

@@ -15,6 +15,11 @@
 //!    socket activation: the one named `admin` is its admin listener, every other one a public
 //!    listener, and an address it is configured to listen on that one of them already listens on
 //!    is not bound again.
+//!    If the old host keeps state cells, the message also names where (`STATE=` and `STATE_FILE=`
+//!    lines): its `--state-file`, whose lock descriptor comes last among the attached ones (the new
+//!    host shares the lock, so no other host can take the file between the two), or, for cells in
+//!    memory, a hand-off file the old host has just copied them into (see `state.rs`). Both
+//!    processes then read and write that one file until the old one exits.
 //! 3. The new host loads its app and starts serving on those sockets — both processes now accept
 //!    from the same sockets, so no connection is refused — and then writes `READY=1` (with a
 //!    `STATUS=` line) on the hand-off socket, where a systemd service would notify the manager.
@@ -58,6 +63,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::state::{Handed, HandedKind, StateStore};
 use crate::systemd::Activated;
 
 /// The environment variable that tells a new host where to fetch its sockets from.
@@ -85,6 +91,8 @@ pub struct Handoff {
     pub sockets: Activated,
     /// The process that started this one.
     pub parent: u32,
+    /// Where the old host keeps its state cells, if it said.
+    pub state: Option<Handed>,
     /// Where to say `READY=1` (or why not).
     pub channel: HandoffChannel,
 }
@@ -145,14 +153,18 @@ pub fn take_handoff() -> anyhow::Result<Option<Handoff>> {
     stream
         .set_read_timeout(Some(RECEIVE_TIMEOUT))
         .context("cannot set a timeout on the hand-off socket")?;
-    let (text, fds) = receive(&stream)?;
-    let names = parse_message(&text)?;
+    let (text, mut fds) = receive(&stream)?;
+    let Message { names, state } = parse_message(&text)?;
+    let state_lock = state.as_ref().is_some_and(|(kind, _)| *kind == HandedKind::File);
     anyhow::ensure!(
-        names.len() == fds.len(),
-        "the old host named {} sockets but passed {}",
+        names.len() + usize::from(state_lock) == fds.len(),
+        "the old host named {} sockets{} but passed {} descriptors",
         names.len(),
+        if state_lock { " and a state file's lock" } else { "" },
         fds.len()
     );
+    let lock = if state_lock { fds.pop() } else { None };
+    let state = state.map(|(kind, path)| Handed { kind, path, lock });
     let mut sockets = Activated::default();
     for (name, fd) in names.into_iter().zip(fds) {
         let listener = listening_tcp_socket(fd).with_context(|| format!("the passed socket {name:?}"))?;
@@ -162,6 +174,7 @@ pub fn take_handoff() -> anyhow::Result<Option<Handoff>> {
     Ok(Some(Handoff {
         sockets,
         parent,
+        state,
         channel: HandoffChannel(Arc::new(Mutex::new(Some(stream)))),
     }))
 }
@@ -192,8 +205,17 @@ fn receive(stream: &StdUnixStream) -> anyhow::Result<(String, Vec<OwnedFd>)> {
     Ok((text, fds))
 }
 
-/// The socket names in the parent's message.
-fn parse_message(text: &str) -> anyhow::Result<Vec<String>> {
+/// What the parent's message says.
+#[derive(Debug, PartialEq)]
+struct Message {
+    /// The sockets' names.
+    names: Vec<String>,
+    /// Where its state cells are, if it said.
+    state: Option<(HandedKind, PathBuf)>,
+}
+
+/// The socket names and the state in the parent's message.
+fn parse_message(text: &str) -> anyhow::Result<Message> {
     let mut lines = text.lines();
     let first = lines.next().unwrap_or_default();
     anyhow::ensure!(
@@ -201,16 +223,33 @@ fn parse_message(text: &str) -> anyhow::Result<Vec<String>> {
         "the old host speaks {first:?}, this one {PROTOCOL:?}: the old host is not a compatible host"
     );
     let mut names = None;
+    let mut kind = None;
+    let mut file = None;
     let mut complete = false;
     for line in lines {
         if let Some(value) = line.strip_prefix("LISTEN_FDNAMES=") {
             names = Some(value.split(':').map(str::to_owned).collect::<Vec<_>>());
+        } else if let Some(value) = line.strip_prefix("STATE=") {
+            kind = Some(
+                HandedKind::parse(value)
+                    .with_context(|| format!("the old host keeps its state in an unknown way: {value:?}"))?,
+            );
+        } else if let Some(value) = line.strip_prefix("STATE_FILE=") {
+            file = Some(PathBuf::from(value));
         } else if line == "END" {
             complete = true;
         }
     }
     anyhow::ensure!(complete, "the old host's message is incomplete");
-    names.context("the old host's message names no sockets")
+    let state = match (kind, file) {
+        (Some(kind), Some(file)) => Some((kind, file)),
+        (None, None) => None,
+        _ => anyhow::bail!("the old host's message names half of its state (STATE= and STATE_FILE= go together)"),
+    };
+    Ok(Message {
+        names: names.context("the old host's message names no sockets")?,
+        state,
+    })
 }
 
 /// `fd` as a TCP listener, if it is a listening stream socket.
@@ -321,6 +360,8 @@ pub struct Upgrader {
     tasks: TaskTracker,
     /// The host this one replaced, if it was started by an upgrade.
     upgraded_from: Option<u32>,
+    /// The state cells, handed to the new process with the sockets.
+    cells: Arc<StateStore>,
 }
 
 impl Upgrader {
@@ -329,6 +370,7 @@ impl Upgrader {
         settings: UpgradeSettings,
         sockets: Vec<(String, OwnedFd)>,
         upgraded_from: Option<u32>,
+        state: Arc<StateStore>,
     ) -> Arc<Upgrader> {
         Arc::new(Upgrader {
             settings,
@@ -340,6 +382,7 @@ impl Upgrader {
             last: Mutex::new(None),
             tasks: TaskTracker::new(),
             upgraded_from,
+            cells: state,
         })
     }
 
@@ -445,6 +488,16 @@ impl Upgrader {
                 return (None, Err(UpgradeError::Prepare(error)));
             }
         };
+        // Just before the new process starts: from here on both processes may write the cells.
+        let state = match self.cells.share_with_successor() {
+            Ok(state) => state,
+            Err(e) => {
+                return (
+                    None,
+                    Err(UpgradeError::Prepare(format!("cannot hand the state over: {e}"))),
+                )
+            }
+        };
         let mut child = match Command::new(&self.settings.binary)
             .args(&self.settings.args)
             .env(HANDOFF_VARIABLE, &path)
@@ -462,14 +515,16 @@ impl Upgrader {
                     binary: self.settings.binary.display().to_string(),
                     error: e.to_string(),
                 };
+                self.cells.successor_failed();
                 return (None, Err(error));
             }
         };
         let Some(pid) = child.id() else {
+            self.cells.successor_failed();
             return (None, Err(UpgradeError::Prepare("the new process vanished".into())));
         };
         tracing::info!(pid, "started the new host; waiting until it serves");
-        let outcome = self.await_ready(&listener, &mut child, pid).await;
+        let outcome = self.await_ready(&listener, &mut child, pid, &state).await;
         match outcome {
             Ok(status) => {
                 // Served, and still running: hand over. From here on this process only winds down.
@@ -487,16 +542,24 @@ impl Upgrader {
             }
             Err(error) => {
                 stop_child(&mut child, pid).await;
+                // It is gone: the cells are this process's alone again.
+                self.cells.successor_failed();
                 (Some(pid), Err(error))
             }
         }
     }
 
     /// Hands the sockets over and waits for `READY=1`, the child's exit, the timeout or shutdown.
-    async fn await_ready(&self, listener: &UnixListener, child: &mut Child, pid: u32) -> Result<String, UpgradeError> {
+    async fn await_ready(
+        &self,
+        listener: &UnixListener,
+        child: &mut Child,
+        pid: u32,
+        state: &Handed,
+    ) -> Result<String, UpgradeError> {
         let deadline = tokio::time::sleep(self.settings.timeout);
         tokio::pin!(deadline);
-        let handshake = self.handshake(listener, pid);
+        let handshake = self.handshake(listener, pid, state);
         tokio::pin!(handshake);
         let mut reason = None;
         let mut handshake_done = false;
@@ -533,7 +596,7 @@ impl Upgrader {
     }
 
     /// Accepts the child's connection, sends it the sockets, and reads until `READY=1`.
-    async fn handshake(&self, listener: &UnixListener, pid: u32) -> Result<String, HandshakeEnd> {
+    async fn handshake(&self, listener: &UnixListener, pid: u32, state: &Handed) -> Result<String, HandshakeEnd> {
         let stream = loop {
             let (stream, _) = listener
                 .accept()
@@ -549,7 +612,7 @@ impl Upgrader {
                 Err(e) => tracing::warn!(error = %e, "ignored a connection to the hand-off socket"),
             }
         };
-        self.send_sockets(&stream).await.map_err(HandshakeEnd::Failed)?;
+        self.send_sockets(&stream, state).await.map_err(HandshakeEnd::Failed)?;
         tracing::debug!(pid, "sockets handed to the new host");
         let mut lines = BufReader::new(stream).lines();
         let mut status = String::new();
@@ -569,7 +632,8 @@ impl Upgrader {
         }
     }
 
-    async fn send_sockets(&self, stream: &UnixStream) -> Result<(), String> {
+    /// Sends the sockets, and where the state is (with a state file's lock last).
+    async fn send_sockets(&self, stream: &UnixStream, state: &Handed) -> Result<(), String> {
         // Copies (close-on-exec) to send, so that no lock is held while waiting.
         let (names, fds) = {
             let guard = lock(&self.sockets);
@@ -586,8 +650,18 @@ impl Upgrader {
             }
             (names, fds)
         };
-        let message = format!("{PROTOCOL}\nLISTEN_FDNAMES={}\nEND\n", names.join(":"));
-        let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+        let mut message = format!("{PROTOCOL}\nLISTEN_FDNAMES={}\n", names.join(":"));
+        let mut borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+        let path = state
+            .path
+            .to_str()
+            .filter(|path| !path.contains(['\n', '\r']))
+            .ok_or_else(|| format!("cannot name the state file {} in the message", state.path.display()))?;
+        message.push_str(&format!("STATE={}\nSTATE_FILE={path}\n", state.kind.as_str()));
+        if let Some(lock) = &state.lock {
+            borrowed.push(lock.as_fd());
+        }
+        message.push_str("END\n");
         let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(borrowed.len()))];
         loop {
             stream
@@ -681,15 +755,37 @@ mod tests {
 
     #[test]
     fn the_message_names_the_sockets() {
-        let names = parse_message(&format!("{PROTOCOL}\nLISTEN_FDNAMES=http:http:admin\nEND\n")).expect("parses");
-        assert_eq!(names, ["http", "http", "admin"]);
+        let message = parse_message(&format!("{PROTOCOL}\nLISTEN_FDNAMES=http:http:admin\nEND\n")).expect("parses");
+        assert_eq!(message.names, ["http", "http", "admin"]);
+        assert_eq!(message.state, None, "an older host says nothing of its state");
         assert!(parse_message("something else\nEND\n").is_err());
         assert!(parse_message(&format!("{PROTOCOL}\nLISTEN_FDNAMES=http\n")).is_err());
+        let message = parse_message(&format!(
+            "{PROTOCOL}\nLISTEN_FDNAMES=http:admin\nSTATE=hand-off\nSTATE_FILE=/tmp/s/state.sqlite\nEND\n"
+        ))
+        .expect("parses");
+        assert_eq!(
+            message.state,
+            Some((HandedKind::HandOff, PathBuf::from("/tmp/s/state.sqlite")))
+        );
+        assert!(parse_message(&format!("{PROTOCOL}\nLISTEN_FDNAMES=http\nSTATE=file\nEND\n")).is_err());
+        assert!(parse_message(&format!(
+            "{PROTOCOL}\nLISTEN_FDNAMES=http\nSTATE=disk\nSTATE_FILE=/s\nEND\n"
+        ))
+        .is_err());
     }
 
-    /// Both ends in one process: the sockets arrive, named, and still listen.
+    /// Both ends in one process: the sockets arrive, named, and still listen; a state file's lock
+    /// comes last.
     #[tokio::test]
     async fn sockets_are_passed_with_their_names() {
+        let scratch = tempfile::tempdir().expect("a directory");
+        let lock_file = std::fs::File::create(scratch.path().join("state.sqlite.lock")).expect("created");
+        let state = Handed {
+            kind: HandedKind::File,
+            path: scratch.path().join("state.sqlite"),
+            lock: Some(OwnedFd::from(lock_file)),
+        };
         let public = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let admin = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let (public_address, admin_address) = (public.local_addr().expect("addr"), admin.local_addr().expect("addr"));
@@ -705,16 +801,22 @@ mod tests {
                 ("admin".into(), OwnedFd::from(admin)),
             ],
             None,
+            Arc::new(StateStore::in_memory(scratch.path().to_owned())),
         );
         let (ours, theirs) = UnixStream::pair().expect("pair");
-        upgrader.send_sockets(&ours).await.expect("sent");
+        upgrader.send_sockets(&ours, &state).await.expect("sent");
         let theirs = theirs.into_std().expect("std");
         theirs.set_nonblocking(false).expect("blocking");
-        let (text, fds) = tokio::task::spawn_blocking(move || receive(&theirs).expect("received"))
+        let (text, mut fds) = tokio::task::spawn_blocking(move || receive(&theirs).expect("received"))
             .await
             .expect("joined");
-        let names = parse_message(&text).expect("parses");
+        let Message { names, state: said } = parse_message(&text).expect("parses");
         assert_eq!(names, ["http", "admin"]);
+        assert_eq!(said, Some((HandedKind::File, state.path.clone())));
+        assert_eq!(fds.len(), 3, "two sockets and the lock");
+        let lock = fds.pop().expect("the lock");
+        let kind = rustix::fs::fstat(&lock).expect("fstat").st_mode & libc::S_IFMT;
+        assert_eq!(kind, libc::S_IFREG, "the lock file's descriptor");
         let mut sockets = Activated::default();
         for (name, fd) in names.into_iter().zip(fds) {
             sockets
@@ -740,6 +842,7 @@ mod tests {
             },
             Vec::new(),
             None,
+            Arc::new(StateStore::in_memory(std::env::temp_dir())),
         );
         let first = upgrader.start("test");
         let second = upgrader.start("test").await.expect("an answer");
@@ -757,6 +860,7 @@ mod tests {
             },
             Vec::new(),
             None,
+            Arc::new(StateStore::in_memory(std::env::temp_dir())),
         )
         .start("test")
         .await
@@ -778,6 +882,7 @@ mod tests {
             },
             Vec::new(),
             None,
+            Arc::new(StateStore::in_memory(std::env::temp_dir())),
         );
         let outcome = upgrader.start("test").await.expect("an answer");
         let message = outcome.expect_err("refused").to_string();

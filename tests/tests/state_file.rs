@@ -1,0 +1,372 @@
+//! State that outlives the host process (example-app's `/counter`): carried across host upgrades
+//! (SIGUSR2) with the cells in memory and with `--state-file`, kept across `kill -9` with
+//! `--state-file`, and state files the host refuses to start on (corrupt, unreadable, locked by a
+//! running host, of an unknown format).
+//!
+//! Increments go on fresh connections, each written whole at once, which an upgrade does not fail
+//! (tests/tests/upgrade.rs), so every increment sent is either acknowledged (2xx) or reported. Everything talks to 127.0.0.1
+//! only; every loop is bounded in count and time.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use e2e_tests::process::Adopted;
+use e2e_tests::{client, example_app, wait_until, AppVersion, Host, Sandbox};
+use hyper::{Method, StatusCode};
+use rustix::process::Signal;
+
+const WAIT: Duration = Duration::from_secs(60);
+/// Load clients stop after this long whatever happens...
+const LOAD_LIMIT: Duration = Duration::from_secs(120);
+/// ... or after this many increments each.
+const MAX_INCREMENTS: u64 = 50_000;
+const CLIENTS: usize = 4;
+
+/// Clients that increment the counter, each on a fresh connection per request, until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    acknowledged: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// `stop_on_failure`: a client stops at its first failed request (the host was killed).
+    fn start(address: std::net::SocketAddr, stop_on_failure: bool) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acknowledged = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let clients = (0..CLIENTS)
+            .map(|_| {
+                let (stop, acknowledged, failures) = (stop.clone(), acknowledged.clone(), failures.clone());
+                tokio::spawn(async move {
+                    let began = Instant::now();
+                    for _ in 0..MAX_INCREMENTS {
+                        if stop.load(Ordering::Relaxed) || began.elapsed() > LOAD_LIMIT {
+                            return;
+                        }
+                        match increment(address).await {
+                            Ok(reply) if reply.status.is_success() => {
+                                acknowledged.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(reply) => {
+                                failures
+                                    .lock()
+                                    .expect("failures")
+                                    .push(format!("{}: {}", reply.status, reply.text()))
+                            }
+                            Err(e) => {
+                                failures.lock().expect("failures").push(e.to_string());
+                                if stop_on_failure {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            acknowledged,
+            failures,
+            clients,
+        }
+    }
+
+    fn acknowledged(&self) -> u64 {
+        self.acknowledged.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` increments beyond `from` are acknowledged.
+    async fn wait_for(&self, from: u64, more: u64, what: &str) {
+        wait_until(what, WAIT, || async {
+            let acknowledged = self.acknowledged();
+            if acknowledged >= from + more {
+                Ok(())
+            } else {
+                Err(format!("{acknowledged} increments acknowledged"))
+            }
+        })
+        .await;
+    }
+
+    /// Stops the clients: the increments acknowledged, and the failures.
+    async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients {
+            client.await.expect("a load client panicked");
+        }
+        let failures = self.failures.lock().expect("failures").clone();
+        (self.acknowledged.load(Ordering::Relaxed), failures)
+    }
+}
+
+/// `POST /counter` on a new connection, the whole request written as soon as it is connected
+/// (as the fresh-connection clients of tests/tests/upgrade.rs do), and `Connection: close`.
+async fn increment(address: std::net::SocketAddr) -> Result<client::RawReply, client::Error> {
+    let mut connection = client::Raw::connect(address).await?;
+    connection
+        .send(b"POST /counter HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .await?;
+    connection.read_reply().await
+}
+
+async fn count(address: std::net::SocketAddr) -> u64 {
+    let reply = client::get(address, "/counter").await.expect("GET /counter");
+    assert!(
+        reply.status.is_success(),
+        "GET /counter: {} {}",
+        reply.status,
+        reply.text()
+    );
+    reply.json().expect("JSON")["count"].as_u64().expect("a count")
+}
+
+fn text(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 path")
+}
+
+/// Increments under load across a SIGUSR2 upgrade: the count read from the new process equals
+/// the increments acknowledged by either process. Returns the new process and the sandbox.
+async fn increments_across_an_upgrade(sandbox: &Sandbox, extra: &[&str]) -> (Host, Adopted) {
+    let mut host = sandbox
+        .host()
+        .args(["--drain-timeout", "20s"])
+        .args(extra)
+        .start()
+        .await;
+    let old_pid = host.pid();
+    let load = Load::start(host.addr(), false);
+    load.wait_for(0, 200, "increments on the old host").await;
+
+    host.signal(Signal::USR2);
+    let exit = host.wait_exit(WAIT).await;
+    assert!(
+        exit.success(),
+        "the old host exited with {exit}\n{}",
+        host.log_excerpt()
+    );
+    let status = host.status().await;
+    let new_pid = status["pid"].as_u64().expect("a pid");
+    assert_ne!(new_pid, u64::from(old_pid), "{status}");
+    let new_host = Adopted::new(u32::try_from(new_pid).expect("a pid"));
+    let before = load.acknowledged();
+    load.wait_for(before, 200, "increments on the new host").await;
+    let (acknowledged, failures) = load.finish().await;
+
+    // A connection the old process accepted in its last moment and closed unread is reset (the
+    // request was never read, so never counted): the client would send it again. Anything else
+    // is a failure.
+    let (unread, failed): (Vec<_>, Vec<_>) = failures.iter().partition(|f| f.contains("Connection reset by peer"));
+    assert!(
+        failed.is_empty(),
+        "failed increments: {failed:?}\n{}",
+        host.log_excerpt()
+    );
+    assert!(unread.len() <= 2 * CLIENTS, "{unread:?}");
+    assert_eq!(
+        count(host.addr()).await,
+        acknowledged,
+        "the count must equal the increments acknowledged before, during and after the upgrade\n{}",
+        host.log_excerpt()
+    );
+    eprintln!(
+        "{acknowledged} increments across the upgrade, none lost ({} connections reset unread)",
+        unread.len()
+    );
+    (host, new_host)
+}
+
+/// Without `--state-file`: the old host moves its cells into a hand-off file that both processes
+/// write while both serve; the new one moves them back into memory once the old one has exited,
+/// and removes the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cells_in_memory_are_carried_across_an_upgrade() {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(example_app(AppVersion::V1));
+    let (host, new_host) = increments_across_an_upgrade(&sandbox, &[]).await;
+    let state = wait_until("the cells to be back in memory", WAIT, || async {
+        let status = host.status().await;
+        if status["state"]["store"] == "memory" {
+            Ok(status["state"].clone())
+        } else {
+            Err(status.to_string())
+        }
+    })
+    .await;
+    assert!(state["cells"].as_u64().is_some_and(|cells| cells >= 2), "{state}");
+    let log = host.log_text();
+    assert!(log.contains("state moved from memory to a hand-off file"), "{log}");
+    assert!(log.contains("state moved back into memory"), "{log}");
+    new_host.stop(WAIT).await;
+    let left: Vec<_> = std::fs::read_dir(sandbox.staging_dir())
+        .expect("the staging directory")
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().contains("state"))
+        .map(|entry| entry.path())
+        .collect();
+    assert!(left.is_empty(), "hand-off directories left: {left:?}");
+}
+
+/// With `--state-file`: both processes use the file (the lock passes to the new one), and the
+/// count goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_is_shared_across_an_upgrade() {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(example_app(AppVersion::V1));
+    let file = sandbox.path().join("state.sqlite");
+    let (host, new_host) = increments_across_an_upgrade(&sandbox, &["--state-file", text(&file)]).await;
+    let status = host.status().await;
+    assert_eq!(status["state"]["store"], "file", "{status}");
+    // The new host holds the lock: a third host is refused.
+    let (exit, log) = sandbox
+        .host()
+        .args(["--state-file", text(&file)])
+        .run_to_exit(WAIT)
+        .await;
+    assert!(!exit.success(), "{log}");
+    assert!(
+        log.contains(&format!("locked by another running host (pid {})", new_host.pid())),
+        "{log}"
+    );
+    new_host.stop(WAIT).await;
+}
+
+/// `kill -9` under load, then a restart on the same `--state-file`: every acknowledged increment
+/// is there (and at most the ones in flight at the kill besides); then increments acknowledged
+/// just before a `kill -9` with nothing in flight: the count is exactly theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_keeps_every_acknowledged_write_across_kill_9() {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(example_app(AppVersion::V1));
+    let file = sandbox.path().join("state.sqlite");
+    let args = ["--state-file", text(&file)];
+
+    let mut host = sandbox.start_host(&args).await;
+    let load = Load::start(host.addr(), true);
+    load.wait_for(0, 300, "increments").await;
+    host.signal(Signal::KILL);
+    host.wait_exit(WAIT).await;
+    let (acknowledged, failures) = load.finish().await;
+    assert!(failures.len() <= CLIENTS, "{failures:?}");
+
+    let mut host = sandbox.start_host(&args).await;
+    let counted = count(host.addr()).await;
+    assert!(
+        counted >= acknowledged && counted <= acknowledged + failures.len() as u64,
+        "after kill -9: count {counted}, acknowledged {acknowledged}, in flight at the kill {}",
+        failures.len()
+    );
+
+    for _ in 0..50 {
+        let reply = increment(host.addr()).await.expect("POST /counter");
+        assert!(reply.status.is_success(), "{}", reply.text());
+    }
+    host.signal(Signal::KILL);
+    host.wait_exit(WAIT).await;
+    let host = sandbox.start_host(&args).await;
+    assert_eq!(
+        count(host.addr()).await,
+        counted + 50,
+        "every acknowledged increment survives kill -9"
+    );
+
+    // The debugging views.
+    let status = host.status().await;
+    assert_eq!(status["state"]["store"], "file", "{status}");
+    assert!(
+        status["state"]["cells"].as_u64().is_some_and(|cells| cells >= 2),
+        "{status}"
+    );
+    let list = host.admin_request(Method::GET, "/state").await;
+    let list = list.json().expect("JSON");
+    let counter = list["cells"]
+        .as_array()
+        .and_then(|cells| cells.iter().find(|cell| cell["key"] == "counter"))
+        .unwrap_or_else(|| panic!("GET /state lists the counter: {list}"));
+    assert!(counter["version"].as_u64().is_some_and(|v| v > counted), "{list}");
+    let mut raw = client::Raw::connect(host.admin_addr()).await.expect("connect");
+    raw.send(client::Raw::get_request("/state/counter").as_bytes())
+        .await
+        .expect("sent");
+    let cell = raw.read_reply().await.expect("an answer");
+    assert_eq!(cell.status, StatusCode::OK, "{}", cell.text());
+    assert_eq!(cell.header("content-type"), Some("application/json"));
+    assert_eq!(
+        cell.header("state-version").and_then(|v| v.parse::<u64>().ok()),
+        counter["version"].as_u64()
+    );
+    let value: serde_json::Value = serde_json::from_slice(&cell.body).expect("JSON");
+    assert_eq!(value["count"], counted + 50);
+    let missing = host.admin_request(Method::GET, "/state/nothing-here").await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    let metrics = host.admin_request(Method::GET, "/metrics").await.text();
+    assert!(metrics.lines().any(|l| l.starts_with("host_state_cells ")), "{metrics}");
+    assert!(metrics.lines().any(|l| l.starts_with("host_state_bytes ")), "{metrics}");
+    host.stop().await;
+}
+
+/// Starts a host on `file` that must refuse to start: its log.
+async fn refused(sandbox: &Sandbox, file: &Path) -> String {
+    let (exit, log) = sandbox
+        .host()
+        .args(["--state-file", text(file)])
+        .run_to_exit(WAIT)
+        .await;
+    assert!(!exit.success(), "the host started on a bad state file\n{log}");
+    assert!(!log.contains("serving"), "{log}");
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_state_files_stop_the_start() {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(example_app(AppVersion::V1));
+
+    // Corrupt: refused, and left as it was.
+    let corrupt = sandbox.path().join("corrupt.sqlite");
+    let garbage: Vec<u8> = (0..16_384u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&corrupt, &garbage).expect("written");
+    let log = refused(&sandbox, &corrupt).await;
+    assert!(log.contains("is corrupt or not an SQLite database"), "{log}");
+    assert_eq!(
+        std::fs::read(&corrupt).expect("read"),
+        garbage,
+        "the file must be left alone"
+    );
+
+    // Unreadable: a directory where the file should be.
+    let unreadable = sandbox.path().join("unreadable.sqlite");
+    std::fs::create_dir(&unreadable).expect("created");
+    let log = refused(&sandbox, &unreadable).await;
+    assert!(log.contains("cannot read and write the state file"), "{log}");
+
+    // Locked by a running host, which serves on.
+    let file = sandbox.path().join("state.sqlite");
+    let host = sandbox.start_host(&["--state-file", text(&file)]).await;
+    increment(host.addr()).await.expect("POST /counter");
+    let log = refused(&sandbox, &file).await;
+    assert!(
+        log.contains(&format!("locked by another running host (pid {})", host.pid())),
+        "{log}"
+    );
+    assert_eq!(count(host.addr()).await, 1, "the running host serves on");
+    host.stop().await;
+
+    // Of a format this host does not know (the header's user_version, at byte 60, big-endian).
+    assert!(
+        !Path::new(&format!("{}-wal", file.display())).exists(),
+        "a clean stop leaves the whole state in the file"
+    );
+    let mut bytes = std::fs::read(&file).expect("read");
+    bytes[60..64].copy_from_slice(&99u32.to_be_bytes());
+    std::fs::write(&file, &bytes).expect("written");
+    let log = refused(&sandbox, &file).await;
+    assert!(
+        log.contains("has format version 99, and this host reads format 1 only"),
+        "{log}"
+    );
+}
