@@ -250,6 +250,20 @@ pub fn open_under_way() -> Option<(u64, Duration)> {
     opening.map(|(generation, since)| (generation, since.elapsed()))
 }
 
+/// Makes glibc's malloc serve every allocation of 1 MiB or more with its own mapping, returned
+/// to the system when freed. By default the threshold adapts: once a large block (a library
+/// image read for staging, 4-50 MiB) is freed, blocks of that size come from the heap instead,
+/// and the heap keeps their pages after they are freed, so the host would hold on to one more
+/// library image's worth of memory than it uses. Call once, first thing in `main`.
+pub fn return_large_allocations_to_the_system() {
+    // SAFETY: `mallopt` only sets a parameter of glibc's allocator (under its own lock); a
+    // failure (0) leaves the default, which is merely less thrifty.
+    let set = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) };
+    if set == 0 {
+        tracing::debug!("mallopt(M_MMAP_THRESHOLD) refused; large freed blocks may stay in the heap");
+    }
+}
+
 /// Ends the process with `status` at once, without `exit`'s handlers and finalisers: for when a
 /// library's initialisers hold the dynamic loader's lock, which `exit` would wait for forever.
 pub fn exit_at_once(status: i32) -> ! {

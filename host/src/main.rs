@@ -73,6 +73,7 @@ struct Launch {
 }
 
 fn main() -> ExitCode {
+    loader::return_large_allocations_to_the_system();
     // A trial process for a library's initialisers does that and nothing else (`probe.rs`).
     let mut args = std::env::args_os().skip(1);
     if args.next().is_some_and(|arg| arg == probe::ARG) {

@@ -90,14 +90,26 @@ async fn two_hundred_reloads_leave_one_copy_mapped_and_memory_flat() {
     );
     println!("at most {most_mapped} staged copies were mapped right after a reload");
 
-    // And only the serving copy is left on disk.
-    let staged: Vec<PathBuf> = std::fs::read_dir(sandbox.staging_dir())
+    // And only the serving copy is left on disk, besides the versions kept for rollback (at most
+    // --keep-versions, 3).
+    let (kept, staged): (Vec<PathBuf>, Vec<PathBuf>) = std::fs::read_dir(sandbox.staging_dir())
         .expect("the staging directory exists")
         .flat_map(|host_dir| std::fs::read_dir(host_dir.expect("listing the staging directory").path()))
         .flatten()
         .map(|entry| entry.expect("listing the host's staging directory").path())
-        .collect();
+        .partition(|path| path.file_name().is_some_and(|name| name == "versions"));
     assert_eq!(staged.len(), 1, "staged copies left on disk: {staged:#?}");
+    for versions in kept {
+        let versions: Vec<PathBuf> = std::fs::read_dir(&versions)
+            .expect("listing the kept versions")
+            .flatten()
+            .map(|entry| entry.path())
+            .collect();
+        assert!(
+            versions.len() <= 3,
+            "more versions kept than --keep-versions: {versions:#?}"
+        );
+    }
 
     let rss_after_warmup = rss_after_warmup.expect("measured after the warm-up");
     let rss_at_end = host.proc_status_field("VmRSS");
