@@ -129,42 +129,37 @@ fn percent(part: u64, whole: u64) -> f64 {
     }
 }
 
-/// What to do with a canary now.
+/// How a canary ends.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
-    /// Keep measuring.
-    Wait,
     /// Roll it back, for this reason.
     RollBack(String),
     /// It has been healthy for long enough.
     Promote,
 }
 
-/// Judges a canary on what both sides served since it started.
-pub fn judge(canary: &Side, current: &Side, elapsed: Duration, settings: &CanarySettings) -> Verdict {
+/// Judges a canary on what both sides served since it started: `None` to keep measuring.
+pub fn judge(canary: &Side, current: &Side, elapsed: Duration, settings: &CanarySettings) -> Option<Verdict> {
     if canary.requests >= settings.min_requests {
         if canary.error_rate > current.error_rate + settings.max_error_rate {
-            return Verdict::RollBack(format!(
+            return Some(Verdict::RollBack(format!(
                 "canary rolled back: {:.1}% errors against {:.1}% over {} requests",
                 canary.error_rate, current.error_rate, canary.requests
-            ));
+            )));
         }
         if let (Some(limit), Some(canary_p99), Some(current_p99)) =
             (settings.max_p99_ratio, canary.p99_ms, current.p99_ms)
         {
             if canary_p99 > current_p99 * limit {
-                return Verdict::RollBack(format!(
+                return Some(Verdict::RollBack(format!(
                     "canary rolled back: p99 {canary_p99} ms against {current_p99} ms (more than {limit}×) over {} \
                      requests",
                     canary.requests
-                ));
+                )));
             }
         }
     }
-    if elapsed >= settings.duration {
-        return Verdict::Promote;
-    }
-    Verdict::Wait
+    (elapsed >= settings.duration).then_some(Verdict::Promote)
 }
 
 /// A canary under way: the generation, its share, and what both sides had served when it began.
@@ -241,12 +236,9 @@ mod tests {
     fn a_canary_is_judged_only_after_its_minimum_requests() {
         let settings = CanarySettings::default();
         let broken = side(99, 99, 1.0);
-        assert_eq!(
-            judge(&broken, &side(1000, 0, 1.0), Duration::ZERO, &settings),
-            Verdict::Wait
-        );
+        assert_eq!(judge(&broken, &side(1000, 0, 1.0), Duration::ZERO, &settings), None);
         let broken = side(100, 100, 1.0);
-        let Verdict::RollBack(reason) = judge(&broken, &side(1000, 0, 1.0), Duration::ZERO, &settings) else {
+        let Some(Verdict::RollBack(reason)) = judge(&broken, &side(1000, 0, 1.0), Duration::ZERO, &settings) else {
             panic!("a canary failing every request must be rolled back");
         };
         assert_eq!(
@@ -261,11 +253,11 @@ mod tests {
         // 5% against 4.5%: within one percentage point.
         assert_eq!(
             judge(&side(200, 10, 1.0), &side(200, 9, 1.0), Duration::ZERO, &settings),
-            Verdict::Wait
+            None
         );
         assert!(matches!(
             judge(&side(200, 10, 1.0), &side(200, 1, 1.0), Duration::ZERO, &settings),
-            Verdict::RollBack(_)
+            Some(Verdict::RollBack(_))
         ));
     }
 
@@ -274,12 +266,12 @@ mod tests {
         let mut settings = CanarySettings::default();
         assert_eq!(
             judge(&side(5, 0, 1.0), &side(5, 0, 1.0), Duration::from_secs(60), &settings),
-            Verdict::Promote
+            Some(Verdict::Promote)
         );
         settings.max_p99_ratio = Some(2.0);
         assert!(matches!(
             judge(&side(100, 0, 25.0), &side(100, 0, 10.0), Duration::ZERO, &settings),
-            Verdict::RollBack(_)
+            Some(Verdict::RollBack(_))
         ));
     }
 

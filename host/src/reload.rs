@@ -426,10 +426,6 @@ impl Reloader {
         }
         match verdict {
             Verdict::Promote => self.promote("canary"),
-            Verdict::Wait => Ok(Done {
-                generation,
-                canary: lock(&self.canary).as_ref().map(|canary| canary.percent),
-            }),
             Verdict::RollBack(reason) => {
                 let began = Instant::now();
                 self.end_canary();
@@ -485,7 +481,7 @@ impl Reloader {
                     let (canary_side, current_side) = canary.sides(&this.current.load());
                     crate::canary::judge(&canary_side, &current_side, canary.elapsed(), &this.settings.canary)
                 };
-                if verdict != Verdict::Wait {
+                if let Some(verdict) = verdict {
                     let _ = this.triggers.send(Trigger {
                         source: "canary",
                         action: Action::Judged {
@@ -786,12 +782,7 @@ async fn stage_kept(
             version.sha256
         );
     }
-    let file_name = version
-        .path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "app.so".into());
-    let staged_copy = settings.staging_dir.join(format!("gen{number}-{file_name}"));
+    let staged_copy = staged_path(settings, number, &version.path);
     let (kept_version, staged) = (version.clone(), staged_copy.clone());
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let (kept, sha256) = (kept_version.kept(), &kept_version.sha256);
@@ -827,16 +818,22 @@ async fn stage_kept(
     })
 }
 
+/// Where generation `number` of the library served as `library` is staged: `gen{N}-<its name>`
+/// in the staging directory.
+fn staged_path(settings: &ReloadSettings, number: u64, library: &std::path::Path) -> PathBuf {
+    let file_name = library
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "app.so".into());
+    settings.staging_dir.join(format!("gen{number}-{file_name}"))
+}
+
 /// Copies the library at the app path to a fresh, uniquely named file: `dlopen` of a path that
 /// is already loaded would return the old copy, and the original may be replaced at any moment.
 /// The bytes are checked against the trust policy as read, and exactly those bytes are staged.
 async fn stage(settings: &ReloadSettings, number: u64) -> anyhow::Result<LibraryInfo> {
     let path = settings.app_path.clone();
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "app.so".into());
-    let staged_copy = settings.staging_dir.join(format!("gen{number}-{file_name}"));
+    let staged_copy = staged_path(settings, number, &path);
     let staged = staged_copy.clone();
     let trust = settings.trust.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<String> {

@@ -506,27 +506,25 @@ impl StateStore {
     /// The new process an upgrade started is gone (it failed and was stopped): if nothing else
     /// uses the hand-off file, the cells go back into memory.
     pub fn successor_failed(&self) {
-        let mut backend = lock(&self.backend);
-        if let Backend::File(FileCells {
-            role: Role::HandOff(directory),
-            ..
-        }) = &mut *backend
-        {
-            directory.successor = false;
-            back_to_memory(&mut backend);
-        }
+        self.hand_off_user_gone(|directory| directory.successor = false);
     }
 
     /// The old host this one took the state over from has exited: if nothing else uses the
     /// hand-off file, the cells go back into memory.
     pub fn parent_exited(&self) {
+        self.hand_off_user_gone(|directory| directory.parent = None);
+    }
+
+    /// Records, with `forget`, that one of the processes sharing the hand-off file is gone, then
+    /// moves the cells back into memory if the other one was too.
+    fn hand_off_user_gone(&self, forget: impl FnOnce(&mut HandOffDirectory)) {
         let mut backend = lock(&self.backend);
         if let Backend::File(FileCells {
             role: Role::HandOff(directory),
             ..
         }) = &mut *backend
         {
-            directory.parent = None;
+            forget(directory);
             back_to_memory(&mut backend);
         }
     }

@@ -238,7 +238,7 @@ pub fn read_trusted<R: Send>(
     }
     let (sha256, alongside) = std::thread::scope(|scope| {
         let other = scope.spawn(|| alongside(&bytes));
-        let sha256 = sha256_hex(&bytes);
+        let sha256 = format!("{:x}", Sha256::digest(&bytes));
         // A panic in `alongside` is the caller's own, and goes on in the caller.
         let alongside = other.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         (sha256, alongside)
@@ -257,11 +257,6 @@ pub fn read_trusted<R: Send>(
         verify_signature(path, &bytes, &sha256, policy)?;
     }
     Ok((sha256, alongside))
-}
-
-/// The sha256 of `bytes`, as lower-case hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(bytes))
 }
 
 /// The detached signature of the library at `path`.

@@ -77,6 +77,12 @@ fn count(answers: &BTreeMap<(u16, String), u64>, status: u16, behaviour: Hostile
     answers.get(&(status, behaviour.greeting())).copied().unwrap_or(0)
 }
 
+/// Asserts that `GET /` on a new connection answers `behaviour`'s greeting.
+async fn serves(addr: SocketAddr, behaviour: Hostile, context: &str) {
+    let reply = client::get(addr, "/").await.expect("GET /");
+    assert_answer(&reply, &behaviour.greeting(), context);
+}
+
 /// The live generations' numbers in `/status`.
 fn live_generations(status: &serde_json::Value) -> Vec<u64> {
     status["generations"]
@@ -144,8 +150,7 @@ async fn a_failing_canary_is_rolled_back_by_itself() {
         "every other request is answered by the current version: {answers:?}"
     );
     for _ in 0..10 {
-        let reply = client::get(host.addr(), "/").await.expect("GET / after the rollback");
-        assert_answer(&reply, &Hostile::Default.greeting(), "after the canary was rolled back");
+        serves(host.addr(), Hostile::Default, "after the canary was rolled back").await;
     }
     let metrics = host.admin_request(Method::GET, "/metrics").await.text();
     let line = format!("host_http_requests_total{{generation=\"{canary}\",class=\"5xx\"}} {failed}");
@@ -220,8 +225,7 @@ async fn a_healthy_canary_is_promoted_after_its_duration() {
     let status = host.status().await;
     assert_eq!(status["last_reload"]["trigger"], "canary", "{status}");
     assert_eq!(status["last_reload"]["ok"], true, "{status}");
-    let reply = client::get(host.addr(), "/").await.expect("GET / after the promotion");
-    assert_answer(&reply, &Hostile::Todos.greeting(), "after the promotion");
+    serves(host.addr(), Hostile::Todos, "after the promotion").await;
 }
 
 /// `POST /promote` makes a canary the serving version at once; `POST /rollback` loads the
@@ -233,10 +237,6 @@ async fn promote_and_rollback_on_request() {
     sandbox.deploy(hostile_app(Hostile::Default));
     let host = sandbox.start_host(&["--drain-timeout", "1s"]).await;
     let addr = host.addr();
-    let serves = |behaviour: Hostile, context: &'static str| async move {
-        let reply = client::get(addr, "/").await.expect("GET /");
-        assert_answer(&reply, &behaviour.greeting(), context);
-    };
 
     let (status, answer) = admin_post(&host, "/rollback").await;
     assert_eq!(status, StatusCode::CONFLICT, "nothing to roll back to yet: {answer}");
@@ -254,13 +254,13 @@ async fn promote_and_rollback_on_request() {
     let (status, answer) = admin_post(&host, "/promote").await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["generation"], canary, "{answer}");
-    serves(Hostile::Todos, "after POST /promote").await;
+    serves(addr, Hostile::Todos, "after POST /promote").await;
 
     // Back to the first version, from its kept bytes: `--app` holds something else by now.
     sandbox.deploy(hostile_app(Hostile::Blocking));
     let (status, answer) = admin_post(&host, "/rollback").await;
     assert_eq!(status, StatusCode::OK, "{answer}");
-    serves(Hostile::Default, "after POST /rollback").await;
+    serves(addr, Hostile::Default, "after POST /rollback").await;
     let versions = host.status().await["versions"].clone();
     let todos_sha = versions
         .as_array()
@@ -270,7 +270,7 @@ async fn promote_and_rollback_on_request() {
         .to_owned();
     let (status, answer) = admin_post(&host, &format!("/rollback?sha256={todos_sha}")).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
-    serves(Hostile::Todos, "after POST /rollback?sha256=").await;
+    serves(addr, Hostile::Todos, "after POST /rollback?sha256=").await;
     let (status, answer) = admin_post(&host, "/rollback?sha256=00ff").await;
     assert_eq!(status, StatusCode::CONFLICT, "no such version: {answer}");
 
@@ -283,7 +283,7 @@ async fn promote_and_rollback_on_request() {
     assert_eq!(answer["generation"], serving, "the current version stays: {answer}");
     let status = host.status().await;
     assert!(status["canary"].is_null(), "the canary is gone: {status}");
-    serves(Hostile::Todos, "after the canary was aborted").await;
+    serves(addr, Hostile::Todos, "after the canary was aborted").await;
 }
 
 /// The kept copies of versions in the host's staging directory (`<staging>/host-*/versions/`).
@@ -309,10 +309,6 @@ async fn bad_input_is_refused_and_the_serving_version_stays() {
     sandbox.deploy(hostile_app(Hostile::Default));
     let host = sandbox.start_host(&["--drain-timeout", "1s"]).await;
     let addr = host.addr();
-    let serves = |behaviour: Hostile, context: &'static str| async move {
-        let reply = client::get(addr, "/").await.expect("GET /");
-        assert_answer(&reply, &behaviour.greeting(), context);
-    };
 
     for path in ["/reload?canary=101", "/reload?canary=ten", "/rollback?sha256=xyz"] {
         let reply = host.admin_request(Method::POST, path).await;
@@ -336,7 +332,7 @@ async fn bad_input_is_refused_and_the_serving_version_stays() {
     }
     let (status, answer) = admin_post(&host, "/promote").await;
     assert_eq!(status, StatusCode::OK, "{answer}");
-    serves(Hostile::Todos, "after the promotion").await;
+    serves(addr, Hostile::Todos, "after the promotion").await;
 
     // The first version's kept bytes change: it is not loaded.
     let first = host.status().await["versions"][1]["sha256"]
@@ -363,7 +359,7 @@ async fn bad_input_is_refused_and_the_serving_version_stays() {
         answer["error"].as_str().is_some_and(|e| e.contains("was altered")),
         "the refusal says the bytes changed: {answer}"
     );
-    serves(Hostile::Todos, "after the refused rollback").await;
+    serves(addr, Hostile::Todos, "after the refused rollback").await;
 
     // Gone altogether.
     std::fs::remove_file(altered).expect("remove the altered copy");
@@ -375,5 +371,5 @@ async fn bad_input_is_refused_and_the_serving_version_stays() {
             .is_some_and(|e| e.contains("cannot read the kept version")),
         "the refusal says the copy is gone: {answer}"
     );
-    serves(Hostile::Todos, "after the second refused rollback").await;
+    serves(addr, Hostile::Todos, "after the second refused rollback").await;
 }

@@ -985,17 +985,7 @@ fn reload_latency(env: &Env) -> anyhow::Result<serde_json::Value> {
             column.1.push(value);
         }
     }
-    let mut table = Vec::new();
-    say!("  {:<36} {:>9} {:>9} {:>9}", "step (ms)", "p50", "p99", "max");
-    for (name, values) in &columns {
-        let (p50, p99, max) = (
-            percentile(values, 0.5),
-            percentile(values, 0.99),
-            percentile(values, 1.0),
-        );
-        say!("  {name:<36} {p50:>9.3} {p99:>9.3} {max:>9.3}");
-        table.push(json!({ "step": name, "p50_ms": p50, "p99_ms": p99, "max_ms": max }));
-    }
+    let table = step_table(&columns);
     let p50 = percentile(&columns[0].1, 0.5);
     say!(
         "reload: p50 trigger → serving {p50:.2} ms (target <= 5 ms: {}; others busy {:.0}%)",
@@ -1045,6 +1035,25 @@ fn read_reload_steps(log: &Path) -> anyhow::Result<std::collections::HashMap<u64
         }
     }
     Ok(steps)
+}
+
+/// Prints the steps of a reload (or rollback) as a table of their p50, p99 and max, in ms, and
+/// returns its rows as JSON.
+fn step_table(columns: &[(&str, Vec<f64>)]) -> Vec<serde_json::Value> {
+    let width = columns.iter().map(|(name, _)| name.chars().count()).max().unwrap_or(0);
+    say!("  {:<width$} {:>9} {:>9} {:>9}", "step (ms)", "p50", "p99", "max");
+    columns
+        .iter()
+        .map(|(name, values)| {
+            let (p50, p99, max) = (
+                percentile(values, 0.5),
+                percentile(values, 0.99),
+                percentile(values, 1.0),
+            );
+            say!("  {name:<width$} {p50:>9.3} {p99:>9.3} {max:>9.3}");
+            json!({ "step": name, "p50_ms": p50, "p99_ms": p99, "max_ms": max })
+        })
+        .collect()
 }
 
 /// Item 4: memory after many reloads.

@@ -22,7 +22,7 @@ use anyhow::{bail, Context as _};
 use serde_json::json;
 
 use super::stats::percentile;
-use super::{admin_json, read_reload_steps, wait_single_generation, Env};
+use super::{admin_json, read_reload_steps, step_table, wait_single_generation, Env};
 use crate::http;
 
 /// Untimed cycles first: they fault in the host's own code paths.
@@ -126,17 +126,7 @@ pub fn run(env: &Env) -> anyhow::Result<serde_json::Value> {
             column.1.push(value);
         }
     }
-    let mut table = Vec::new();
-    say!("  {:<38} {:>9} {:>9} {:>9}", "step (ms)", "p50", "p99", "max");
-    for (name, values) in &columns {
-        let (p50, p99, max) = (
-            percentile(values, 0.5),
-            percentile(values, 0.99),
-            percentile(values, 1.0),
-        );
-        say!("  {name:<38} {p50:>9.3} {p99:>9.3} {max:>9.3}");
-        table.push(json!({ "step": name, "p50_ms": p50, "p99_ms": p99, "max_ms": max }));
-    }
+    let table = step_table(&columns);
     let (p50, p99) = (percentile(&columns[0].1, 0.5), percentile(&columns[0].1, 0.99));
     say!(
         "rollback: p50 trigger → answer {p50:.2} ms, p99 {p99:.2} ms (target p50 <= {TARGET_P50_MS} ms: {}; others \
