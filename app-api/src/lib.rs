@@ -46,6 +46,9 @@
 //!
 //! `tracing` events from app code are forwarded to the host's log, tagged with the generation.
 //!
+//! The same code also runs as an ordinary binary, without the host and without reloads:
+//! [`serve_without_host`].
+//!
 //! # State and background work
 //!
 //! Anything in the library's memory is gone after a reload. State that must survive goes in
@@ -121,12 +124,14 @@ mod guest;
 mod io;
 mod server;
 mod state;
+mod without_host;
 
 pub use axum;
 pub use serde;
 pub use state::{State, StateError};
 pub use tokio;
 pub use tracing;
+pub use without_host::serve_without_host;
 
 use std::future::Future;
 
@@ -156,7 +161,7 @@ pub trait App: Sized + Send + Sync + 'static {
 pub struct InitContext {
     pub(crate) generation: u64,
     pub(crate) config: String,
-    pub(crate) state: app_abi::StateApi,
+    pub(crate) state: state::Cells,
     pub(crate) background: tokio_util::sync::CancellationToken,
 }
 
@@ -180,7 +185,7 @@ impl InitContext {
     where
         T: serde::Serialize + serde::de::DeserializeOwned + Default,
     {
-        State::open(self.state, key)
+        State::open(self.state.clone(), key)
     }
 
     /// Runs `task` in the background for as long as this generation is current.

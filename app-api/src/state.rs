@@ -52,7 +52,9 @@
 //! A `State` is only usable while its generation runs; keep it in the app, its router and its
 //! tasks, not in a `static`.
 
+use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use abi_stable::std_types::{RSlice, RStr};
 use serde::de::DeserializeOwned;
@@ -73,10 +75,60 @@ pub enum StateError {
     Serialize { key: String, source: serde_json::Error },
 }
 
+/// Where a generation's state cells live.
+#[derive(Clone, Debug)]
+pub(crate) enum Cells {
+    /// In the host, through its state interface: they outlive the library.
+    Host(StateApi),
+    /// In this process's memory, for an app served without the host
+    /// ([`serve_without_host`](crate::serve_without_host)): each cell a version and a value.
+    InProcess(Arc<Mutex<HashMap<String, InProcessCell>>>),
+}
+
+/// A cell kept in this process: its version (how many writes it has had) and its value.
+pub(crate) type InProcessCell = (u64, Vec<u8>);
+
+impl Cells {
+    /// Calls `with` with the cell's version (0 if it was never written) and its bytes.
+    fn read<R>(&self, key: &str, with: impl FnOnce(u64, Option<&[u8]>) -> R) -> R {
+        match self {
+            Cells::Host(api) => {
+                let cell = (api.read)(api.handle, RStr::from_str(key));
+                with(
+                    cell.version,
+                    cell.bytes.as_ref().into_option().map(|bytes| bytes.as_slice()),
+                )
+            }
+            Cells::InProcess(cells) => match cells.lock().unwrap_or_else(PoisonError::into_inner).get(key) {
+                Some((version, bytes)) => with(*version, Some(bytes)),
+                None => with(0, None),
+            },
+        }
+    }
+
+    /// Writes the cell if its version is still `version`; returns whether it did.
+    fn compare_and_set(&self, key: &str, version: u64, bytes: Vec<u8>) -> bool {
+        match self {
+            Cells::Host(api) => {
+                (api.compare_and_set)(api.handle, RStr::from_str(key), version, RSlice::from_slice(&bytes))
+            }
+            Cells::InProcess(cells) => {
+                let mut cells = cells.lock().unwrap_or_else(PoisonError::into_inner);
+                let current = cells.get(key).map_or(0, |(version, _)| *version);
+                if current != version {
+                    return false;
+                }
+                cells.insert(key.to_owned(), (version + 1, bytes));
+                true
+            }
+        }
+    }
+}
+
 /// A typed handle on one host-owned state cell. Cheap to clone; see the [module docs](self).
 pub struct State<T> {
     key: String,
-    api: StateApi,
+    cells: Cells,
     _value: PhantomData<fn() -> T>,
 }
 
@@ -84,7 +136,7 @@ impl<T> Clone for State<T> {
     fn clone(&self) -> Self {
         State {
             key: self.key.clone(),
-            api: self.api,
+            cells: self.cells.clone(),
             _value: PhantomData,
         }
     }
@@ -97,10 +149,10 @@ impl<T> std::fmt::Debug for State<T> {
 }
 
 impl<T: Serialize + DeserializeOwned + Default> State<T> {
-    pub(crate) fn open(api: StateApi, key: &str) -> Result<Self, StateError> {
+    pub(crate) fn open(cells: Cells, key: &str) -> Result<Self, StateError> {
         let state = State {
             key: key.to_owned(),
-            api,
+            cells,
             _value: PhantomData,
         };
         state.get()?;
@@ -141,12 +193,7 @@ impl<T: Serialize + DeserializeOwned + Default> State<T> {
             };
             let result = change(&mut value);
             let bytes = self.encode(&value, stored, known.as_ref())?;
-            if (self.api.compare_and_set)(
-                self.api.handle,
-                RStr::from_str(&self.key),
-                version,
-                RSlice::from_slice(&bytes),
-            ) {
+            if self.cells.compare_and_set(&self.key, version, bytes) {
                 return Ok(result);
             }
             // Another writer came first: go again on its value.
@@ -155,17 +202,18 @@ impl<T: Serialize + DeserializeOwned + Default> State<T> {
     }
 
     fn read_raw(&self) -> (u64, Option<serde_json::Value>, Result<T, StateError>) {
-        let cell = (self.api.read)(self.api.handle, RStr::from_str(&self.key));
-        let Some(bytes) = cell.bytes.into_option() else {
-            return (cell.version, None, Ok(T::default()));
-        };
-        match serde_json::from_slice::<serde_json::Value>(bytes.as_slice()) {
-            Ok(stored) => {
-                let value = T::deserialize(&stored).map_err(|source| self.incompatible(source));
-                (cell.version, Some(stored), value)
+        self.cells.read(&self.key, |version, bytes| {
+            let Some(bytes) = bytes else {
+                return (version, None, Ok(T::default()));
+            };
+            match serde_json::from_slice::<serde_json::Value>(bytes) {
+                Ok(stored) => {
+                    let value = T::deserialize(&stored).map_err(|source| self.incompatible(source));
+                    (version, Some(stored), value)
+                }
+                Err(source) => (version, None, Err(self.incompatible(source))),
             }
-            Err(source) => (cell.version, None, Err(self.incompatible(source))),
-        }
+        })
     }
 
     /// Serialises `value`, keeping the fields of the stored object that `T` does not know.

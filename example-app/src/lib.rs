@@ -82,7 +82,7 @@ struct Counter {
 type Ticks = BTreeMap<String, u64>;
 
 #[derive(Clone)]
-struct ExampleApp {
+pub struct ExampleApp {
     generation: u64,
     counter: State<Counter>,
     ticks: State<Ticks>,

@@ -111,7 +111,7 @@ async fn serve<A: App>(host: &HostApi<'_>) -> Result<(), String> {
     let ctx = InitContext {
         generation: host.generation,
         config: host.config.to_string(),
-        state: host.state,
+        state: crate::state::Cells::Host(host.state),
         background: background.clone(),
     };
     let init = AssertUnwindSafe(A::init(ctx)).catch_unwind();

@@ -6,8 +6,9 @@
 //! edited under other people's builds and tests:
 //! - `app/`: example-app, renamed `bench-edit-app` (its library must not overwrite
 //!   `libexample_app.so` if the target directory is shared);
-//! - `static-server/`: the baseline server's single source file as a binary crate,
-//!   `bench-edit-static`.
+//! - `static-server/`: that same source file compiled into a plain binary, `bench-edit-static`,
+//!   that serves it without the host (`app_api::serve_without_host`), with the same dependencies:
+//!   one crate, as a plain axum server usually is.
 //!
 //! The workspace copies the real one's dependency versions (`Cargo.lock`), settings and profiles,
 //! and both loops build with the dev profile, as one does while editing. The full run gives
@@ -20,7 +21,7 @@
 //! editors do) to the first answer with the new text. Each edit also counts the poller's
 //! refused connections and failed requests (errors, timeouts, non-200 answers) between the save
 //! and that answer. The static loop is measured at its best: the build starts the moment the
-//! file is saved (no watcher, no debounce; `cargo xtask dev` waits for 200 ms of quiet) and the
+//! file is saved (no watcher, no debounce; `cargo xtask dev` waits for 10 ms of quiet) and the
 //! old server serves until the new binary is built.
 
 use std::collections::HashMap;
@@ -48,9 +49,28 @@ const FIRST_BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// One edit may take this long to be served.
 const EDIT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
-/// The line in example-app that holds the version, and the baseline's.
+/// The line in example-app that holds the version.
 const APP_VERSION_LINE: &str = "pub const VERSION: &str = ";
-const STATIC_VERSION_LINE: &str = "const VERSION: &str = ";
+
+/// The static server: example-app's code, served as any axum binary is.
+const STATIC_SERVER_SOURCE: &str = r#"//! example-app's code as a plain binary: `bench-edit-static --listen ADDR`.
+
+#[path = "../../app/src/lib.rs"]
+mod app;
+
+fn main() -> Result<(), app_api::Error> {
+    let mut args = std::env::args().skip(1);
+    let listen = match (args.next().as_deref(), args.next()) {
+        (Some("--listen"), Some(address)) => address,
+        _ => return Err("usage: bench-edit-static --listen ADDR".into()),
+    };
+    let runtime = app_api::tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = app_api::tokio::net::TcpListener::bind(&listen).await?;
+        app_api::serve_without_host::<app::ExampleApp>(listener, String::new()).await
+    })
+}
+"#;
 
 fn served_text(version: &str) -> String {
     format!("Hello from example-app {version}\n")
@@ -175,29 +195,26 @@ fn prepare_workspace(real: &Path, workspace: &Path) -> anyhow::Result<()> {
         &with_version(&app_source, APP_VERSION_LINE, "v1")?,
     )?;
 
-    // The static server: the baseline's one file.
-    let static_manifest = "\
-[package]
-name = \"bench-edit-static\"
-version = \"0.1.0\"
-edition.workspace = true
-rust-version.workspace = true
-publish = false
-
-[dependencies]
-axum.workspace = true
-hyper.workspace = true
-hyper-util.workspace = true
-tokio.workspace = true
-tower.workspace = true
-";
-    write(&workspace.join("static-server/Cargo.toml"), static_manifest)?;
-    let baseline =
-        std::fs::read_to_string(real.join("bench/src/bin/baseline.rs")).context("cannot read the baseline")?;
+    // The static server: a binary crate with the app's dependencies.
+    let package = toml::toml! {
+        name = "bench-edit-static"
+        version = "0.1.0"
+        edition = { workspace = true }
+        rust-version = { workspace = true }
+        publish = false
+    };
+    let mut static_manifest = toml::Table::new();
+    static_manifest.insert("package".into(), package.into());
+    let dependencies = app
+        .get("dependencies")
+        .cloned()
+        .context("example-app has no [dependencies]")?;
+    static_manifest.insert("dependencies".into(), dependencies);
     write(
-        &workspace.join("static-server/src/main.rs"),
-        &with_version(&baseline, STATIC_VERSION_LINE, "v1")?,
+        &workspace.join("static-server/Cargo.toml"),
+        &static_manifest.to_string(),
     )?;
+    write(&workspace.join("static-server/src/main.rs"), STATIC_SERVER_SOURCE)?;
     Ok(())
 }
 
@@ -476,8 +493,8 @@ fn start_static(executable: &Path, listen: SocketAddr, log: &Path) -> anyhow::Re
 /// The static loop: edit, build, stop the old server, start the new one.
 fn static_loop(env: &Env, workspace: &Path, target_dir: &Path, logs: &Path) -> anyhow::Result<Vec<EditResult>> {
     let listen = procs::free_address()?;
-    let source = workspace.join("static-server/src/main.rs");
-    save_version(&source, STATIC_VERSION_LINE, "v1")?;
+    let source = workspace.join("app/src/lib.rs");
+    save_version(&source, APP_VERSION_LINE, "v1")?;
     say!("  building the static server (first build may be cold)");
     let build_log = logs.join("static-build.log");
     let executable = build_static(workspace, target_dir, &build_log)?;
@@ -493,7 +510,7 @@ fn static_loop(env: &Env, workspace: &Path, target_dir: &Path, logs: &Path) -> a
         let version = format!("static{edit}");
         let (ok0, refused0, failed0) = poller.counts();
         let saved = Instant::now();
-        save_version(&source, STATIC_VERSION_LINE, &version)?;
+        save_version(&source, APP_VERSION_LINE, &version)?;
         build_static(workspace, target_dir, &build_log)?;
         let built = Instant::now();
         server.stop();
@@ -526,6 +543,6 @@ fn static_loop(env: &Env, workspace: &Path, target_dir: &Path, logs: &Path) -> a
     }
     drop(poller);
     server.stop();
-    save_version(&source, STATIC_VERSION_LINE, "v1")?;
+    save_version(&source, APP_VERSION_LINE, "v1")?;
     Ok(results)
 }
