@@ -81,6 +81,8 @@ struct Counter {
 /// How many times each generation's background task has ticked, by generation number.
 type Ticks = BTreeMap<String, u64>;
 
+/// The app. Public so that a binary can serve this code without the host
+/// (`app_api::serve_without_host`), as `cargo xtask bench edit` does.
 #[derive(Clone)]
 pub struct ExampleApp {
     generation: u64,
