@@ -11,6 +11,7 @@
 //! unset, then the defaults fill the rest. A file with an unknown key or a value of the wrong type
 //! is refused with an error that names the key.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -20,6 +21,13 @@ use anyhow::Context as _;
 use clap::builder::BoolishValueParser;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
+
+use crate::ops::upgrade::old_host::UpgradeSettings;
+use crate::reload::build::BuildCommand;
+use crate::reload::canary::CanarySettings;
+use crate::reload::trust::TrustPolicy;
+use crate::reload::ReloadSettings;
+use crate::serving::listeners::{Limits, ListenSettings};
 
 const AFTER_HELP: &str = "\
 Every option can also be set by an environment variable (shown as [env: ...]) or by a key of the
@@ -332,10 +340,83 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub require_sha256: Option<Sha256Hex>,
     pub trusted_key: Option<PathBuf>,
-    pub canary: crate::canary::CanarySettings,
+    pub canary: CanarySettings,
     pub keep_versions: usize,
     /// `None`: the cells are kept in memory.
     pub state_file: Option<PathBuf>,
+}
+
+// What each part of the host is given: built here, so that `main` only passes them on.
+impl Settings {
+    pub fn listen_settings(&self) -> anyhow::Result<ListenSettings> {
+        Ok(ListenSettings {
+            listen: self.listen_configured.then(|| self.listen.clone()),
+            default_listen: DEFAULT_LISTEN.parse().context("the default listen address")?,
+            backlog: self.listen_backlog,
+            admin: self.admin,
+            admin_reload: self.admin_reload,
+        })
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_body_bytes: self.max_body_bytes,
+            max_head_bytes: self.max_head_bytes,
+            header_read_timeout: self.header_read_timeout,
+            request_timeout: self.request_timeout,
+            max_connections: self.max_connections,
+        }
+    }
+
+    /// Reads `--trusted-key`'s keys.
+    pub fn trust_policy(&self) -> anyhow::Result<TrustPolicy> {
+        Ok(TrustPolicy {
+            require_sha256: self.require_sha256.as_ref().map(|s| s.0.clone()),
+            trusted_keys: match &self.trusted_key {
+                Some(path) => crate::reload::trust::read_trusted_keys(path)?,
+                None => Vec::new(),
+            },
+            trusted_key_file: self.trusted_key.clone(),
+        })
+    }
+
+    /// `staging_dir`: this host's own staging directory (`staging::create`).
+    pub fn reload_settings(&self, staging_dir: PathBuf, trust: TrustPolicy) -> ReloadSettings {
+        ReloadSettings {
+            app_path: self.app.clone(),
+            app_config: self.app_config.clone(),
+            staging_dir,
+            worker_threads: self.app_threads.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get() as u32)
+                    .unwrap_or(2)
+            }),
+            init_timeout: self.init_timeout,
+            drain_timeout: self.drain_timeout,
+            stop_timeout: self.stop_timeout,
+            trust,
+            build: self.build.clone().map(|command| BuildCommand {
+                command,
+                timeout: self.build_timeout,
+            }),
+            canary: self.canary.clone(),
+            keep_versions: self.keep_versions,
+        }
+    }
+
+    /// `binary` and `args`: how this host was started, which `--upgrade-binary` overrides.
+    pub fn upgrade_settings(&self, binary: PathBuf, args: Vec<OsString>) -> anyhow::Result<UpgradeSettings> {
+        Ok(UpgradeSettings {
+            binary: match &self.upgrade_binary {
+                Some(path) => std::path::absolute(path)
+                    .with_context(|| format!("cannot resolve --upgrade-binary {}", path.display()))?,
+                None => binary,
+            },
+            args,
+            timeout: self.upgrade_timeout,
+            pid_file: self.pid_file.clone(),
+        })
+    }
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -513,8 +594,8 @@ pub fn merge(options: Options, file: FileOptions) -> anyhow::Result<Settings> {
 }
 
 /// The `--canary*` settings, checked.
-fn canary_settings(options: &Options, file: &FileOptions) -> anyhow::Result<crate::canary::CanarySettings> {
-    let defaults = crate::canary::CanarySettings::default();
+fn canary_settings(options: &Options, file: &FileOptions) -> anyhow::Result<CanarySettings> {
+    let defaults = CanarySettings::default();
     let percent = options.canary.or(file.canary).unwrap_or(defaults.percent);
     anyhow::ensure!(
         percent <= 100,
@@ -535,7 +616,7 @@ fn canary_settings(options: &Options, file: &FileOptions) -> anyhow::Result<crat
             "canary-max-p99-ratio = {ratio}: a factor of 1 or more"
         );
     }
-    Ok(crate::canary::CanarySettings {
+    Ok(CanarySettings {
         percent,
         min_requests: options
             .canary_min_requests

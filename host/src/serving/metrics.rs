@@ -11,8 +11,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
+
+use crate::util::lock;
 
 /// Upper bounds (seconds) of the duration histograms' buckets.
 const BUCKETS: [f64; 14] = [
@@ -257,10 +259,6 @@ pub struct Metrics {
     retired: Mutex<BTreeMap<u64, Traffic>>,
     reload_duration: Mutex<Histogram>,
     drain_duration: Mutex<Histogram>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What one loaded generation is serving now.

@@ -19,8 +19,8 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::ops::upgrade::old_host::{UpgradeError, Upgrader};
 use crate::reload::{Action, Refusal, Reloader};
-use crate::upgrade::{UpgradeError, Upgrader};
 
 /// How long admin requests under way may take to finish once the admin listener stops.
 const FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -94,7 +94,7 @@ async fn route(
         (&Method::GET, "/metrics") => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            Bytes::from(crate::metrics::global().render(&reloader.metrics_snapshot())),
+            Bytes::from(crate::serving::metrics::global().render(&reloader.metrics_snapshot())),
         ),
         (&Method::GET, "/state") => state_list(&reloader),
         (&Method::GET, path) if path.starts_with("/state/") => state_cell(&reloader, &path["/state/".len()..]),
@@ -137,7 +137,7 @@ async fn route(
                 .start("admin")
                 .await
                 .unwrap_or(Err(UpgradeError::ShuttingDown));
-            let duration_ms = crate::generation::ms(began.elapsed());
+            let duration_ms = crate::util::ms(began.elapsed());
             match outcome {
                 Ok(upgraded) => json(
                     StatusCode::OK,
@@ -176,7 +176,7 @@ async fn route(
 async fn act(reloader: &Reloader, action: Action) -> Response<Full<Bytes>> {
     let began = std::time::Instant::now();
     let outcome = reloader.ask("admin", action).await;
-    let duration_ms = crate::generation::ms(began.elapsed());
+    let duration_ms = crate::util::ms(began.elapsed());
     match outcome {
         Ok(done) => {
             let mut answer =

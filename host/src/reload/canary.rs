@@ -3,19 +3,14 @@
 //! as its error rate is worse than the current version's by more than allowed, promoted once it
 //! has been healthy for long enough.
 //!
-//! The split is per connection, made where connections are accepted: every serving generation
-//! asks the host before it accepts (`at_capacity`), and the canary is held back while it has
-//! taken more than its share of the connections accepted since it started. It cannot be held to
-//! less than that (the current generation is never held back), so its share is approximate:
-//! it gets what it would by competing for the listener, capped at its percentage. Connections
-//! kept alive by clients stay where they are; only new ones are split.
+//! The split is per connection, made where connections are accepted (`serving/share.rs`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::generation::Generation;
-use crate::metrics::Traffic;
+use crate::serving::metrics::Traffic;
+use crate::serving::share::AcceptShare;
 
 /// How canaries are run and judged (`--canary*`).
 #[derive(Debug, Clone, PartialEq)]
@@ -43,53 +38,6 @@ impl Default for CanarySettings {
             duration: Duration::from_secs(60),
             max_p99_ratio: None,
         }
-    }
-}
-
-/// Who may accept the next connection while a canary runs.
-#[derive(Debug, Default)]
-pub struct AcceptShare {
-    /// The canary's generation number; 0 when there is none.
-    canary: AtomicU64,
-    percent: AtomicU64,
-    canary_accepted: AtomicU64,
-    all_accepted: AtomicU64,
-}
-
-impl AcceptShare {
-    fn start(&self, generation: u64, percent: u8) {
-        self.canary_accepted.store(0, Ordering::Relaxed);
-        self.all_accepted.store(0, Ordering::Relaxed);
-        self.percent.store(u64::from(percent), Ordering::Relaxed);
-        self.canary.store(generation, Ordering::Release);
-    }
-
-    fn stop(&self) {
-        self.canary.store(0, Ordering::Release);
-    }
-
-    /// A serving generation opened a connection.
-    pub fn opened(&self, generation: u64) {
-        if self.canary.load(Ordering::Acquire) == 0 {
-            return;
-        }
-        self.all_accepted.fetch_add(1, Ordering::Relaxed);
-        if self.canary.load(Ordering::Relaxed) == generation {
-            self.canary_accepted.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Whether `generation` must leave the next connection to the others: it is the canary and
-    /// has had its share.
-    pub fn holds_back(&self, generation: u64) -> bool {
-        if self.canary.load(Ordering::Acquire) != generation {
-            return false;
-        }
-        let percent = self.percent.load(Ordering::Relaxed);
-        let canary = self.canary_accepted.load(Ordering::Relaxed);
-        let all = self.all_accepted.load(Ordering::Relaxed);
-        // With its next connection it would still be within its share.
-        (canary + 1) * 100 > percent * (all + 1)
     }
 }
 
@@ -273,23 +221,5 @@ mod tests {
             judge(&side(100, 0, 25.0), &side(100, 0, 10.0), Duration::ZERO, &settings),
             Some(Verdict::RollBack(_))
         ));
-    }
-
-    #[test]
-    fn the_canary_is_held_to_its_share_of_new_connections() {
-        let share = AcceptShare::default();
-        assert!(!share.holds_back(2), "without a canary nobody is held back");
-        share.start(2, 10);
-        let mut canary = 0;
-        for _ in 0..1000 {
-            // The canary takes every connection it is allowed; the current one the rest.
-            let generation = if share.holds_back(2) { 1 } else { 2 };
-            canary += u64::from(generation == 2);
-            share.opened(generation);
-            assert!(!share.holds_back(1), "the current generation is never held back");
-        }
-        assert_eq!(canary, 100);
-        share.stop();
-        assert!(!share.holds_back(2));
     }
 }

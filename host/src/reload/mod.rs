@@ -17,9 +17,16 @@
 //! the one the last build left (same inode, size and modification time), so that one change
 //! makes one reload rather than two.
 
+pub mod build;
+pub mod canary;
+pub mod probe;
+pub mod staging;
+pub mod trust;
+pub mod versions;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
@@ -28,14 +35,16 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::build::BuildCommand;
-use crate::canary::{AcceptShare, Canary, CanarySettings, Verdict};
-use crate::generation::{ms, Generation, LibraryInfo, LiveGenerations, Retirement, StartOptions};
-use crate::handover::Handover;
-use crate::listeners::Listeners;
+use crate::generation::handover::Handover;
+use crate::generation::{Generation, LiveGenerations, Retirement, StartOptions};
+use crate::reload::build::BuildCommand;
+use crate::reload::canary::{Canary, CanarySettings, Verdict};
+use crate::reload::trust::TrustPolicy;
+use crate::reload::versions::{FileStamp, Version, Versions};
+use crate::serving::listeners::Listeners;
+use crate::serving::share::AcceptShare;
 use crate::state::StateStore;
-use crate::trust::TrustPolicy;
-use crate::versions::{FileStamp, Version, Versions};
+use crate::util::{lock, ms};
 
 /// How reloads are done.
 #[derive(Debug, Clone)]
@@ -159,10 +168,6 @@ pub struct Reloader {
 /// How often a canary is judged.
 const JUDGE_INTERVAL: Duration = Duration::from_millis(100);
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Reloader {
     /// Loads the first generation. The host cannot serve without one, so failing here is fatal.
     /// `state`: the cells every generation shares (opened, or taken over, by `main`).
@@ -186,7 +191,7 @@ impl Reloader {
         let first = load_generation(&settings, shared, 1, Source::App)
             .await
             .with_context(|| format!("cannot serve {}", settings.app_path.display()))?;
-        handover.serve_with(&first);
+        first.take_handed_over_connections();
         lock(&live).push(Arc::clone(&first));
         let mut versions = Versions::new(settings.staging_dir.join("versions"), settings.keep_versions);
         versions.record(first.number, &first.library);
@@ -307,7 +312,7 @@ impl Reloader {
     /// Runs the build, if there is one, then loads the library.
     async fn build_and_load(&self, number: u64, stop: &CancellationToken) -> anyhow::Result<Arc<Generation>> {
         if let Some(build) = &self.settings.build {
-            crate::build::run(build, number, stop).await?;
+            crate::reload::build::run(build, number, stop).await?;
             *lock(&self.built) = FileStamp::of(&self.settings.app_path);
         }
         self.load(number, Source::App).await
@@ -479,7 +484,7 @@ impl Reloader {
                         return;
                     };
                     let (canary_side, current_side) = canary.sides(&this.current.load());
-                    crate::canary::judge(&canary_side, &current_side, canary.elapsed(), &this.settings.canary)
+                    crate::reload::canary::judge(&canary_side, &current_side, canary.elapsed(), &this.settings.canary)
                 };
                 if let Some(verdict) = verdict {
                     let _ = this.triggers.send(Trigger {
@@ -505,7 +510,7 @@ impl Reloader {
             }
         }
         let old = self.current.swap(Arc::clone(&new));
-        self.handover.serve_with(&new);
+        new.take_handed_over_connections();
         tracing::info!(
             generation = new.number,
             previous = old.number,
@@ -534,7 +539,7 @@ impl Reloader {
 
     /// Records the outcome for `/status`, `/metrics` and systemd.
     fn finish(&self, trigger: &str, number: u64, began: Instant, outcome: &ReloadOutcome) {
-        crate::metrics::global().observe_reload(began.elapsed());
+        crate::serving::metrics::global().observe_reload(began.elapsed());
         let record = ReloadRecord {
             ok: outcome.is_ok(),
             error: outcome.as_ref().err().map(ToString::to_string),
@@ -559,7 +564,7 @@ impl Reloader {
             // One whose library stays loaded stays listed, with why.
             if old.kept_loaded().is_none() {
                 lock(&this.live).retain(|g| !Arc::ptr_eq(g, &old));
-                crate::metrics::global().retire_generation(old.number, old.traffic());
+                crate::serving::metrics::global().retire_generation(old.number, old.traffic());
             }
         });
     }
@@ -597,19 +602,19 @@ impl Reloader {
     }
 
     /// What `GET /metrics` reports about generations and reloads.
-    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+    pub fn metrics_snapshot(&self) -> crate::serving::metrics::Snapshot {
         let (live, kept_loaded) = {
             let live = lock(&self.live);
             let kept_loaded = live.iter().filter(|g| g.kept_loaded().is_some()).count() as u64;
             (live.iter().map(|g| g.load()).collect(), kept_loaded)
         };
-        crate::metrics::Snapshot {
+        crate::serving::metrics::Snapshot {
             serving: self.current.load().number,
             live,
             kept_loaded,
-            open_descriptors: crate::metrics::open_descriptors(),
-            descriptors_left_open: crate::leftovers::ledger().descriptors(),
-            copies_left_mapped: crate::leftovers::ledger().mapped_copies(),
+            open_descriptors: crate::serving::metrics::open_descriptors(),
+            descriptors_left_open: crate::generation::leftovers::ledger().descriptors(),
+            copies_left_mapped: crate::generation::leftovers::ledger().mapped_copies(),
             reloads_ok: self.succeeded.load(Ordering::Relaxed),
             reloads_failed: self.failed.load(Ordering::Relaxed),
             last_reload_ok: lock(&self.last_reload).as_ref().map(|r| r.ok),
@@ -659,8 +664,8 @@ impl Reloader {
                 Ok(summary) => serde_json::json!(summary),
                 Err(e) => serde_json::json!({ "error": e.to_string() }),
             },
-            "open_descriptors": crate::metrics::open_descriptors(),
-            "leftovers": crate::leftovers::ledger().status(),
+            "open_descriptors": crate::serving::metrics::open_descriptors(),
+            "leftovers": crate::generation::leftovers::ledger().status(),
             "reloads": {
                 "ok": self.succeeded.load(Ordering::Relaxed),
                 "failed": self.failed.load(Ordering::Relaxed),
@@ -698,7 +703,7 @@ async fn load_generation(
     number: u64,
     source: Source<'_>,
 ) -> anyhow::Result<Arc<Generation>> {
-    if let Some((stuck, for_how_long)) = crate::loader::open_under_way() {
+    if let Some((stuck, for_how_long)) = crate::generation::loader::open_under_way() {
         anyhow::bail!(
             "no library can be loaded: the initialisers (constructors) of generation {stuck}'s library have \
              not returned after {}s and hold the dynamic loader's lock; restart the host to load another version",
@@ -707,10 +712,15 @@ async fn load_generation(
     }
     let began = Instant::now();
     // Taken while the copy is staged, off the reload's critical path.
-    let descriptors = tokio::task::spawn_blocking(crate::leftovers::Descriptors::now);
+    let descriptors = tokio::task::spawn_blocking(crate::generation::leftovers::Descriptors::now);
     let library = match source {
-        Source::App => stage(settings, number).await?,
-        Source::Kept(version, in_use) => stage_kept(settings, number, version, in_use).await?,
+        Source::App => staging::stage(&settings.app_path, &settings.staging_dir, &settings.trust, number).await?,
+        Source::Kept(version, in_use) => {
+            let pinned = settings.trust.require_sha256.as_deref();
+            version
+                .stage_again(&settings.staging_dir, number, in_use, pinned)
+                .await?
+        }
     };
     let descriptors_before = descriptors.await.unwrap_or_default();
     if let Some(serving) = shared.serving {
@@ -728,7 +738,7 @@ async fn load_generation(
     // A kept version's initialisers already returned in this process, when it was loaded first.
     if matches!(source, Source::App) {
         let probing = Instant::now();
-        crate::probe::initialisers_return(&library.staged_copy, settings.init_timeout)
+        crate::reload::probe::initialisers_return(&library.staged_copy, settings.init_timeout)
             .await
             .inspect_err(|_| {
                 let _ = std::fs::remove_file(&library.staged_copy);
@@ -763,104 +773,4 @@ async fn load_generation(
     .await?;
     tracing::info!(generation = number, duration_ms = ms(started.elapsed()), "started");
     Ok(generation)
-}
-
-/// Stages a kept version again, after checking that its file is still the one kept and that
-/// `--require-sha256`, if given, allows it. The staged file is a second name for the kept one (no
-/// copying) unless a generation still runs that version (`in_use`): then it is a copy, a new
-/// inode, since `dlopen` would hand back the object already loaded from the kept file's inode.
-async fn stage_kept(
-    settings: &ReloadSettings,
-    number: u64,
-    version: &Version,
-    in_use: bool,
-) -> anyhow::Result<LibraryInfo> {
-    if let Some(pinned) = &settings.trust.require_sha256 {
-        anyhow::ensure!(
-            *pinned == version.sha256,
-            "--require-sha256 allows only {pinned}, not version {}",
-            version.sha256
-        );
-    }
-    let staged_copy = staged_path(settings, number, &version.path);
-    let (kept_version, staged) = (version.clone(), staged_copy.clone());
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let (kept, sha256) = (kept_version.kept(), &kept_version.sha256);
-        if !kept.exists() {
-            anyhow::bail!(
-                "cannot read the kept version {sha256}: its file {} is gone",
-                kept.display()
-            );
-        }
-        anyhow::ensure!(
-            kept_version.unchanged(),
-            "the kept copy of version {sha256} was altered (its file {} was replaced or written since it was \
-             kept): it is not loaded",
-            kept.display()
-        );
-        let staging = if in_use {
-            std::fs::copy(kept, &staged).map(|_| ())
-        } else {
-            std::fs::hard_link(kept, &staged).or_else(|_| std::fs::copy(kept, &staged).map(|_| ()))
-        };
-        staging
-            .inspect_err(|_| {
-                let _ = std::fs::remove_file(&staged);
-            })
-            .with_context(|| format!("cannot stage the kept version {sha256} at {}", staged.display()))
-    })
-    .await
-    .context("the staging task failed")??;
-    Ok(LibraryInfo {
-        path: version.path.clone(),
-        staged_copy,
-        sha256: version.sha256.clone(),
-    })
-}
-
-/// Where generation `number` of the library served as `library` is staged: `gen{N}-<its name>`
-/// in the staging directory.
-fn staged_path(settings: &ReloadSettings, number: u64, library: &std::path::Path) -> PathBuf {
-    let file_name = library
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "app.so".into());
-    settings.staging_dir.join(format!("gen{number}-{file_name}"))
-}
-
-/// Copies the library at the app path to a fresh, uniquely named file: `dlopen` of a path that
-/// is already loaded would return the old copy, and the original may be replaced at any moment.
-/// The bytes are checked against the trust policy as read, and exactly those bytes are staged.
-async fn stage(settings: &ReloadSettings, number: u64) -> anyhow::Result<LibraryInfo> {
-    let path = settings.app_path.clone();
-    let staged_copy = staged_path(settings, number, &path);
-    let staged = staged_copy.clone();
-    let trust = settings.trust.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        // Checked and written while the bytes are hashed; the copy is removed if they are refused.
-        let stage_copy = |bytes: &[u8]| -> anyhow::Result<()> {
-            crate::loader::check_image(&path, bytes)?;
-            if let Err(e) = std::fs::write(&staged, bytes) {
-                // A partial copy (the disk is full) must not stay behind until the host exits.
-                let _ = std::fs::remove_file(&staged);
-                return Err(e).with_context(|| format!("cannot stage a copy at {}", staged.display()));
-            }
-            Ok(())
-        };
-        match crate::trust::read_trusted(&path, &trust, stage_copy) {
-            Ok((sha256, Ok(()))) => Ok(sha256),
-            Ok((_, Err(e))) => Err(e),
-            Err(refused) => {
-                let _ = std::fs::remove_file(&staged);
-                Err(refused.into())
-            }
-        }
-    })
-    .await
-    .context("the staging task failed")?
-    .map(|sha256| LibraryInfo {
-        path: settings.app_path.clone(),
-        staged_copy,
-        sha256,
-    })
 }

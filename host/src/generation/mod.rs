@@ -7,23 +7,33 @@
 //! future. A retiring generation is stopped and unloaded once it says it holds no connection any
 //! more, or when the drain deadline passes.
 
-use std::os::fd::OwnedFd;
+pub mod applog;
+pub mod handover;
+pub mod leftovers;
+pub mod loader;
+pub mod wake;
+
+use std::os::fd::{AsFd as _, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use app_abi::{Lifecycle, LifecycleState};
 use tokio::sync::{oneshot, Notify};
 
-use crate::canary::AcceptShare;
-use crate::handover::Handover;
-use crate::leftovers::{Descriptors, Leftover};
-use crate::listeners::Listeners;
-use crate::loader::LoadedLibrary;
-use crate::metrics::{Outcomes, RequestDurations, Sharded, Traffic};
+use crate::generation::applog::AppLog;
+use crate::generation::handover::HandedSocket;
+use crate::generation::handover::Handover;
+use crate::generation::leftovers::{Descriptors, Leftover};
+use crate::generation::loader::{Host, LoadedLibrary};
+use crate::generation::wake::Wake;
+use crate::serving::listeners::Listeners;
+use crate::serving::metrics::{Outcomes, RequestDurations, Sharded, Traffic};
+use crate::serving::share::AcceptShare;
 use crate::state::StateStore;
+use crate::util::{lock, ms};
 
 /// Where the code of a generation came from.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -92,15 +102,15 @@ pub struct Counters {
 pub struct Generation {
     pub number: u64,
     pub library: LibraryInfo,
-    wake: OwnedFd,
-    pub state: Arc<StateStore>,
-    pub handover: Arc<Handover>,
-    pub listeners: Arc<Listeners>,
+    wake: Arc<Wake>,
+    state: Arc<StateStore>,
+    handover: Arc<Handover>,
+    listeners: Arc<Listeners>,
     /// Who accepts the next connection while a canary runs.
     share: Arc<AcceptShare>,
     pub counters: Counters,
     /// The app's log callsites and open spans (see `applog.rs`).
-    pub log: crate::applog::AppLog,
+    log: AppLog,
     phase: AtomicU8,
     idle_grace_ms: AtomicU64,
     drained: AtomicBool,
@@ -154,10 +164,6 @@ pub enum StartError {
     Setup(String),
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Generation {
     /// Loads the staged library on a new thread, verifies it and initialises the app, waiting at
     /// most `init_timeout`, then lets it serve. On failure everything is stopped and unloaded
@@ -165,22 +171,18 @@ impl Generation {
     pub async fn start(options: StartOptions) -> Result<Arc<Generation>, StartError> {
         let number = options.number;
         let staged = options.library.staged_copy.clone();
-        let wake = rustix::event::eventfd(
-            0,
-            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
-        )
-        .map_err(|e| StartError::Setup(format!("eventfd: {e}")))?;
+        let wake = Wake::new().map_err(|e| StartError::Setup(format!("eventfd: {e}")))?;
         let (started_tx, started_rx) = oneshot::channel();
         let generation = Arc::new(Generation {
             number,
             library: options.library,
-            wake,
+            wake: Arc::new(wake),
             state: options.state,
             handover: options.handover,
             share: options.share,
             listeners: options.listeners,
             counters: Counters::default(),
-            log: crate::applog::AppLog::new(number),
+            log: AppLog::new(number),
             phase: AtomicU8::new(Phase::Starting as u8),
             idle_grace_ms: AtomicU64::new(0),
             drained: AtomicBool::new(false),
@@ -202,7 +204,7 @@ impl Generation {
                 let library = match LoadedLibrary::open(&staged, number) {
                     Ok(library) => library,
                     Err(e) => {
-                        generation.report_started(Err(e.to_string()));
+                        generation.started(Err(e.to_string()));
                         return None;
                     }
                 };
@@ -216,7 +218,7 @@ impl Generation {
                 );
                 if let Err(e) = library.run(&generation, &config, worker_threads) {
                     tracing::error!(generation = number, error = %e, "the generation stopped with an error");
-                    generation.report_started(Err(e));
+                    generation.started(Err(e));
                 }
                 Some(library)
             })
@@ -229,13 +231,13 @@ impl Generation {
             Ok(Err(_)) => Err(StartError::Failed(
                 "the generation's thread ended without starting the app".into(),
             )),
-            Err(_) => match crate::loader::open_under_way() {
+            Err(_) => match crate::generation::loader::open_under_way() {
                 Some((opening, _)) if opening == number => Err(StartError::ConstructorTimeout(options.init_timeout)),
                 _ => Err(StartError::InitTimeout(options.init_timeout)),
             },
         };
         let outcome = outcome.and_then(|()| {
-            let signals = crate::loader::signals_handled_by(&generation.library.staged_copy);
+            let signals = crate::generation::loader::signals_handled_by(&generation.library.staged_copy);
             if signals.is_empty() {
                 Ok(())
             } else {
@@ -272,21 +274,6 @@ impl Generation {
         self.phase.store(phase as u8, Ordering::Release);
     }
 
-    /// The lifecycle as the library reads it.
-    pub fn lifecycle(&self) -> LifecycleState {
-        let phase = match self.phase() {
-            Phase::Starting => Lifecycle::Starting,
-            Phase::Serving => Lifecycle::Serving,
-            Phase::Draining => Lifecycle::Retiring,
-            Phase::Closing => Lifecycle::Closing,
-            Phase::Stopping | Phase::KeptLoaded => Lifecycle::Stopping,
-        };
-        LifecycleState {
-            phase,
-            idle_grace_ms: self.idle_grace_ms.load(Ordering::Acquire),
-        }
-    }
-
     /// Stops taking connections, lets the open ones go (handed over, or closed) and their
     /// streams finish until `drain_timeout` passes (then whatever still runs is dropped), stops
     /// the library's threads and unloads it.
@@ -316,7 +303,7 @@ impl Generation {
         } else {
             tracing::info!(generation = self.number, duration_ms = ms(began.elapsed()), "drained");
         }
-        crate::metrics::global().observe_drain(began.elapsed());
+        crate::serving::metrics::global().observe_drain(began.elapsed());
         self.stop(stop_timeout).await;
     }
 
@@ -372,7 +359,7 @@ impl Generation {
                     library.leak();
                     return (stopped, Err(reason));
                 }
-                if let Some((stuck, _)) = crate::loader::open_under_way() {
+                if let Some((stuck, _)) = crate::generation::loader::open_under_way() {
                     library.leak();
                     return (
                         stopped,
@@ -385,10 +372,10 @@ impl Generation {
                 let unloaded = library.unload();
                 if unloaded.is_ok() {
                     if let Some((before, successor_began)) = window {
-                        crate::leftovers::ledger().record(Leftover {
+                        crate::generation::leftovers::ledger().record(Leftover {
                             generation: number,
-                            descriptors: crate::leftovers::left_behind(&before, successor_began.as_ref()),
-                            still_mapped: !crate::loader::mapped_ranges(&staged_copy).is_empty(),
+                            descriptors: crate::generation::leftovers::left_behind(&before, successor_began.as_ref()),
+                            still_mapped: !crate::generation::loader::mapped_ranges(&staged_copy).is_empty(),
                         });
                     }
                 }
@@ -416,7 +403,7 @@ impl Generation {
                 }
             }
             Ok(Err(e)) => tracing::error!(generation = number, error = %e, "joining the generation failed"),
-            Err(_) => match crate::loader::open_under_way() {
+            Err(_) => match crate::generation::loader::open_under_way() {
                 Some((opening, for_how_long)) if opening == number => {
                     tracing::error!(
                         generation = number,
@@ -461,40 +448,17 @@ impl Generation {
 
     /// Wakes the library's runtime, to look at its lifecycle and the handed-over connections.
     pub fn wake(&self) {
-        if let Err(e) = rustix::io::write(&self.wake, &1u64.to_ne_bytes()) {
-            // EAGAIN means the counter is already non-zero: the library is due to wake anyway.
-            if e != rustix::io::Errno::AGAIN {
-                tracing::error!(generation = self.number, error = %e, "cannot wake the generation");
-            }
-        }
+        self.wake.wake(self.number);
     }
 
-    // Called by the library, through the loader's callbacks.
-
-    pub fn report_started(&self, outcome: Result<(), String>) {
-        if let Some(sender) = lock(&self.started).take() {
-            let _ = sender.send(outcome);
-        }
-    }
-
-    pub fn wake_fd(&self) -> &OwnedFd {
-        &self.wake
-    }
-
-    pub fn reset_wake(&self) {
-        let mut buf = [0u8; 8];
-        // EAGAIN means there was nothing to reset.
-        let _ = rustix::io::read(&self.wake, &mut buf);
-    }
-
-    pub fn report_drained(&self) {
-        self.drained.store(true, Ordering::Release);
-        self.drained_signal.notify_waiters();
+    /// From now on, kept-alive connections handed back by older generations come to this one.
+    pub fn take_handed_over_connections(&self) {
+        self.handover.serve_with(self.number, Arc::clone(&self.wake));
     }
 
     /// What `/metrics` shows of this generation's traffic now.
-    pub fn load(&self) -> crate::metrics::GenerationLoad {
-        crate::metrics::GenerationLoad {
+    pub fn load(&self) -> crate::serving::metrics::GenerationLoad {
+        crate::serving::metrics::GenerationLoad {
             generation: self.number,
             connections: self.counters.connections.load(Ordering::Relaxed),
             streams: self.counters.streams.load(Ordering::Relaxed),
@@ -510,31 +474,106 @@ impl Generation {
             durations: self.counters.durations.totals(),
         }
     }
+}
 
-    /// Whether it must not accept a connection now: the host is at `--max-connections`, or it
-    /// is a canary that has had its share.
-    pub fn holds_back_accepting(&self) -> bool {
+// Called by the library, through the loader's callbacks.
+impl Host for Generation {
+    fn number(&self) -> u64 {
+        self.number
+    }
+
+    fn wake_fd(&self) -> BorrowedFd<'_> {
+        self.wake.as_fd()
+    }
+
+    fn listeners(&self) -> &Listeners {
+        &self.listeners
+    }
+
+    fn started(&self, outcome: Result<(), String>) {
+        if let Some(sender) = lock(&self.started).take() {
+            let _ = sender.send(outcome);
+        }
+    }
+
+    fn reset_wake(&self) {
+        self.wake.reset();
+    }
+
+    /// The lifecycle as the library reads it.
+    fn lifecycle(&self) -> LifecycleState {
+        let phase = match self.phase() {
+            Phase::Starting => Lifecycle::Starting,
+            Phase::Serving => Lifecycle::Serving,
+            Phase::Draining => Lifecycle::Retiring,
+            Phase::Closing => Lifecycle::Closing,
+            Phase::Stopping | Phase::KeptLoaded => Lifecycle::Stopping,
+        };
+        LifecycleState {
+            phase,
+            idle_grace_ms: self.idle_grace_ms.load(Ordering::Acquire),
+        }
+    }
+
+    /// Only while this generation serves: a connection never goes back to retiring code.
+    fn next_connection(&self) -> Option<HandedSocket> {
+        if self.phase() != Phase::Serving {
+            return None;
+        }
+        self.handover.take_for(self.number)
+    }
+
+    fn hand_back(&self, connection: HandedSocket) {
+        self.handover.hand_back(connection);
+    }
+
+    /// The host is at `--max-connections`, or this is a canary that has had its share.
+    fn at_capacity(&self) -> bool {
         self.listeners.at_capacity() || self.share.holds_back(self.number)
     }
 
-    /// A connection of this generation opened: it counts here and against `--max-connections`.
-    pub fn connection_opened(&self) {
+    /// It counts here and against `--max-connections`.
+    fn connection_opened(&self) {
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
         self.listeners.connection_opened();
         self.share.opened(self.number);
     }
 
-    /// A connection of this generation closed, or was handed back (then the next generation
-    /// counts it when it takes it).
-    pub fn connection_closed(&self) {
+    /// Closed, or handed back (then the next generation counts it when it takes it).
+    fn connection_closed(&self) {
         self.counters.connections.fetch_sub(1, Ordering::Relaxed);
         self.listeners.connection_closed();
     }
 
-    pub fn request_finished(&self, status: u16, micros: u64) {
+    fn stream_opened(&self) {
+        self.counters.streams.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn stream_closed(&self) {
+        self.counters.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn request_started(&self) {
+        self.counters.in_flight.add(1);
+    }
+
+    fn request_finished(&self, status: u16, micros: u64) {
         self.counters.in_flight.sub(1);
         self.counters.requests.count(status);
         self.counters.durations.observe(micros);
+    }
+
+    fn drained(&self) {
+        self.drained.store(true, Ordering::Release);
+        self.drained_signal.notify_waiters();
+    }
+
+    fn state(&self) -> &StateStore {
+        &self.state
+    }
+
+    fn log(&self) -> &AppLog {
+        &self.log
     }
 }
 
@@ -561,7 +600,7 @@ fn still_runs_code_of(number: u64, staged: &Path) -> Option<String> {
         );
         reasons.push(format!("the app left {} thread(s) running: {threads:?}", threads.len()));
     }
-    let signals = crate::loader::signals_handled_by(staged);
+    let signals = crate::generation::loader::signals_handled_by(staged);
     if !signals.is_empty() {
         tracing::error!(
             generation = number,
@@ -589,8 +628,4 @@ fn stray_threads(number: u64) -> Vec<String> {
         .map(|comm| comm.trim_end().to_owned())
         .filter(|comm| comm == &own || comm.strip_prefix(&own).is_some_and(|rest| rest.starts_with('-')))
         .collect()
-}
-
-pub fn ms(duration: Duration) -> f64 {
-    (duration.as_secs_f64() * 1e6).round() / 1e3
 }
