@@ -40,6 +40,7 @@ use crate::ops::systemd::{self, Activated};
 use crate::ops::upgrade::new_host::{self, Handoff, Predecessor};
 use crate::ops::upgrade::old_host::{self, Upgrader};
 use crate::ops::{notify, pidfile, watch};
+use crate::reload::trigger::Trigger;
 use crate::reload::{probe, staging, trust, Reloader};
 use crate::serving::admin::{self, AdminOptions};
 use crate::serving::listeners::{self, Listeners, HANDOFF_IDLE_GRACE};
@@ -54,7 +55,7 @@ struct Launch {
 
 fn main() -> ExitCode {
     loader::return_large_allocations_to_the_system();
-    // A trial process for a library's initialisers does that and nothing else (`probe.rs`).
+    // A trial process for a library's initialisers does that and nothing else (`reload/probe.rs`).
     let mut args = std::env::args_os().skip(1);
     if args.next().is_some_and(|arg| arg == probe::ARG) {
         if let Some(library) = args.next() {
@@ -216,7 +217,7 @@ impl Signals {
         let handed_over = upgrader.handed_over();
         loop {
             tokio::select! {
-                _ = self.hangup.recv() => reloader.trigger("SIGHUP"),
+                _ = self.hangup.recv() => reloader.trigger(Trigger::Sighup),
                 // The outcome is logged and shown in /status.
                 _ = self.user2.recv() => match reloader.canary_generation() {
                     Some(canary) => tracing::warn!(
@@ -233,6 +234,22 @@ impl Signals {
                 _ = self.interrupt.recv() => { tracing::info!("SIGINT: shutting down"); return }
             }
         }
+    }
+}
+
+/// Says that this host serves: to the old host it replaces, which tells the service manager once
+/// it has handed over, or else to the service manager.
+fn say_serving(reloader: &Reloader, predecessor: Option<&Predecessor>) {
+    let (generation, sha256) = reloader.serving();
+    let status = format!("serving generation {generation} (sha256 {sha256})");
+    match predecessor {
+        Some(predecessor) => {
+            tracing::info!(old_host = predecessor.pid, "serving; telling the old host");
+            if let Err(e) = predecessor.channel.ready(&status) {
+                tracing::warn!(error = %e, "cannot tell the old host that this one serves");
+            }
+        }
+        None => systemd::ready(&status),
     }
 }
 
@@ -304,18 +321,7 @@ async fn run(
         stop_admin.clone(),
     ));
 
-    let (generation, sha256) = reloader.serving();
-    let status = format!("serving generation {generation} (sha256 {sha256})");
-    match &predecessor {
-        // The old host tells the service manager, once it has handed over.
-        Some(predecessor) => {
-            tracing::info!(old_host = predecessor.pid, "serving; telling the old host");
-            if let Err(e) = predecessor.channel.ready(&status) {
-                tracing::warn!(error = %e, "cannot tell the old host that this one serves");
-            }
-        }
-        None => systemd::ready(&status),
-    }
+    say_serving(&reloader, predecessor.as_ref());
     let watchdog = systemd::spawn_watchdog();
 
     signals.serve_until_stopped(&reloader, &upgrader).await;

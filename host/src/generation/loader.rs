@@ -4,7 +4,7 @@
 //! Two invariants make the rest of the host safe:
 //! - A [`LoadedLibrary`] is opened, called and (through [`LoadedLibrary::run`]) served from on its
 //!   generation's own thread, and dropped (`dlclose`) only after that thread has been joined (see
-//!   `generation.rs`). Library code therefore never runs on a thread that outlives it.
+//!   `generation/mod.rs`). Library code therefore never runs on a thread that outlives it.
 //! - The [`HostHandle`] given to the library is a pointer to its [`Host`] (the generation), which
 //!   the host keeps alive for the whole of `run`; the listening sockets lent to it stay open as
 //!   long.
@@ -313,7 +313,7 @@ pub fn exit_at_once(status: i32) -> ! {
     unsafe { libc::_exit(status) }
 }
 
-/// The trial process's whole work (see `probe.rs`): opens `library`, which runs its
+/// The trial process's whole work (see `reload/probe.rs`): opens `library`, which runs its
 /// initialisers, and exits at once, with 0 if that worked and [`OPEN_FAILED`],
 /// having written why to stderr, if not. Nothing else of the library runs.
 pub fn try_initialisers_and_exit(library: &Path) -> ! {

@@ -27,7 +27,7 @@ use crate::generation::applog::AppLog;
 use crate::generation::handover::HandedSocket;
 use crate::generation::handover::Handover;
 use crate::generation::leftovers::{Descriptors, Leftover};
-use crate::generation::loader::{Host, LoadedLibrary};
+use crate::generation::loader::{Host, LoadError, LoadedLibrary};
 use crate::generation::wake::Wake;
 use crate::serving::listeners::Listeners;
 use crate::serving::metrics::{Outcomes, RequestDurations, Sharded, Traffic};
@@ -54,8 +54,10 @@ pub enum Phase {
     Starting = 0,
     /// Accepts connections and takes handed-over ones.
     Serving = 1,
-    /// A newer generation serves: hands its idle connections over and finishes its streams.
-    Draining = 2,
+    /// A newer generation serves: hands its idle connections over and finishes its streams
+    /// (the library's `Lifecycle::Retiring`; `/status` has always called it `draining`).
+    #[serde(rename = "draining")]
+    Retiring = 2,
     /// The host stops serving: closes its connections once their responses are sent.
     Closing = 3,
     /// Told to stop; its library is unloaded once its thread ends.
@@ -70,7 +72,7 @@ impl Phase {
         match value {
             0 => Phase::Starting,
             1 => Phase::Serving,
-            2 => Phase::Draining,
+            2 => Phase::Retiring,
             3 => Phase::Closing,
             4 => Phase::Stopping,
             _ => Phase::KeptLoaded,
@@ -117,7 +119,7 @@ pub struct Generation {
     drained_signal: Notify,
     /// Why the library stays loaded after the generation stopped.
     kept_loaded: Mutex<Option<String>>,
-    started: Mutex<Option<oneshot::Sender<Result<(), String>>>>,
+    started: Mutex<Option<oneshot::Sender<Result<(), StartError>>>>,
     thread: Mutex<Option<JoinHandle<Option<LoadedLibrary>>>>,
     /// The process's descriptors when its load began, and when its successor's load began: what
     /// it opened lies between (see `leftovers.rs`).
@@ -125,7 +127,7 @@ pub struct Generation {
     successor_began: OnceLock<Descriptors>,
 }
 
-/// The generations still loaded: the serving one, those draining, and those kept loaded.
+/// The generations still loaded: the serving one, those retiring, and those kept loaded.
 pub type LiveGenerations = Arc<Mutex<Vec<Arc<Generation>>>>;
 
 /// How a generation is started.
@@ -151,8 +153,18 @@ pub struct StartOptions {
 /// Why a generation did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// What the app (its `init`, or app-api around it) reported.
     #[error("{0}")]
-    Failed(String),
+    App(String),
+    #[error("the generation's thread ended without starting the app")]
+    ThreadEnded,
+    #[error(
+        "the app installed handlers for signals {0:?}: signals belong to the host (is tokio's `signal` feature \
+         enabled in the app's dependencies?)"
+    )]
+    SignalHandlers(Vec<i32>),
     #[error("the app's init did not finish within {0:?}")]
     InitTimeout(Duration),
     #[error(
@@ -160,8 +172,12 @@ pub enum StartError {
          within {0:?}"
     )]
     ConstructorTimeout(Duration),
-    #[error("cannot start the generation: {0}")]
-    Setup(String),
+    #[error("cannot start the generation: {what}")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Generation {
@@ -171,7 +187,10 @@ impl Generation {
     pub async fn start(options: StartOptions) -> Result<Arc<Generation>, StartError> {
         let number = options.number;
         let staged = options.library.staged_copy.clone();
-        let wake = Wake::new().map_err(|e| StartError::Setup(format!("eventfd: {e}")))?;
+        let wake = Wake::new().map_err(|e| StartError::Setup {
+            what: "eventfd",
+            source: e.into(),
+        })?;
         let (started_tx, started_rx) = oneshot::channel();
         let generation = Arc::new(Generation {
             number,
@@ -204,7 +223,7 @@ impl Generation {
                 let library = match LoadedLibrary::open(&staged, number) {
                     Ok(library) => library,
                     Err(e) => {
-                        generation.started(Err(e.to_string()));
+                        generation.report_started(Err(e.into()));
                         return None;
                     }
                 };
@@ -218,19 +237,20 @@ impl Generation {
                 );
                 if let Err(e) = library.run(&generation, &config, worker_threads) {
                     tracing::error!(generation = number, error = %e, "the generation stopped with an error");
-                    generation.started(Err(e));
+                    generation.report_started(Err(StartError::App(e)));
                 }
                 Some(library)
             })
-            .map_err(|e| StartError::Setup(format!("cannot spawn the generation's thread: {e}")))?;
+            .map_err(|source| StartError::Setup {
+                what: "cannot spawn the generation's thread",
+                source,
+            })?;
         *lock(&generation.thread) = Some(thread);
 
         let outcome = match tokio::time::timeout(options.init_timeout, started_rx).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(message))) => Err(StartError::Failed(message)),
-            Ok(Err(_)) => Err(StartError::Failed(
-                "the generation's thread ended without starting the app".into(),
-            )),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(StartError::ThreadEnded),
             Err(_) => match crate::generation::loader::open_under_way() {
                 Some((opening, _)) if opening == number => Err(StartError::ConstructorTimeout(options.init_timeout)),
                 _ => Err(StartError::InitTimeout(options.init_timeout)),
@@ -241,10 +261,7 @@ impl Generation {
             if signals.is_empty() {
                 Ok(())
             } else {
-                Err(StartError::Failed(format!(
-                    "the app installed handlers for signals {signals:?}: signals belong to the host \
-                     (is tokio's `signal` feature enabled in the app's dependencies?)"
-                )))
+                Err(StartError::SignalHandlers(signals))
             }
         });
         match outcome {
@@ -311,7 +328,7 @@ impl Generation {
     /// told to close instead (the host is shutting down), never the other way round.
     pub fn leave(&self, how: Retirement) {
         let phase = match how {
-            Retirement::HandOver => Phase::Draining,
+            Retirement::HandOver => Phase::Retiring,
             Retirement::Close { idle_grace } => {
                 let grace = u64::try_from(idle_grace.as_millis()).unwrap_or(u64::MAX);
                 self.idle_grace_ms.store(grace, Ordering::Release);
@@ -320,7 +337,7 @@ impl Generation {
         };
         let previous = self.phase();
         if matches!(previous, Phase::Stopping | Phase::KeptLoaded)
-            || (previous == Phase::Closing && phase == Phase::Draining)
+            || (previous == Phase::Closing && phase == Phase::Retiring)
         {
             return;
         }
@@ -446,6 +463,13 @@ impl Generation {
         lock(&self.kept_loaded).clone()
     }
 
+    /// The app started, or could not: `start` waits for this.
+    fn report_started(&self, outcome: Result<(), StartError>) {
+        if let Some(sender) = lock(&self.started).take() {
+            let _ = sender.send(outcome);
+        }
+    }
+
     /// Wakes the library's runtime, to look at its lifecycle and the handed-over connections.
     pub fn wake(&self) {
         self.wake.wake(self.number);
@@ -491,9 +515,7 @@ impl Host for Generation {
     }
 
     fn started(&self, outcome: Result<(), String>) {
-        if let Some(sender) = lock(&self.started).take() {
-            let _ = sender.send(outcome);
-        }
+        self.report_started(outcome.map_err(StartError::App));
     }
 
     fn reset_wake(&self) {
@@ -505,7 +527,7 @@ impl Host for Generation {
         let phase = match self.phase() {
             Phase::Starting => Lifecycle::Starting,
             Phase::Serving => Lifecycle::Serving,
-            Phase::Draining => Lifecycle::Retiring,
+            Phase::Retiring => Lifecycle::Retiring,
             Phase::Closing => Lifecycle::Closing,
             Phase::Stopping | Phase::KeptLoaded => Lifecycle::Stopping,
         };

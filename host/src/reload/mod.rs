@@ -21,6 +21,7 @@ pub mod build;
 pub mod canary;
 pub mod probe;
 pub mod staging;
+pub mod trigger;
 pub mod trust;
 pub mod versions;
 
@@ -39,6 +40,7 @@ use crate::generation::handover::Handover;
 use crate::generation::{Generation, LiveGenerations, Retirement, StartOptions};
 use crate::reload::build::BuildCommand;
 use crate::reload::canary::{Canary, CanarySettings, Verdict};
+use crate::reload::trigger::{Action, Done, Refusal, ReloadOutcome, Request, Trigger};
 use crate::reload::trust::TrustPolicy;
 use crate::reload::versions::{FileStamp, Version, Versions};
 use crate::serving::listeners::Listeners;
@@ -66,61 +68,6 @@ pub struct ReloadSettings {
     pub canary: CanarySettings,
     /// How many versions are kept for `POST /rollback`.
     pub keep_versions: usize,
-}
-
-/// What a generation that now serves is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Done {
-    pub generation: u64,
-    /// Its share of new connections, in percent, if it runs as a canary.
-    pub canary: Option<u8>,
-}
-
-impl Done {
-    fn serving(generation: u64) -> Done {
-        Done {
-            generation,
-            canary: None,
-        }
-    }
-}
-
-/// Why an action did nothing.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    /// It was tried and failed; what serves stays.
-    #[error("{0}")]
-    Failed(String),
-    /// It cannot be done now: there is no canary to promote or version to roll back to, or a
-    /// canary runs (promote it or roll it back first).
-    #[error("{0}")]
-    Conflict(String),
-}
-
-/// The outcome of a reload, promotion or rollback.
-pub type ReloadOutcome = Result<Done, Refusal>;
-
-/// What a trigger asks for.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Action {
-    /// Load the app library anew, as a canary with this share of new connections (`None`: the
-    /// `--canary` setting; 0: swap at once).
-    Reload { canary: Option<u8> },
-    /// Abort the canary if one runs; otherwise load a kept version again: the previous one, or
-    /// the one with this sha256.
-    Rollback { sha256: Option<String> },
-    /// Make the canary the serving generation now.
-    Promote,
-    /// The canary's verdict (`canary.rs`), for the canary of that generation.
-    Judged { generation: u64, verdict: Verdict },
-}
-
-/// A request for a reload (or promotion, or rollback), from a signal, the watcher, the admin
-/// endpoint, or a canary's judge.
-pub struct Trigger {
-    pub source: &'static str,
-    pub action: Action,
-    pub reply: Option<oneshot::Sender<ReloadOutcome>>,
 }
 
 /// A reload starting or ending, for observers such as the systemd notifier.
@@ -156,7 +103,7 @@ pub struct Reloader {
     state: Arc<StateStore>,
     handover: Arc<Handover>,
     listeners: Arc<Listeners>,
-    triggers: mpsc::UnboundedSender<Trigger>,
+    requests: mpsc::UnboundedSender<Request>,
     events: broadcast::Sender<ReloadEvent>,
     /// The library file as the last successful build left it (only with `--build`).
     built: Mutex<Option<FileStamp>>,
@@ -175,7 +122,7 @@ impl Reloader {
         settings: ReloadSettings,
         listeners: Listeners,
         state: Arc<StateStore>,
-    ) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Trigger>)> {
+    ) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Request>)> {
         let handover = Arc::new(Handover::new());
         let listeners = Arc::new(listeners);
         let live = LiveGenerations::default();
@@ -195,7 +142,7 @@ impl Reloader {
         lock(&live).push(Arc::clone(&first));
         let mut versions = Versions::new(settings.staging_dir.join("versions"), settings.keep_versions);
         versions.record(first.number, &first.library);
-        let (triggers, receiver) = mpsc::unbounded_channel();
+        let (requests, receiver) = mpsc::unbounded_channel();
         let reloader = Arc::new(Reloader {
             current: ArcSwap::new(Arc::clone(&first)),
             live,
@@ -207,7 +154,7 @@ impl Reloader {
             state,
             handover,
             listeners,
-            triggers,
+            requests,
             events: broadcast::channel(16).0,
             built: Mutex::new(None),
             canary: Mutex::new(None),
@@ -224,22 +171,22 @@ impl Reloader {
     }
 
     /// Asks for a reload (with the `--canary` setting) without waiting for it.
-    pub fn trigger(&self, source: &'static str) {
+    pub fn trigger(&self, trigger: Trigger) {
         // The receiver lives as long as the host serves; after that, reloads no longer matter.
-        let _ = self.triggers.send(Trigger {
-            source,
+        let _ = self.requests.send(Request {
+            trigger,
             action: Action::Reload { canary: None },
             reply: None,
         });
     }
 
     /// Asks for `action` and waits for its outcome.
-    pub async fn ask(&self, source: &'static str, action: Action) -> ReloadOutcome {
-        let shutting_down = || Refusal::Failed("the host is shutting down".to_string());
+    pub async fn ask(&self, trigger: Trigger, action: Action) -> ReloadOutcome {
+        let shutting_down = || Refusal::failed("the host is shutting down");
         let (reply, outcome) = oneshot::channel();
-        self.triggers
-            .send(Trigger {
-                source,
+        self.requests
+            .send(Request {
+                trigger,
                 action,
                 reply: Some(reply),
             })
@@ -251,7 +198,7 @@ impl Reloader {
     /// reload and ask for the same are answered together by the one reload that follows it.
     /// Returns when `stop` is cancelled, after finishing the reload under way (a `--build` under
     /// way is stopped, and that reload refused).
-    pub async fn run(self: Arc<Self>, mut triggers: mpsc::UnboundedReceiver<Trigger>, stop: CancellationToken) {
+    pub async fn run(self: Arc<Self>, mut triggers: mpsc::UnboundedReceiver<Request>, stop: CancellationToken) {
         let mut next = None;
         loop {
             let first = match next.take() {
@@ -278,8 +225,8 @@ impl Reloader {
                 tracing::debug!("ignoring a change of the library that was the build's own output");
                 continue;
             }
-            let sources: Vec<&str> = batch.iter().map(|t| t.source).collect();
-            let trigger = sources.join(",");
+            let names: Vec<&str> = batch.iter().map(|request| request.trigger.name()).collect();
+            let trigger = names.join(",");
             let outcome = match batch[0].action.clone() {
                 Action::Reload { canary } => {
                     let percent = canary.unwrap_or(self.settings.canary.percent);
@@ -298,10 +245,10 @@ impl Reloader {
     }
 
     /// Whether `batch` is only the watcher reporting the file the last build wrote.
-    fn is_own_build_output(&self, batch: &[Trigger]) -> bool {
+    fn is_own_build_output(&self, batch: &[Request]) -> bool {
         let only_watch = batch
             .iter()
-            .all(|t| t.source == "watch" && t.reply.is_none() && matches!(t.action, Action::Reload { .. }));
+            .all(|r| r.trigger == Trigger::Watch && r.reply.is_none() && matches!(r.action, Action::Reload { .. }));
         if self.settings.build.is_none() || !only_watch {
             return false;
         }
@@ -358,7 +305,7 @@ impl Reloader {
                 })
             }
             Ok(new) => Ok(self.swap_in(new, began)),
-            Err(e) => Err(self.refused(number, &e)),
+            Err(e) => Err(self.refused(number, e)),
         };
         self.finish(trigger, number, began, &outcome);
         outcome
@@ -370,7 +317,7 @@ impl Reloader {
         if let Some(number) = self.end_canary() {
             tracing::info!(generation = number, "canary rolled back on request");
             let serving = self.current.load().number;
-            let outcome = Err(Refusal::Failed(format!(
+            let outcome = Err(Refusal::failed(format!(
                 "canary rolled back on request: generation {number} retired, generation {serving} serves"
             )));
             self.finish(trigger, number, began, &outcome);
@@ -398,7 +345,7 @@ impl Reloader {
         let in_use = lock(&self.live).iter().any(|g| g.library.sha256 == version.sha256);
         let outcome = match self.load(number, Source::Kept(&version, in_use)).await {
             Ok(new) => Ok(self.swap_in(new, began)),
-            Err(e) => Err(self.refused(number, &e)),
+            Err(e) => Err(self.refused(number, e)),
         };
         self.finish(trigger, number, began, &outcome);
         outcome
@@ -430,7 +377,7 @@ impl Reloader {
             )));
         }
         match verdict {
-            Verdict::Promote => self.promote("canary"),
+            Verdict::Promote => self.promote(Trigger::Canary.name()),
             Verdict::RollBack(reason) => {
                 let began = Instant::now();
                 self.end_canary();
@@ -441,8 +388,8 @@ impl Reloader {
                     "canary rolled back"
                 );
                 self.failed.fetch_add(1, Ordering::Relaxed);
-                let outcome = Err(Refusal::Failed(reason));
-                self.finish("canary", generation, began, &outcome);
+                let outcome = Err(Refusal::failed(reason));
+                self.finish(Trigger::Canary.name(), generation, began, &outcome);
                 outcome
             }
         }
@@ -487,8 +434,8 @@ impl Reloader {
                     crate::reload::canary::judge(&canary_side, &current_side, canary.elapsed(), &this.settings.canary)
                 };
                 if let Some(verdict) = verdict {
-                    let _ = this.triggers.send(Trigger {
-                        source: "canary",
+                    let _ = this.requests.send(Request {
+                        trigger: Trigger::Canary,
                         action: Action::Judged {
                             generation: number,
                             verdict,
@@ -525,16 +472,15 @@ impl Reloader {
     }
 
     /// Logs why generation `number` was refused, and counts it.
-    fn refused(&self, number: u64, error: &anyhow::Error) -> Refusal {
-        let error = format!("{error:#}");
+    fn refused(&self, number: u64, error: anyhow::Error) -> Refusal {
         tracing::error!(
             generation = number,
             serving = self.current.load().number,
-            error,
+            error = format!("{error:#}"),
             "reload failed; the serving generation stays"
         );
         self.failed.fetch_add(1, Ordering::Relaxed);
-        Refusal::Failed(error)
+        Refusal::Failed(Arc::new(error))
     }
 
     /// Records the outcome for `/status`, `/metrics` and systemd.

@@ -20,7 +20,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::ops::upgrade::old_host::{UpgradeError, Upgrader};
-use crate::reload::{Action, Refusal, Reloader};
+use crate::reload::trigger::{Action, Refusal, Trigger};
+use crate::reload::Reloader;
 
 /// How long admin requests under way may take to finish once the admin listener stops.
 const FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -175,7 +176,7 @@ async fn route(
 /// when it failed, 409 when there was nothing to do it to.
 async fn act(reloader: &Reloader, action: Action) -> Response<Full<Bytes>> {
     let began = std::time::Instant::now();
-    let outcome = reloader.ask("admin", action).await;
+    let outcome = reloader.ask(Trigger::Admin, action).await;
     let duration_ms = crate::util::ms(began.elapsed());
     match outcome {
         Ok(done) => {

@@ -287,7 +287,7 @@ pub struct Snapshot {
     pub kept_loaded: u64,
     /// Descriptors the process has open, if they can be counted.
     pub open_descriptors: Option<u64>,
-    /// Descriptors unloaded generations left open (`leftovers.rs`).
+    /// Descriptors unloaded generations left open (`generation/leftovers.rs`).
     pub descriptors_left_open: u64,
     /// Library copies still mapped after they were closed.
     pub copies_left_mapped: u64,

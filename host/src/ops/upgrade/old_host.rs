@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use super::wire::{self, Offer, Reply, HANDOFF_VARIABLE};
 use crate::child::{self, Target};
-use crate::state::{Handed, StateStore};
+use crate::state::{Handed, StateError, StateStore};
 use crate::util::{lock, ms};
 
 /// How upgrades are done.
@@ -43,7 +43,7 @@ pub struct Upgraded {
 }
 
 /// Why an upgrade did not happen. In every case this host serves on.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
     #[error("an upgrade is already in progress")]
     InProgress,
@@ -53,10 +53,16 @@ pub enum UpgradeError {
     ProcessOne,
     #[error("the host is shutting down")]
     ShuttingDown,
-    #[error("cannot prepare the hand-off: {0}")]
-    Prepare(String),
+    #[error("cannot prepare the hand-off: cannot create a directory: {0}")]
+    Directory(std::io::Error),
+    #[error("cannot prepare the hand-off: cannot listen on {}: {error}", .path.display())]
+    Listen { path: PathBuf, error: std::io::Error },
+    #[error("cannot prepare the hand-off: cannot hand the state over: {0}")]
+    State(StateError),
+    #[error("cannot prepare the hand-off: the new process vanished")]
+    Vanished,
     #[error("cannot start {binary}: {error}")]
-    Spawn { binary: String, error: String },
+    Spawn { binary: String, error: std::io::Error },
     #[error("the new host (pid {pid}) exited with {status} before it was ready{}", reason_text(.reason))]
     Exited {
         pid: u32,
@@ -225,30 +231,17 @@ impl Upgrader {
         }
         let directory = match tempfile::Builder::new().prefix("hot-reload-host-upgrade-").tempdir() {
             Ok(directory) => directory,
-            Err(e) => {
-                return (
-                    None,
-                    Err(UpgradeError::Prepare(format!("cannot create a directory: {e}"))),
-                )
-            }
+            Err(e) => return (None, Err(UpgradeError::Directory(e))),
         };
         let path = directory.path().join("handoff.sock");
         let listener = match UnixListener::bind(&path) {
             Ok(listener) => listener,
-            Err(e) => {
-                let error = format!("cannot listen on {}: {e}", path.display());
-                return (None, Err(UpgradeError::Prepare(error)));
-            }
+            Err(error) => return (None, Err(UpgradeError::Listen { path, error })),
         };
         // Just before the new process starts: from here on both processes may write the cells.
         let state = match self.cells.share_with_successor() {
             Ok(state) => state,
-            Err(e) => {
-                return (
-                    None,
-                    Err(UpgradeError::Prepare(format!("cannot hand the state over: {e}"))),
-                )
-            }
+            Err(e) => return (None, Err(UpgradeError::State(e))),
         };
         let mut command = Command::new(&self.settings.binary);
         child::for_successor(command.as_std_mut());
@@ -262,7 +255,7 @@ impl Upgrader {
             Err(e) => {
                 let error = UpgradeError::Spawn {
                     binary: self.settings.binary.display().to_string(),
-                    error: e.to_string(),
+                    error: e,
                 };
                 self.cells.successor_failed();
                 return (None, Err(error));
@@ -270,7 +263,7 @@ impl Upgrader {
         };
         let Some(pid) = child.id() else {
             self.cells.successor_failed();
-            return (None, Err(UpgradeError::Prepare("the new process vanished".into())));
+            return (None, Err(UpgradeError::Vanished));
         };
         tracing::info!(pid, "started the new host; waiting until it serves");
         let outcome = self.await_ready(&listener, &mut child, pid, &state).await;
