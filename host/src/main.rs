@@ -29,13 +29,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::Parser;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use crate::generation::loader;
-use crate::ops::config::{self, Cli, Command, LogFormat, Settings};
+use crate::ops::config::{self, Command, LogFormat, Settings};
 use crate::ops::systemd::{self, Activated};
 use crate::ops::upgrade::new_host::{self, Handoff, Predecessor};
 use crate::ops::upgrade::old_host::{self, Upgrader};
@@ -67,12 +66,12 @@ fn main() -> ExitCode {
         binary: old_host::own_binary(),
         args: std::env::args_os().skip(1).collect(),
     };
-    let cli = Cli::parse();
+    let (cli, matches) = config::parse_command_line();
     if let Some(command) = cli.command {
         init_logging(LogFormat::Text);
         return report(run_command(command), ExitCode::FAILURE);
     }
-    let settings = match config::load(cli.options) {
+    let settings = match config::load(cli.options, &matches) {
         Ok(settings) => settings,
         Err(e) => {
             init_logging(LogFormat::Text);

@@ -12,7 +12,7 @@ use crate::generation::Generation;
 use crate::serving::metrics::Traffic;
 use crate::serving::share::AcceptShare;
 
-/// How canaries are run and judged (`--canary*`).
+/// How canaries are run and judged (`--canary*`; the defaults are in `config.rs`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CanarySettings {
     /// The share of new connections, in percent, a reload gives the new version first; 0 means
@@ -27,18 +27,6 @@ pub struct CanarySettings {
     /// If set: the canary is rolled back when its p99 latency exceeds the current version's by
     /// more than this factor.
     pub max_p99_ratio: Option<f64>,
-}
-
-impl Default for CanarySettings {
-    fn default() -> Self {
-        CanarySettings {
-            percent: 0,
-            min_requests: 100,
-            max_error_rate: 1.0,
-            duration: Duration::from_secs(60),
-            max_p99_ratio: None,
-        }
-    }
 }
 
 /// One side of a canary, as `/status` shows it.
@@ -169,6 +157,16 @@ impl Drop for Canary {
 mod tests {
     use super::*;
 
+    fn settings() -> CanarySettings {
+        CanarySettings {
+            percent: 0,
+            min_requests: 100,
+            max_error_rate: 1.0,
+            duration: Duration::from_secs(60),
+            max_p99_ratio: None,
+        }
+    }
+
     fn side(requests: u64, errors: u64, p99_ms: f64) -> Side {
         Side {
             generation: 1,
@@ -182,7 +180,7 @@ mod tests {
 
     #[test]
     fn a_canary_is_judged_only_after_its_minimum_requests() {
-        let settings = CanarySettings::default();
+        let settings = settings();
         let broken = side(99, 99, 1.0);
         assert_eq!(judge(&broken, &side(1000, 0, 1.0), Duration::ZERO, &settings), None);
         let broken = side(100, 100, 1.0);
@@ -197,7 +195,7 @@ mod tests {
 
     #[test]
     fn the_error_rate_is_compared_with_the_current_versions() {
-        let settings = CanarySettings::default();
+        let settings = settings();
         // 5% against 4.5%: within one percentage point.
         assert_eq!(
             judge(&side(200, 10, 1.0), &side(200, 9, 1.0), Duration::ZERO, &settings),
@@ -211,7 +209,7 @@ mod tests {
 
     #[test]
     fn a_healthy_canary_is_promoted_after_its_duration_and_a_slow_one_rolled_back_if_asked() {
-        let mut settings = CanarySettings::default();
+        let mut settings = settings();
         assert_eq!(
             judge(&side(5, 0, 1.0), &side(5, 0, 1.0), Duration::from_secs(60), &settings),
             Some(Verdict::Promote)
