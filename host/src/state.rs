@@ -42,10 +42,12 @@ use std::io::Read as _;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension as _, TransactionBehavior};
+
+use crate::util::lock;
 
 /// The format of the cells in a state file; a file of another format is refused.
 pub const FORMAT_VERSION: i64 = 1;
@@ -242,11 +244,38 @@ impl std::fmt::Debug for StateStore {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl StateStore {
+    /// The cells this host starts with: those the old host of an upgrade handed over (`handed`,
+    /// with that host's pid), or `--state-file` (`configured`), or new ones in memory.
+    /// `runtime_dir`: where a hand-off file's directory goes.
+    pub fn open(
+        handed: Option<(Handed, u32)>,
+        configured: Option<&Path>,
+        runtime_dir: PathBuf,
+    ) -> anyhow::Result<StateStore> {
+        use anyhow::Context as _;
+        Ok(match (handed, configured) {
+            (Some((handed, parent)), _) => StateStore::take_over(handed, configured, parent, runtime_dir)
+                .context("cannot take the state cells over from the old host")?,
+            (None, Some(path)) => StateStore::open_file(path, runtime_dir).context("--state-file")?,
+            (None, None) => StateStore::in_memory(runtime_dir),
+        })
+    }
+
+    /// Waits until the old host this one replaced (`parent`) has exited (this process is then
+    /// reparented), and then moves cells shared with it for the hand-off back into memory.
+    pub async fn follow_parent(self: std::sync::Arc<Self>, parent: u32) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            if !parent_runs(parent) {
+                tracing::info!(old_host = parent, "the old host has exited");
+                self.parent_exited();
+                return;
+            }
+        }
+    }
+
     /// Cells in memory; `runtime_dir` is where an upgrade makes its hand-off directory.
     pub fn in_memory(runtime_dir: PathBuf) -> StateStore {
         StateStore {
@@ -472,7 +501,7 @@ impl StateStore {
                 tracing::info!(
                     cells = cells.len(),
                     file = %file.path.display(),
-                    duration_ms = crate::generation::ms(began.elapsed()),
+                    duration_ms = crate::util::ms(began.elapsed()),
                     "state moved from memory to a hand-off file for the upgrade"
                 );
                 *backend = Backend::File(file);
@@ -546,7 +575,7 @@ fn back_to_memory(backend: &mut Backend) {
             *backend = Backend::Memory(cells);
             tracing::info!(
                 cells = count,
-                duration_ms = crate::generation::ms(began.elapsed()),
+                duration_ms = crate::util::ms(began.elapsed()),
                 "state moved back into memory: no other process uses the hand-off file now"
             );
         }

@@ -1,273 +1,25 @@
-//! Host upgrades without downtime: SIGUSR2 or `POST /upgrade` start the host binary anew, hand it
-//! the listening sockets, and let this process go once the new one serves.
-//!
-//! ## The hand-off, step by step
-//!
-//! 1. The old host creates a private directory (mode 0700) with a unix stream socket in it, and
-//!    starts the new binary (`--upgrade-binary`, by default this host's own path as resolved at
-//!    start-up) with the same arguments, environment and working directory, plus
-//!    [`HANDOFF_VARIABLE`] naming that socket.
-//! 2. The new host, at start-up and before it starts any thread, connects to the socket; the old
-//!    host checks that the peer is that very child (`SO_PEERCRED` pid) and the child that the
-//!    listener is its parent. The old host then sends one message: the names of the sockets in
-//!    the format of systemd's `LISTEN_FDNAMES` (`http:http:admin`), with the listening sockets
-//!    themselves attached (`SCM_RIGHTS`). The new host treats them exactly like sockets passed by
-//!    socket activation: the one named `admin` is its admin listener, every other one a public
-//!    listener, and an address it is configured to listen on that one of them already listens on
-//!    is not bound again.
-//!    If the old host keeps state cells, the message also names where (`STATE=` and `STATE_FILE=`
-//!    lines): its `--state-file`, whose lock descriptor comes last among the attached ones (the new
-//!    host shares the lock, so no other host can take the file between the two), or, for cells in
-//!    memory, a hand-off file the old host has just copied them into (see `state.rs`). Both
-//!    processes then read and write that one file until the old one exits.
-//! 3. The new host loads its app and starts serving on those sockets — both processes now accept
-//!    from the same sockets, so no connection is refused — and then writes `READY=1` (with a
-//!    `STATUS=` line) on the hand-off socket, where a systemd service would notify the manager.
-//! 4. The old host, on `READY=1`: under systemd sends `MAINPID=<new pid>`, `READY=1` and the new
-//!    process's `STATUS=` (and then nothing more), rewrites `--pid-file` with the new pid, and
-//!    answers the caller. Then it stops accepting, answers the requests it has in flight (HTTP/1
-//!    responses say `Connection: close`, so keep-alive clients reconnect, to the new process),
-//!    closes its idle connections after [`crate::server::HANDOFF_IDLE_GRACE`] (HTTP/2: `GOAWAY`),
-//!    drains and unloads its generations, and exits 0.
-//!
-//! If the new process cannot be started, exits, closes the hand-off socket, or has not written
-//! `READY=1` within `--upgrade-timeout`, it gets SIGTERM (SIGKILL after [`KILL_GRACE`]) and the
-//! old host serves on as if nothing had happened; the reason is the upgrade's outcome.
-//!
-//! The sockets are passed over the hand-off socket rather than inherited at fixed descriptor
-//! numbers: placing descriptors at 3, 4, … in a child needs code between `fork` and `exec`
-//! (`unsafe`), and the child's `LISTEN_PID` cannot be known before it exists. Passing them this
-//! way needs neither, no descriptor is ever inheritable (so no other program the host or its app
-//! starts can receive a listening socket), and both ends check who is on the other side.
-//!
-//! One upgrade runs at a time. A host that is PID 1 (a container's init) refuses to upgrade: its
-//! exit would end the container, and the new process with it.
+//! The old host's side of an upgrade: [`Upgrader`] starts the new process, hands it the sockets
+//! and the state cells, waits for it to serve, and then lets this process go.
 
 use std::ffi::OsString;
-use std::io::{IoSlice, IoSliceMut, Write as _};
-use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::Context as _;
-use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage};
-use tokio::io::{AsyncBufReadExt as _, BufReader, Interest};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::state::{Handed, HandedKind, StateStore};
-use crate::systemd::Activated;
-
-/// The environment variable that tells a new host where to fetch its sockets from.
-pub const HANDOFF_VARIABLE: &str = "HOT_RELOAD_HOST_UPGRADE_SOCKET";
-/// The first line of the parent's message: the protocol and its version.
-const PROTOCOL: &str = "hot-reload-host-upgrade/1";
-/// At most this many sockets are handed over.
-const MAX_SOCKETS: usize = 64;
-/// How long a new host waits for its parent's message at start-up.
-const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Between SIGTERM and SIGKILL to a new process that failed.
-pub const KILL_GRACE: Duration = Duration::from_secs(5);
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-// ---------------------------------------------------------------------------------------------
-// The new host's side.
-
-/// What a host started by an upgrade received from the host it replaces.
-#[derive(Debug)]
-pub struct Handoff {
-    /// The sockets, sorted like socket-activated ones.
-    pub sockets: Activated,
-    /// The process that started this one.
-    pub parent: u32,
-    /// Where the old host keeps its state cells, if it said.
-    pub state: Option<Handed>,
-    /// Where to say `READY=1` (or why not).
-    pub channel: HandoffChannel,
-}
-
-/// The new host's end of the hand-off socket; cloning shares it.
-#[derive(Debug, Clone)]
-pub struct HandoffChannel(Arc<Mutex<Option<StdUnixStream>>>);
-
-impl HandoffChannel {
-    fn send(&self, message: &str) -> anyhow::Result<()> {
-        let Some(mut stream) = lock(&self.0).take() else {
-            return Ok(());
-        };
-        stream
-            .write_all(message.as_bytes())
-            .context("cannot write to the hand-off socket")
-    }
-
-    /// Tells the old host that this one serves (on every socket, with its first generation).
-    pub fn ready(&self, status: &str) -> anyhow::Result<()> {
-        self.send(&format!("STATUS={}\nREADY=1\n", one_line(status)))
-    }
-
-    /// Tells the old host why this one cannot serve (it is about to exit).
-    pub fn fail(&self, error: &str) {
-        if let Err(e) = self.send(&format!("ERROR={}\n", one_line(error))) {
-            tracing::debug!(error = %e, "cannot report the failure to the old host");
-        }
-    }
-}
-
-fn one_line(text: &str) -> String {
-    text.replace(['\n', '\r'], " ")
-}
-
-/// If this host was started by an upgrade, fetches its sockets from the old host.
-///
-/// Must run before any thread starts: it removes [`HANDOFF_VARIABLE`] from the environment, so
-/// that nothing this host starts (builds, upgrades, the app's processes) sees it.
-pub fn take_handoff() -> anyhow::Result<Option<Handoff>> {
-    let Some(path) = std::env::var_os(HANDOFF_VARIABLE) else {
-        return Ok(None);
-    };
-    std::env::remove_var(HANDOFF_VARIABLE);
-    let path = PathBuf::from(path);
-    let stream = StdUnixStream::connect(&path)
-        .with_context(|| format!("cannot connect to the old host's hand-off socket {}", path.display()))?;
-    let parent = rustix::process::getppid()
-        .map(|p| p.as_raw_nonzero().get() as u32)
-        .context("this process has no parent")?;
-    let owner = rustix::net::sockopt::socket_peercred(&stream).context("cannot tell who owns the hand-off socket")?;
-    anyhow::ensure!(
-        owner.pid.as_raw_nonzero().get() as u32 == parent,
-        "the hand-off socket {} belongs to process {}, not to this process's parent {parent}",
-        path.display(),
-        owner.pid.as_raw_nonzero()
-    );
-    stream
-        .set_read_timeout(Some(RECEIVE_TIMEOUT))
-        .context("cannot set a timeout on the hand-off socket")?;
-    let (text, mut fds) = receive(&stream)?;
-    let Message { names, state } = parse_message(&text)?;
-    let state_lock = state.as_ref().is_some_and(|(kind, _)| *kind == HandedKind::File);
-    anyhow::ensure!(
-        names.len() + usize::from(state_lock) == fds.len(),
-        "the old host named {} sockets{} but passed {} descriptors",
-        names.len(),
-        if state_lock { " and a state file's lock" } else { "" },
-        fds.len()
-    );
-    let lock = if state_lock { fds.pop() } else { None };
-    let state = state.map(|(kind, path)| Handed { kind, path, lock });
-    let mut sockets = Activated::default();
-    for (name, fd) in names.into_iter().zip(fds) {
-        let listener = listening_tcp_socket(fd).with_context(|| format!("the passed socket {name:?}"))?;
-        sockets.add(name, listener, "from the old host")?;
-    }
-    tracing::info!(parent, "took the listening sockets over from the old host");
-    Ok(Some(Handoff {
-        sockets,
-        parent,
-        state,
-        channel: HandoffChannel(Arc::new(Mutex::new(Some(stream)))),
-    }))
-}
-
-/// One message with its attached descriptors.
-fn receive(stream: &StdUnixStream) -> anyhow::Result<(String, Vec<OwnedFd>)> {
-    let mut payload = vec![0u8; 64 * 1024];
-    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let received = rustix::net::recvmsg(
-        stream,
-        &mut [IoSliceMut::new(&mut payload)],
-        &mut control,
-        RecvFlags::CMSG_CLOEXEC,
-    )
-    .context("cannot receive the sockets from the old host")?;
-    anyhow::ensure!(
-        !received.flags.contains(rustix::net::ReturnFlags::CTRUNC),
-        "the old host passed more than {MAX_SOCKETS} sockets"
-    );
-    let mut fds = Vec::new();
-    for message in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(passed) = message {
-            fds.extend(passed);
-        }
-    }
-    let text = String::from_utf8_lossy(&payload[..received.bytes]).into_owned();
-    Ok((text, fds))
-}
-
-/// What the parent's message says.
-#[derive(Debug, PartialEq)]
-struct Message {
-    /// The sockets' names.
-    names: Vec<String>,
-    /// Where its state cells are, if it said.
-    state: Option<(HandedKind, PathBuf)>,
-}
-
-/// The socket names and the state in the parent's message.
-fn parse_message(text: &str) -> anyhow::Result<Message> {
-    let mut lines = text.lines();
-    let first = lines.next().unwrap_or_default();
-    anyhow::ensure!(
-        first == PROTOCOL,
-        "the old host speaks {first:?}, this one {PROTOCOL:?}: the old host is not a compatible host"
-    );
-    let mut names = None;
-    let mut kind = None;
-    let mut file = None;
-    let mut complete = false;
-    for line in lines {
-        if let Some(value) = line.strip_prefix("LISTEN_FDNAMES=") {
-            names = Some(value.split(':').map(str::to_owned).collect::<Vec<_>>());
-        } else if let Some(value) = line.strip_prefix("STATE=") {
-            kind = Some(
-                HandedKind::parse(value)
-                    .with_context(|| format!("the old host keeps its state in an unknown way: {value:?}"))?,
-            );
-        } else if let Some(value) = line.strip_prefix("STATE_FILE=") {
-            file = Some(PathBuf::from(value));
-        } else if line == "END" {
-            complete = true;
-        }
-    }
-    anyhow::ensure!(complete, "the old host's message is incomplete");
-    let state = match (kind, file) {
-        (Some(kind), Some(file)) => Some((kind, file)),
-        (None, None) => None,
-        _ => anyhow::bail!("the old host's message names half of its state (STATE= and STATE_FILE= go together)"),
-    };
-    Ok(Message {
-        names: names.context("the old host's message names no sockets")?,
-        state,
-    })
-}
-
-/// `fd` as a TCP listener, if it is a listening stream socket.
-fn listening_tcp_socket(fd: OwnedFd) -> anyhow::Result<std::net::TcpListener> {
-    let kind = rustix::net::sockopt::socket_type(&fd).context("not a socket")?;
-    anyhow::ensure!(kind == rustix::net::SocketType::STREAM, "not a stream socket");
-    anyhow::ensure!(
-        rustix::net::sockopt::socket_acceptconn(&fd).context("cannot query the socket")?,
-        "not a listening socket"
-    );
-    let listener = std::net::TcpListener::from(fd);
-    listener.local_addr().context("not a TCP socket")?;
-    listener.set_nonblocking(true).context("cannot make it non-blocking")?;
-    Ok(listener)
-}
-
-// ---------------------------------------------------------------------------------------------
-// The old host's side.
+use super::wire::{self, Offer, Reply, HANDOFF_VARIABLE};
+use crate::child::{self, Target};
+use crate::state::{Handed, StateError, StateStore};
+use crate::util::{lock, ms};
 
 /// How upgrades are done.
 #[derive(Debug, Clone)]
@@ -291,7 +43,7 @@ pub struct Upgraded {
 }
 
 /// Why an upgrade did not happen. In every case this host serves on.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
     #[error("an upgrade is already in progress")]
     InProgress,
@@ -301,10 +53,16 @@ pub enum UpgradeError {
     ProcessOne,
     #[error("the host is shutting down")]
     ShuttingDown,
-    #[error("cannot prepare the hand-off: {0}")]
-    Prepare(String),
+    #[error("cannot prepare the hand-off: cannot create a directory: {0}")]
+    Directory(std::io::Error),
+    #[error("cannot prepare the hand-off: cannot listen on {}: {error}", .path.display())]
+    Listen { path: PathBuf, error: std::io::Error },
+    #[error("cannot prepare the hand-off: cannot hand the state over: {0}")]
+    State(StateError),
+    #[error("cannot prepare the hand-off: the new process vanished")]
+    Vanished,
     #[error("cannot start {binary}: {error}")]
-    Spawn { binary: String, error: String },
+    Spawn { binary: String, error: std::io::Error },
     #[error("the new host (pid {pid}) exited with {status} before it was ready{}", reason_text(.reason))]
     Exited {
         pid: u32,
@@ -421,7 +179,7 @@ impl Upgrader {
                 ok: result.is_ok(),
                 error: result.as_ref().err().map(ToString::to_string),
                 at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-                duration_ms: crate::generation::ms(began.elapsed()),
+                duration_ms: ms(began.elapsed()),
                 trigger: trigger.to_owned(),
                 new_pid: started,
             };
@@ -473,39 +231,23 @@ impl Upgrader {
         }
         let directory = match tempfile::Builder::new().prefix("hot-reload-host-upgrade-").tempdir() {
             Ok(directory) => directory,
-            Err(e) => {
-                return (
-                    None,
-                    Err(UpgradeError::Prepare(format!("cannot create a directory: {e}"))),
-                )
-            }
+            Err(e) => return (None, Err(UpgradeError::Directory(e))),
         };
         let path = directory.path().join("handoff.sock");
         let listener = match UnixListener::bind(&path) {
             Ok(listener) => listener,
-            Err(e) => {
-                let error = format!("cannot listen on {}: {e}", path.display());
-                return (None, Err(UpgradeError::Prepare(error)));
-            }
+            Err(error) => return (None, Err(UpgradeError::Listen { path, error })),
         };
         // Just before the new process starts: from here on both processes may write the cells.
         let state = match self.cells.share_with_successor() {
             Ok(state) => state,
-            Err(e) => {
-                return (
-                    None,
-                    Err(UpgradeError::Prepare(format!("cannot hand the state over: {e}"))),
-                )
-            }
+            Err(e) => return (None, Err(UpgradeError::State(e))),
         };
-        let mut child = match Command::new(&self.settings.binary)
+        let mut command = Command::new(&self.settings.binary);
+        child::for_successor(command.as_std_mut());
+        let mut child = match command
             .args(&self.settings.args)
             .env(HANDOFF_VARIABLE, &path)
-            // Its own sockets come over the hand-off socket; its watchdog pings are its own.
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDNAMES")
-            .env_remove("WATCHDOG_PID")
             .stdin(Stdio::null())
             .spawn()
         {
@@ -513,7 +255,7 @@ impl Upgrader {
             Err(e) => {
                 let error = UpgradeError::Spawn {
                     binary: self.settings.binary.display().to_string(),
-                    error: e.to_string(),
+                    error: e,
                 };
                 self.cells.successor_failed();
                 return (None, Err(error));
@@ -521,7 +263,7 @@ impl Upgrader {
         };
         let Some(pid) = child.id() else {
             self.cells.successor_failed();
-            return (None, Err(UpgradeError::Prepare("the new process vanished".into())));
+            return (None, Err(UpgradeError::Vanished));
         };
         tracing::info!(pid, "started the new host; waiting until it serves");
         let outcome = self.await_ready(&listener, &mut child, pid, &state).await;
@@ -529,11 +271,11 @@ impl Upgrader {
             Ok(status) => {
                 // Served, and still running: hand over. From here on this process only winds down.
                 if let Some(path) = &self.settings.pid_file {
-                    if let Err(e) = crate::pidfile::write_pid(path, pid) {
+                    if let Err(e) = crate::ops::pidfile::write_pid(path, pid) {
                         tracing::warn!(pid_file = %path.display(), error = %e, "cannot write the new pid to the pid file");
                     }
                 }
-                crate::systemd::hand_over(pid, &status);
+                crate::ops::systemd::hand_over(pid, &status);
                 *lock(&self.new_pid) = Some(pid);
                 self.handed_over.cancel();
                 // The new process outlives this one: it is not waited for.
@@ -618,15 +360,12 @@ impl Upgrader {
         let mut status = String::new();
         loop {
             match lines.next_line().await {
-                Ok(Some(line)) => {
-                    if line == "READY=1" {
-                        return Ok(status);
-                    } else if let Some(text) = line.strip_prefix("STATUS=") {
-                        status = text.to_owned();
-                    } else if let Some(error) = line.strip_prefix("ERROR=") {
-                        return Err(HandshakeEnd::Closed(Some(error.to_owned())));
-                    }
-                }
+                Ok(Some(line)) => match Reply::parse(&line) {
+                    Some(Reply::Ready) => return Ok(status),
+                    Some(Reply::Status(text)) => status = text,
+                    Some(Reply::Error(error)) => return Err(HandshakeEnd::Closed(Some(error))),
+                    None => {}
+                },
                 Ok(None) | Err(_) => return Err(HandshakeEnd::Closed(None)),
             }
         }
@@ -650,44 +389,16 @@ impl Upgrader {
             }
             (names, fds)
         };
-        let mut message = format!("{PROTOCOL}\nLISTEN_FDNAMES={}\n", names.join(":"));
+        let message = Offer {
+            names,
+            state: Some((state.kind, state.path.clone())),
+        }
+        .encode()?;
         let mut borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
-        let path = state
-            .path
-            .to_str()
-            .filter(|path| !path.contains(['\n', '\r']))
-            .ok_or_else(|| format!("cannot name the state file {} in the message", state.path.display()))?;
-        message.push_str(&format!("STATE={}\nSTATE_FILE={path}\n", state.kind.as_str()));
         if let Some(lock) = &state.lock {
             borrowed.push(lock.as_fd());
         }
-        message.push_str("END\n");
-        let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(borrowed.len()))];
-        loop {
-            stream
-                .writable()
-                .await
-                .map_err(|e| format!("the hand-off socket failed: {e}"))?;
-            let mut control = SendAncillaryBuffer::new(&mut space);
-            if !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
-                return Err("too many sockets to hand over".into());
-            }
-            let sent = stream.try_io(Interest::WRITABLE, || {
-                rustix::net::sendmsg(
-                    stream,
-                    &[IoSlice::new(message.as_bytes())],
-                    &mut control,
-                    rustix::net::SendFlags::NOSIGNAL,
-                )
-                .map_err(std::io::Error::from)
-            });
-            return match sent {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Ok(n) if n == message.len() => Ok(()),
-                Ok(n) => Err(format!("sent {n} of {} bytes", message.len())),
-                Err(e) => Err(format!("cannot send the sockets: {e}")),
-            };
-        }
+        wire::send(stream, &message, &borrowed).await
     }
 }
 
@@ -706,17 +417,10 @@ fn exited(pid: u32, status: ExitStatus, reason: Option<String>) -> UpgradeError 
     }
 }
 
-/// SIGTERM, SIGKILL after [`KILL_GRACE`], and reaped.
+/// Stops a new process that failed, and reaps it.
 async fn stop_child(child: &mut Child, pid: u32) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
     if let Some(target) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process(target, rustix::process::Signal::TERM);
-    }
-    if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
-        tracing::warn!(pid, "the new host did not stop on SIGTERM; killing it");
-        let _ = child.kill().await;
+        child::stop(child, Target::Process(target), "the new host").await;
     }
     tracing::info!(pid, "stopped the new host");
 }
@@ -752,28 +456,9 @@ fn search_path(name: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_message_names_the_sockets() {
-        let message = parse_message(&format!("{PROTOCOL}\nLISTEN_FDNAMES=http:http:admin\nEND\n")).expect("parses");
-        assert_eq!(message.names, ["http", "http", "admin"]);
-        assert_eq!(message.state, None, "an older host says nothing of its state");
-        assert!(parse_message("something else\nEND\n").is_err());
-        assert!(parse_message(&format!("{PROTOCOL}\nLISTEN_FDNAMES=http\n")).is_err());
-        let message = parse_message(&format!(
-            "{PROTOCOL}\nLISTEN_FDNAMES=http:admin\nSTATE=hand-off\nSTATE_FILE=/tmp/s/state.sqlite\nEND\n"
-        ))
-        .expect("parses");
-        assert_eq!(
-            message.state,
-            Some((HandedKind::HandOff, PathBuf::from("/tmp/s/state.sqlite")))
-        );
-        assert!(parse_message(&format!("{PROTOCOL}\nLISTEN_FDNAMES=http\nSTATE=file\nEND\n")).is_err());
-        assert!(parse_message(&format!(
-            "{PROTOCOL}\nLISTEN_FDNAMES=http\nSTATE=disk\nSTATE_FILE=/s\nEND\n"
-        ))
-        .is_err());
-    }
+    use crate::ops::systemd::Activated;
+    use crate::ops::upgrade::new_host::listening_tcp_socket;
+    use crate::state::HandedKind;
 
     /// Both ends in one process: the sockets arrive, named, and still listen; a state file's lock
     /// comes last.
@@ -807,10 +492,10 @@ mod tests {
         upgrader.send_sockets(&ours, &state).await.expect("sent");
         let theirs = theirs.into_std().expect("std");
         theirs.set_nonblocking(false).expect("blocking");
-        let (text, mut fds) = tokio::task::spawn_blocking(move || receive(&theirs).expect("received"))
+        let (text, mut fds) = tokio::task::spawn_blocking(move || wire::receive(&theirs).expect("received"))
             .await
             .expect("joined");
-        let Message { names, state: said } = parse_message(&text).expect("parses");
+        let Offer { names, state: said } = Offer::parse(&text).expect("parses");
         assert_eq!(names, ["http", "admin"]);
         assert_eq!(said, Some((HandedKind::File, state.path.clone())));
         assert_eq!(fds.len(), 3, "two sockets and the lock");

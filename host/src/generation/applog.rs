@@ -448,7 +448,7 @@ fn level(level: LogLevel) -> Level {
 /// The host callsite for a description: the one made for an equal description before, or a new
 /// one. None once [`MAX_CALLSITES`] are made.
 fn registry_callsite(site: &LogCallsite<'_>) -> Option<&'static HostCallsite> {
-    let mut registry = REGISTRY.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut registry = crate::util::lock(&REGISTRY);
     // Once it is full, nothing more is leaked: a description with a string no callsite has is new.
     let full = registry.callsites.len() >= MAX_CALLSITES;
     let key = registry.key(site, !full);

@@ -11,8 +11,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
+
+use crate::util::lock;
 
 /// Upper bounds (seconds) of the duration histograms' buckets.
 const BUCKETS: [f64; 14] = [
@@ -259,10 +261,6 @@ pub struct Metrics {
     drain_duration: Mutex<Histogram>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// What one loaded generation is serving now.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct GenerationLoad {
@@ -289,7 +287,7 @@ pub struct Snapshot {
     pub kept_loaded: u64,
     /// Descriptors the process has open, if they can be counted.
     pub open_descriptors: Option<u64>,
-    /// Descriptors unloaded generations left open (`leftovers.rs`).
+    /// Descriptors unloaded generations left open (`generation/leftovers.rs`).
     pub descriptors_left_open: u64,
     /// Library copies still mapped after they were closed.
     pub copies_left_mapped: u64,

@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
+use crate::reload::trigger::Trigger;
 use crate::reload::Reloader;
 
 /// How long the file must stay quiet before a reload starts.
@@ -48,7 +49,7 @@ pub fn watch(app_path: &Path, reloader: Arc<Reloader>) -> anyhow::Result<notify:
         while events.recv().await.is_some() {
             // Wait for the burst to end: every further event restarts the quiet period.
             while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, events.recv()).await {}
-            reloader.trigger("watch");
+            reloader.trigger(Trigger::Watch);
         }
     });
     Ok(watcher)

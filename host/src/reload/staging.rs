@@ -6,9 +6,13 @@
 //! removes the directories of hosts that no longer run (only its own user's, and never one whose
 //! pid is alive, whatever process that is now).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
+
+use crate::generation::loader::check_image;
+use crate::generation::LibraryInfo;
+use crate::reload::trust::{read_trusted, TrustPolicy};
 
 /// Makes this host's staging directory under `parent` (the system's temporary directory if
 /// `None`), after removing the ones hosts that no longer run left there.
@@ -63,6 +67,58 @@ fn owner_pid(name: &str, prefix: &str) -> Option<u32> {
 fn owned_directory(path: &Path, uid: u32) -> bool {
     use std::os::unix::fs::MetadataExt as _;
     std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && m.uid() == uid)
+}
+
+/// Where generation `number` of the library served as `library` is staged: `gen{N}-<its name>`
+/// in the staging directory.
+pub fn staged_path(staging_dir: &Path, number: u64, library: &Path) -> PathBuf {
+    let file_name = library
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "app.so".into());
+    staging_dir.join(format!("gen{number}-{file_name}"))
+}
+
+/// Copies the library at the app path to a fresh, uniquely named file: `dlopen` of a path that
+/// is already loaded would return the old copy, and the original may be replaced at any moment.
+/// The bytes are checked against the trust policy as read, and exactly those bytes are staged.
+pub async fn stage(
+    app_path: &Path,
+    staging_dir: &Path,
+    trust: &TrustPolicy,
+    number: u64,
+) -> anyhow::Result<LibraryInfo> {
+    let path = app_path.to_owned();
+    let staged_copy = staged_path(staging_dir, number, &path);
+    let staged = staged_copy.clone();
+    let trust = trust.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        // Checked and written while the bytes are hashed; the copy is removed if they are refused.
+        let stage_copy = |bytes: &[u8]| -> anyhow::Result<()> {
+            check_image(&path, bytes)?;
+            if let Err(e) = std::fs::write(&staged, bytes) {
+                // A partial copy (the disk is full) must not stay behind until the host exits.
+                let _ = std::fs::remove_file(&staged);
+                return Err(e).with_context(|| format!("cannot stage a copy at {}", staged.display()));
+            }
+            Ok(())
+        };
+        match read_trusted(&path, &trust, stage_copy) {
+            Ok((sha256, Ok(()))) => Ok(sha256),
+            Ok((_, Err(e))) => Err(e),
+            Err(refused) => {
+                let _ = std::fs::remove_file(&staged);
+                Err(refused.into())
+            }
+        }
+    })
+    .await
+    .context("the staging task failed")?
+    .map(|sha256| LibraryInfo {
+        path: app_path.to_owned(),
+        staged_copy,
+        sha256,
+    })
 }
 
 #[cfg(test)]

@@ -22,9 +22,6 @@ use rustix::process::{Pid, PidfdFlags, Signal};
 /// The argument that makes the host binary a probe: `host --try-initialisers PATH`.
 pub const ARG: &str = "--try-initialisers";
 
-/// The exit status of a probe whose `dlopen` failed (the reason is on its stderr).
-pub const OPEN_FAILED: i32 = 3;
-
 /// Why a library's initialisers were refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -60,7 +57,7 @@ fn try_in_child(library: &Path, timeout: Duration) -> Result<(), ProbeError> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    crate::build::without_host_environment(&mut command);
+    crate::child::without_host_environment(&mut command);
     let mut child = command.spawn().map_err(ProbeError::Spawn)?;
     // Read while it runs: initialisers that write more than a pipe holds must not block on it.
     let stderr = child.stderr.take().map(|stderr| {

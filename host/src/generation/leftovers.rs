@@ -11,7 +11,9 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+
+use crate::util::lock;
+use std::sync::{Mutex, OnceLock};
 
 /// The open descriptors of the process at one moment: number → what it refers to
 /// (`/proc/self/fd`: a path, `socket:[inode]`, `anon_inode:[eventfd]`, …).
@@ -163,10 +165,6 @@ pub struct Ledger {
 
 /// How many generations with leftovers `/status` lists.
 const RECENT: usize = 8;
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// The process's ledger.
 pub fn ledger() -> &'static Ledger {

@@ -2,17 +2,19 @@
 //!
 //! A retiring generation gives back each idle HTTP/1 connection — the socket and the bytes it had
 //! read ahead — through the `hand_back` callback; they wait here, and the serving generation,
-//! woken through its eventfd, takes them with `next_connection`. Only a generation in
-//! [`Phase::Serving`] takes any, so a connection never goes back to retiring code; one that
-//! arrives while no generation serves (the host is shutting down) is closed.
+//! woken through its eventfd, takes them with `next_connection`. Only a generation in phase
+//! `serving` takes any (`Generation::next_connection`), so a connection never goes back to
+//! retiring code; one that arrives while no generation serves (the host is shutting down) is
+//! closed.
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
 
-use crate::generation::{Generation, Phase};
+use crate::generation::wake::Wake;
+use crate::util::lock;
 
 /// A connection between two generations.
 pub struct HandedSocket {
@@ -26,11 +28,13 @@ pub struct Handover {
     /// `None` once the host stops serving: then a connection handed back is closed.
     waiting: Mutex<Option<VecDeque<HandedSocket>>>,
     /// The generation to wake when a connection arrives.
-    serving: ArcSwapOption<Generation>,
+    serving: ArcSwapOption<Serving>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+/// The generation connections go to: its number and its wake-up.
+struct Serving {
+    generation: u64,
+    wake: Arc<Wake>,
 }
 
 impl Handover {
@@ -41,11 +45,13 @@ impl Handover {
         }
     }
 
-    /// From now on, connections go to `generation` (which must be serving already).
-    pub fn serve_with(&self, generation: &Arc<Generation>) {
-        self.serving.store(Some(Arc::clone(generation)));
+    /// From now on, connections go to `generation` (which must be serving already), woken
+    /// through `wake`.
+    pub fn serve_with(&self, generation: u64, wake: Arc<Wake>) {
+        let serving = Arc::new(Serving { generation, wake });
+        self.serving.store(Some(Arc::clone(&serving)));
         // Connections that arrived before the switch are waiting for it.
-        generation.wake();
+        serving.wake.wake(generation);
     }
 
     /// Queues a connection for the serving generation, or closes it if none will serve again.
@@ -58,19 +64,19 @@ impl Handover {
             }
         }
         if let Some(serving) = self.serving.load().as_ref() {
-            serving.wake();
+            serving.wake.wake(serving.generation);
         }
     }
 
     /// The next waiting connection, for `generation` if it is the one connections go to (not a
     /// canary, which serves only connections it accepts itself).
-    pub fn take_for(&self, generation: &Generation) -> Option<HandedSocket> {
+    pub fn take_for(&self, generation: u64) -> Option<HandedSocket> {
         let goes_here = self
             .serving
             .load()
             .as_ref()
-            .is_some_and(|serving| serving.number == generation.number);
-        if generation.phase() != Phase::Serving || !goes_here {
+            .is_some_and(|serving| serving.generation == generation);
+        if !goes_here {
             return None;
         }
         lock(&self.waiting).as_mut()?.pop_front()

@@ -15,6 +15,7 @@ use std::time::SystemTime;
 use anyhow::Context as _;
 
 use crate::generation::LibraryInfo;
+use crate::reload::staging::staged_path;
 
 /// What identifies one version of a file without reading it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +66,62 @@ impl Version {
     /// bytes were hashed when the version was first staged; a change to them changes these).
     pub fn unchanged(&self) -> bool {
         self.stamp.is_some() && FileStamp::of(&self.kept) == self.stamp
+    }
+
+    /// Stages this version again as generation `number`, after checking that its file is still
+    /// the one kept and that `--require-sha256`, if given, allows it. The staged file is a second
+    /// name for the kept one (no copying) unless a generation still runs that version (`in_use`):
+    /// then it is a copy, a new inode, since `dlopen` would hand back the object already loaded
+    /// from the kept file's inode.
+    pub async fn stage_again(
+        &self,
+        staging_dir: &Path,
+        number: u64,
+        in_use: bool,
+        require_sha256: Option<&str>,
+    ) -> anyhow::Result<LibraryInfo> {
+        let version = self;
+        if let Some(pinned) = require_sha256 {
+            anyhow::ensure!(
+                pinned == version.sha256,
+                "--require-sha256 allows only {pinned}, not version {}",
+                version.sha256
+            );
+        }
+        let staged_copy = staged_path(staging_dir, number, &version.path);
+        let (kept_version, staged) = (version.clone(), staged_copy.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let (kept, sha256) = (kept_version.kept(), &kept_version.sha256);
+            if !kept.exists() {
+                anyhow::bail!(
+                    "cannot read the kept version {sha256}: its file {} is gone",
+                    kept.display()
+                );
+            }
+            anyhow::ensure!(
+                kept_version.unchanged(),
+                "the kept copy of version {sha256} was altered (its file {} was replaced or written since it was \
+                 kept): it is not loaded",
+                kept.display()
+            );
+            let staging = if in_use {
+                std::fs::copy(kept, &staged).map(|_| ())
+            } else {
+                std::fs::hard_link(kept, &staged).or_else(|_| std::fs::copy(kept, &staged).map(|_| ()))
+            };
+            staging
+                .inspect_err(|_| {
+                    let _ = std::fs::remove_file(&staged);
+                })
+                .with_context(|| format!("cannot stage the kept version {sha256} at {}", staged.display()))
+        })
+        .await
+        .context("the staging task failed")??;
+        Ok(LibraryInfo {
+            path: version.path.clone(),
+            staged_copy,
+            sha256: version.sha256.clone(),
+        })
     }
 }
 

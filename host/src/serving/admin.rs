@@ -19,8 +19,9 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::reload::{Action, Refusal, Reloader};
-use crate::upgrade::{UpgradeError, Upgrader};
+use crate::ops::upgrade::old_host::{UpgradeError, Upgrader};
+use crate::reload::trigger::{Action, Refusal, Trigger};
+use crate::reload::Reloader;
 
 /// How long admin requests under way may take to finish once the admin listener stops.
 const FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -94,7 +95,7 @@ async fn route(
         (&Method::GET, "/metrics") => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            Bytes::from(crate::metrics::global().render(&reloader.metrics_snapshot())),
+            Bytes::from(crate::serving::metrics::global().render(&reloader.metrics_snapshot())),
         ),
         (&Method::GET, "/state") => state_list(&reloader),
         (&Method::GET, path) if path.starts_with("/state/") => state_cell(&reloader, &path["/state/".len()..]),
@@ -137,7 +138,7 @@ async fn route(
                 .start("admin")
                 .await
                 .unwrap_or(Err(UpgradeError::ShuttingDown));
-            let duration_ms = crate::generation::ms(began.elapsed());
+            let duration_ms = crate::util::ms(began.elapsed());
             match outcome {
                 Ok(upgraded) => json(
                     StatusCode::OK,
@@ -175,8 +176,8 @@ async fn route(
 /// when it failed, 409 when there was nothing to do it to.
 async fn act(reloader: &Reloader, action: Action) -> Response<Full<Bytes>> {
     let began = std::time::Instant::now();
-    let outcome = reloader.ask("admin", action).await;
-    let duration_ms = crate::generation::ms(began.elapsed());
+    let outcome = reloader.ask(Trigger::Admin, action).await;
+    let duration_ms = crate::util::ms(began.elapsed());
     match outcome {
         Ok(done) => {
             let mut answer =

@@ -13,11 +13,11 @@
 //!
 //! Without `NOTIFY_SOCKET` every notification is a no-op.
 //!
-//! After an upgrade has handed the service over to a new host process (`upgrade.rs`), this
+//! After an upgrade has handed the service over to a new host process (`ops/upgrade/`), this
 //! process sends `MAINPID=<new pid>`, `READY=1` and the new process's `STATUS=` once, and from
 //! then on nothing: the new process speaks for the service, and the old one winding down must not
 //! say `STOPPING=1` for it. The new process's own first `READY=1` goes to the old host instead
-//! of the manager (see `upgrade.rs`).
+//! of the manager (see `ops/upgrade/`).
 //!
 //! Socket activation (`LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES`, `sd_listen_fds(3)`): the
 //! passed sockets must be TCP listening sockets. The one named `admin` becomes the admin

@@ -8,20 +8,23 @@
 //!
 //! The build counts as successful only if `sh` exits 0. It is bounded by `--build-timeout`, and
 //! cancelled when the host shuts down: either way the whole group gets SIGTERM, then SIGKILL
-//! after [`KILL_GRACE`]. When `sh` has exited, whatever is left in its group is killed too, so a
+//! after [`KILL_GRACE`](crate::child::KILL_GRACE). When `sh` has exited, whatever is left in its group is killed too, so a
 //! build never leaves processes behind (nor keeps its output pipes open).
 //!
 //! The command does not inherit the host's systemd variables (`NOTIFY_SOCKET`, `WATCHDOG_*`,
-//! `LISTEN_*`): it must not speak for the service.
+//! `LISTEN_*`): it must not speak for the service (`child.rs`).
 
 use std::collections::VecDeque;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
+
+use crate::child::{self, Target};
+use crate::util::{clip, last_bytes, lock, ms};
 
 /// How many of the last output lines a failed build reports.
 pub const TAIL_LINES: usize = 40;
@@ -29,8 +32,6 @@ pub const TAIL_LINES: usize = 40;
 pub const TAIL_BYTES: usize = 4096;
 /// Longer output lines are cut to this many bytes, in the log and in the tail.
 const MAX_LINE_BYTES: usize = 2048;
-/// Between SIGTERM and SIGKILL to the build's process group.
-pub const KILL_GRACE: Duration = Duration::from_secs(5);
 /// How long the output of a finished build is still read (something in its group may hold the
 /// pipes open until it is killed).
 const OUTPUT_GRACE: Duration = Duration::from_secs(2);
@@ -101,43 +102,10 @@ impl Tail {
     }
 
     fn text(&self) -> String {
-        let mut text = self.lines.iter().map(String::as_str).collect::<Vec<_>>().join("\n");
-        if text.len() > TAIL_BYTES {
-            // One line longer than the whole budget: keep its end.
-            let mut start = text.len() - TAIL_BYTES;
-            while !text.is_char_boundary(start) {
-                start += 1;
-            }
-            text = text.split_off(start);
-        }
-        text
+        let text = self.lines.iter().map(String::as_str).collect::<Vec<_>>().join("\n");
+        // One line longer than the whole budget: keep its end.
+        last_bytes(&text, TAIL_BYTES).to_owned()
     }
-}
-
-/// Cuts `line` to at most [`MAX_LINE_BYTES`], on a character boundary.
-fn clip(mut line: String) -> String {
-    if line.len() > MAX_LINE_BYTES {
-        let mut end = MAX_LINE_BYTES;
-        while !line.is_char_boundary(end) {
-            end -= 1;
-        }
-        line.truncate(end);
-        line.push_str(" [...]");
-    }
-    line
-}
-
-/// Removes from a child's environment what is meant for the host alone (systemd's notify socket,
-/// watchdog and activated sockets, an upgrade's hand-off), so that the child never acts on it.
-pub fn without_host_environment(command: &mut std::process::Command) -> &mut std::process::Command {
-    command
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDNAMES")
-        .env_remove(crate::upgrade::HANDOFF_VARIABLE)
 }
 
 /// Runs the build command to completion. `Ok` only if it exited 0.
@@ -154,7 +122,7 @@ pub async fn run(build: &BuildCommand, generation: u64, stop: &CancellationToken
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    without_host_environment(child.as_std_mut());
+    child::without_host_environment(child.as_std_mut());
     let mut child = child.spawn().map_err(|source| BuildError::Spawn {
         command: command.clone(),
         source,
@@ -181,7 +149,10 @@ pub async fn run(build: &BuildCommand, generation: u64, stop: &CancellationToken
         () = stop.cancelled() => End::Cancelled,
     };
     if !matches!(end, End::Exited(_)) {
-        stop_group(&mut child, group).await;
+        match group {
+            Some(group) => child::stop(&mut child, Target::Group(group), "the build").await,
+            None => drop(child.kill().await),
+        }
     } else if let Some(group) = group {
         // Leftovers of a finished build (ESRCH if there are none).
         let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
@@ -192,8 +163,8 @@ pub async fn run(build: &BuildCommand, generation: u64, stop: &CancellationToken
         tracing::warn!(generation, "the build's output pipes stayed open; stopped reading them");
         readers.abort_all();
     }
-    let tail = tail.lock().unwrap_or_else(PoisonError::into_inner).text();
-    let duration_ms = crate::generation::ms(began.elapsed());
+    let tail = lock(&tail).text();
+    let duration_ms = ms(began.elapsed());
     match end {
         End::Exited(Ok(status)) if status.success() => {
             tracing::info!(generation, duration_ms, "build succeeded");
@@ -216,20 +187,6 @@ pub async fn run(build: &BuildCommand, generation: u64, stop: &CancellationToken
     }
 }
 
-/// SIGTERM to the whole group, SIGKILL after [`KILL_GRACE`], and the shell reaped.
-async fn stop_group(child: &mut Child, group: Option<rustix::process::Pid>) {
-    if let Some(group) = group {
-        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::TERM);
-    }
-    if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
-        tracing::warn!("the build did not stop on SIGTERM; killing its process group");
-    }
-    if let Some(group) = group {
-        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
-    }
-    let _ = child.kill().await;
-}
-
 /// Logs every line of one of the build's output streams and keeps the last ones.
 async fn forward(stream: impl AsyncRead + Unpin, name: &'static str, generation: u64, tail: Arc<Mutex<Tail>>) {
     let mut reader = BufReader::new(stream);
@@ -241,9 +198,10 @@ async fn forward(stream: impl AsyncRead + Unpin, name: &'static str, generation:
             Ok(_) => {}
         }
         let text = String::from_utf8_lossy(&raw);
-        let line = clip(text.trim_end_matches(['\n', '\r']).to_owned());
+        let mut line = text.trim_end_matches(['\n', '\r']).to_owned();
+        clip(&mut line, MAX_LINE_BYTES);
         tracing::info!(target: "host::build", generation, stream = name, "{line}");
-        tail.lock().unwrap_or_else(PoisonError::into_inner).push(line);
+        lock(&tail).push(line);
     }
 }
 

@@ -7,23 +7,33 @@
 //! future. A retiring generation is stopped and unloaded once it says it holds no connection any
 //! more, or when the drain deadline passes.
 
-use std::os::fd::OwnedFd;
+pub mod applog;
+pub mod handover;
+pub mod leftovers;
+pub mod loader;
+pub mod wake;
+
+use std::os::fd::{AsFd as _, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use app_abi::{Lifecycle, LifecycleState};
 use tokio::sync::{oneshot, Notify};
 
-use crate::canary::AcceptShare;
-use crate::handover::Handover;
-use crate::leftovers::{Descriptors, Leftover};
-use crate::listeners::Listeners;
-use crate::loader::LoadedLibrary;
-use crate::metrics::{Outcomes, RequestDurations, Sharded, Traffic};
+use crate::generation::applog::AppLog;
+use crate::generation::handover::HandedSocket;
+use crate::generation::handover::Handover;
+use crate::generation::leftovers::{Descriptors, Leftover};
+use crate::generation::loader::{Host, LoadError, LoadedLibrary};
+use crate::generation::wake::Wake;
+use crate::serving::listeners::Listeners;
+use crate::serving::metrics::{Outcomes, RequestDurations, Sharded, Traffic};
+use crate::serving::share::AcceptShare;
 use crate::state::StateStore;
+use crate::util::{lock, ms};
 
 /// Where the code of a generation came from.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -44,8 +54,10 @@ pub enum Phase {
     Starting = 0,
     /// Accepts connections and takes handed-over ones.
     Serving = 1,
-    /// A newer generation serves: hands its idle connections over and finishes its streams.
-    Draining = 2,
+    /// A newer generation serves: hands its idle connections over and finishes its streams
+    /// (the library's `Lifecycle::Retiring`; `/status` has always called it `draining`).
+    #[serde(rename = "draining")]
+    Retiring = 2,
     /// The host stops serving: closes its connections once their responses are sent.
     Closing = 3,
     /// Told to stop; its library is unloaded once its thread ends.
@@ -60,7 +72,7 @@ impl Phase {
         match value {
             0 => Phase::Starting,
             1 => Phase::Serving,
-            2 => Phase::Draining,
+            2 => Phase::Retiring,
             3 => Phase::Closing,
             4 => Phase::Stopping,
             _ => Phase::KeptLoaded,
@@ -92,22 +104,22 @@ pub struct Counters {
 pub struct Generation {
     pub number: u64,
     pub library: LibraryInfo,
-    wake: OwnedFd,
-    pub state: Arc<StateStore>,
-    pub handover: Arc<Handover>,
-    pub listeners: Arc<Listeners>,
+    wake: Arc<Wake>,
+    state: Arc<StateStore>,
+    handover: Arc<Handover>,
+    listeners: Arc<Listeners>,
     /// Who accepts the next connection while a canary runs.
     share: Arc<AcceptShare>,
     pub counters: Counters,
     /// The app's log callsites and open spans (see `applog.rs`).
-    pub log: crate::applog::AppLog,
+    log: AppLog,
     phase: AtomicU8,
     idle_grace_ms: AtomicU64,
     drained: AtomicBool,
     drained_signal: Notify,
     /// Why the library stays loaded after the generation stopped.
     kept_loaded: Mutex<Option<String>>,
-    started: Mutex<Option<oneshot::Sender<Result<(), String>>>>,
+    started: Mutex<Option<oneshot::Sender<Result<(), StartError>>>>,
     thread: Mutex<Option<JoinHandle<Option<LoadedLibrary>>>>,
     /// The process's descriptors when its load began, and when its successor's load began: what
     /// it opened lies between (see `leftovers.rs`).
@@ -115,7 +127,7 @@ pub struct Generation {
     successor_began: OnceLock<Descriptors>,
 }
 
-/// The generations still loaded: the serving one, those draining, and those kept loaded.
+/// The generations still loaded: the serving one, those retiring, and those kept loaded.
 pub type LiveGenerations = Arc<Mutex<Vec<Arc<Generation>>>>;
 
 /// How a generation is started.
@@ -141,8 +153,18 @@ pub struct StartOptions {
 /// Why a generation did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// What the app (its `init`, or app-api around it) reported.
     #[error("{0}")]
-    Failed(String),
+    App(String),
+    #[error("the generation's thread ended without starting the app")]
+    ThreadEnded,
+    #[error(
+        "the app installed handlers for signals {0:?}: signals belong to the host (is tokio's `signal` feature \
+         enabled in the app's dependencies?)"
+    )]
+    SignalHandlers(Vec<i32>),
     #[error("the app's init did not finish within {0:?}")]
     InitTimeout(Duration),
     #[error(
@@ -150,12 +172,12 @@ pub enum StartError {
          within {0:?}"
     )]
     ConstructorTimeout(Duration),
-    #[error("cannot start the generation: {0}")]
-    Setup(String),
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+    #[error("cannot start the generation: {what}")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Generation {
@@ -165,22 +187,21 @@ impl Generation {
     pub async fn start(options: StartOptions) -> Result<Arc<Generation>, StartError> {
         let number = options.number;
         let staged = options.library.staged_copy.clone();
-        let wake = rustix::event::eventfd(
-            0,
-            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
-        )
-        .map_err(|e| StartError::Setup(format!("eventfd: {e}")))?;
+        let wake = Wake::new().map_err(|e| StartError::Setup {
+            what: "eventfd",
+            source: e.into(),
+        })?;
         let (started_tx, started_rx) = oneshot::channel();
         let generation = Arc::new(Generation {
             number,
             library: options.library,
-            wake,
+            wake: Arc::new(wake),
             state: options.state,
             handover: options.handover,
             share: options.share,
             listeners: options.listeners,
             counters: Counters::default(),
-            log: crate::applog::AppLog::new(number),
+            log: AppLog::new(number),
             phase: AtomicU8::new(Phase::Starting as u8),
             idle_grace_ms: AtomicU64::new(0),
             drained: AtomicBool::new(false),
@@ -202,7 +223,7 @@ impl Generation {
                 let library = match LoadedLibrary::open(&staged, number) {
                     Ok(library) => library,
                     Err(e) => {
-                        generation.report_started(Err(e.to_string()));
+                        generation.report_started(Err(e.into()));
                         return None;
                     }
                 };
@@ -216,33 +237,31 @@ impl Generation {
                 );
                 if let Err(e) = library.run(&generation, &config, worker_threads) {
                     tracing::error!(generation = number, error = %e, "the generation stopped with an error");
-                    generation.report_started(Err(e));
+                    generation.report_started(Err(StartError::App(e)));
                 }
                 Some(library)
             })
-            .map_err(|e| StartError::Setup(format!("cannot spawn the generation's thread: {e}")))?;
+            .map_err(|source| StartError::Setup {
+                what: "cannot spawn the generation's thread",
+                source,
+            })?;
         *lock(&generation.thread) = Some(thread);
 
         let outcome = match tokio::time::timeout(options.init_timeout, started_rx).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(message))) => Err(StartError::Failed(message)),
-            Ok(Err(_)) => Err(StartError::Failed(
-                "the generation's thread ended without starting the app".into(),
-            )),
-            Err(_) => match crate::loader::open_under_way() {
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(StartError::ThreadEnded),
+            Err(_) => match crate::generation::loader::open_under_way() {
                 Some((opening, _)) if opening == number => Err(StartError::ConstructorTimeout(options.init_timeout)),
                 _ => Err(StartError::InitTimeout(options.init_timeout)),
             },
         };
         let outcome = outcome.and_then(|()| {
-            let signals = crate::loader::signals_handled_by(&generation.library.staged_copy);
+            let signals = crate::generation::loader::signals_handled_by(&generation.library.staged_copy);
             if signals.is_empty() {
                 Ok(())
             } else {
-                Err(StartError::Failed(format!(
-                    "the app installed handlers for signals {signals:?}: signals belong to the host \
-                     (is tokio's `signal` feature enabled in the app's dependencies?)"
-                )))
+                Err(StartError::SignalHandlers(signals))
             }
         });
         match outcome {
@@ -270,21 +289,6 @@ impl Generation {
     fn set_phase(&self, phase: Phase) {
         // Release pairs with the Acquire in `phase`: the library, woken by the eventfd, must see it.
         self.phase.store(phase as u8, Ordering::Release);
-    }
-
-    /// The lifecycle as the library reads it.
-    pub fn lifecycle(&self) -> LifecycleState {
-        let phase = match self.phase() {
-            Phase::Starting => Lifecycle::Starting,
-            Phase::Serving => Lifecycle::Serving,
-            Phase::Draining => Lifecycle::Retiring,
-            Phase::Closing => Lifecycle::Closing,
-            Phase::Stopping | Phase::KeptLoaded => Lifecycle::Stopping,
-        };
-        LifecycleState {
-            phase,
-            idle_grace_ms: self.idle_grace_ms.load(Ordering::Acquire),
-        }
     }
 
     /// Stops taking connections, lets the open ones go (handed over, or closed) and their
@@ -316,7 +320,7 @@ impl Generation {
         } else {
             tracing::info!(generation = self.number, duration_ms = ms(began.elapsed()), "drained");
         }
-        crate::metrics::global().observe_drain(began.elapsed());
+        crate::serving::metrics::global().observe_drain(began.elapsed());
         self.stop(stop_timeout).await;
     }
 
@@ -324,7 +328,7 @@ impl Generation {
     /// told to close instead (the host is shutting down), never the other way round.
     pub fn leave(&self, how: Retirement) {
         let phase = match how {
-            Retirement::HandOver => Phase::Draining,
+            Retirement::HandOver => Phase::Retiring,
             Retirement::Close { idle_grace } => {
                 let grace = u64::try_from(idle_grace.as_millis()).unwrap_or(u64::MAX);
                 self.idle_grace_ms.store(grace, Ordering::Release);
@@ -333,7 +337,7 @@ impl Generation {
         };
         let previous = self.phase();
         if matches!(previous, Phase::Stopping | Phase::KeptLoaded)
-            || (previous == Phase::Closing && phase == Phase::Draining)
+            || (previous == Phase::Closing && phase == Phase::Retiring)
         {
             return;
         }
@@ -372,7 +376,7 @@ impl Generation {
                     library.leak();
                     return (stopped, Err(reason));
                 }
-                if let Some((stuck, _)) = crate::loader::open_under_way() {
+                if let Some((stuck, _)) = crate::generation::loader::open_under_way() {
                     library.leak();
                     return (
                         stopped,
@@ -385,10 +389,10 @@ impl Generation {
                 let unloaded = library.unload();
                 if unloaded.is_ok() {
                     if let Some((before, successor_began)) = window {
-                        crate::leftovers::ledger().record(Leftover {
+                        crate::generation::leftovers::ledger().record(Leftover {
                             generation: number,
-                            descriptors: crate::leftovers::left_behind(&before, successor_began.as_ref()),
-                            still_mapped: !crate::loader::mapped_ranges(&staged_copy).is_empty(),
+                            descriptors: crate::generation::leftovers::left_behind(&before, successor_began.as_ref()),
+                            still_mapped: !crate::generation::loader::mapped_ranges(&staged_copy).is_empty(),
                         });
                     }
                 }
@@ -416,7 +420,7 @@ impl Generation {
                 }
             }
             Ok(Err(e)) => tracing::error!(generation = number, error = %e, "joining the generation failed"),
-            Err(_) => match crate::loader::open_under_way() {
+            Err(_) => match crate::generation::loader::open_under_way() {
                 Some((opening, for_how_long)) if opening == number => {
                     tracing::error!(
                         generation = number,
@@ -459,42 +463,26 @@ impl Generation {
         lock(&self.kept_loaded).clone()
     }
 
-    /// Wakes the library's runtime, to look at its lifecycle and the handed-over connections.
-    pub fn wake(&self) {
-        if let Err(e) = rustix::io::write(&self.wake, &1u64.to_ne_bytes()) {
-            // EAGAIN means the counter is already non-zero: the library is due to wake anyway.
-            if e != rustix::io::Errno::AGAIN {
-                tracing::error!(generation = self.number, error = %e, "cannot wake the generation");
-            }
-        }
-    }
-
-    // Called by the library, through the loader's callbacks.
-
-    pub fn report_started(&self, outcome: Result<(), String>) {
+    /// The app started, or could not: `start` waits for this.
+    fn report_started(&self, outcome: Result<(), StartError>) {
         if let Some(sender) = lock(&self.started).take() {
             let _ = sender.send(outcome);
         }
     }
 
-    pub fn wake_fd(&self) -> &OwnedFd {
-        &self.wake
+    /// Wakes the library's runtime, to look at its lifecycle and the handed-over connections.
+    pub fn wake(&self) {
+        self.wake.wake(self.number);
     }
 
-    pub fn reset_wake(&self) {
-        let mut buf = [0u8; 8];
-        // EAGAIN means there was nothing to reset.
-        let _ = rustix::io::read(&self.wake, &mut buf);
-    }
-
-    pub fn report_drained(&self) {
-        self.drained.store(true, Ordering::Release);
-        self.drained_signal.notify_waiters();
+    /// From now on, kept-alive connections handed back by older generations come to this one.
+    pub fn take_handed_over_connections(&self) {
+        self.handover.serve_with(self.number, Arc::clone(&self.wake));
     }
 
     /// What `/metrics` shows of this generation's traffic now.
-    pub fn load(&self) -> crate::metrics::GenerationLoad {
-        crate::metrics::GenerationLoad {
+    pub fn load(&self) -> crate::serving::metrics::GenerationLoad {
+        crate::serving::metrics::GenerationLoad {
             generation: self.number,
             connections: self.counters.connections.load(Ordering::Relaxed),
             streams: self.counters.streams.load(Ordering::Relaxed),
@@ -510,31 +498,104 @@ impl Generation {
             durations: self.counters.durations.totals(),
         }
     }
+}
 
-    /// Whether it must not accept a connection now: the host is at `--max-connections`, or it
-    /// is a canary that has had its share.
-    pub fn holds_back_accepting(&self) -> bool {
+// Called by the library, through the loader's callbacks.
+impl Host for Generation {
+    fn number(&self) -> u64 {
+        self.number
+    }
+
+    fn wake_fd(&self) -> BorrowedFd<'_> {
+        self.wake.as_fd()
+    }
+
+    fn listeners(&self) -> &Listeners {
+        &self.listeners
+    }
+
+    fn started(&self, outcome: Result<(), String>) {
+        self.report_started(outcome.map_err(StartError::App));
+    }
+
+    fn reset_wake(&self) {
+        self.wake.reset();
+    }
+
+    /// The lifecycle as the library reads it.
+    fn lifecycle(&self) -> LifecycleState {
+        let phase = match self.phase() {
+            Phase::Starting => Lifecycle::Starting,
+            Phase::Serving => Lifecycle::Serving,
+            Phase::Retiring => Lifecycle::Retiring,
+            Phase::Closing => Lifecycle::Closing,
+            Phase::Stopping | Phase::KeptLoaded => Lifecycle::Stopping,
+        };
+        LifecycleState {
+            phase,
+            idle_grace_ms: self.idle_grace_ms.load(Ordering::Acquire),
+        }
+    }
+
+    /// Only while this generation serves: a connection never goes back to retiring code.
+    fn next_connection(&self) -> Option<HandedSocket> {
+        if self.phase() != Phase::Serving {
+            return None;
+        }
+        self.handover.take_for(self.number)
+    }
+
+    fn hand_back(&self, connection: HandedSocket) {
+        self.handover.hand_back(connection);
+    }
+
+    /// The host is at `--max-connections`, or this is a canary that has had its share.
+    fn at_capacity(&self) -> bool {
         self.listeners.at_capacity() || self.share.holds_back(self.number)
     }
 
-    /// A connection of this generation opened: it counts here and against `--max-connections`.
-    pub fn connection_opened(&self) {
+    /// It counts here and against `--max-connections`.
+    fn connection_opened(&self) {
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
         self.listeners.connection_opened();
         self.share.opened(self.number);
     }
 
-    /// A connection of this generation closed, or was handed back (then the next generation
-    /// counts it when it takes it).
-    pub fn connection_closed(&self) {
+    /// Closed, or handed back (then the next generation counts it when it takes it).
+    fn connection_closed(&self) {
         self.counters.connections.fetch_sub(1, Ordering::Relaxed);
         self.listeners.connection_closed();
     }
 
-    pub fn request_finished(&self, status: u16, micros: u64) {
+    fn stream_opened(&self) {
+        self.counters.streams.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn stream_closed(&self) {
+        self.counters.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn request_started(&self) {
+        self.counters.in_flight.add(1);
+    }
+
+    fn request_finished(&self, status: u16, micros: u64) {
         self.counters.in_flight.sub(1);
         self.counters.requests.count(status);
         self.counters.durations.observe(micros);
+    }
+
+    fn drained(&self) {
+        self.drained.store(true, Ordering::Release);
+        self.drained_signal.notify_waiters();
+    }
+
+    fn state(&self) -> &StateStore {
+        &self.state
+    }
+
+    fn log(&self) -> &AppLog {
+        &self.log
     }
 }
 
@@ -561,7 +622,7 @@ fn still_runs_code_of(number: u64, staged: &Path) -> Option<String> {
         );
         reasons.push(format!("the app left {} thread(s) running: {threads:?}", threads.len()));
     }
-    let signals = crate::loader::signals_handled_by(staged);
+    let signals = crate::generation::loader::signals_handled_by(staged);
     if !signals.is_empty() {
         tracing::error!(
             generation = number,
@@ -589,8 +650,4 @@ fn stray_threads(number: u64) -> Vec<String> {
         .map(|comm| comm.trim_end().to_owned())
         .filter(|comm| comm == &own || comm.strip_prefix(&own).is_some_and(|rest| rest.starts_with('-')))
         .collect()
-}
-
-pub fn ms(duration: Duration) -> f64 {
-    (duration.as_secs_f64() * 1e6).round() / 1e3
 }

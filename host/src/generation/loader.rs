@@ -4,15 +4,15 @@
 //! Two invariants make the rest of the host safe:
 //! - A [`LoadedLibrary`] is opened, called and (through [`LoadedLibrary::run`]) served from on its
 //!   generation's own thread, and dropped (`dlclose`) only after that thread has been joined (see
-//!   `generation.rs`). Library code therefore never runs on a thread that outlives it.
-//! - The [`HostHandle`] given to the library is a pointer to its [`Generation`], which the host
-//!   keeps alive for the whole of `run`; the listening sockets lent to it stay open as long.
+//!   `generation/mod.rs`). Library code therefore never runs on a thread that outlives it.
+//! - The [`HostHandle`] given to the library is a pointer to its [`Host`] (the generation), which
+//!   the host keeps alive for the whole of `run`; the listening sockets lent to it stay open as
+//!   long.
 //! - A descriptor handed back by the library (`hand_back`) is owned by the host from then on.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use abi_stable::abi_stability::abi_checking::{check_layout_compatibility_with_globals, CheckingGlobals};
@@ -24,8 +24,11 @@ use app_abi::{
     ABI_VERSION, DESCRIPTOR_MAGIC, DESCRIPTOR_SYMBOL, DESCRIPTOR_VERSION,
 };
 
-use crate::generation::Generation;
-use crate::handover::HandedSocket;
+use crate::generation::applog::AppLog;
+use crate::generation::handover::HandedSocket;
+use crate::serving::listeners::Listeners;
+use crate::state::StateStore;
+use crate::util::lock;
 
 /// Why a library could not be loaded as an app.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +55,42 @@ pub enum LoadError {
         library: String,
         details: String,
     },
+}
+
+/// The exit status of a trial process (`host --try-initialisers`) whose `dlopen` failed (the
+/// reason is on its stderr).
+pub const OPEN_FAILED: i32 = 3;
+
+/// The host's side of one running library: what its callbacks reach. A generation implements
+/// it; the callbacks turn the library's [`HostHandle`] back into it.
+pub trait Host: Send + Sync + 'static {
+    /// The generation's number, given to the library.
+    fn number(&self) -> u64;
+    /// The eventfd the library's runtime polls for the host's wake-ups.
+    fn wake_fd(&self) -> BorrowedFd<'_>;
+    /// The listening sockets lent to the library, open as long as `self` lives.
+    fn listeners(&self) -> &Listeners;
+    /// The app's init finished, well or not.
+    fn started(&self, outcome: Result<(), String>);
+    /// The library has seen the wake-up.
+    fn reset_wake(&self);
+    fn lifecycle(&self) -> LifecycleState;
+    /// A connection handed over by an older generation, if one waits for this one.
+    fn next_connection(&self) -> Option<HandedSocket>;
+    /// The library gives a kept-alive connection back, for the serving generation.
+    fn hand_back(&self, connection: HandedSocket);
+    /// Whether the library must not accept a connection now.
+    fn at_capacity(&self) -> bool;
+    fn connection_opened(&self);
+    fn connection_closed(&self);
+    fn stream_opened(&self);
+    fn stream_closed(&self);
+    fn request_started(&self);
+    fn request_finished(&self, status: u16, micros: u64);
+    /// The library holds no connection any more.
+    fn drained(&self);
+    fn state(&self) -> &StateStore;
+    fn log(&self) -> &AppLog;
 }
 
 /// An app library, opened and verified, ready to run one generation.
@@ -146,56 +185,56 @@ impl LoadedLibrary {
     }
 
     /// Runs one generation of the app on the calling thread, until the host asks it to stop.
-    pub fn run(&self, generation: &Arc<Generation>, config: &str, worker_threads: u32) -> Result<(), String> {
-        // SAFETY: the handle points to `generation`, which outlives this call; the callbacks
-        // below turn it back into a reference only while the library runs, that is during it.
-        let handle = unsafe { HostHandle::from_raw(Arc::as_ptr(generation) as usize) };
-        let listeners: Vec<ListenerRef> = generation
-            .listeners
+    pub fn run<H: Host>(&self, host: &Arc<H>, config: &str, worker_threads: u32) -> Result<(), String> {
+        // SAFETY: the handle points to `host`, which outlives this call; the callbacks below turn
+        // it back into a reference only while the library runs, that is during it.
+        let handle = unsafe { HostHandle::from_raw(Arc::as_ptr(host) as usize) };
+        let listeners: Vec<ListenerRef> = host
+            .listeners()
             .raw_fds()
             .into_iter()
-            // SAFETY: `generation` holds the listeners, open, for longer than this call.
+            // SAFETY: `host` holds the listeners, open, for longer than this call.
             .map(|fd| unsafe { ListenerRef::from_raw(fd) })
             .collect();
         let api = HostApi {
             handle,
-            generation: generation.number,
+            generation: host.number(),
             config: RStr::from_str(config),
             worker_threads,
-            wake_fd: std::os::fd::AsRawFd::as_raw_fd(generation.wake_fd()),
+            wake_fd: std::os::fd::AsRawFd::as_raw_fd(&host.wake_fd()),
             listeners: RSlice::from_slice(&listeners),
-            limits: generation.listeners.limits(),
-            started: on_started,
-            reset_wake: on_reset_wake,
-            lifecycle: on_lifecycle,
-            next_connection: on_next_connection,
-            hand_back: on_hand_back,
-            at_capacity: on_at_capacity,
-            connection_opened: on_connection_opened,
-            connection_closed: on_connection_closed,
-            stream_opened: on_stream_opened,
-            stream_closed: on_stream_closed,
-            request_started: on_request_started,
-            request_finished: on_request_finished,
-            drained: on_drained,
+            limits: host.listeners().limits(),
+            started: on_started::<H>,
+            reset_wake: on_reset_wake::<H>,
+            lifecycle: on_lifecycle::<H>,
+            next_connection: on_next_connection::<H>,
+            hand_back: on_hand_back::<H>,
+            at_capacity: on_at_capacity::<H>,
+            connection_opened: on_connection_opened::<H>,
+            connection_closed: on_connection_closed::<H>,
+            stream_opened: on_stream_opened::<H>,
+            stream_closed: on_stream_closed::<H>,
+            request_started: on_request_started::<H>,
+            request_finished: on_request_finished::<H>,
+            drained: on_drained::<H>,
             log: LogApi {
                 handle,
                 max_level: host_log_level(),
-                register_callsite: on_log_register_callsite,
-                enabled: on_log_enabled,
-                event: on_log,
-                new_span: on_log_new_span,
-                record: on_log_record,
-                follows_from: on_log_follows_from,
-                enter: on_log_enter,
-                exit: on_log_exit,
-                clone_span: on_log_clone_span,
-                try_close: on_log_try_close,
+                register_callsite: on_log_register_callsite::<H>,
+                enabled: on_log_enabled::<H>,
+                event: on_log::<H>,
+                new_span: on_log_new_span::<H>,
+                record: on_log_record::<H>,
+                follows_from: on_log_follows_from::<H>,
+                enter: on_log_enter::<H>,
+                exit: on_log_exit::<H>,
+                clone_span: on_log_clone_span::<H>,
+                try_close: on_log_try_close::<H>,
             },
             state: StateApi {
                 handle,
-                read: on_state_read,
-                compare_and_set: on_state_compare_and_set,
+                read: on_state_read::<H>,
+                compare_and_set: on_state_compare_and_set::<H>,
             },
         };
         // SAFETY: `vtable` was checked against this host's layout in `open` and points into the
@@ -233,20 +272,20 @@ struct OpenUnderWay;
 
 impl OpenUnderWay {
     fn begin(generation: u64) -> OpenUnderWay {
-        *OPENING.lock().unwrap_or_else(PoisonError::into_inner) = Some((generation, Instant::now()));
+        *lock(&OPENING) = Some((generation, Instant::now()));
         OpenUnderWay
     }
 }
 
 impl Drop for OpenUnderWay {
     fn drop(&mut self) {
-        *OPENING.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        *lock(&OPENING) = None;
     }
 }
 
 /// The generation whose library is inside `dlopen` now, and for how long it has been.
 pub fn open_under_way() -> Option<(u64, Duration)> {
-    let opening = *OPENING.lock().unwrap_or_else(PoisonError::into_inner);
+    let opening = *lock(&OPENING);
     opening.map(|(generation, since)| (generation, since.elapsed()))
 }
 
@@ -274,8 +313,8 @@ pub fn exit_at_once(status: i32) -> ! {
     unsafe { libc::_exit(status) }
 }
 
-/// The trial process's whole work (see `probe.rs`): opens `library`, which runs its
-/// initialisers, and exits at once, with 0 if that worked and [`crate::probe::OPEN_FAILED`],
+/// The trial process's whole work (see `reload/probe.rs`): opens `library`, which runs its
+/// initialisers, and exits at once, with 0 if that worked and [`OPEN_FAILED`],
 /// having written why to stderr, if not. Nothing else of the library runs.
 pub fn try_initialisers_and_exit(library: &Path) -> ! {
     let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL;
@@ -292,7 +331,7 @@ pub fn try_initialisers_and_exit(library: &Path) -> ! {
                 library.display(),
                 error_chain(&e)
             );
-            exit_at_once(crate::probe::OPEN_FAILED)
+            exit_at_once(OPEN_FAILED)
         }
     }
 }
@@ -433,10 +472,11 @@ fn host_log_level() -> LogLevel {
 }
 
 /// # Safety
-/// `handle` must come from [`LoadedLibrary::run`] and be used only while that call runs.
-unsafe fn generation_from<'a>(handle: HostHandle) -> &'a Generation {
-    // SAFETY: per this function's contract, the `Arc<Generation>` behind the handle is alive.
-    unsafe { &*(handle.to_raw() as *const Generation) }
+/// `handle` must come from [`LoadedLibrary::run`] with this `H`, and be used only while that
+/// call runs.
+unsafe fn host_from<'a, H: Host>(handle: HostHandle) -> &'a H {
+    // SAFETY: per this function's contract, the `Arc<H>` behind the handle is alive.
+    unsafe { &*(handle.to_raw() as *const H) }
 }
 
 /// Runs a callback body, turning a panic into `fallback` and a log line: a panic must not unwind
@@ -448,35 +488,36 @@ fn guarded<T>(callback: &str, fallback: T, body: impl FnOnce() -> T) -> T {
     })
 }
 
-/// Runs a callback body on the generation behind `handle`, panics caught.
-fn with_generation<T>(callback: &str, handle: HostHandle, fallback: T, body: impl FnOnce(&Generation) -> T) -> T {
+/// Runs a callback body on the host behind `handle`, panics caught.
+fn with_host<H: Host, T>(callback: &str, handle: HostHandle, fallback: T, body: impl FnOnce(&H) -> T) -> T {
     guarded(callback, fallback, || {
-        // SAFETY: the library calls the host's callbacks only during `run`.
-        body(unsafe { generation_from(handle) })
+        // SAFETY: the library calls the host's callbacks only during `run`, which gave it a
+        // handle to an `H` (each callback is instantiated with the `H` of that `run`).
+        body(unsafe { host_from::<H>(handle) })
     })
 }
 
-extern "C" fn on_started(handle: HostHandle, outcome: RResult<(), RStr<'_>>) {
-    with_generation("started", handle, (), |generation| {
-        generation.report_started(outcome.into_result().map_err(|e| e.as_str().to_owned()));
+extern "C" fn on_started<H: Host>(handle: HostHandle, outcome: RResult<(), RStr<'_>>) {
+    with_host::<H, _>("started", handle, (), |host| {
+        host.started(outcome.into_result().map_err(|e| e.as_str().to_owned()));
     })
 }
 
-extern "C" fn on_reset_wake(handle: HostHandle) {
-    with_generation("reset_wake", handle, (), Generation::reset_wake)
+extern "C" fn on_reset_wake<H: Host>(handle: HostHandle) {
+    with_host::<H, _>("reset_wake", handle, (), H::reset_wake)
 }
 
-extern "C" fn on_lifecycle(handle: HostHandle) -> LifecycleState {
+extern "C" fn on_lifecycle<H: Host>(handle: HostHandle) -> LifecycleState {
     let stop = LifecycleState {
         phase: app_abi::Lifecycle::Stopping,
         idle_grace_ms: 0,
     };
-    with_generation("lifecycle", handle, stop, Generation::lifecycle)
+    with_host::<H, _>("lifecycle", handle, stop, H::lifecycle)
 }
 
-extern "C" fn on_next_connection(handle: HostHandle) -> ROption<HandedConnection> {
-    with_generation("next_connection", handle, ROption::RNone, |generation| {
-        let Some(HandedSocket { socket, unread }) = generation.handover.take_for(generation) else {
+extern "C" fn on_next_connection<H: Host>(handle: HostHandle) -> ROption<HandedConnection> {
+    with_host::<H, _>("next_connection", handle, ROption::RNone, |host| {
+        let Some(HandedSocket { socket, unread }) = host.next_connection() else {
             return ROption::RNone;
         };
         ROption::RSome(HandedConnection {
@@ -487,68 +528,66 @@ extern "C" fn on_next_connection(handle: HostHandle) -> ROption<HandedConnection
     })
 }
 
-extern "C" fn on_hand_back(handle: HostHandle, socket: Socket, unread: RSlice<'_, u8>) {
+extern "C" fn on_hand_back<H: Host>(handle: HostHandle, socket: Socket, unread: RSlice<'_, u8>) {
     // Owned before anything can fail, so that it is closed whatever happens.
     // SAFETY: the library gives up this connected socket (`Socket`'s contract).
     let socket = unsafe { OwnedFd::from_raw_fd(socket.into_raw()) };
-    with_generation("hand_back", handle, (), |generation| {
-        generation.connection_closed();
-        generation.handover.hand_back(HandedSocket {
+    with_host::<H, _>("hand_back", handle, (), |host| {
+        host.connection_closed();
+        host.hand_back(HandedSocket {
             socket,
             unread: unread.as_slice().to_vec(),
         });
     })
 }
 
-extern "C" fn on_at_capacity(handle: HostHandle) -> bool {
-    with_generation("at_capacity", handle, false, |generation| {
-        generation.holds_back_accepting()
+extern "C" fn on_at_capacity<H: Host>(handle: HostHandle) -> bool {
+    with_host::<H, _>("at_capacity", handle, false, |host| host.at_capacity())
+}
+
+extern "C" fn on_connection_opened<H: Host>(handle: HostHandle) {
+    with_host::<H, _>("connection_opened", handle, (), H::connection_opened)
+}
+
+extern "C" fn on_connection_closed<H: Host>(handle: HostHandle) {
+    with_host::<H, _>("connection_closed", handle, (), H::connection_closed)
+}
+
+extern "C" fn on_stream_opened<H: Host>(handle: HostHandle) {
+    with_host::<H, _>("stream_opened", handle, (), |host| {
+        host.stream_opened();
     })
 }
 
-extern "C" fn on_connection_opened(handle: HostHandle) {
-    with_generation("connection_opened", handle, (), Generation::connection_opened)
-}
-
-extern "C" fn on_connection_closed(handle: HostHandle) {
-    with_generation("connection_closed", handle, (), Generation::connection_closed)
-}
-
-extern "C" fn on_stream_opened(handle: HostHandle) {
-    with_generation("stream_opened", handle, (), |generation| {
-        generation.counters.streams.fetch_add(1, Ordering::Relaxed);
+extern "C" fn on_stream_closed<H: Host>(handle: HostHandle) {
+    with_host::<H, _>("stream_closed", handle, (), |host| {
+        host.stream_closed();
     })
 }
 
-extern "C" fn on_stream_closed(handle: HostHandle) {
-    with_generation("stream_closed", handle, (), |generation| {
-        generation.counters.streams.fetch_sub(1, Ordering::Relaxed);
+extern "C" fn on_request_started<H: Host>(handle: HostHandle) {
+    with_host::<H, _>("request_started", handle, (), |host| {
+        host.request_started();
     })
 }
 
-extern "C" fn on_request_started(handle: HostHandle) {
-    with_generation("request_started", handle, (), |generation| {
-        generation.counters.in_flight.add(1);
+extern "C" fn on_request_finished<H: Host>(handle: HostHandle, status: u16, micros: u64) {
+    with_host::<H, _>("request_finished", handle, (), |host| {
+        host.request_finished(status, micros);
     })
 }
 
-extern "C" fn on_request_finished(handle: HostHandle, status: u16, micros: u64) {
-    with_generation("request_finished", handle, (), |generation| {
-        generation.request_finished(status, micros);
-    })
+extern "C" fn on_drained<H: Host>(handle: HostHandle) {
+    with_host::<H, _>("drained", handle, (), H::drained)
 }
 
-extern "C" fn on_drained(handle: HostHandle) {
-    with_generation("drained", handle, (), Generation::report_drained)
-}
-
-extern "C" fn on_state_read(handle: HostHandle, key: RStr<'_>) -> StateValue {
+extern "C" fn on_state_read<H: Host>(handle: HostHandle, key: RStr<'_>) -> StateValue {
     let empty = StateValue {
         version: 0,
         bytes: ROption::RNone,
     };
-    with_generation("state_read", handle, empty, |generation| {
-        let (version, bytes) = generation.state.read(key.as_str(), RVec::from_slice);
+    with_host::<H, _>("state_read", handle, empty, |host| {
+        let (version, bytes) = host.state().read(key.as_str(), RVec::from_slice);
         StateValue {
             version,
             bytes: bytes.into(),
@@ -556,44 +595,42 @@ extern "C" fn on_state_read(handle: HostHandle, key: RStr<'_>) -> StateValue {
     })
 }
 
-extern "C" fn on_state_compare_and_set(
+extern "C" fn on_state_compare_and_set<H: Host>(
     handle: HostHandle,
     key: RStr<'_>,
     expected: u64,
     bytes: RSlice<'_, u8>,
 ) -> bool {
-    with_generation("state_compare_and_set", handle, false, |generation| {
-        generation
-            .state
-            .compare_and_set(key.as_str(), expected, bytes.as_slice())
+    with_host::<H, _>("state_compare_and_set", handle, false, |host| {
+        host.state().compare_and_set(key.as_str(), expected, bytes.as_slice())
     })
 }
 
 // The library's `tracing` subscriber (see `applog.rs`). Everything it passes is borrowed for the
 // call and copied by `applog`.
 
-extern "C" fn on_log_register_callsite(handle: HostHandle, token: u64, site: &LogCallsite<'_>) -> LogInterest {
-    with_generation("log_register_callsite", handle, LogInterest::Never, |generation| {
-        generation.log.register_callsite(token, site)
+extern "C" fn on_log_register_callsite<H: Host>(handle: HostHandle, token: u64, site: &LogCallsite<'_>) -> LogInterest {
+    with_host::<H, _>("log_register_callsite", handle, LogInterest::Never, |host| {
+        host.log().register_callsite(token, site)
     })
 }
 
-extern "C" fn on_log_enabled(handle: HostHandle, token: u64) -> bool {
-    with_generation("log_enabled", handle, false, |generation| generation.log.enabled(token))
+extern "C" fn on_log_enabled<H: Host>(handle: HostHandle, token: u64) -> bool {
+    with_host::<H, _>("log_enabled", handle, false, |host| host.log().enabled(token))
 }
 
-extern "C" fn on_log(
+extern "C" fn on_log<H: Host>(
     handle: HostHandle,
     token: u64,
     parent: LogParent,
     values: RSlice<'_, LogValue<'_>>,
 ) -> LogOutcome {
-    with_generation("log", handle, LogOutcome::Done, |generation| {
-        generation.log.event(token, parent, values.as_slice())
+    with_host::<H, _>("log", handle, LogOutcome::Done, |host| {
+        host.log().event(token, parent, values.as_slice())
     })
 }
 
-extern "C" fn on_log_new_span(
+extern "C" fn on_log_new_span<H: Host>(
     handle: HostHandle,
     token: u64,
     parent: LogParent,
@@ -603,41 +640,37 @@ extern "C" fn on_log_new_span(
         outcome: LogOutcome::Done,
         span: 0,
     };
-    with_generation("log_new_span", handle, none, |generation| {
-        generation.log.new_span(token, parent, values.as_slice())
+    with_host::<H, _>("log_new_span", handle, none, |host| {
+        host.log().new_span(token, parent, values.as_slice())
     })
 }
 
-extern "C" fn on_log_record(handle: HostHandle, span: u64, values: RSlice<'_, LogValue<'_>>) {
-    with_generation("log_record", handle, (), |generation| {
-        generation.log.record(span, values.as_slice())
+extern "C" fn on_log_record<H: Host>(handle: HostHandle, span: u64, values: RSlice<'_, LogValue<'_>>) {
+    with_host::<H, _>("log_record", handle, (), |host| {
+        host.log().record(span, values.as_slice())
     })
 }
 
-extern "C" fn on_log_follows_from(handle: HostHandle, span: u64, follows: u64) {
-    with_generation("log_follows_from", handle, (), |generation| {
-        generation.log.follows_from(span, follows)
+extern "C" fn on_log_follows_from<H: Host>(handle: HostHandle, span: u64, follows: u64) {
+    with_host::<H, _>("log_follows_from", handle, (), |host| {
+        host.log().follows_from(span, follows)
     })
 }
 
-extern "C" fn on_log_enter(handle: HostHandle, span: u64) {
-    with_generation("log_enter", handle, (), |generation| generation.log.enter(span))
+extern "C" fn on_log_enter<H: Host>(handle: HostHandle, span: u64) {
+    with_host::<H, _>("log_enter", handle, (), |host| host.log().enter(span))
 }
 
-extern "C" fn on_log_exit(handle: HostHandle, span: u64) {
-    with_generation("log_exit", handle, (), |generation| generation.log.exit(span))
+extern "C" fn on_log_exit<H: Host>(handle: HostHandle, span: u64) {
+    with_host::<H, _>("log_exit", handle, (), |host| host.log().exit(span))
 }
 
-extern "C" fn on_log_clone_span(handle: HostHandle, span: u64) {
-    with_generation("log_clone_span", handle, (), |generation| {
-        generation.log.clone_span(span)
-    })
+extern "C" fn on_log_clone_span<H: Host>(handle: HostHandle, span: u64) {
+    with_host::<H, _>("log_clone_span", handle, (), |host| host.log().clone_span(span))
 }
 
-extern "C" fn on_log_try_close(handle: HostHandle, span: u64) -> bool {
-    with_generation("log_try_close", handle, false, |generation| {
-        generation.log.try_close(span)
-    })
+extern "C" fn on_log_try_close<H: Host>(handle: HostHandle, span: u64) -> bool {
+    with_host::<H, _>("log_try_close", handle, false, |host| host.log().try_close(span))
 }
 
 #[cfg(test)]

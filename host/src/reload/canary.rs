@@ -3,21 +3,16 @@
 //! as its error rate is worse than the current version's by more than allowed, promoted once it
 //! has been healthy for long enough.
 //!
-//! The split is per connection, made where connections are accepted: every serving generation
-//! asks the host before it accepts (`at_capacity`), and the canary is held back while it has
-//! taken more than its share of the connections accepted since it started. It cannot be held to
-//! less than that (the current generation is never held back), so its share is approximate:
-//! it gets what it would by competing for the listener, capped at its percentage. Connections
-//! kept alive by clients stay where they are; only new ones are split.
+//! The split is per connection, made where connections are accepted (`serving/share.rs`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::generation::Generation;
-use crate::metrics::Traffic;
+use crate::serving::metrics::Traffic;
+use crate::serving::share::AcceptShare;
 
-/// How canaries are run and judged (`--canary*`).
+/// How canaries are run and judged (`--canary*`; the defaults are in `config.rs`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CanarySettings {
     /// The share of new connections, in percent, a reload gives the new version first; 0 means
@@ -32,65 +27,6 @@ pub struct CanarySettings {
     /// If set: the canary is rolled back when its p99 latency exceeds the current version's by
     /// more than this factor.
     pub max_p99_ratio: Option<f64>,
-}
-
-impl Default for CanarySettings {
-    fn default() -> Self {
-        CanarySettings {
-            percent: 0,
-            min_requests: 100,
-            max_error_rate: 1.0,
-            duration: Duration::from_secs(60),
-            max_p99_ratio: None,
-        }
-    }
-}
-
-/// Who may accept the next connection while a canary runs.
-#[derive(Debug, Default)]
-pub struct AcceptShare {
-    /// The canary's generation number; 0 when there is none.
-    canary: AtomicU64,
-    percent: AtomicU64,
-    canary_accepted: AtomicU64,
-    all_accepted: AtomicU64,
-}
-
-impl AcceptShare {
-    fn start(&self, generation: u64, percent: u8) {
-        self.canary_accepted.store(0, Ordering::Relaxed);
-        self.all_accepted.store(0, Ordering::Relaxed);
-        self.percent.store(u64::from(percent), Ordering::Relaxed);
-        self.canary.store(generation, Ordering::Release);
-    }
-
-    fn stop(&self) {
-        self.canary.store(0, Ordering::Release);
-    }
-
-    /// A serving generation opened a connection.
-    pub fn opened(&self, generation: u64) {
-        if self.canary.load(Ordering::Acquire) == 0 {
-            return;
-        }
-        self.all_accepted.fetch_add(1, Ordering::Relaxed);
-        if self.canary.load(Ordering::Relaxed) == generation {
-            self.canary_accepted.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Whether `generation` must leave the next connection to the others: it is the canary and
-    /// has had its share.
-    pub fn holds_back(&self, generation: u64) -> bool {
-        if self.canary.load(Ordering::Acquire) != generation {
-            return false;
-        }
-        let percent = self.percent.load(Ordering::Relaxed);
-        let canary = self.canary_accepted.load(Ordering::Relaxed);
-        let all = self.all_accepted.load(Ordering::Relaxed);
-        // With its next connection it would still be within its share.
-        (canary + 1) * 100 > percent * (all + 1)
-    }
 }
 
 /// One side of a canary, as `/status` shows it.
@@ -221,6 +157,16 @@ impl Drop for Canary {
 mod tests {
     use super::*;
 
+    fn settings() -> CanarySettings {
+        CanarySettings {
+            percent: 0,
+            min_requests: 100,
+            max_error_rate: 1.0,
+            duration: Duration::from_secs(60),
+            max_p99_ratio: None,
+        }
+    }
+
     fn side(requests: u64, errors: u64, p99_ms: f64) -> Side {
         Side {
             generation: 1,
@@ -234,7 +180,7 @@ mod tests {
 
     #[test]
     fn a_canary_is_judged_only_after_its_minimum_requests() {
-        let settings = CanarySettings::default();
+        let settings = settings();
         let broken = side(99, 99, 1.0);
         assert_eq!(judge(&broken, &side(1000, 0, 1.0), Duration::ZERO, &settings), None);
         let broken = side(100, 100, 1.0);
@@ -249,7 +195,7 @@ mod tests {
 
     #[test]
     fn the_error_rate_is_compared_with_the_current_versions() {
-        let settings = CanarySettings::default();
+        let settings = settings();
         // 5% against 4.5%: within one percentage point.
         assert_eq!(
             judge(&side(200, 10, 1.0), &side(200, 9, 1.0), Duration::ZERO, &settings),
@@ -263,7 +209,7 @@ mod tests {
 
     #[test]
     fn a_healthy_canary_is_promoted_after_its_duration_and_a_slow_one_rolled_back_if_asked() {
-        let mut settings = CanarySettings::default();
+        let mut settings = settings();
         assert_eq!(
             judge(&side(5, 0, 1.0), &side(5, 0, 1.0), Duration::from_secs(60), &settings),
             Some(Verdict::Promote)
@@ -273,23 +219,5 @@ mod tests {
             judge(&side(100, 0, 25.0), &side(100, 0, 10.0), Duration::ZERO, &settings),
             Some(Verdict::RollBack(_))
         ));
-    }
-
-    #[test]
-    fn the_canary_is_held_to_its_share_of_new_connections() {
-        let share = AcceptShare::default();
-        assert!(!share.holds_back(2), "without a canary nobody is held back");
-        share.start(2, 10);
-        let mut canary = 0;
-        for _ in 0..1000 {
-            // The canary takes every connection it is allowed; the current one the rest.
-            let generation = if share.holds_back(2) { 1 } else { 2 };
-            canary += u64::from(generation == 2);
-            share.opened(generation);
-            assert!(!share.holds_back(1), "the current generation is never held back");
-        }
-        assert_eq!(canary, 100);
-        share.stop();
-        assert!(!share.holds_back(2));
     }
 }

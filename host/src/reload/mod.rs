@@ -17,9 +17,17 @@
 //! the one the last build left (same inode, size and modification time), so that one change
 //! makes one reload rather than two.
 
+pub mod build;
+pub mod canary;
+pub mod probe;
+pub mod staging;
+pub mod trigger;
+pub mod trust;
+pub mod versions;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
@@ -28,14 +36,17 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::build::BuildCommand;
-use crate::canary::{AcceptShare, Canary, CanarySettings, Verdict};
-use crate::generation::{ms, Generation, LibraryInfo, LiveGenerations, Retirement, StartOptions};
-use crate::handover::Handover;
-use crate::listeners::Listeners;
+use crate::generation::handover::Handover;
+use crate::generation::{Generation, LiveGenerations, Retirement, StartOptions};
+use crate::reload::build::BuildCommand;
+use crate::reload::canary::{Canary, CanarySettings, Verdict};
+use crate::reload::trigger::{Action, Done, Refusal, ReloadOutcome, Request, Trigger};
+use crate::reload::trust::TrustPolicy;
+use crate::reload::versions::{FileStamp, Version, Versions};
+use crate::serving::listeners::Listeners;
+use crate::serving::share::AcceptShare;
 use crate::state::StateStore;
-use crate::trust::TrustPolicy;
-use crate::versions::{FileStamp, Version, Versions};
+use crate::util::{lock, ms};
 
 /// How reloads are done.
 #[derive(Debug, Clone)]
@@ -57,61 +68,6 @@ pub struct ReloadSettings {
     pub canary: CanarySettings,
     /// How many versions are kept for `POST /rollback`.
     pub keep_versions: usize,
-}
-
-/// What a generation that now serves is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Done {
-    pub generation: u64,
-    /// Its share of new connections, in percent, if it runs as a canary.
-    pub canary: Option<u8>,
-}
-
-impl Done {
-    fn serving(generation: u64) -> Done {
-        Done {
-            generation,
-            canary: None,
-        }
-    }
-}
-
-/// Why an action did nothing.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    /// It was tried and failed; what serves stays.
-    #[error("{0}")]
-    Failed(String),
-    /// It cannot be done now: there is no canary to promote or version to roll back to, or a
-    /// canary runs (promote it or roll it back first).
-    #[error("{0}")]
-    Conflict(String),
-}
-
-/// The outcome of a reload, promotion or rollback.
-pub type ReloadOutcome = Result<Done, Refusal>;
-
-/// What a trigger asks for.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Action {
-    /// Load the app library anew, as a canary with this share of new connections (`None`: the
-    /// `--canary` setting; 0: swap at once).
-    Reload { canary: Option<u8> },
-    /// Abort the canary if one runs; otherwise load a kept version again: the previous one, or
-    /// the one with this sha256.
-    Rollback { sha256: Option<String> },
-    /// Make the canary the serving generation now.
-    Promote,
-    /// The canary's verdict (`canary.rs`), for the canary of that generation.
-    Judged { generation: u64, verdict: Verdict },
-}
-
-/// A request for a reload (or promotion, or rollback), from a signal, the watcher, the admin
-/// endpoint, or a canary's judge.
-pub struct Trigger {
-    pub source: &'static str,
-    pub action: Action,
-    pub reply: Option<oneshot::Sender<ReloadOutcome>>,
 }
 
 /// A reload starting or ending, for observers such as the systemd notifier.
@@ -147,7 +103,7 @@ pub struct Reloader {
     state: Arc<StateStore>,
     handover: Arc<Handover>,
     listeners: Arc<Listeners>,
-    triggers: mpsc::UnboundedSender<Trigger>,
+    requests: mpsc::UnboundedSender<Request>,
     events: broadcast::Sender<ReloadEvent>,
     /// The library file as the last successful build left it (only with `--build`).
     built: Mutex<Option<FileStamp>>,
@@ -159,10 +115,6 @@ pub struct Reloader {
 /// How often a canary is judged.
 const JUDGE_INTERVAL: Duration = Duration::from_millis(100);
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Reloader {
     /// Loads the first generation. The host cannot serve without one, so failing here is fatal.
     /// `state`: the cells every generation shares (opened, or taken over, by `main`).
@@ -170,7 +122,7 @@ impl Reloader {
         settings: ReloadSettings,
         listeners: Listeners,
         state: Arc<StateStore>,
-    ) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Trigger>)> {
+    ) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Request>)> {
         let handover = Arc::new(Handover::new());
         let listeners = Arc::new(listeners);
         let live = LiveGenerations::default();
@@ -186,11 +138,11 @@ impl Reloader {
         let first = load_generation(&settings, shared, 1, Source::App)
             .await
             .with_context(|| format!("cannot serve {}", settings.app_path.display()))?;
-        handover.serve_with(&first);
+        first.take_handed_over_connections();
         lock(&live).push(Arc::clone(&first));
         let mut versions = Versions::new(settings.staging_dir.join("versions"), settings.keep_versions);
         versions.record(first.number, &first.library);
-        let (triggers, receiver) = mpsc::unbounded_channel();
+        let (requests, receiver) = mpsc::unbounded_channel();
         let reloader = Arc::new(Reloader {
             current: ArcSwap::new(Arc::clone(&first)),
             live,
@@ -202,7 +154,7 @@ impl Reloader {
             state,
             handover,
             listeners,
-            triggers,
+            requests,
             events: broadcast::channel(16).0,
             built: Mutex::new(None),
             canary: Mutex::new(None),
@@ -219,22 +171,22 @@ impl Reloader {
     }
 
     /// Asks for a reload (with the `--canary` setting) without waiting for it.
-    pub fn trigger(&self, source: &'static str) {
+    pub fn trigger(&self, trigger: Trigger) {
         // The receiver lives as long as the host serves; after that, reloads no longer matter.
-        let _ = self.triggers.send(Trigger {
-            source,
+        let _ = self.requests.send(Request {
+            trigger,
             action: Action::Reload { canary: None },
             reply: None,
         });
     }
 
     /// Asks for `action` and waits for its outcome.
-    pub async fn ask(&self, source: &'static str, action: Action) -> ReloadOutcome {
-        let shutting_down = || Refusal::Failed("the host is shutting down".to_string());
+    pub async fn ask(&self, trigger: Trigger, action: Action) -> ReloadOutcome {
+        let shutting_down = || Refusal::failed("the host is shutting down");
         let (reply, outcome) = oneshot::channel();
-        self.triggers
-            .send(Trigger {
-                source,
+        self.requests
+            .send(Request {
+                trigger,
                 action,
                 reply: Some(reply),
             })
@@ -246,7 +198,7 @@ impl Reloader {
     /// reload and ask for the same are answered together by the one reload that follows it.
     /// Returns when `stop` is cancelled, after finishing the reload under way (a `--build` under
     /// way is stopped, and that reload refused).
-    pub async fn run(self: Arc<Self>, mut triggers: mpsc::UnboundedReceiver<Trigger>, stop: CancellationToken) {
+    pub async fn run(self: Arc<Self>, mut triggers: mpsc::UnboundedReceiver<Request>, stop: CancellationToken) {
         let mut next = None;
         loop {
             let first = match next.take() {
@@ -273,8 +225,8 @@ impl Reloader {
                 tracing::debug!("ignoring a change of the library that was the build's own output");
                 continue;
             }
-            let sources: Vec<&str> = batch.iter().map(|t| t.source).collect();
-            let trigger = sources.join(",");
+            let names: Vec<&str> = batch.iter().map(|request| request.trigger.name()).collect();
+            let trigger = names.join(",");
             let outcome = match batch[0].action.clone() {
                 Action::Reload { canary } => {
                     let percent = canary.unwrap_or(self.settings.canary.percent);
@@ -293,10 +245,10 @@ impl Reloader {
     }
 
     /// Whether `batch` is only the watcher reporting the file the last build wrote.
-    fn is_own_build_output(&self, batch: &[Trigger]) -> bool {
+    fn is_own_build_output(&self, batch: &[Request]) -> bool {
         let only_watch = batch
             .iter()
-            .all(|t| t.source == "watch" && t.reply.is_none() && matches!(t.action, Action::Reload { .. }));
+            .all(|r| r.trigger == Trigger::Watch && r.reply.is_none() && matches!(r.action, Action::Reload { .. }));
         if self.settings.build.is_none() || !only_watch {
             return false;
         }
@@ -307,7 +259,7 @@ impl Reloader {
     /// Runs the build, if there is one, then loads the library.
     async fn build_and_load(&self, number: u64, stop: &CancellationToken) -> anyhow::Result<Arc<Generation>> {
         if let Some(build) = &self.settings.build {
-            crate::build::run(build, number, stop).await?;
+            crate::reload::build::run(build, number, stop).await?;
             *lock(&self.built) = FileStamp::of(&self.settings.app_path);
         }
         self.load(number, Source::App).await
@@ -353,7 +305,7 @@ impl Reloader {
                 })
             }
             Ok(new) => Ok(self.swap_in(new, began)),
-            Err(e) => Err(self.refused(number, &e)),
+            Err(e) => Err(self.refused(number, e)),
         };
         self.finish(trigger, number, began, &outcome);
         outcome
@@ -365,7 +317,7 @@ impl Reloader {
         if let Some(number) = self.end_canary() {
             tracing::info!(generation = number, "canary rolled back on request");
             let serving = self.current.load().number;
-            let outcome = Err(Refusal::Failed(format!(
+            let outcome = Err(Refusal::failed(format!(
                 "canary rolled back on request: generation {number} retired, generation {serving} serves"
             )));
             self.finish(trigger, number, began, &outcome);
@@ -393,7 +345,7 @@ impl Reloader {
         let in_use = lock(&self.live).iter().any(|g| g.library.sha256 == version.sha256);
         let outcome = match self.load(number, Source::Kept(&version, in_use)).await {
             Ok(new) => Ok(self.swap_in(new, began)),
-            Err(e) => Err(self.refused(number, &e)),
+            Err(e) => Err(self.refused(number, e)),
         };
         self.finish(trigger, number, began, &outcome);
         outcome
@@ -425,7 +377,7 @@ impl Reloader {
             )));
         }
         match verdict {
-            Verdict::Promote => self.promote("canary"),
+            Verdict::Promote => self.promote(Trigger::Canary.name()),
             Verdict::RollBack(reason) => {
                 let began = Instant::now();
                 self.end_canary();
@@ -436,8 +388,8 @@ impl Reloader {
                     "canary rolled back"
                 );
                 self.failed.fetch_add(1, Ordering::Relaxed);
-                let outcome = Err(Refusal::Failed(reason));
-                self.finish("canary", generation, began, &outcome);
+                let outcome = Err(Refusal::failed(reason));
+                self.finish(Trigger::Canary.name(), generation, began, &outcome);
                 outcome
             }
         }
@@ -479,11 +431,11 @@ impl Reloader {
                         return;
                     };
                     let (canary_side, current_side) = canary.sides(&this.current.load());
-                    crate::canary::judge(&canary_side, &current_side, canary.elapsed(), &this.settings.canary)
+                    crate::reload::canary::judge(&canary_side, &current_side, canary.elapsed(), &this.settings.canary)
                 };
                 if let Some(verdict) = verdict {
-                    let _ = this.triggers.send(Trigger {
-                        source: "canary",
+                    let _ = this.requests.send(Request {
+                        trigger: Trigger::Canary,
                         action: Action::Judged {
                             generation: number,
                             verdict,
@@ -505,7 +457,7 @@ impl Reloader {
             }
         }
         let old = self.current.swap(Arc::clone(&new));
-        self.handover.serve_with(&new);
+        new.take_handed_over_connections();
         tracing::info!(
             generation = new.number,
             previous = old.number,
@@ -520,21 +472,20 @@ impl Reloader {
     }
 
     /// Logs why generation `number` was refused, and counts it.
-    fn refused(&self, number: u64, error: &anyhow::Error) -> Refusal {
-        let error = format!("{error:#}");
+    fn refused(&self, number: u64, error: anyhow::Error) -> Refusal {
         tracing::error!(
             generation = number,
             serving = self.current.load().number,
-            error,
+            error = format!("{error:#}"),
             "reload failed; the serving generation stays"
         );
         self.failed.fetch_add(1, Ordering::Relaxed);
-        Refusal::Failed(error)
+        Refusal::Failed(Arc::new(error))
     }
 
     /// Records the outcome for `/status`, `/metrics` and systemd.
     fn finish(&self, trigger: &str, number: u64, began: Instant, outcome: &ReloadOutcome) {
-        crate::metrics::global().observe_reload(began.elapsed());
+        crate::serving::metrics::global().observe_reload(began.elapsed());
         let record = ReloadRecord {
             ok: outcome.is_ok(),
             error: outcome.as_ref().err().map(ToString::to_string),
@@ -559,7 +510,7 @@ impl Reloader {
             // One whose library stays loaded stays listed, with why.
             if old.kept_loaded().is_none() {
                 lock(&this.live).retain(|g| !Arc::ptr_eq(g, &old));
-                crate::metrics::global().retire_generation(old.number, old.traffic());
+                crate::serving::metrics::global().retire_generation(old.number, old.traffic());
             }
         });
     }
@@ -597,19 +548,19 @@ impl Reloader {
     }
 
     /// What `GET /metrics` reports about generations and reloads.
-    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+    pub fn metrics_snapshot(&self) -> crate::serving::metrics::Snapshot {
         let (live, kept_loaded) = {
             let live = lock(&self.live);
             let kept_loaded = live.iter().filter(|g| g.kept_loaded().is_some()).count() as u64;
             (live.iter().map(|g| g.load()).collect(), kept_loaded)
         };
-        crate::metrics::Snapshot {
+        crate::serving::metrics::Snapshot {
             serving: self.current.load().number,
             live,
             kept_loaded,
-            open_descriptors: crate::metrics::open_descriptors(),
-            descriptors_left_open: crate::leftovers::ledger().descriptors(),
-            copies_left_mapped: crate::leftovers::ledger().mapped_copies(),
+            open_descriptors: crate::serving::metrics::open_descriptors(),
+            descriptors_left_open: crate::generation::leftovers::ledger().descriptors(),
+            copies_left_mapped: crate::generation::leftovers::ledger().mapped_copies(),
             reloads_ok: self.succeeded.load(Ordering::Relaxed),
             reloads_failed: self.failed.load(Ordering::Relaxed),
             last_reload_ok: lock(&self.last_reload).as_ref().map(|r| r.ok),
@@ -659,8 +610,8 @@ impl Reloader {
                 Ok(summary) => serde_json::json!(summary),
                 Err(e) => serde_json::json!({ "error": e.to_string() }),
             },
-            "open_descriptors": crate::metrics::open_descriptors(),
-            "leftovers": crate::leftovers::ledger().status(),
+            "open_descriptors": crate::serving::metrics::open_descriptors(),
+            "leftovers": crate::generation::leftovers::ledger().status(),
             "reloads": {
                 "ok": self.succeeded.load(Ordering::Relaxed),
                 "failed": self.failed.load(Ordering::Relaxed),
@@ -698,7 +649,7 @@ async fn load_generation(
     number: u64,
     source: Source<'_>,
 ) -> anyhow::Result<Arc<Generation>> {
-    if let Some((stuck, for_how_long)) = crate::loader::open_under_way() {
+    if let Some((stuck, for_how_long)) = crate::generation::loader::open_under_way() {
         anyhow::bail!(
             "no library can be loaded: the initialisers (constructors) of generation {stuck}'s library have \
              not returned after {}s and hold the dynamic loader's lock; restart the host to load another version",
@@ -707,10 +658,15 @@ async fn load_generation(
     }
     let began = Instant::now();
     // Taken while the copy is staged, off the reload's critical path.
-    let descriptors = tokio::task::spawn_blocking(crate::leftovers::Descriptors::now);
+    let descriptors = tokio::task::spawn_blocking(crate::generation::leftovers::Descriptors::now);
     let library = match source {
-        Source::App => stage(settings, number).await?,
-        Source::Kept(version, in_use) => stage_kept(settings, number, version, in_use).await?,
+        Source::App => staging::stage(&settings.app_path, &settings.staging_dir, &settings.trust, number).await?,
+        Source::Kept(version, in_use) => {
+            let pinned = settings.trust.require_sha256.as_deref();
+            version
+                .stage_again(&settings.staging_dir, number, in_use, pinned)
+                .await?
+        }
     };
     let descriptors_before = descriptors.await.unwrap_or_default();
     if let Some(serving) = shared.serving {
@@ -728,7 +684,7 @@ async fn load_generation(
     // A kept version's initialisers already returned in this process, when it was loaded first.
     if matches!(source, Source::App) {
         let probing = Instant::now();
-        crate::probe::initialisers_return(&library.staged_copy, settings.init_timeout)
+        crate::reload::probe::initialisers_return(&library.staged_copy, settings.init_timeout)
             .await
             .inspect_err(|_| {
                 let _ = std::fs::remove_file(&library.staged_copy);
@@ -763,104 +719,4 @@ async fn load_generation(
     .await?;
     tracing::info!(generation = number, duration_ms = ms(started.elapsed()), "started");
     Ok(generation)
-}
-
-/// Stages a kept version again, after checking that its file is still the one kept and that
-/// `--require-sha256`, if given, allows it. The staged file is a second name for the kept one (no
-/// copying) unless a generation still runs that version (`in_use`): then it is a copy, a new
-/// inode, since `dlopen` would hand back the object already loaded from the kept file's inode.
-async fn stage_kept(
-    settings: &ReloadSettings,
-    number: u64,
-    version: &Version,
-    in_use: bool,
-) -> anyhow::Result<LibraryInfo> {
-    if let Some(pinned) = &settings.trust.require_sha256 {
-        anyhow::ensure!(
-            *pinned == version.sha256,
-            "--require-sha256 allows only {pinned}, not version {}",
-            version.sha256
-        );
-    }
-    let staged_copy = staged_path(settings, number, &version.path);
-    let (kept_version, staged) = (version.clone(), staged_copy.clone());
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let (kept, sha256) = (kept_version.kept(), &kept_version.sha256);
-        if !kept.exists() {
-            anyhow::bail!(
-                "cannot read the kept version {sha256}: its file {} is gone",
-                kept.display()
-            );
-        }
-        anyhow::ensure!(
-            kept_version.unchanged(),
-            "the kept copy of version {sha256} was altered (its file {} was replaced or written since it was \
-             kept): it is not loaded",
-            kept.display()
-        );
-        let staging = if in_use {
-            std::fs::copy(kept, &staged).map(|_| ())
-        } else {
-            std::fs::hard_link(kept, &staged).or_else(|_| std::fs::copy(kept, &staged).map(|_| ()))
-        };
-        staging
-            .inspect_err(|_| {
-                let _ = std::fs::remove_file(&staged);
-            })
-            .with_context(|| format!("cannot stage the kept version {sha256} at {}", staged.display()))
-    })
-    .await
-    .context("the staging task failed")??;
-    Ok(LibraryInfo {
-        path: version.path.clone(),
-        staged_copy,
-        sha256: version.sha256.clone(),
-    })
-}
-
-/// Where generation `number` of the library served as `library` is staged: `gen{N}-<its name>`
-/// in the staging directory.
-fn staged_path(settings: &ReloadSettings, number: u64, library: &std::path::Path) -> PathBuf {
-    let file_name = library
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "app.so".into());
-    settings.staging_dir.join(format!("gen{number}-{file_name}"))
-}
-
-/// Copies the library at the app path to a fresh, uniquely named file: `dlopen` of a path that
-/// is already loaded would return the old copy, and the original may be replaced at any moment.
-/// The bytes are checked against the trust policy as read, and exactly those bytes are staged.
-async fn stage(settings: &ReloadSettings, number: u64) -> anyhow::Result<LibraryInfo> {
-    let path = settings.app_path.clone();
-    let staged_copy = staged_path(settings, number, &path);
-    let staged = staged_copy.clone();
-    let trust = settings.trust.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        // Checked and written while the bytes are hashed; the copy is removed if they are refused.
-        let stage_copy = |bytes: &[u8]| -> anyhow::Result<()> {
-            crate::loader::check_image(&path, bytes)?;
-            if let Err(e) = std::fs::write(&staged, bytes) {
-                // A partial copy (the disk is full) must not stay behind until the host exits.
-                let _ = std::fs::remove_file(&staged);
-                return Err(e).with_context(|| format!("cannot stage a copy at {}", staged.display()));
-            }
-            Ok(())
-        };
-        match crate::trust::read_trusted(&path, &trust, stage_copy) {
-            Ok((sha256, Ok(()))) => Ok(sha256),
-            Ok((_, Err(e))) => Err(e),
-            Err(refused) => {
-                let _ = std::fs::remove_file(&staged);
-                Err(refused.into())
-            }
-        }
-    })
-    .await
-    .context("the staging task failed")?
-    .map(|sha256| LibraryInfo {
-        path: settings.app_path.clone(),
-        staged_copy,
-        sha256,
-    })
 }

@@ -1,0 +1,134 @@
+//! The new host's side of an upgrade: at start-up, before any thread exists, it takes the
+//! sockets (and where the state cells are) from the host it replaces, and later says whether it
+//! serves.
+
+use std::io::Write as _;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use super::wire::{receive, Offer, Reply, HANDOFF_VARIABLE};
+use crate::ops::systemd::Activated;
+use crate::state::{Handed, HandedKind};
+use crate::util::lock;
+
+/// How long a new host waits for its parent's message at start-up.
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a host started by an upgrade received from the host it replaces.
+#[derive(Debug)]
+pub struct Handoff {
+    /// The sockets, sorted like socket-activated ones.
+    pub sockets: Activated,
+    pub predecessor: Predecessor,
+    /// Where the old host keeps its state cells, if it said.
+    pub state: Option<Handed>,
+}
+
+/// The host this one replaces.
+#[derive(Debug, Clone)]
+pub struct Predecessor {
+    /// Its pid: it started this process.
+    pub pid: u32,
+    /// Where to say `READY=1` (or why not).
+    pub channel: HandoffChannel,
+}
+
+/// The new host's end of the hand-off socket; cloning shares it.
+#[derive(Debug, Clone)]
+pub struct HandoffChannel(Arc<Mutex<Option<StdUnixStream>>>);
+
+impl HandoffChannel {
+    /// Writes `replies`, the last this host sends: the channel is closed after them.
+    fn send(&self, replies: &[Reply]) -> anyhow::Result<()> {
+        let Some(mut stream) = lock(&self.0).take() else {
+            return Ok(());
+        };
+        stream
+            .write_all(Reply::encode(replies).as_bytes())
+            .context("cannot write to the hand-off socket")
+    }
+
+    /// Tells the old host that this one serves (on every socket, with its first generation).
+    pub fn ready(&self, status: &str) -> anyhow::Result<()> {
+        self.send(&[Reply::Status(status.to_owned()), Reply::Ready])
+    }
+
+    /// Tells the old host why this one cannot serve (it is about to exit).
+    pub fn fail(&self, error: &str) {
+        if let Err(e) = self.send(&[Reply::Error(error.to_owned())]) {
+            tracing::debug!(error = %e, "cannot report the failure to the old host");
+        }
+    }
+}
+
+/// If this host was started by an upgrade, fetches its sockets from the old host.
+///
+/// Must run before any thread starts: it removes [`HANDOFF_VARIABLE`] from the environment, so
+/// that nothing this host starts (builds, upgrades, the app's processes) sees it.
+pub fn take_handoff() -> anyhow::Result<Option<Handoff>> {
+    let Some(path) = std::env::var_os(HANDOFF_VARIABLE) else {
+        return Ok(None);
+    };
+    std::env::remove_var(HANDOFF_VARIABLE);
+    let path = PathBuf::from(path);
+    let stream = StdUnixStream::connect(&path)
+        .with_context(|| format!("cannot connect to the old host's hand-off socket {}", path.display()))?;
+    let parent = rustix::process::getppid()
+        .map(|p| p.as_raw_nonzero().get() as u32)
+        .context("this process has no parent")?;
+    let owner = rustix::net::sockopt::socket_peercred(&stream).context("cannot tell who owns the hand-off socket")?;
+    anyhow::ensure!(
+        owner.pid.as_raw_nonzero().get() as u32 == parent,
+        "the hand-off socket {} belongs to process {}, not to this process's parent {parent}",
+        path.display(),
+        owner.pid.as_raw_nonzero()
+    );
+    stream
+        .set_read_timeout(Some(RECEIVE_TIMEOUT))
+        .context("cannot set a timeout on the hand-off socket")?;
+    let (text, mut fds) = receive(&stream)?;
+    let Offer { names, state } = Offer::parse(&text)?;
+    let state_lock = state.as_ref().is_some_and(|(kind, _)| *kind == HandedKind::File);
+    anyhow::ensure!(
+        names.len() + usize::from(state_lock) == fds.len(),
+        "the old host named {} sockets{} but passed {} descriptors",
+        names.len(),
+        if state_lock { " and a state file's lock" } else { "" },
+        fds.len()
+    );
+    let lock = if state_lock { fds.pop() } else { None };
+    let state = state.map(|(kind, path)| Handed { kind, path, lock });
+    let mut sockets = Activated::default();
+    for (name, fd) in names.into_iter().zip(fds) {
+        let listener = listening_tcp_socket(fd).with_context(|| format!("the passed socket {name:?}"))?;
+        sockets.add(name, listener, "from the old host")?;
+    }
+    tracing::info!(parent, "took the listening sockets over from the old host");
+    Ok(Some(Handoff {
+        sockets,
+        predecessor: Predecessor {
+            pid: parent,
+            channel: HandoffChannel(Arc::new(Mutex::new(Some(stream)))),
+        },
+        state,
+    }))
+}
+
+/// `fd` as a TCP listener, if it is a listening stream socket.
+pub(super) fn listening_tcp_socket(fd: OwnedFd) -> anyhow::Result<std::net::TcpListener> {
+    let kind = rustix::net::sockopt::socket_type(&fd).context("not a socket")?;
+    anyhow::ensure!(kind == rustix::net::SocketType::STREAM, "not a stream socket");
+    anyhow::ensure!(
+        rustix::net::sockopt::socket_acceptconn(&fd).context("cannot query the socket")?,
+        "not a listening socket"
+    );
+    let listener = std::net::TcpListener::from(fd);
+    listener.local_addr().context("not a TCP socket")?;
+    listener.set_nonblocking(true).context("cannot make it non-blocking")?;
+    Ok(listener)
+}
