@@ -156,12 +156,28 @@ impl Server {
                 return;
             }
             Sniffed::Retired => {
-                // Nothing was answered yet: the next generation gets the connection and what it
-                // sent so far.
-                if lifecycle.borrow().phase == Lifecycle::Retiring {
-                    io.hand_back(&[]);
+                let current = lifecycle.borrow().clone();
+                match current.phase {
+                    // Nothing was answered yet: the next generation gets the connection and what
+                    // it sent so far.
+                    Lifecycle::Retiring => {
+                        io.hand_back(&[]);
+                        return;
+                    }
+                    // This process stops serving (a new host took over, or it shuts down). The
+                    // client of a connection accepted just before may have sent its request
+                    // already, and closing with it unread would reset the connection: its first
+                    // request gets the idle grace to arrive, and is answered with
+                    // `Connection: close`.
+                    Lifecycle::Closing => {
+                        let grace = Duration::from_millis(current.idle_grace_ms);
+                        match tokio::time::timeout(grace, sniff(&mut io)).await {
+                            Ok(Ok(Some(protocol))) => protocol,
+                            Ok(Ok(None) | Err(_)) | Err(_) => return,
+                        }
+                    }
+                    Lifecycle::Starting | Lifecycle::Serving | Lifecycle::Stopping => return,
                 }
-                return;
             }
         };
         let service = AppService {
