@@ -1,13 +1,25 @@
-//! Building what the tests run: the `host` binary and real app libraries, with cargo, into a
-//! target directory of their own (`target/e2e`), so that the outer `cargo test` (which holds the
-//! lock on `target/debug`) never waits for them.
+//! Building what the tests run: the `host` and `xtask` binaries and real app libraries, with
+//! cargo, into the workspace's own target directory, so that they reuse the dependencies the outer
+//! `cargo test` compiled instead of compiling a second copy of them. (Cargo releases its lock on the
+//! target directory once the test binaries are built, before it runs them.)
 //!
-//! Every artifact is built at most once per test process. Several cdylibs share one output name
-//! (`libexample_app.so` for v1 and v2, `libfaulty_app.so` for every fault): cargo does not put a
-//! hash in a cdylib's file name, so the variant built last overwrites the others, and cargo's
-//! freshness check (sources older than the output) would then take the overwritten file for an
-//! up-to-date build of another variant. So such an output is deleted before its variant is built
-//! (which costs one re-link of that crate), and copied to a name of its own right after.
+//! - The binaries are built with `cargo build --bin NAME` and no `-p`: cargo then merges features
+//!   over the workspace's default members exactly as `cargo test` did, so every dependency is one
+//!   it has already compiled. With `-p host` it would merge them over the host alone, and compile
+//!   again each crate whose features differ.
+//! - Each app library is built by a cargo command of its own, never with the host: cargo would
+//!   merge the host's tokio features (`signal`) into the library, which the host then refuses.
+//!
+//! Several cdylibs share one output name (`libexample_app.so` for v1, v2 and the schema builds,
+//! `libhostile_app.so` for every behaviour): cargo does not put a hash in a cdylib's file name, so
+//! the variant built last overwrites the others, and cargo's freshness check (sources older than
+//! the output) would then take the overwritten file for an up-to-date build of another variant.
+//! So such an output is deleted before its variant is built (which costs one re-link of that
+//! crate), copied to a name of its own, and deleted again, so that no later build (the tests' or a
+//! user's `cargo build -p example-app`) takes it for its own.
+//!
+//! Every artifact is built at most once per run of `cargo test` (see [`run_id`]), whichever test
+//! binary asks first; the others take the copy.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -21,14 +33,34 @@ pub fn workspace_root() -> &'static Path {
         .expect("the e2e-tests crate lives one level below the workspace root")
 }
 
-/// The target directory of every build made by the end-to-end tests.
-pub fn e2e_target_dir() -> PathBuf {
-    workspace_root().join("target").join("e2e")
+/// The workspace's target directory (`target/`, or wherever `CARGO_TARGET_DIR` or a cargo
+/// configuration puts it), as `cargo metadata` reports it: the one `cargo test` builds into.
+pub fn target_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let output = Command::new(env!("CARGO"))
+            .args(["metadata", "--format-version", "1", "--no-deps", "--manifest-path"])
+            .arg(workspace_root().join("Cargo.toml"))
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run `cargo metadata`: {e}"));
+        assert!(
+            output.status.success(),
+            "`cargo metadata` failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).expect("`cargo metadata` prints JSON");
+        PathBuf::from(
+            metadata["target_directory"]
+                .as_str()
+                .expect("`cargo metadata` names the target directory"),
+        )
+    })
 }
 
-/// Where built libraries are copied under names of their own.
-fn artifacts_dir() -> PathBuf {
-    e2e_target_dir().join("artifacts")
+/// Where the tests keep their own files next to cargo's: copies of built libraries under names of
+/// their own, the build lock, and copies of the example app to build.
+pub fn fixtures_dir() -> PathBuf {
+    target_dir().join("e2e-fixtures")
 }
 
 /// A version of the example app, built from the workspace's `example-app` with its
@@ -66,7 +98,8 @@ impl AppVersion {
     }
 }
 
-/// A way for the `faulty-app` fixture's `App::init` to fail (one cargo feature each).
+/// A way for the `faulty-app` fixture's `App::init` to fail (one copy of its library each, see
+/// [`faulty_app`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     InitError,
@@ -77,8 +110,8 @@ pub enum Fault {
 impl Fault {
     pub const ALL: [Fault; 3] = [Fault::InitError, Fault::InitPanic, Fault::InitHang];
 
-    /// The fixture's cargo feature for this fault.
-    pub fn feature(self) -> &'static str {
+    /// The fault's name in the fixture.
+    pub fn name(self) -> &'static str {
         match self {
             Fault::InitError => "init-error",
             Fault::InitPanic => "init-panic",
@@ -101,18 +134,19 @@ type Built = OnceLock<Result<PathBuf, String>>;
 /// The `host` binary.
 pub fn host_binary() -> &'static Path {
     static HOST: Built = OnceLock::new();
-    built(&HOST, || workspace_executable("host"))
+    built(&HOST, "host", || workspace_executable("host"))
 }
 
 /// The `xtask` binary (`cargo xtask`).
 pub fn xtask_binary() -> &'static Path {
     static XTASK: Built = OnceLock::new();
-    built(&XTASK, || workspace_executable("xtask"))
+    built(&XTASK, "xtask", || workspace_executable("xtask"))
 }
 
-/// Builds the binary of the workspace's package `name` that has the same name.
+/// Builds the workspace's binary `name`, with the features `cargo test` compiled its dependencies
+/// with (see the module docs).
 fn workspace_executable(name: &str) -> Result<PathBuf, String> {
-    let messages = cargo_build(&workspace_root().join("Cargo.toml"), &["-p", name, "--bin", name])?;
+    let messages = cargo_build(&workspace_root().join("Cargo.toml"), &["--bin", name])?;
     executable(&messages, name)
 }
 
@@ -124,29 +158,31 @@ pub fn example_app(version: AppVersion) -> &'static Path {
         AppVersion::V1 => &APPS[0],
         AppVersion::V2 => &APPS[1],
     };
-    built(slot, || {
+    let name = format!("example-app-{}", version.name());
+    built(slot, &name, || {
         let manifest = match version {
             AppVersion::V1 => workspace_root().join("example-app").join("Cargo.toml"),
             AppVersion::V2 => {
-                let dir = e2e_target_dir().join("work").join("example-app-v2");
+                let dir = fixtures_dir().join("example-app-v2");
                 copy_example_app(&dir, "v2");
                 dir.join("Cargo.toml")
             }
         };
-        let copy = artifacts_dir().join(format!("example-app-{}.so", version.name()));
-        build_cdylib(&manifest, "example-app", &[], &copy)?;
-        Ok(copy)
+        build_cdylib(&manifest, "example-app", &[], &name)
     })
 }
 
-/// The `faulty-app` fixture built with the feature of `fault`.
+/// The `faulty-app` fixture with `fault`: a copy of its one build with the fault's name in its
+/// marker field (see `tests/fixtures/faulty-app`).
 pub fn faulty_app(fault: Fault) -> &'static Path {
+    static BUILD: Built = OnceLock::new();
     static FAULTY: [Built; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
-    built(&FAULTY[fault.index()], || {
-        let manifest = workspace_root().join("Cargo.toml");
-        let copy = artifacts_dir().join(format!("faulty-app-{}.so", fault.feature()));
-        build_cdylib(&manifest, "faulty-app", &["--features", fault.feature()], &copy)?;
-        Ok(copy)
+    let build = built(&BUILD, "faulty-app", || {
+        build_cdylib(&workspace_manifest(), "faulty-app", &[], "faulty-app")
+    });
+    let name = format!("faulty-app-{}", fault.name());
+    built(&FAULTY[fault.index()], &name, || {
+        marked_copy(build, "FAULTY_APP_FAULT=", 32, fault.name(), &name)
     })
 }
 
@@ -159,15 +195,14 @@ pub fn axum_examples(version: AppVersion) -> &'static Path {
         AppVersion::V1 => (&BUILDS[0], &[]),
         AppVersion::V2 => (&BUILDS[1], &["--features", "v2"]),
     };
-    built(slot, || {
-        let copy = artifacts_dir().join(format!("axum-examples-{}.so", version.name()));
-        build_cdylib(&workspace_root().join("Cargo.toml"), "axum-examples", features, &copy)?;
-        Ok(copy)
+    let name = format!("axum-examples-{}", version.name());
+    built(slot, &name, || {
+        build_cdylib(&workspace_manifest(), "axum-examples", features, &name)
     })
 }
 
-/// A behaviour of the `hostile-app` fixture (`tests/fixtures/hostile-app`): one cargo feature
-/// each, or [`Hostile::Default`], the build without one.
+/// A behaviour of the `hostile-app` fixture (`tests/fixtures/hostile-app`): one copy of its
+/// library each (see [`hostile_app`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hostile {
     /// No feature: the app only answers `GET /`.
@@ -213,29 +248,24 @@ impl Hostile {
         Hostile::Failing,
     ];
 
-    /// The fixture's cargo feature for this behaviour (none for [`Hostile::Default`]).
-    pub fn feature(self) -> Option<&'static str> {
+    /// The behaviour's name in the fixture.
+    pub fn name(self) -> &'static str {
         match self {
-            Hostile::Default => None,
-            Hostile::StrayThread => Some("stray-thread"),
-            Hostile::RawThread => Some("raw-thread"),
-            Hostile::TokioSignal => Some("tokio-signal"),
-            Hostile::Blocking => Some("blocking"),
-            Hostile::Todos => Some("todos"),
-            Hostile::HangingInit => Some("hanging-init"),
-            Hostile::HangingConstructor => Some("hanging-constructor"),
-            Hostile::CrashingConstructor => Some("crashing-constructor"),
-            Hostile::LeakyFile => Some("leaky-file"),
-            Hostile::Failing => Some("failing"),
+            Hostile::Default => "default",
+            Hostile::StrayThread => "stray-thread",
+            Hostile::RawThread => "raw-thread",
+            Hostile::TokioSignal => "tokio-signal",
+            Hostile::Blocking => "blocking",
+            Hostile::Todos => "todos",
+            Hostile::HangingInit => "hanging-init",
+            Hostile::HangingConstructor => "hanging-constructor",
+            Hostile::CrashingConstructor => "crashing-constructor",
+            Hostile::LeakyFile => "leaky-file",
+            Hostile::Failing => "failing",
         }
     }
 
-    /// The feature's name, or `default`.
-    pub fn name(self) -> &'static str {
-        self.feature().unwrap_or("default")
-    }
-
-    /// What `GET /` answers in this build.
+    /// What `GET /` answers in this copy.
     pub fn greeting(self) -> String {
         format!("hostile-app {}\n", self.name())
     }
@@ -245,20 +275,34 @@ impl Hostile {
     }
 }
 
-/// The `hostile-app` fixture built with the feature of `behaviour`. Each build is a cargo command
-/// of its own, so that the `tokio-signal` build's tokio features (`signal`, `process`,
-/// `parking_lot`) reach only that library.
+/// The `hostile-app` fixture with `behaviour`: the build without features for
+/// [`Hostile::Default`], a copy of it with the behaviour's name in its marker field for the others
+/// but one (see `tests/fixtures/hostile-app`), and for [`Hostile::TokioSignal`] the build with the
+/// feature of that name, a cargo command of its own, so that its tokio features (`signal`,
+/// `process`, `parking_lot`) reach only that library.
 pub fn hostile_app(behaviour: Hostile) -> &'static Path {
     static HOSTILE: [Built; Hostile::ALL.len()] = [const { OnceLock::new() }; Hostile::ALL.len()];
-    built(&HOSTILE[behaviour.index()], || {
-        let copy = artifacts_dir().join(format!("hostile-app-{}.so", behaviour.name()));
-        let features: Vec<&str> = match behaviour.feature() {
-            Some(feature) => vec!["--features", feature],
-            None => Vec::new(),
-        };
-        build_cdylib(&workspace_root().join("Cargo.toml"), "hostile-app", &features, &copy)?;
-        Ok(copy)
-    })
+    let slot = &HOSTILE[behaviour.index()];
+    let name = format!("hostile-app-{}", behaviour.name());
+    match behaviour {
+        Hostile::Default => built(slot, &name, || {
+            build_cdylib(&workspace_manifest(), "hostile-app", &[], &name)
+        }),
+        Hostile::TokioSignal => built(slot, &name, || {
+            build_cdylib(
+                &workspace_manifest(),
+                "hostile-app",
+                &["--features", "tokio-signal"],
+                &name,
+            )
+        }),
+        _ => {
+            let build = hostile_app(Hostile::Default);
+            built(slot, &name, || {
+                marked_copy(build, "HOSTILE_APP_BEHAVIOUR=", 64, behaviour.name(), &name)
+            })
+        }
+    }
 }
 
 /// The `hostile-app` fixture without a feature, built with `panic = "abort"`: a library whose
@@ -271,16 +315,9 @@ pub fn hostile_app(behaviour: Hostile) -> &'static Path {
 /// (tokio, axum, hyper, abi_stable, ...) once more, which took about two minutes on two cores.
 pub fn hostile_app_panic_abort() -> &'static Path {
     static ABORT: Built = OnceLock::new();
-    built(&ABORT, || {
-        let copy = artifacts_dir().join("hostile-app-panic-abort.so");
-        build_cdylib_with(
-            &workspace_root().join("Cargo.toml"),
-            "hostile-app",
-            &[],
-            &["-C", "panic=abort"],
-            &copy,
-        )?;
-        Ok(copy)
+    let name = "hostile-app-panic-abort";
+    built(&ABORT, name, || {
+        build_cdylib_with(&workspace_manifest(), "hostile-app", &[], &["-C", "panic=abort"], name)
     })
 }
 
@@ -310,21 +347,22 @@ pub fn example_app_schema(schema: Schema) -> &'static Path {
         Schema::V2 => &SCHEMAS[0],
         Schema::Incompatible => &SCHEMAS[1],
     };
-    built(slot, || {
-        let manifest = workspace_root().join("Cargo.toml");
-        let copy = artifacts_dir().join(format!("example-app-{}.so", schema.feature()));
-        build_cdylib(&manifest, "example-app", &["--features", schema.feature()], &copy)?;
-        Ok(copy)
+    let name = format!("example-app-{}", schema.feature());
+    built(slot, &name, || {
+        build_cdylib(
+            &workspace_manifest(),
+            "example-app",
+            &["--features", schema.feature()],
+            &name,
+        )
     })
 }
 
 /// The `no-entry` fixture: a shared library that is not an app.
 pub fn no_entry_library() -> &'static Path {
     static NO_ENTRY: Built = OnceLock::new();
-    built(&NO_ENTRY, || {
-        let copy = artifacts_dir().join("no-entry.so");
-        build_cdylib(&workspace_root().join("Cargo.toml"), "no-entry", &[], &copy)?;
-        Ok(copy)
+    built(&NO_ENTRY, "no-entry", || {
+        build_cdylib(&workspace_manifest(), "no-entry", &[], "no-entry")
     })
 }
 
@@ -467,17 +505,52 @@ fn copy_tree(from: &Path, to: &Path, edit: &mut dyn FnMut(&Path, String) -> Stri
     }
 }
 
-/// Runs `build` once per process (a failure is kept and reported to every caller), holding the
-/// build lock.
-fn built(slot: &'static Built, build: impl FnOnce() -> Result<PathBuf, String>) -> &'static Path {
+fn workspace_manifest() -> PathBuf {
+    workspace_root().join("Cargo.toml")
+}
+
+/// Runs `build` for the artifact `name` once per run of `cargo test` (a failure is kept and
+/// reported to every caller of this process), holding the build lock. `build` returns the path of
+/// what it built, which a later test binary of the same run takes as it is.
+fn built(slot: &'static Built, name: &str, build: impl FnOnce() -> Result<PathBuf, String>) -> &'static Path {
     let outcome = slot.get_or_init(|| {
         let _lock = BuildLock::acquire();
-        build()
+        let stamp = fixtures_dir().join(format!("{name}.run"));
+        let run = run_id();
+        if let Some(path) = fs::read_to_string(&stamp)
+            .ok()
+            .and_then(|text| text.strip_prefix(&format!("{run}\n")).map(PathBuf::from))
+            .filter(|path| path.exists())
+        {
+            return Ok(path);
+        }
+        let path = build()?;
+        let text = format!("{run}\n{}", path.display());
+        fs::write(&stamp, text).map_err(|e| format!("cannot write {}: {e}", stamp.display()))?;
+        Ok(path)
     });
     match outcome {
         Ok(path) => path,
         Err(message) => panic!("{message}"),
     }
+}
+
+/// What tells one run of the tests from another: the `cargo test` (or `cargo nextest`) process
+/// that runs every test binary, and when it started, so that a pid used again is not taken for
+/// the same run. A test binary started some other way (by hand, from a shell that may start it
+/// again after an edit) is a run of its own.
+fn run_id() -> String {
+    let (parent, own) = (rustix::process::getppid(), rustix::process::getpid());
+    let by_cargo = parent.filter(|pid| {
+        fs::read_to_string(format!("/proc/{}/comm", pid.as_raw_nonzero())).is_ok_and(|comm| comm.starts_with("cargo"))
+    });
+    let process = by_cargo.unwrap_or(own).as_raw_nonzero().get();
+    let started = fs::read_to_string(format!("/proc/{process}/stat"))
+        .ok()
+        // `pid (comm) state ppid …`: `starttime` is the 20th field after the last `)`.
+        .and_then(|stat| stat.rsplit(')').next()?.split_whitespace().nth(19).map(str::to_owned))
+        .unwrap_or_default();
+    format!("{process} {started}")
 }
 
 /// Serialises this crate's builds: within the process (a mutex) and between processes (an
@@ -491,9 +564,9 @@ impl BuildLock {
     fn acquire() -> BuildLock {
         static IN_PROCESS: Mutex<()> = Mutex::new(());
         let guard = IN_PROCESS.lock().unwrap_or_else(PoisonError::into_inner);
-        let dir = e2e_target_dir();
+        let dir = fixtures_dir();
         fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-        let path = dir.join(".e2e-build.lock");
+        let path = dir.join(".build.lock");
         let file = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -509,10 +582,10 @@ impl BuildLock {
     }
 }
 
-/// Builds the cdylib of `package` (from `manifest`'s workspace, with `extra` arguments) and copies
-/// it to `copy`.
-fn build_cdylib(manifest: &Path, package: &str, extra: &[&str], copy: &Path) -> Result<(), String> {
-    build_cdylib_with(manifest, package, extra, &[], copy)
+/// Builds the cdylib of `package` (from `manifest`'s workspace, with `extra` arguments) and returns
+/// a copy of it named `name`.
+fn build_cdylib(manifest: &Path, package: &str, extra: &[&str], name: &str) -> Result<PathBuf, String> {
+    build_cdylib_with(manifest, package, extra, &[], name)
 }
 
 /// Like [`build_cdylib`], with `rustc_args` passed to the compiler for `package`'s library only
@@ -522,19 +595,23 @@ fn build_cdylib_with(
     package: &str,
     extra: &[&str],
     rustc_args: &[&str],
-    copy: &Path,
-) -> Result<(), String> {
-    // The output name the variants of this package share: delete it so cargo must link this
-    // variant anew (see the module docs).
+    name: &str,
+) -> Result<PathBuf, String> {
+    // The output name the variants of this package share (see the module docs).
     let file_name = format!("lib{}.so", package.replace('-', "_"));
-    let debug = e2e_target_dir().join("debug");
-    for stale in [debug.join("deps").join(&file_name), debug.join(&file_name)] {
-        match fs::remove_file(&stale) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("cannot remove {}: {e}", stale.display())),
+    let debug = target_dir().join("debug");
+    let outputs = [debug.join("deps").join(&file_name), debug.join(&file_name)];
+    let remove_outputs = || -> Result<(), String> {
+        for output in &outputs {
+            match fs::remove_file(output) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("cannot remove {}: {e}", output.display())),
+            }
         }
-    }
+        Ok(())
+    };
+    remove_outputs()?;
 
     let mut args = vec!["-p", package, "--lib"];
     args.extend_from_slice(extra);
@@ -547,18 +624,33 @@ fn build_cdylib_with(
     };
     let library = cdylib(&messages, package)?;
 
-    let parent = copy.parent().expect("artifact copies have a parent directory");
-    fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-    // Copied under a temporary name and renamed, so that a concurrent reader never sees half a file.
-    let partial = copy.with_extension(format!("partial-{}", std::process::id()));
-    fs::copy(&library, &partial)
-        .map_err(|e| format!("cannot copy {} to {}: {e}", library.display(), partial.display()))?;
-    fs::rename(&partial, copy)
-        .map_err(|e| format!("cannot rename {} to {}: {e}", partial.display(), copy.display()))?;
-    Ok(())
+    let bytes = fs::read(&library).map_err(|e| format!("cannot read {}: {e}", library.display()))?;
+    let copy = fixtures_dir().join(format!("{name}.so"));
+    write_atomically(&copy, &bytes)?;
+    remove_outputs()?;
+    Ok(copy)
 }
 
-/// Runs `cargo build` on `manifest` into the e2e target directory and returns cargo's JSON
+/// A copy named `name` of the fixture library at `build` with `value` in its marker field
+/// (`field_len` bytes from `marker` on; see [`drive::marker`]).
+fn marked_copy(build: &Path, marker: &str, field_len: usize, value: &str, name: &str) -> Result<PathBuf, String> {
+    let bytes = fs::read(build).map_err(|e| format!("cannot read {}: {e}", build.display()))?;
+    let copy = drive::marker::rename(&bytes, marker, field_len, value)
+        .map_err(|e| format!("cannot make the {value} copy of {}: {e:#}", build.display()))?;
+    let path = fixtures_dir().join(format!("{name}.so"));
+    write_atomically(&path, &copy)?;
+    Ok(path)
+}
+
+/// Writes `bytes` to `path` under a temporary name and renames it, so that a concurrent reader
+/// never sees half a file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let partial = path.with_extension(format!("partial-{}", std::process::id()));
+    fs::write(&partial, bytes).map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
+    fs::rename(&partial, path).map_err(|e| format!("cannot rename {} to {}: {e}", partial.display(), path.display()))
+}
+
+/// Runs `cargo build` on `manifest` into the workspace's target directory and returns cargo's JSON
 /// messages; on failure, returns everything cargo printed.
 fn cargo_build(manifest: &Path, args: &[&str]) -> Result<Vec<serde_json::Value>, String> {
     cargo(manifest, "build", args)
@@ -574,7 +666,7 @@ fn cargo(manifest: &Path, subcommand: &str, args: &[&str]) -> Result<Vec<serde_j
         .arg(manifest)
         .arg("--message-format=json-render-diagnostics")
         .args(args)
-        .env("CARGO_TARGET_DIR", e2e_target_dir())
+        .env("CARGO_TARGET_DIR", target_dir())
         .current_dir(manifest.parent().expect("a manifest path has a parent"));
     let described = format!("{command:?}");
     let output = command

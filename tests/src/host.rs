@@ -167,8 +167,7 @@ pub struct Host {
 
 /// A loopback address whose port was free a moment ago.
 pub fn free_address() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind a loopback port to find a free one");
-    listener.local_addr().expect("a bound listener has an address")
+    drive::http::free_address().expect("cannot bind a loopback port to find a free one")
 }
 
 impl Host {

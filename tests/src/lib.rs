@@ -2,7 +2,7 @@
 //! libraries (see [`artifacts`]), run the host on loopback ports (see [`host`]), and talk to it
 //! over HTTP/1.1 and HTTP/2 (see [`client`]). The tests themselves are in `tests/tests/`.
 //!
-//! `cargo test` builds everything they need by itself, into `target/e2e`. [`process`] and
+//! `cargo test` builds everything they need by itself, into the workspace's target directory. [`process`] and
 //! [`systemd`] have what tests of the host's operation (service managers, wrappers) need besides.
 
 pub mod artifacts;
@@ -15,9 +15,9 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use artifacts::{
-    axum_examples, copy_example_app, copy_example_app_named, e2e_target_dir, example_app, example_app_schema,
-    faulty_app, host_binary, hostile_app, hostile_app_panic_abort, no_entry_library, replace_in, workspace_root,
-    xtask_binary, AppVersion, Fault, Hostile, Schema, FAULTY_INIT_ERROR, FAULTY_INIT_PANIC,
+    axum_examples, copy_example_app, copy_example_app_named, example_app, example_app_schema, faulty_app, host_binary,
+    hostile_app, hostile_app_panic_abort, no_entry_library, replace_in, target_dir, workspace_root, xtask_binary,
+    AppVersion, Fault, Hostile, Schema, FAULTY_INIT_ERROR, FAULTY_INIT_PANIC,
 };
 pub use client::{KeepAlive, Reply};
 pub use host::{free_address, Host, HostCommand, Sandbox};

@@ -1,48 +1,11 @@
 //! Signalling and waiting for processes other than a [`crate::Host`] (which has methods of its
-//! own): a wrapper's child, a tool the tests run, a process the host started ([`Adopted`]).
+//! own): a wrapper's child, a tool the tests run (the workspace's `drive` crate, which the xtask
+//! and the benchmarks use too), a process the host started ([`Adopted`]).
 
-use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
-use rustix::process::{kill_process, Pid, Signal};
-
-/// Sends `signal` to the process `pid`.
-pub fn signal(pid: u32, signal: Signal) -> rustix::io::Result<()> {
-    let pid = i32::try_from(pid)
-        .ok()
-        .and_then(Pid::from_raw)
-        .ok_or(rustix::io::Errno::SRCH)?;
-    kill_process(pid, signal)
-}
-
-/// Waits at most `timeout` for `child` to exit; if it does not, kills it (SIGKILL), reaps it and
-/// returns `None`. Blocks the calling thread (for `Drop` and synchronous code).
-pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let began = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("cannot check on a child process") {
-            return Some(status);
-        }
-        if began.elapsed() >= timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Whether the process `pid` runs (a zombie, which has exited but is not reaped yet, does not).
-pub fn is_running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // `pid (comm) state …`: the state follows the last `)` (comm may contain one).
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
+pub use drive::process::{is_running, signal, wait_bounded};
+use rustix::process::Signal;
 
 /// A process the test did not spawn but answers for, such as the new host an upgrade started:
 /// killed (SIGKILL) when dropped if it still runs, so that a failing test leaves nothing behind.

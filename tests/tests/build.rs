@@ -5,7 +5,7 @@
 //!   and the compiler's error is the reload's outcome (`POST /reload`, `last_reload.error`);
 //! - the fix: a reload (SIGHUP) builds it and serves it, in the same process.
 //!
-//! The host and the copy of the app build into `target/e2e` (`CARGO_TARGET_DIR`), like the other
+//! The host and the copy of the app build into the workspace's target directory (`CARGO_TARGET_DIR`), like the other
 //! cargo-driven e2e tests, so that compiled dependencies are shared. The build command runs in
 //! the host's working directory, here the app's directory. Everything talks to 127.0.0.1 only;
 //! every wait is bounded; there are no timing assertions.
@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use e2e_tests::process::wait_bounded;
-use e2e_tests::{client, copy_example_app_named, e2e_target_dir, replace_in, Host, Sandbox};
+use e2e_tests::{client, copy_example_app_named, replace_in, target_dir, Host, Sandbox};
 use hyper::StatusCode;
 use rustix::process::Signal;
 
@@ -71,7 +71,7 @@ async fn a_build_failure_keeps_the_old_version_and_a_fix_is_served() {
     // A package name of its own, so that its library is not the one other tests build.
     copy_example_app_named(&app, "build-v1", APP_NAME);
     let lib_rs = app.join("src/lib.rs");
-    let built = e2e_target_dir().join("debug").join(LIBRARY);
+    let built = target_dir().join("debug").join(LIBRARY);
     // Installed next to nothing writable (a checkout's target/ may be group-writable, which the
     // host refuses), renamed into place.
     let library = sandbox.app_path();
@@ -91,7 +91,7 @@ async fn a_build_failure_keeps_the_old_version_and_a_fix_is_served() {
     let mut first_build = Command::new("sh")
         .args(["-c", &build])
         .current_dir(&app)
-        .env("CARGO_TARGET_DIR", e2e_target_dir())
+        .env("CARGO_TARGET_DIR", target_dir())
         .stdin(Stdio::null())
         .spawn()
         .expect("the first build starts");
@@ -101,7 +101,7 @@ async fn a_build_failure_keeps_the_old_version_and_a_fix_is_served() {
 
     let mut host = sandbox
         .host()
-        .env("CARGO_TARGET_DIR", e2e_target_dir())
+        .env("CARGO_TARGET_DIR", target_dir())
         .current_dir(&app)
         .args(["--build", &build, "--build-timeout", "10m"])
         .start()

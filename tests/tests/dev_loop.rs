@@ -5,7 +5,7 @@
 //! the old version serving and report the error when a save does not build, and on SIGINT stop
 //! everything it started and exit 0. A new app must be served, and reloaded, on the first try.
 //!
-//! The shared harness builds the xtask and the host into `target/e2e`, and the xtask builds the app
+//! The shared harness builds the xtask and the host into the workspace's target directory, and the xtask builds the app
 //! there too (its cargo runs with `CARGO_TARGET_DIR` set to it), so that compiled dependencies are
 //! shared between runs. Everything talks to 127.0.0.1 only; every wait is bounded; there are no
 //! timing assertions. The tests take turns ([`SERIAL`]): a build of one would hold cargo's lock on
@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use e2e_tests::process::{signal, wait_bounded};
 use e2e_tests::{
-    assert_answer, client, copy_example_app_named, e2e_target_dir, free_address, host_binary, replace_in, wait_until,
+    assert_answer, client, copy_example_app_named, free_address, host_binary, replace_in, target_dir, wait_until,
     workspace_root, xtask_binary, Sandbox,
 };
 use hyper::StatusCode;
@@ -154,7 +154,7 @@ async fn dev_loop_serves_each_version_that_builds_and_stops_cleanly() {
 ///
 /// The new app is a workspace of its own, so its builds would go to its own `target/`, compiling
 /// every dependency anew (minutes on two cores). The dev loop runs with `CARGO_TARGET_DIR` set to
-/// `target/e2e` (see [`Dev::start`]), as does the `cargo test` below, so it reuses what the other
+/// the workspace's target directory (see [`Dev::start`]), as does the `cargo test` below, so it reuses what the other
 /// tests' builds compiled there: `xtask new` copies the workspace's `Cargo.lock`, so versions and
 /// features are the same. Not all of it: the new app's manifest leaves out the workspace's
 /// `opt-level = 3` for memchr, so memchr and what depends on it in the app's graph (serde_json,
@@ -247,7 +247,7 @@ async fn a_new_app_is_served_and_reloaded_on_the_first_try() {
         Command::new(env!("CARGO"))
             .args(["test", "--manifest-path"])
             .arg(app.join("Cargo.toml"))
-            .env("CARGO_TARGET_DIR", e2e_target_dir()),
+            .env("CARGO_TARGET_DIR", target_dir()),
         &outside.join("cargo-test.log"),
         BUILD_TIMEOUT,
     );
@@ -325,7 +325,7 @@ impl Dev {
             .arg("--app")
             .arg(app)
             .args(["--listen", &listen.to_string(), "--admin", &admin.to_string()])
-            .env("CARGO_TARGET_DIR", e2e_target_dir())
+            .env("CARGO_TARGET_DIR", target_dir())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

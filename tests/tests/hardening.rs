@@ -157,8 +157,8 @@ async fn a_raw_thread_the_app_never_ends_keeps_its_library_loaded() {
     stray_threads_keep_their_library_loaded(Hostile::RawThread).await;
 }
 
-/// Serves `stray` (generation 1), reloads into the default build, `stray` again (generation 3)
-/// and the default build twice; checks that every reload works, that the log says for both stray
+/// Serves `stray` (generation 1), reloads into the default copy, `stray` again (generation 3)
+/// and the default copy twice; checks that every reload works, that the log says for both stray
 /// generations that the library stays loaded, that the host still serves and reloads after
 /// that, and that SIGTERM stops it with status 0.
 async fn stray_threads_keep_their_library_loaded(stray: Hostile) {

@@ -19,7 +19,7 @@
 //! - `edit`: save → served with `cargo xtask dev`, versus rebuilding and restarting a static
 //!   server (module [`edit`]).
 //! - `canary`: `POST /reload?canary=10` into a build that answers 500 (hostile-app's `failing`
-//!   feature) under load on fresh connections: the failed share of the requests until the
+//!   copy) under load on fresh connections: the failed share of the requests until the
 //!   host's judge rolls the canary back by itself, how many failed, and how long that took
 //!   (module [`canary`]).
 //! - `rollback`: `POST /rollback` (the previous version, from the bytes the host kept) to the
@@ -35,9 +35,11 @@
 //! how busy the machine was then and during each measurement (all CPU time less the server's
 //! and the load generator's).
 //!
-//! Modules: [`load`] (wrk or the built-in load generator), [`procs`] (starting, stopping and
-//! reading servers), [`stats`] (percentiles, how busy the machine is), [`edit`] (item `edit`),
-//! [`streaming`] (item `streaming`), [`canary`] (item `canary`), [`rollback`] (item `rollback`).
+//! Each item has a module of its own ([`throughput`], [`under_reload`], [`reload`], [`memory`],
+//! [`streaming`], [`edit`], [`canary`], [`rollback`]), with a `run` that returns its results;
+//! this module builds what they run and holds what several share. The others: [`load`] (wrk or
+//! the built-in load generator), [`procs`] (starting, stopping and reading servers), [`stats`]
+//! (percentiles, how busy the machine is).
 
 /// Prints one line of the benchmark's own output.
 macro_rules! say {
@@ -52,16 +54,18 @@ macro_rules! say {
 mod canary;
 mod edit;
 mod load;
+mod memory;
 mod procs;
+mod reload;
 mod rollback;
 mod stats;
 mod streaming;
+mod throughput;
+mod under_reload;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -69,10 +73,9 @@ use serde_json::json;
 
 use crate::cargo::Cargo;
 use crate::host::Reload;
-use crate::http;
+use drive::http;
 use load::{LoadGen, LoadResult};
 use procs::{HostLaunch, Server};
-use stats::{median, percentile};
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -250,7 +253,7 @@ struct Env {
     /// A private copy of the prebuilt example-app library (so a concurrent build cannot change it).
     library: PathBuf,
     library_bytes: u64,
-    /// A private copy of hostile-app built with its `failing` feature (`GET /` answers 500), for
+    /// A private copy of hostile-app with its `failing` behaviour (`GET /` answers 500), for
     /// `canary` and `rollback`; built only when one of them runs.
     failing_library: Option<PathBuf>,
     baseline: PathBuf,
@@ -491,16 +494,16 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<ExitCode> {
     });
     let all = args.item == Item::All;
     if all || args.item == Item::Throughput {
-        results["throughput"] = throughput(&env)?;
+        results["throughput"] = throughput::run(&env)?;
     }
     if all || args.item == Item::UnderReload {
-        results["under_reload"] = under_reload(&env)?;
+        results["under_reload"] = under_reload::run(&env)?;
     }
     if all || args.item == Item::Reload {
-        results["reload"] = reload_latency(&env)?;
+        results["reload"] = reload::run(&env)?;
     }
     if all || args.item == Item::Memory {
-        results["memory"] = memory(&env)?;
+        results["memory"] = memory::run(&env)?;
     }
     if all || args.item == Item::Streaming {
         results["streaming"] = streaming::run(&env)?;
@@ -524,13 +527,15 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Builds hostile-app with its `failing` feature (`GET /` answers 500) on a cargo command of its
-/// own, as the end-to-end tests do, and copies the library into `app_dir`.
+/// Builds hostile-app and writes a copy of its library into `app_dir` that answers 500 to
+/// `GET /` (its `failing` behaviour, named in the copy's marker field as the end-to-end tests do,
+/// see `tests/fixtures/hostile-app`).
 ///
 /// Every build of hostile-app has the same output name (cargo puts no hash in a cdylib's file
-/// name), so the outputs are deleted before the build, so that cargo links this variant anew
-/// rather than taking another variant's file for it, and after the copy, so that the next build
-/// of another variant is not taken for up to date either (see `tests/src/artifacts.rs`).
+/// name), so the outputs are deleted before the build, so that cargo links this build anew
+/// rather than taking another build's file for it (the tests' `tokio-signal` or `panic=abort`
+/// builds), and after the copy, so that the next build of another is not taken for up to date
+/// either (see `tests/src/artifacts.rs`).
 fn build_failing_app(
     cargo: &Cargo,
     workspace: &Path,
@@ -550,12 +555,12 @@ fn build_failing_app(
         }
         Ok(())
     };
-    say!("building hostile-app with its `failing` feature (GET / answers 500)");
+    say!("building hostile-app, a copy of which answers 500 to GET / (its `failing` behaviour)");
     remove_outputs()?;
     let mut build = cargo.command();
     build
         .current_dir(workspace)
-        .args(["build", "-p", "hostile-app", "--lib", "--features", "failing"])
+        .args(["build", "-p", "hostile-app", "--lib"])
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
     if release {
@@ -563,11 +568,14 @@ fn build_failing_app(
     }
     let status = build.status().context("cannot run cargo build")?;
     if !status.success() {
-        bail!("cargo build of hostile-app --features failing failed ({status})");
+        bail!("cargo build of hostile-app failed ({status})");
     }
-    let library = app_dir.join(format!("hostile-app-failing{}", std::env::consts::DLL_SUFFIX));
-    std::fs::copy(&outputs[1], &library).with_context(|| format!("cannot copy {}", outputs[1].display()))?;
+    let built = std::fs::read(&outputs[1]).with_context(|| format!("cannot read {}", outputs[1].display()))?;
     remove_outputs()?;
+    let failing = drive::marker::rename(&built, "HOSTILE_APP_BEHAVIOUR=", 64, "failing")
+        .context("cannot make hostile-app's failing copy")?;
+    let library = app_dir.join(format!("hostile-app-failing{}", std::env::consts::DLL_SUFFIX));
+    std::fs::write(&library, failing).with_context(|| format!("cannot write {}", library.display()))?;
     Ok(library)
 }
 
@@ -663,6 +671,35 @@ fn machine() -> serde_json::Value {
     })
 }
 
+/// How many generations the host has loaded (serving, draining or stopping).
+fn live_generations(admin: std::net::SocketAddr) -> anyhow::Result<usize> {
+    let response = http::request(admin, "GET", "/status", Duration::from_secs(5))?;
+    let status: serde_json::Value = serde_json::from_str(&response.body).context("bad /status answer")?;
+    status["generations"]
+        .as_array()
+        .map(Vec::len)
+        .context("/status lists no generations")
+}
+
+/// Waits (at most `timeout`) until only the serving generation is left.
+fn wait_single_generation(admin: std::net::SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while live_generations(admin)? > 1 {
+        if Instant::now() > deadline {
+            bail!("old generations were still loaded after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+fn reload_once(admin: std::net::SocketAddr) -> anyhow::Result<u64> {
+    match crate::host::reload(admin, Duration::from_secs(60))? {
+        Reload::Swapped { generation, .. } => Ok(generation),
+        Reload::Refused { error } => bail!("the host refused a reload: {error}"),
+    }
+}
+
 fn result_json(result: &LoadResult) -> serde_json::Value {
     let mut value = serde_json::to_value(result).unwrap_or_default();
     value["failed"] = json!(result.failed());
@@ -719,377 +756,4 @@ fn measure(env: &Env, server: &Server, connections: usize) -> anyhow::Result<Mea
         .run(server.address, connections, env.plan.warmup)
         .with_context(|| format!("warming up the {}", server.name))?;
     load_once(env, server, connections, env.plan.duration)
-}
-
-/// Item 1: the host versus the static baseline.
-fn throughput(env: &Env) -> anyhow::Result<serde_json::Value> {
-    say!("throughput: host vs static baseline, example-app GET /, keep-alive");
-    let mut rows = Vec::new();
-    // (connections, throughput ratio, p50 ratio, p99 ratio, CPU per request ratio)
-    let mut ratios: Vec<(usize, f64, f64, f64, f64)> = Vec::new();
-    for repeat in 0..env.plan.repeat {
-        let busy = env.quiet();
-        let host = env.start_host("throughput-host")?.0;
-        let baseline = env.start_baseline("throughput-baseline")?;
-        for &connections in &env.plan.connections {
-            let host_first = repeat % 2 == 0;
-            let (first, second) = if host_first {
-                (&host, &baseline)
-            } else {
-                (&baseline, &host)
-            };
-            let a = measure(env, first, connections)?;
-            let b = measure(env, second, connections)?;
-            let (hm, sm) = if host_first { (a, b) } else { (b, a) };
-            let (h, h_cpu, s, s_cpu) = (&hm.result, hm.cpu_us_per_request, &sm.result, sm.cpu_us_per_request);
-            let during = hm.others_busy.max(sm.others_busy);
-            let ratio = h.requests_per_s / s.requests_per_s;
-            let cpu_ratio = h_cpu / s_cpu;
-            let (p50, p99) = (h.p50_ms / s.p50_ms, h.p99_ms / s.p99_ms);
-            say!(
-                "  repeat {} c={connections}: host {:.0} req/s p50 {:.3} ms p99 {:.3} ms | baseline {:.0} req/s p50 {:.3} \
-                 ms p99 {:.3} ms | ratio {ratio:.3} (p50 x{p50:.2}, p99 x{p99:.2}; server CPU per request {h_cpu:.1} vs \
-                 {s_cpu:.1} us, x{cpu_ratio:.2}; failed {}/{}; others busy {:.0}% before, {:.0}% during)",
-                repeat + 1,
-                h.requests_per_s,
-                h.p50_ms,
-                h.p99_ms,
-                s.requests_per_s,
-                s.p50_ms,
-                s.p99_ms,
-                h.failed(),
-                s.failed(),
-                busy * 100.0,
-                during * 100.0
-            );
-            ratios.push((connections, ratio, p50, p99, cpu_ratio));
-            rows.push(json!({
-                "repeat": repeat + 1, "connections": connections, "host_first": host_first,
-                "host": result_json(h), "baseline": result_json(s),
-                "others_busy_during": [hm.others_busy, sm.others_busy],
-                "throughput_ratio": ratio, "p50_ratio": p50, "p99_ratio": p99, "others_busy": busy,
-                "host_cpu_us_per_request": h_cpu, "baseline_cpu_us_per_request": s_cpu, "cpu_ratio": cpu_ratio,
-            }));
-        }
-        host.stop()?;
-        baseline.stop()?;
-    }
-    let mut summary = Vec::new();
-    for &connections in &env.plan.connections {
-        let pick = |f: fn(&(usize, f64, f64, f64, f64)) -> f64| -> f64 {
-            median(&ratios.iter().filter(|r| r.0 == connections).map(f).collect::<Vec<_>>())
-        };
-        let (ratio, p50, p99, cpu) = (pick(|r| r.1), pick(|r| r.2), pick(|r| r.3), pick(|r| r.4));
-        say!(
-            "throughput c={connections}: median host/baseline ratio {ratio:.3} (target >= 0.95: {}); p50 x{p50:.2}, \
-             p99 x{p99:.2}; CPU per request x{cpu:.2}",
-            env.verdict(ratio >= 0.95)
-        );
-        summary.push(json!({ "connections": connections, "median_throughput_ratio": ratio,
-            "median_p50_ratio": p50, "median_p99_ratio": p99, "median_cpu_ratio": cpu }));
-    }
-    Ok(json!({ "runs": rows, "summary": summary }))
-}
-
-/// Reloads every `every` until stopped; returns (ok, refused, errors).
-fn reload_every(admin: std::net::SocketAddr, every: Duration, stop: Arc<AtomicBool>) -> (u64, u64, u64) {
-    let (mut ok, mut refused, mut errors) = (0, 0, 0);
-    while !stop.load(Ordering::Relaxed) {
-        let began = Instant::now();
-        match crate::host::reload(admin, Duration::from_secs(30)) {
-            Ok(Reload::Swapped { .. }) => ok += 1,
-            Ok(Reload::Refused { .. }) => refused += 1,
-            Err(_) => errors += 1,
-        }
-        if let Some(rest) = every.checked_sub(began.elapsed()) {
-            std::thread::sleep(rest);
-        }
-    }
-    (ok, refused, errors)
-}
-
-/// Item 2: the host under load, steady versus reloading every 100 ms.
-fn under_reload(env: &Env) -> anyhow::Result<serde_json::Value> {
-    say!("under-reload: the host under load, steady vs a reload every 100 ms");
-    let mut rows = Vec::new();
-    for repeat in 0..env.plan.repeat {
-        let busy = env.quiet();
-        let host = env.start_host("under-reload")?.0;
-        let admin = host.admin.context("the host has no admin address")?;
-        for &connections in &env.plan.connections {
-            env.load.run(host.address, connections, env.plan.warmup)?;
-            let steady_first = repeat % 2 == 0;
-            let mut steady = None;
-            let mut reloading = None;
-            for turn in 0..2 {
-                if (turn == 0) == steady_first {
-                    steady = Some(load_once(env, &host, connections, env.plan.duration)?);
-                } else {
-                    let stop = Arc::new(AtomicBool::new(false));
-                    let flag = stop.clone();
-                    let reloader = std::thread::Builder::new()
-                        .name("reloader".into())
-                        .spawn(move || reload_every(admin, Duration::from_millis(100), flag))
-                        .context("cannot start the reload thread")?;
-                    let measured = load_once(env, &host, connections, env.plan.duration);
-                    stop.store(true, Ordering::Relaxed);
-                    let counts = reloader
-                        .join()
-                        .map_err(|_| anyhow::anyhow!("the reload thread panicked"))?;
-                    reloading = Some((measured?, counts));
-                }
-            }
-            let (Some(steady), Some((reloading, (ok, refused, errors)))) = (steady, reloading) else {
-                bail!("a run is missing");
-            };
-            let during = steady.others_busy.max(reloading.others_busy);
-            let (steady, reloading) = (steady.result, reloading.result);
-            let p99 = reloading.p99_ms / steady.p99_ms;
-            let ratio = reloading.requests_per_s / steady.requests_per_s;
-            say!(
-                "  repeat {} c={connections}: steady {:.0} req/s p99 {:.3} ms (failed {}) | reloading {:.0} req/s p99 {:.3} \
-                 ms, failed {} of {} (target 0), {ok} reloads ({refused} refused, {errors} errors) | p99 x{p99:.2}, \
-                 throughput x{ratio:.3} (others busy {:.0}% before, {:.0}% during)",
-                repeat + 1,
-                steady.requests_per_s,
-                steady.p99_ms,
-                steady.failed(),
-                reloading.requests_per_s,
-                reloading.p99_ms,
-                reloading.failed(),
-                reloading.responses + reloading.failed() - reloading.non_2xx,
-                busy * 100.0,
-                during * 100.0
-            );
-            rows.push(json!({
-                "repeat": repeat + 1, "connections": connections, "steady_first": steady_first,
-                "steady": result_json(&steady), "reloading": result_json(&reloading),
-                "reloads_ok": ok, "reloads_refused": refused, "reload_errors": errors,
-                "p99_ratio": p99, "throughput_ratio": ratio, "others_busy": busy, "others_busy_during": during,
-            }));
-        }
-        host.stop()?;
-    }
-    let mut summary = Vec::new();
-    for &connections in &env.plan.connections {
-        let of = |key: &str| -> Vec<f64> {
-            rows.iter()
-                .filter(|r| r["connections"] == connections)
-                .map(|r| r[key].as_f64().unwrap_or(f64::NAN))
-                .collect()
-        };
-        let failed: u64 = rows
-            .iter()
-            .filter(|r| r["connections"] == connections)
-            .map(|r| r["reloading"]["failed"].as_u64().unwrap_or(0))
-            .sum();
-        let (p99, ratio) = (median(&of("p99_ratio")), median(&of("throughput_ratio")));
-        say!(
-            "under-reload c={connections}: failed requests while reloading {failed} in all (target 0: {}); median p99 \
-             reloading/steady x{p99:.2}; throughput x{ratio:.3}",
-            env.verdict(failed == 0)
-        );
-        summary.push(json!({ "connections": connections, "failed_total": failed,
-            "median_p99_ratio": p99, "median_throughput_ratio": ratio }));
-    }
-    Ok(json!({ "runs": rows, "summary": summary }))
-}
-
-/// How many generations the host has loaded (serving, draining or stopping).
-fn live_generations(admin: std::net::SocketAddr) -> anyhow::Result<usize> {
-    let response = http::request(admin, "GET", "/status", Duration::from_secs(5))?;
-    let status: serde_json::Value = serde_json::from_str(&response.body).context("bad /status answer")?;
-    status["generations"]
-        .as_array()
-        .map(Vec::len)
-        .context("/status lists no generations")
-}
-
-/// Waits (at most `timeout`) until only the serving generation is left.
-fn wait_single_generation(admin: std::net::SocketAddr, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while live_generations(admin)? > 1 {
-        if Instant::now() > deadline {
-            bail!("old generations were still loaded after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    Ok(())
-}
-
-fn reload_once(admin: std::net::SocketAddr) -> anyhow::Result<u64> {
-    match crate::host::reload(admin, Duration::from_secs(60))? {
-        Reload::Swapped { generation, .. } => Ok(generation),
-        Reload::Refused { error } => bail!("the host refused a reload: {error}"),
-    }
-}
-
-/// Item 3: reload latency and its steps.
-fn reload_latency(env: &Env) -> anyhow::Result<serde_json::Value> {
-    say!(
-        "reload: trigger → serving for a prebuilt library ({:.1} MiB), {} reloads",
-        env.library_bytes as f64 / 1048576.0,
-        env.plan.reloads
-    );
-    let busy = env.quiet();
-    let (host, _) = env.start_host("reload")?;
-    let admin = host.admin.context("the host has no admin address")?;
-    // Warm-up: the first reloads fault in the host's own code paths.
-    for _ in 0..3 {
-        reload_once(admin)?;
-    }
-    let mut timed: Vec<(u64, f64)> = Vec::new();
-    for _ in 0..env.plan.reloads {
-        // Each reload starts on a quiet host: the previous generation is unloaded first.
-        wait_single_generation(admin, Duration::from_secs(30))?;
-        let began = Instant::now();
-        let generation = reload_once(admin)?;
-        timed.push((generation, began.elapsed().as_secs_f64() * 1e3));
-    }
-    wait_single_generation(admin, Duration::from_secs(30))?;
-    let log = host.log.clone();
-    host.stop()?;
-    let steps = read_reload_steps(&log)?;
-
-    let mut columns: Vec<(&str, Vec<f64>)> = vec![
-        ("trigger → serving (client)", Vec::new()),
-        ("host reload total", Vec::new()),
-        ("copy (check, read, sha256, write)", Vec::new()),
-        ("load (dlopen)", Vec::new()),
-        ("verify", Vec::new()),
-        ("init (thread, runtime, App::init)", Vec::new()),
-        ("swap (and the rest)", Vec::new()),
-        ("retire: drain+stop+unload (after)", Vec::new()),
-    ];
-    for (generation, client_ms) in &timed {
-        let Some(s) = steps.get(generation) else {
-            bail!("the host's log has no steps for generation {generation}");
-        };
-        let load = s.load_ms.unwrap_or(f64::NAN);
-        let verify = s.verify_ms.unwrap_or(f64::NAN);
-        let loaded = s.loaded.unwrap_or(f64::NAN);
-        let values = [
-            *client_ms,
-            s.swapped.unwrap_or(f64::NAN),
-            s.staged.unwrap_or(f64::NAN),
-            if s.load_ms.is_some() { load } else { loaded },
-            verify,
-            s.started.unwrap_or(f64::NAN) - loaded,
-            s.swapped.unwrap_or(f64::NAN) - s.staged.unwrap_or(f64::NAN) - s.started.unwrap_or(f64::NAN),
-            steps
-                .get(&(generation + 1))
-                .and_then(|next| next.previous_unloaded)
-                .unwrap_or(f64::NAN),
-        ];
-        for (column, value) in columns.iter_mut().zip(values) {
-            column.1.push(value);
-        }
-    }
-    let table = step_table(&columns);
-    let p50 = percentile(&columns[0].1, 0.5);
-    say!(
-        "reload: p50 trigger → serving {p50:.2} ms (target <= 5 ms: {}; others busy {:.0}%)",
-        env.verdict(p50 <= 5.0),
-        busy * 100.0
-    );
-    Ok(json!({ "reloads": timed.len(), "library_bytes": env.library_bytes, "steps": table, "others_busy": busy }))
-}
-
-/// The timed steps of one generation's reload, from the host's JSON log.
-#[derive(Debug, Default)]
-struct ReloadSteps {
-    staged: Option<f64>,
-    loaded: Option<f64>,
-    load_ms: Option<f64>,
-    verify_ms: Option<f64>,
-    started: Option<f64>,
-    swapped: Option<f64>,
-    /// For the generation this one replaced: drain start → unloaded.
-    previous_unloaded: Option<f64>,
-}
-
-fn read_reload_steps(log: &Path) -> anyhow::Result<std::collections::HashMap<u64, ReloadSteps>> {
-    let text = std::fs::read_to_string(log).with_context(|| format!("cannot read {}", log.display()))?;
-    let mut steps: std::collections::HashMap<u64, ReloadSteps> = std::collections::HashMap::new();
-    for line in text.lines() {
-        let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let (Some(generation), Some(message)) = (event["generation"].as_u64(), event["message"].as_str()) else {
-            continue;
-        };
-        let duration = event["duration_ms"].as_f64();
-        match message {
-            "staged" => steps.entry(generation).or_default().staged = duration,
-            "loaded and verified" => {
-                let entry = steps.entry(generation).or_default();
-                entry.loaded = duration;
-                entry.load_ms = event["load_ms"].as_f64();
-                entry.verify_ms = event["verify_ms"].as_f64();
-            }
-            "started" => steps.entry(generation).or_default().started = duration,
-            m if m.starts_with("swapped") => steps.entry(generation).or_default().swapped = duration,
-            // Logged for the old generation; measured from its drain's start.
-            "unloaded" => steps.entry(generation + 1).or_default().previous_unloaded = duration,
-            _ => {}
-        }
-    }
-    Ok(steps)
-}
-
-/// Prints the steps of a reload (or rollback) as a table of their p50, p99 and max, in ms, and
-/// returns its rows as JSON.
-fn step_table(columns: &[(&str, Vec<f64>)]) -> Vec<serde_json::Value> {
-    let width = columns.iter().map(|(name, _)| name.chars().count()).max().unwrap_or(0);
-    say!("  {:<width$} {:>9} {:>9} {:>9}", "step (ms)", "p50", "p99", "max");
-    columns
-        .iter()
-        .map(|(name, values)| {
-            let (p50, p99, max) = (
-                percentile(values, 0.5),
-                percentile(values, 0.99),
-                percentile(values, 1.0),
-            );
-            say!("  {name:<width$} {p50:>9.3} {p99:>9.3} {max:>9.3}");
-            json!({ "step": name, "p50_ms": p50, "p99_ms": p99, "max_ms": max })
-        })
-        .collect()
-}
-
-/// Item 4: memory after many reloads.
-fn memory(env: &Env) -> anyhow::Result<serde_json::Value> {
-    let mut at = env.plan.memory_at.clone();
-    at.sort_unstable();
-    at.dedup();
-    say!("memory: RSS and mapped library copies after {at:?} reloads");
-    let (host, staging) = env.start_host("memory")?;
-    let admin = host.admin.context("the host has no admin address")?;
-    let mut rows = Vec::new();
-    let mut done = 0;
-    for &target in &at {
-        while done < target {
-            reload_once(admin)?;
-            // Every generation serves something.
-            http::request(host.address, "GET", "/", Duration::from_secs(5))?;
-            done += 1;
-        }
-        wait_single_generation(admin, Duration::from_secs(60))?;
-        // The last retired copy is closed just before its generation leaves `/status`.
-        std::thread::sleep(Duration::from_millis(200));
-        let memory = procs::process_memory(host.pid(), &staging)?;
-        say!(
-            "  after {done:>5} reloads: RSS {:.1} MiB, {} library cop{} mapped ({} regions), {} threads, {} fds",
-            memory.rss_kib as f64 / 1024.0,
-            memory.mapped_copies,
-            if memory.mapped_copies == 1 { "y" } else { "ies" },
-            memory.mapped_regions,
-            memory.threads,
-            memory.open_fds
-        );
-        let mut row = serde_json::to_value(&memory).unwrap_or_default();
-        row["reloads"] = json!(done);
-        rows.push(row);
-    }
-    host.stop()?;
-    Ok(json!({ "points": rows }))
 }

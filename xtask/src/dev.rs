@@ -727,7 +727,7 @@ impl Dev {
 
     /// SIGTERM, then wait; returns whether the host stopped cleanly.
     fn stop_host(&mut self, child: &mut Child) -> bool {
-        host::terminate(child);
+        drive::process::terminate(child);
         let mut killed = false;
         loop {
             match child.try_wait() {

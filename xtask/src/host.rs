@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context as _};
 
-use crate::http;
+use drive::http;
 
 /// How the host is started.
 #[derive(Debug, Clone)]
@@ -85,17 +85,6 @@ pub fn reload(admin: SocketAddr, timeout: Duration) -> anyhow::Result<Reload> {
             error: body["error"].as_str().unwrap_or("no reason given").to_owned(),
         }),
         (status, _) => bail!("unexpected answer to POST /reload: {status} {}", response.body.trim()),
-    }
-}
-
-/// Asks the host to shut down gracefully (SIGTERM), if it still runs.
-///
-/// Only when `try_wait` says it has not been reaped: until then its process id cannot belong to
-/// anyone else.
-pub fn terminate(child: &mut Child) {
-    if let Ok(None) = child.try_wait() {
-        let pid = rustix::process::Pid::from_child(child);
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
     }
 }
 

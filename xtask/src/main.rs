@@ -10,15 +10,17 @@
 //!   (`cargo xtask bench all`, or `--smoke` for the seconds-long CI version).
 //!
 //! The other modules are the pieces `dev` is made of: [`cargo`] (metadata and cancellable
-//! builds), [`watch`] (the source watcher), [`host`] (the host process and its admin API) and
-//! [`http`] (the little HTTP that API needs).
+//! builds), [`watch`] (the source watcher) and [`host`] (the host process and its admin API,
+//! spoken with the workspace's `drive` crate, which the tests and benchmarks use too). [`tidy`]
+//! holds tests of the repository itself.
 
 mod bench;
 mod cargo;
 mod dev;
 mod host;
-mod http;
 mod new;
+#[cfg(test)]
+mod tidy;
 mod watch;
 
 use std::io::Write as _;

@@ -11,8 +11,8 @@
 //! load generator and wrk keep theirs alive).
 //!
 //! Each repeat: the good version serves (after an automatic rollback it does already; otherwise
-//! it is reloaded first); the file at `--app` is replaced by hostile-app built with its `failing`
-//! feature (`GET /` answers 500); after a warm-up of the load, `POST /reload?canary=10` starts it
+//! it is reloaded first); the file at `--app` is replaced by hostile-app's `failing` copy
+//! (`GET /` answers 500); after a warm-up of the load, `POST /reload?canary=10` starts it
 //! as a canary with 10% of new connections, and `/status` is polled every [`POLL_EVERY`] until it
 //! shows no canary and the canary's automatic rollback as the last reload (`"trigger": "canary"`,
 //! `"ok": false`). The load goes on for [`TAIL`] after that, then stops. Reported:
@@ -39,7 +39,7 @@ use serde_json::json;
 
 use super::stats::{median, percentile};
 use super::{admin_json, wait_single_generation, AppSlot, Env};
-use crate::http;
+use drive::http;
 
 /// The canary's share of new connections, in percent.
 const CANARY_PERCENT: u8 = 10;
@@ -207,7 +207,7 @@ pub fn run(env: &Env) -> anyhow::Result<serde_json::Value> {
     let failing = env
         .failing_library
         .as_deref()
-        .context("hostile-app's `failing` build is missing")?;
+        .context("hostile-app's `failing` copy is missing")?;
     let min_requests = env.plan.canary_min_requests;
     let warmup = if env.plan.smoke {
         Duration::from_millis(200)

@@ -38,7 +38,7 @@ use anyhow::{bail, Context as _};
 use serde_json::json;
 
 use super::{procs, stats, Env};
-use crate::http;
+use drive::http;
 
 /// How often the poller asks.
 const POLL_EVERY: Duration = Duration::from_millis(5);
@@ -370,7 +370,7 @@ impl Stopped {
     }
 
     fn stop(&mut self) {
-        crate::host::terminate(&mut self.0);
+        drive::process::terminate(&mut self.0);
         let deadline = Instant::now() + Duration::from_secs(60);
         while matches!(self.0.try_wait(), Ok(None)) {
             if Instant::now() > deadline {

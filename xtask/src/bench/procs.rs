@@ -3,14 +3,14 @@
 //! SIGTERM first, and never by name.
 
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::http;
+use drive::http;
 
 /// How long a server may take to answer its first request.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -18,11 +18,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a server may take to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A free loopback port (bound and released: another process could take it in between, which on
-/// a benchmark machine is unlikely and shows as a clear start-up error).
+/// A free loopback port (see [`http::free_address`]).
 pub fn free_address() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
-    listener.local_addr().context("cannot read a bound address")
+    http::free_address().context("cannot find a free port")
 }
 
 /// A server process this benchmark started; stopped (SIGTERM, then SIGKILL) when dropped.
@@ -149,20 +147,10 @@ impl Server {
     }
 
     fn terminate_and_wait(&mut self) -> anyhow::Result<()> {
-        crate::host::terminate(&mut self.child);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().context("cannot wait for a server")? {
-                // The baseline keeps the default SIGTERM action: it dies by the signal.
-                let _ = status;
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                bail!("the {} did not stop within {STOP_TIMEOUT:?}; killed it", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        // The baseline keeps the default SIGTERM action: it dies by the signal, which is fine.
+        match drive::process::stop(&mut self.child, STOP_TIMEOUT) {
+            Some(_) => Ok(()),
+            None => bail!("the {} did not stop within {STOP_TIMEOUT:?}; killed it", self.name),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! answers once the previous version serves again — as the `reload` item measures reloads.
 //!
 //! One host serves example-app (v1). Each cycle replaces the file at `--app` by another version
-//! (v2: hostile-app built with its `failing` feature, whose `GET /` answers 500, as a bad deploy
+//! (v2: hostile-app's `failing` copy, whose `GET /` answers 500, as a bad deploy
 //! would; the prebuilt library `canary` uses too), reloads it (`POST /reload?canary=0`: swapped at
 //! once whatever `--canary` says), checks that v2 serves, waits until only v2 is loaded, and then
 //! times `POST /rollback`: the host loads v1 again from the bytes it kept in its staging directory
@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde_json::json;
 
-use super::stats::percentile;
-use super::{admin_json, read_reload_steps, step_table, wait_single_generation, Env};
-use crate::http;
+use super::reload::read_reload_steps;
+use super::stats::{percentile, step_table};
+use super::{admin_json, wait_single_generation, Env};
+use drive::http;
 
 /// Untimed cycles first: they fault in the host's own code paths.
 const WARMUP: usize = 3;
@@ -35,7 +36,7 @@ pub fn run(env: &Env) -> anyhow::Result<serde_json::Value> {
     let failing = env
         .failing_library
         .as_deref()
-        .context("hostile-app's `failing` build is missing")?;
+        .context("hostile-app's `failing` copy is missing")?;
     let rollbacks = env.plan.rollbacks;
     say!(
         "rollback: POST /rollback → answered (the previous version, from the bytes the host kept, serves again), \

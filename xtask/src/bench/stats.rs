@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use serde_json::json;
+
 /// The value at `p` (0..=1) of `values`, nearest rank on the sorted values; NaN when empty.
 pub fn percentile(values: &[f64], p: f64) -> f64 {
     let mut sorted: Vec<f64> = values.iter().copied().filter(|v| !v.is_nan()).collect();
@@ -51,6 +53,25 @@ pub fn foreign_busy(window: Duration) -> f64 {
         return f64::NAN;
     }
     busy_after.saturating_sub(busy_before) as f64 / total as f64
+}
+
+/// Prints the steps of a reload (or rollback) as a table of their p50, p99 and max, in ms, and
+/// returns its rows as JSON.
+pub fn step_table(columns: &[(&str, Vec<f64>)]) -> Vec<serde_json::Value> {
+    let width = columns.iter().map(|(name, _)| name.chars().count()).max().unwrap_or(0);
+    say!("  {:<width$} {:>9} {:>9} {:>9}", "step (ms)", "p50", "p99", "max");
+    columns
+        .iter()
+        .map(|(name, values)| {
+            let (p50, p99, max) = (
+                percentile(values, 0.5),
+                percentile(values, 0.99),
+                percentile(values, 1.0),
+            );
+            say!("  {name:<width$} {p50:>9.3} {p99:>9.3} {max:>9.3}");
+            json!({ "step": name, "p50_ms": p50, "p99_ms": p99, "max_ms": max })
+        })
+        .collect()
 }
 
 #[cfg(test)]

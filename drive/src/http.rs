@@ -1,11 +1,9 @@
-//! Just enough HTTP/1.1 to talk to the host's admin listener.
-//!
-//! The dev loop makes two kinds of request, `GET /healthz` and `POST /reload`, to a server on
-//! this machine. A full HTTP client (and its dependency tree) would cost more build time than
-//! these forty lines: one request per connection, `Connection: close`, read to the end.
+//! Just enough HTTP/1.1 to talk to a server on this machine: one request per connection,
+//! `Connection: close`, read to the end. (A full HTTP client and its dependency tree would cost the
+//! xtask more build time than these lines.)
 
 use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -41,6 +39,12 @@ pub fn request(address: SocketAddr, method: &str, path: &str, timeout: Duration)
         .read_to_end(&mut raw)
         .with_context(|| format!("no complete answer to {method} {path} from {address}"))?;
     parse(&raw).with_context(|| format!("bad answer to {method} {path} from {address}"))
+}
+
+/// A free loopback port: bound and released, so another process could take it in between, which
+/// shows as a clear error when the server cannot bind it.
+pub fn free_address() -> std::io::Result<SocketAddr> {
+    TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
 
 /// The address to connect to for a listener bound to `address`: a wildcard address is reached

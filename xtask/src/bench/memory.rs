@@ -1,0 +1,48 @@
+//! Item 4, `memory`: the host's RSS, threads, descriptors and mapped library copies after
+//! many reloads.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::json;
+
+use super::{procs, reload_once, wait_single_generation, Env};
+use drive::http;
+
+/// Item 4: memory after many reloads.
+pub fn run(env: &Env) -> anyhow::Result<serde_json::Value> {
+    let mut at = env.plan.memory_at.clone();
+    at.sort_unstable();
+    at.dedup();
+    say!("memory: RSS and mapped library copies after {at:?} reloads");
+    let (host, staging) = env.start_host("memory")?;
+    let admin = host.admin.context("the host has no admin address")?;
+    let mut rows = Vec::new();
+    let mut done = 0;
+    for &target in &at {
+        while done < target {
+            reload_once(admin)?;
+            // Every generation serves something.
+            http::request(host.address, "GET", "/", Duration::from_secs(5))?;
+            done += 1;
+        }
+        wait_single_generation(admin, Duration::from_secs(60))?;
+        // The last retired copy is closed just before its generation leaves `/status`.
+        std::thread::sleep(Duration::from_millis(200));
+        let memory = procs::process_memory(host.pid(), &staging)?;
+        say!(
+            "  after {done:>5} reloads: RSS {:.1} MiB, {} library cop{} mapped ({} regions), {} threads, {} fds",
+            memory.rss_kib as f64 / 1024.0,
+            memory.mapped_copies,
+            if memory.mapped_copies == 1 { "y" } else { "ies" },
+            memory.mapped_regions,
+            memory.threads,
+            memory.open_fds
+        );
+        let mut row = serde_json::to_value(&memory).unwrap_or_default();
+        row["reloads"] = json!(done);
+        rows.push(row);
+    }
+    host.stop()?;
+    Ok(json!({ "points": rows }))
+}
