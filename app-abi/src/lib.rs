@@ -86,6 +86,7 @@ pub struct HostHandle(usize);
 impl HostHandle {
     /// # Safety
     /// `value` must be what the host's callbacks expect for as long as the library may use it.
+    #[allow(unsafe_code, reason = "only the host (and app-api's runtime) may make a handle")]
     pub unsafe fn from_raw(value: usize) -> Self {
         HostHandle(value)
     }
@@ -106,6 +107,7 @@ pub struct Socket(i32);
 impl Socket {
     /// # Safety
     /// `fd` must be an open descriptor of a connected socket that the caller owns and gives up.
+    #[allow(unsafe_code, reason = "only the host (and app-api's runtime) may make a handle")]
     pub unsafe fn from_raw(fd: i32) -> Self {
         Socket(fd)
     }
@@ -125,6 +127,7 @@ pub struct ListenerRef(i32);
 impl ListenerRef {
     /// # Safety
     /// `fd` must be a listening socket that stays open until the `run` it is passed to returns.
+    #[allow(unsafe_code, reason = "only the host (and app-api's runtime) may make a handle")]
     pub unsafe fn from_raw(fd: i32) -> Self {
         ListenerRef(fd)
     }

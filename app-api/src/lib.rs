@@ -118,6 +118,7 @@
 //! host's drain timeout passes. Then its connection is closed, and a WebSocket first receives a
 //! close frame with status 1012 (service restart), which tells a client to reconnect.
 
+#[allow(unsafe_code, reason = "descriptors cross the boundary as raw numbers")]
 mod fd;
 mod generation;
 mod guest;

@@ -156,7 +156,7 @@ impl Server {
                 return;
             }
             Sniffed::Retired => {
-                let current = lifecycle.borrow().clone();
+                let current = *lifecycle.borrow();
                 match current.phase {
                     // Nothing was answered yet: the next generation gets the connection and what
                     // it sent so far.

@@ -65,14 +65,25 @@ use app_abi::StateApi;
 /// Why a state cell could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    /// The cell holds a value this version cannot read as `T` (returned from `init`, it refuses
+    /// the new version).
     #[error("state `{key}` holds a value this version cannot read as {type_name}: {source}")]
     Incompatible {
+        /// The cell's name.
         key: String,
+        /// The type the value was read as.
         type_name: &'static str,
+        /// What serde said.
         source: serde_json::Error,
     },
+    /// The new value cannot be serialised as JSON.
     #[error("state `{key}` cannot be stored: {source}")]
-    Serialize { key: String, source: serde_json::Error },
+    Serialize {
+        /// The cell's name.
+        key: String,
+        /// What serde said.
+        source: serde_json::Error,
+    },
 }
 
 /// Where a generation's state cells live.

@@ -28,6 +28,9 @@
 //! counter's state (a reload from the default build keeps the count), and `schema-incompatible`
 //! adds a required field that the default build never wrote, so the host refuses that build.
 
+// An app needs no `unsafe`: app-api holds what the boundary needs.
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, PoisonError};

@@ -48,13 +48,17 @@ fn named_paths(markdown: &str) -> Vec<&str> {
         .collect()
 }
 
-/// Whether `named` is a path of the repository: in full (`host/src/main.rs`, `tests/tests/`) or,
-/// as the text names files next to the one it just named, its last components
+/// Whether `named` is a path of the repository: in full (`host/src/main.rs`, `tests/tests/`,
+/// `host/src`) or, as the text names files next to the one it just named, its last components
 /// (`guest/mod.rs`, `reload.rs`).
 fn exists(named: &str, paths: &[String]) -> bool {
-    paths
-        .iter()
-        .any(|path| path == named || path.ends_with(&format!("/{named}")))
+    // Directories are listed with their slash; the text may leave it out.
+    let directory = format!("{}/", named.trim_end_matches('/'));
+    paths.iter().any(|path| {
+        [named, directory.as_str()]
+            .iter()
+            .any(|named| path == named || path.ends_with(&format!("/{named}")))
+    })
 }
 
 #[test]
@@ -91,6 +95,7 @@ fn paths_are_told_from_other_code_spans() {
     assert!(exists("host/src/reload.rs", &paths));
     assert!(exists("reload.rs", &paths));
     assert!(exists("src/", &paths));
+    assert!(exists("host/src", &paths));
     assert!(!exists("host/src/upgrade.rs", &paths));
     assert!(!exists("eload.rs", &paths));
 }
