@@ -631,7 +631,10 @@ impl Dev {
                 "--manifest-path".into(),
                 self.workspace.join("Cargo.toml").into_os_string(),
             ]);
-            args.extend(["--package", "host", "--bin", "host"].map(OsString::from));
+            // No `--package`: the features then are those `cargo test` and `cargo build` give the
+            // workspace's default members, so this build shares their compiled dependencies
+            // instead of compiling a third host.
+            args.extend(["--bin", "host"].map(OsString::from));
             // The first build of a checkout compiles every dependency, for minutes: say what it is.
             say!(
                 "building the host, then {} (the first build in a checkout compiles all their dependencies: minutes)",
