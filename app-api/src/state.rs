@@ -97,9 +97,14 @@ pub(crate) enum Cells {
 }
 
 /// A cell kept in this process: its version (how many writes it has had) and its value.
-pub(crate) type InProcessCell = (u64, Vec<u8>);
+type InProcessCell = (u64, Vec<u8>);
 
 impl Cells {
+    /// Empty cells in this process's memory.
+    pub(crate) fn in_process() -> Cells {
+        Cells::InProcess(Arc::default())
+    }
+
     /// Calls `with` with the cell's version (0 if it was never written) and its bytes.
     fn read<R>(&self, key: &str, with: impl FnOnce(u64, Option<&[u8]>) -> R) -> R {
         match self {

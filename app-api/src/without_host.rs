@@ -4,9 +4,6 @@
 //! server (`cargo xtask bench edit` builds the same app code both ways), or a deployment that
 //! restarts instead of reloading.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
 use tokio_util::sync::CancellationToken;
 
 use crate::state::Cells;
@@ -48,7 +45,7 @@ pub async fn serve_without_host<A: App>(listener: tokio::net::TcpListener, confi
     let ctx = InitContext {
         generation: 1,
         config,
-        state: Cells::InProcess(Arc::new(Mutex::new(HashMap::new()))),
+        state: Cells::in_process(),
         background: CancellationToken::new(),
     };
     let app = A::init(ctx).await?;
