@@ -23,10 +23,6 @@
 //!   one every 100 ms, with keep-alive comments, then the stream ends.
 //! - `GET /ws`: a WebSocket echo: every text message comes back as `"{VERSION}: {text}"`, every
 //!   binary message as it is.
-//!
-//! Two features demonstrate state evolving across versions: `schema-v2` adds a field to the
-//! counter's state (a reload from the default build keeps the count), and `schema-incompatible`
-//! adds a required field that the default build never wrote, so the host refuses that build.
 
 // An app needs no `unsafe`: app-api holds what the boundary needs.
 #![forbid(unsafe_code)]
@@ -71,14 +67,6 @@ const EVENT_EVERY: Duration = Duration::from_millis(100);
 #[derive(Serialize, Deserialize, Default, Clone)]
 struct Counter {
     count: u64,
-    /// Added by the `schema-v2` build: which generation counted last. Older state has none.
-    #[cfg(feature = "schema-v2")]
-    #[serde(default)]
-    last_generation: u64,
-    /// Added by the `schema-incompatible` build, without a default: state written by the
-    /// default build cannot be read, so the host must refuse this build.
-    #[cfg(feature = "schema-incompatible")]
-    owner: String,
 }
 
 /// How many times each generation's background task has ticked, by generation number.
@@ -187,10 +175,6 @@ async fn read_counter(Extract(app): Extract<ExampleApp>) -> Answer<Json<Counter>
 async fn increment_counter(Extract(app): Extract<ExampleApp>) -> Answer<Json<Counter>> {
     let updated = app.counter.update(|counter| {
         counter.count += 1;
-        #[cfg(feature = "schema-v2")]
-        {
-            counter.last_generation = app.generation;
-        }
         counter.clone()
     });
     updated.map(Json).map_err(internal)

@@ -45,6 +45,9 @@ use crate::serving::admin::{self, AdminOptions};
 use crate::serving::listeners::{self, Listeners, HANDOFF_IDLE_GRACE};
 use crate::state::StateStore;
 
+/// How long an idle thread of the host's blocking pool is kept (see `main`).
+const BLOCKING_THREAD_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How this process was started, for upgrades: the binary (as resolved at start-up) and its
 /// arguments.
 struct Launch {
@@ -105,9 +108,13 @@ fn main() -> ExitCode {
             return report(Err(e), ExitCode::FAILURE);
         }
     };
+    // The host's blocking work (staging files, joining a generation's threads) comes in bursts at
+    // reloads: an idle blocking thread is let go after a second rather than tokio's ten, so that a
+    // host between reloads holds only the threads it serves with.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("host")
+        .thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE)
         .build()
     {
         Ok(runtime) => runtime,

@@ -98,36 +98,7 @@ impl AppVersion {
     }
 }
 
-/// A way for the `faulty-app` fixture's `App::init` to fail (one copy of its library each, see
-/// [`faulty_app`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    InitError,
-    InitPanic,
-    InitHang,
-}
-
-impl Fault {
-    pub const ALL: [Fault; 3] = [Fault::InitError, Fault::InitPanic, Fault::InitHang];
-
-    /// The fault's name in the fixture.
-    pub fn name(self) -> &'static str {
-        match self {
-            Fault::InitError => "init-error",
-            Fault::InitPanic => "init-panic",
-            Fault::InitHang => "init-hang",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// The error text of the `init-error` build (`INIT_ERROR` in the fixture).
-pub const FAULTY_INIT_ERROR: &str = "faulty-app refuses to start (init-error build)";
-/// The panic message of the `init-panic` build (`INIT_PANIC` in the fixture).
-pub const FAULTY_INIT_PANIC: &str = "faulty-app panics while starting (init-panic build)";
+pub use fixture_marker::{Fault, Hostile};
 
 type Built = OnceLock<Result<PathBuf, String>>;
 
@@ -176,13 +147,13 @@ pub fn example_app(version: AppVersion) -> &'static Path {
 /// marker field (see `tests/fixtures/faulty-app`).
 pub fn faulty_app(fault: Fault) -> &'static Path {
     static BUILD: Built = OnceLock::new();
-    static FAULTY: [Built; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    static FAULTY: [Built; Fault::ALL.len()] = [const { OnceLock::new() }; Fault::ALL.len()];
     let build = built(&BUILD, "faulty-app", || {
         build_cdylib(&workspace_manifest(), "faulty-app", &[], "faulty-app")
     });
     let name = format!("faulty-app-{}", fault.name());
-    built(&FAULTY[fault.index()], &name, || {
-        marked_copy(build, "FAULTY_APP_FAULT=", 32, fault.name(), &name)
+    built(&FAULTY[fault as usize], &name, || {
+        marked_copy(build, |library| Fault::FIELD.rename(library, fault.name()), &name)
     })
 }
 
@@ -201,80 +172,6 @@ pub fn axum_examples(version: AppVersion) -> &'static Path {
     })
 }
 
-/// A behaviour of the `hostile-app` fixture (`tests/fixtures/hostile-app`): one copy of its
-/// library each (see [`hostile_app`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hostile {
-    /// No feature: the app only answers `GET /`.
-    Default,
-    /// `init` starts a thread (`std::thread::spawn`) that never ends.
-    StrayThread,
-    /// `init` starts a thread with `pthread_create` itself (as a C dependency does) that never
-    /// ends. Unlike [`Hostile::StrayThread`]'s, it leaves no thread-local destructor that would
-    /// make glibc keep the library mapped at `dlclose`.
-    RawThread,
-    /// The app's own tokio with the "full" features; `init` installs tokio's SIGTERM handler and
-    /// a background task awaits it (axum's graceful-shutdown pattern).
-    TokioSignal,
-    /// `GET /block` blocks its worker thread for 5 s (`?secs=N`: N seconds).
-    Blocking,
-    /// axum's `todos` example with its map in host state: `PUT` and `DELETE /todos/{id}`,
-    /// `GET /todos`.
-    Todos,
-    /// `init` blocks its thread, forever.
-    HangingInit,
-    /// A library constructor that never returns: `dlopen` does not either.
-    HangingConstructor,
-    /// A library constructor that aborts the process.
-    CrashingConstructor,
-    /// `init` opens `/dev/null` into a `static`: every generation leaves a descriptor open.
-    LeakyFile,
-    /// `GET /` answers 500.
-    Failing,
-}
-
-impl Hostile {
-    pub const ALL: [Hostile; 11] = [
-        Hostile::Default,
-        Hostile::StrayThread,
-        Hostile::RawThread,
-        Hostile::TokioSignal,
-        Hostile::Blocking,
-        Hostile::Todos,
-        Hostile::HangingInit,
-        Hostile::HangingConstructor,
-        Hostile::CrashingConstructor,
-        Hostile::LeakyFile,
-        Hostile::Failing,
-    ];
-
-    /// The behaviour's name in the fixture.
-    pub fn name(self) -> &'static str {
-        match self {
-            Hostile::Default => "default",
-            Hostile::StrayThread => "stray-thread",
-            Hostile::RawThread => "raw-thread",
-            Hostile::TokioSignal => "tokio-signal",
-            Hostile::Blocking => "blocking",
-            Hostile::Todos => "todos",
-            Hostile::HangingInit => "hanging-init",
-            Hostile::HangingConstructor => "hanging-constructor",
-            Hostile::CrashingConstructor => "crashing-constructor",
-            Hostile::LeakyFile => "leaky-file",
-            Hostile::Failing => "failing",
-        }
-    }
-
-    /// What `GET /` answers in this copy.
-    pub fn greeting(self) -> String {
-        format!("hostile-app {}\n", self.name())
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
 /// The `hostile-app` fixture with `behaviour`: the build without features for
 /// [`Hostile::Default`], a copy of it with the behaviour's name in its marker field for the others
 /// but one (see `tests/fixtures/hostile-app`), and for [`Hostile::TokioSignal`] the build with the
@@ -282,7 +179,7 @@ impl Hostile {
 /// `process`, `parking_lot`) reach only that library.
 pub fn hostile_app(behaviour: Hostile) -> &'static Path {
     static HOSTILE: [Built; Hostile::ALL.len()] = [const { OnceLock::new() }; Hostile::ALL.len()];
-    let slot = &HOSTILE[behaviour.index()];
+    let slot = &HOSTILE[behaviour as usize];
     let name = format!("hostile-app-{}", behaviour.name());
     match behaviour {
         Hostile::Default => built(slot, &name, || {
@@ -299,7 +196,7 @@ pub fn hostile_app(behaviour: Hostile) -> &'static Path {
         _ => {
             let build = hostile_app(Hostile::Default);
             built(slot, &name, || {
-                marked_copy(build, "HOSTILE_APP_BEHAVIOUR=", 64, behaviour.name(), &name)
+                marked_copy(build, |library| Hostile::FIELD.rename(library, behaviour.name()), &name)
             })
         }
     }
@@ -318,43 +215,6 @@ pub fn hostile_app_panic_abort() -> &'static Path {
     let name = "hostile-app-panic-abort";
     built(&ABORT, name, || {
         build_cdylib_with(&workspace_manifest(), "hostile-app", &[], &["-C", "panic=abort"], name)
-    })
-}
-
-/// A build of the example app whose counter state has another shape (its cargo features).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Schema {
-    /// One more field, with a default: reads state the default build wrote.
-    V2,
-    /// One more required field: cannot read state the default build wrote.
-    Incompatible,
-}
-
-impl Schema {
-    /// The example app's cargo feature for this schema.
-    pub fn feature(self) -> &'static str {
-        match self {
-            Schema::V2 => "schema-v2",
-            Schema::Incompatible => "schema-incompatible",
-        }
-    }
-}
-
-/// The workspace's example app built with the feature of `schema`.
-pub fn example_app_schema(schema: Schema) -> &'static Path {
-    static SCHEMAS: [Built; 2] = [OnceLock::new(), OnceLock::new()];
-    let slot = match schema {
-        Schema::V2 => &SCHEMAS[0],
-        Schema::Incompatible => &SCHEMAS[1],
-    };
-    let name = format!("example-app-{}", schema.feature());
-    built(slot, &name, || {
-        build_cdylib(
-            &workspace_manifest(),
-            "example-app",
-            &["--features", schema.feature()],
-            &name,
-        )
     })
 }
 
@@ -631,12 +491,15 @@ fn build_cdylib_with(
     Ok(copy)
 }
 
-/// A copy named `name` of the fixture library at `build` with `value` in its marker field
-/// (`field_len` bytes from `marker` on; see [`drive::marker`]).
-fn marked_copy(build: &Path, marker: &str, field_len: usize, value: &str, name: &str) -> Result<PathBuf, String> {
+/// A copy named `name` of the fixture library at `build`, with another name in its marker field
+/// (`rename`, see the `fixture-marker` crate).
+fn marked_copy(
+    build: &Path,
+    rename: impl FnOnce(&[u8]) -> Result<Vec<u8>, fixture_marker::RenameError>,
+    name: &str,
+) -> Result<PathBuf, String> {
     let bytes = fs::read(build).map_err(|e| format!("cannot read {}: {e}", build.display()))?;
-    let copy = drive::marker::rename(&bytes, marker, field_len, value)
-        .map_err(|e| format!("cannot make the {value} copy of {}: {e:#}", build.display()))?;
+    let copy = rename(&bytes).map_err(|e| format!("cannot make {name} from {}: {e}", build.display()))?;
     let path = fixtures_dir().join(format!("{name}.so"));
     write_atomically(&path, &copy)?;
     Ok(path)

@@ -5,10 +5,7 @@
 use std::time::Duration;
 
 use e2e_tests::client;
-use e2e_tests::{
-    assert_answer, example_app, faulty_app, no_entry_library, AppVersion, Fault, Host, Sandbox, FAULTY_INIT_ERROR,
-    FAULTY_INIT_PANIC,
-};
+use e2e_tests::{assert_answer, example_app, faulty_app, no_entry_library, AppVersion, Fault, Host, Sandbox};
 
 /// How a bad version is put at the app path.
 enum Deploy {
@@ -64,12 +61,12 @@ async fn bad_versions_are_refused_and_the_old_version_keeps_serving() {
         Case {
             name: "init returns an error",
             deploy: Deploy::Library(faulty_app(Fault::InitError)),
-            error_mentions: &["init failed", FAULTY_INIT_ERROR],
+            error_mentions: &["init failed", Fault::INIT_ERROR],
         },
         Case {
             name: "init panics",
             deploy: Deploy::Library(faulty_app(Fault::InitPanic)),
-            error_mentions: &["init panicked", FAULTY_INIT_PANIC],
+            error_mentions: &["init panicked", Fault::INIT_PANIC],
         },
         Case {
             name: "init never finishes",

@@ -816,14 +816,14 @@ fn without_numbers(name: &str) -> String {
     out
 }
 
-/// How long a host's holdings must stay the same to count as settled: tokio keeps an idle
-/// blocking-pool thread for 10 s (the host's runtime runs file work and joins on its blocking
-/// pool), so a thread count that has not changed for longer has no such thread left to lose.
-const QUIET_FOR: Duration = Duration::from_secs(11);
+/// How long a host's holdings must stay the same to count as settled: the host lets an idle
+/// blocking-pool thread go after 1 s (it runs file work and joins on that pool), so a thread count
+/// that has not changed for longer has no such thread left to lose.
+const QUIET_FOR: Duration = Duration::from_secs(2);
 
 /// How long the host's holdings may take to return to the baseline once the load has stopped and
-/// the retired generations are unloaded: tokio's idle blocking threads time out after 10 s.
-const HOLDINGS_TIMEOUT: Duration = Duration::from_secs(40);
+/// the retired generations are unloaded (idle blocking threads go after 1 s).
+const HOLDINGS_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Waits (at most 90 s) until the host's holdings have not changed for [`QUIET_FOR`], sending it
 /// nothing meanwhile, and returns them.

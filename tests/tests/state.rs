@@ -1,5 +1,6 @@
 //! State that survives reloads, and background work owned by its generation (example-app's
-//! `/counter` and `/cache`).
+//! `/counter` and `/cache`), and state whose shape changes from one version to the next
+//! (`hostile-app`'s counters).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use e2e_tests::client::{self, KeepAlive};
-use e2e_tests::{example_app, example_app_schema, wait_until, AppVersion, Host, Sandbox, Schema};
+use e2e_tests::{example_app, hostile_app, wait_until, AppVersion, Host, Hostile, Sandbox};
 use hyper::Method;
 
 const RELOADS: usize = 50;
@@ -44,12 +45,12 @@ async fn no_increment_is_lost_or_counted_twice_across_50_reloads() {
     increments_across_reloads(example_app(AppVersion::V1), example_app(AppVersion::V2), RELOADS).await;
 }
 
-/// The same with two versions whose state types differ (the `schema-v2` build has one more field)
+/// The same with two versions whose state types differ (`counter-v2` has one more field)
 /// and so write different JSON: while one retires and the other takes over, both write the same
 /// cell. No increment is lost, and the newer version's field survives the older one's writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn versions_with_different_state_types_writing_at_once_lose_nothing() {
-    let (v1, schema_v2) = (example_app(AppVersion::V1), example_app_schema(Schema::V2));
+    let (v1, schema_v2) = (hostile_app(Hostile::Counter), hostile_app(Hostile::CounterV2));
     let (sandbox, host) = increments_across_reloads(v1, schema_v2, 20).await;
     // The last reload was into v1, which has written since: the field v2 added must have stayed.
     sandbox.deploy(schema_v2);
@@ -144,9 +145,13 @@ async fn increments_across_reloads(first: &Path, second: &Path, reloads: usize) 
 /// serving version keeps the count.
 #[tokio::test]
 async fn state_evolves_across_versions_and_an_unreadable_version_is_refused() {
-    let (schema_v2, incompatible) = (example_app_schema(Schema::V2), example_app_schema(Schema::Incompatible));
+    let (v1, schema_v2, incompatible) = (
+        hostile_app(Hostile::Counter),
+        hostile_app(Hostile::CounterV2),
+        hostile_app(Hostile::CounterIncompatible),
+    );
     let sandbox = Sandbox::new();
-    sandbox.deploy(example_app(AppVersion::V1));
+    sandbox.deploy(v1);
     let host = sandbox.start_host(&[]).await;
     let addr = host.addr();
     for _ in 0..3 {
@@ -165,7 +170,7 @@ async fn state_evolves_across_versions_and_an_unreadable_version_is_refused() {
     );
 
     // v1 does not know `last_generation`; its writes must not erase it.
-    sandbox.deploy(example_app(AppVersion::V1));
+    sandbox.deploy(v1);
     host.reload_ok().await;
     let state = increment(addr).await;
     assert_eq!(state["count"], 5, "{state}");

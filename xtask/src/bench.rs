@@ -74,6 +74,7 @@ use serde_json::json;
 use crate::cargo::Cargo;
 use crate::host::Reload;
 use drive::http;
+use fixture_marker::Hostile;
 use load::{LoadGen, LoadResult};
 use procs::{HostLaunch, Server};
 
@@ -572,7 +573,8 @@ fn build_failing_app(
     }
     let built = std::fs::read(&outputs[1]).with_context(|| format!("cannot read {}", outputs[1].display()))?;
     remove_outputs()?;
-    let failing = drive::marker::rename(&built, "HOSTILE_APP_BEHAVIOUR=", 64, "failing")
+    let failing = Hostile::FIELD
+        .rename(&built, Hostile::Failing.name())
         .context("cannot make hostile-app's failing copy")?;
     let library = app_dir.join(format!("hostile-app-failing{}", std::env::consts::DLL_SUFFIX));
     std::fs::write(&library, failing).with_context(|| format!("cannot write {}", library.display()))?;
