@@ -10,8 +10,8 @@
 //! - Each app library is built by a cargo command of its own, never with the host: cargo would
 //!   merge the host's tokio features (`signal`) into the library, which the host then refuses.
 //!
-//! Several cdylibs share one output name (`libexample_app.so` for v1, v2 and the schema builds,
-//! `libhostile_app.so` for every behaviour): cargo does not put a hash in a cdylib's file name, so
+//! Several cdylibs share one output name (`libhostile_app.so` for the builds with and without
+//! `tokio-signal`, `libaxum_examples.so` for v1 and v2): cargo does not put a hash in a cdylib's file name, so
 //! the variant built last overwrites the others, and cargo's freshness check (sources older than
 //! the output) would then take the overwritten file for an up-to-date build of another variant.
 //! So such an output is deleted before its variant is built (which costs one re-link of that
@@ -63,8 +63,7 @@ pub fn fixtures_dir() -> PathBuf {
     target_dir().join("e2e-fixtures")
 }
 
-/// A version of the example app, built from the workspace's `example-app` with its
-/// `VERSION` constant set to this.
+/// A version of the example app: its code with its `VERSION` constant set to this.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppVersion {
     V1,
@@ -117,30 +116,20 @@ pub fn xtask_binary() -> &'static Path {
 /// Builds the workspace's binary `name`, with the features `cargo test` compiled its dependencies
 /// with (see the module docs).
 fn workspace_executable(name: &str) -> Result<PathBuf, String> {
-    let messages = cargo_build(&workspace_root().join("Cargo.toml"), &["--bin", name])?;
+    let messages = cargo(&workspace_manifest(), "build", &["--bin", name], Incremental::Yes)?;
     executable(&messages, name)
 }
 
-/// The example app in `version`: v1 is the workspace's `example-app`, v2 a copy of it with
-/// `VERSION = "v2"` (see [`copy_example_app`]).
+/// The example app in `version`: v1 is the workspace's `example-app`, v2 the
+/// `tests/fixtures/example-app-v2` fixture (the same code with `VERSION = "v2"`).
 pub fn example_app(version: AppVersion) -> &'static Path {
     static APPS: [Built; 2] = [OnceLock::new(), OnceLock::new()];
-    let slot = match version {
-        AppVersion::V1 => &APPS[0],
-        AppVersion::V2 => &APPS[1],
+    let (slot, package) = match version {
+        AppVersion::V1 => (&APPS[0], "example-app"),
+        AppVersion::V2 => (&APPS[1], "example-app-v2"),
     };
     let name = format!("example-app-{}", version.name());
-    built(slot, &name, || {
-        let manifest = match version {
-            AppVersion::V1 => workspace_root().join("example-app").join("Cargo.toml"),
-            AppVersion::V2 => {
-                let dir = fixtures_dir().join("example-app-v2");
-                copy_example_app(&dir, "v2");
-                dir.join("Cargo.toml")
-            }
-        };
-        build_cdylib(&manifest, "example-app", &[], &name)
-    })
+    built(slot, &name, || build_cdylib(&workspace_manifest(), package, &[], &name))
 }
 
 /// The `faulty-app` fixture with `fault`: a copy of its one build with the fault's name in its
@@ -227,26 +216,18 @@ pub fn no_entry_library() -> &'static Path {
 }
 
 /// Copies the workspace's `example-app` (its `Cargo.toml` and `src/`) to `dest` as a stand-alone
-/// crate whose `VERSION` constant is `version`, ready to be built with cargo from `dest`. The copy
-/// keeps the package name `example-app`; see [`copy_example_app_named`] for a name of its own.
+/// crate named `package` whose `VERSION` constant is `version`, ready to be built with cargo from
+/// `dest` (by the host's `--build`, by `cargo xtask dev`).
 ///
 /// The copy depends on the workspace's `app-api` by absolute path, is a workspace of its own (it
 /// sits inside this workspace's target directory, and inherits the workspace's package settings,
 /// dependency versions and profiles, so it builds exactly as the original does), and has a copy of
-/// the workspace's `Cargo.lock`, so that it resolves to the same dependency versions. Built with
-/// the same `CARGO_TARGET_DIR` as the workspace, it reuses the workspace's compiled dependencies.
+/// the workspace's `Cargo.lock`, so that it resolves to the same dependency versions. Cargo puts no
+/// hash in a cdylib's file name, so each copy needs a `package` name of its own: copies built into
+/// the same target directory under one name would overwrite each other's library.
 ///
 /// Files whose content is unchanged are not rewritten, so that cargo sees nothing to rebuild.
-pub fn copy_example_app(dest: &Path, version: &str) {
-    copy_example_app_named(dest, version, "example-app");
-}
-
-/// Like [`copy_example_app`], with `package` as the copy's package name, and so its library's name
-/// (`lib<package with _ for ->.so`). Cargo puts no hash in a cdylib's file name: copies built into
-/// the same target directory under the same name overwrite each other's library (and confuse
-/// cargo's freshness check), so a copy that is built outside this module's builds (by the host's
-/// `--build`, by `cargo xtask dev`) should have a name of its own.
-pub fn copy_example_app_named(dest: &Path, version: &str, package: &str) {
+pub fn copy_example_app(dest: &Path, version: &str, package: &str) {
     let root = workspace_root();
     let source = root.join("example-app");
 
@@ -264,7 +245,7 @@ pub fn copy_example_app_named(dest: &Path, version: &str, package: &str) {
     let name = r#"name = "example-app""#;
     assert!(
         manifest.lines().any(|line| line.trim() == name),
-        "example-app/Cargo.toml no longer has the line `{name}`: update copy_example_app_named"
+        "example-app/Cargo.toml no longer has the line `{name}`: update copy_example_app"
     );
     let mut manifest = manifest.replacen(name, &format!("name = {}", toml_string(package)), 1);
     manifest
@@ -449,7 +430,10 @@ fn build_cdylib(manifest: &Path, package: &str, extra: &[&str], name: &str) -> R
 }
 
 /// Like [`build_cdylib`], with `rustc_args` passed to the compiler for `package`'s library only
-/// (with `cargo rustc`; its dependencies are built as usual) if there are any.
+/// (its dependencies are built as usual).
+///
+/// The library is linked without debug info (`-C strip=debuginfo`): the tests load it, copy it
+/// and stage it hundreds of times, and never debug it; it is a third of the size.
 fn build_cdylib_with(
     manifest: &Path,
     package: &str,
@@ -475,13 +459,9 @@ fn build_cdylib_with(
 
     let mut args = vec!["-p", package, "--lib"];
     args.extend_from_slice(extra);
-    let messages = if rustc_args.is_empty() {
-        cargo_build(manifest, &args)?
-    } else {
-        args.push("--");
-        args.extend_from_slice(rustc_args);
-        cargo(manifest, "rustc", &args)?
-    };
+    args.extend_from_slice(&["--", "-C", "strip=debuginfo"]);
+    args.extend_from_slice(rustc_args);
+    let messages = cargo(manifest, "rustc", &args, Incremental::No)?;
     let library = cdylib(&messages, package)?;
 
     let bytes = fs::read(&library).map_err(|e| format!("cannot read {}: {e}", library.display()))?;
@@ -513,15 +493,25 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
     fs::rename(&partial, path).map_err(|e| format!("cannot rename {} to {}: {e}", partial.display(), path.display()))
 }
 
-/// Runs `cargo build` on `manifest` into the workspace's target directory and returns cargo's JSON
-/// messages; on failure, returns everything cargo printed.
-fn cargo_build(manifest: &Path, args: &[&str]) -> Result<Vec<serde_json::Value>, String> {
-    cargo(manifest, "build", args)
+/// Whether a build keeps cargo's incremental compilation state.
+enum Incremental {
+    /// As a developer's build would: the `host` and `xtask` binaries, which `cargo xtask dev`
+    /// builds again, are then the same build.
+    Yes,
+    /// Not for app libraries: the tests' copies are built once per run and never edited, so the
+    /// state (tens of MB per crate) would only fill the target directory.
+    No,
 }
 
 /// Runs `cargo <subcommand>` (`build`, or `rustc` with the compiler's arguments after `--` in
-/// `args`) like [`cargo_build`].
-fn cargo(manifest: &Path, subcommand: &str, args: &[&str]) -> Result<Vec<serde_json::Value>, String> {
+/// `args`) on `manifest` into the workspace's target directory and returns cargo's JSON messages;
+/// on failure, returns everything cargo printed.
+fn cargo(
+    manifest: &Path,
+    subcommand: &str,
+    args: &[&str],
+    incremental: Incremental,
+) -> Result<Vec<serde_json::Value>, String> {
     let mut command = Command::new(env!("CARGO"));
     command
         .arg(subcommand)
@@ -531,6 +521,9 @@ fn cargo(manifest: &Path, subcommand: &str, args: &[&str]) -> Result<Vec<serde_j
         .args(args)
         .env("CARGO_TARGET_DIR", target_dir())
         .current_dir(manifest.parent().expect("a manifest path has a parent"));
+    if let Incremental::No = incremental {
+        command.env("CARGO_INCREMENTAL", "0");
+    }
     let described = format!("{command:?}");
     let output = command
         .output()

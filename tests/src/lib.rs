@@ -15,9 +15,8 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use artifacts::{
-    axum_examples, copy_example_app, copy_example_app_named, example_app, faulty_app, host_binary, hostile_app,
-    hostile_app_panic_abort, no_entry_library, replace_in, target_dir, workspace_root, xtask_binary, AppVersion, Fault,
-    Hostile,
+    axum_examples, copy_example_app, example_app, faulty_app, host_binary, hostile_app, hostile_app_panic_abort,
+    no_entry_library, replace_in, target_dir, workspace_root, xtask_binary, AppVersion, Fault, Hostile,
 };
 pub use client::{KeepAlive, Reply};
 pub use host::{free_address, Host, HostCommand, Sandbox};

@@ -3,13 +3,17 @@
 //! target exactly as it filters the host's own events.
 //!
 //! The example app's `init` logs `tracing::info!(version = VERSION, "example app starting")`, with
-//! target `example_app`.
+//! target `example_app::app` (the module it is written in): `RUST_LOG=example_app=...` filters it,
+//! as it filters every module of the crate.
 
 use std::time::Duration;
 
 use e2e_tests::{example_app, AppVersion, Host, Sandbox};
 
 const STARTING: &str = "example app starting";
+
+/// The module the example app logs from.
+const TARGET: &str = "example_app::app";
 
 /// A sandbox with the example app (v1) at its app path.
 fn sandbox() -> Sandbox {
@@ -41,7 +45,7 @@ async fn app_events_keep_their_target_and_fields() {
     let starting: Vec<&serde_json::Value> = lines.iter().filter(|line| line["message"] == STARTING).collect();
     assert_eq!(starting.len(), 2, "one start per generation:\n{log}");
     for (line, generation) in starting.iter().zip([1, 2]) {
-        assert_eq!(line["target"], "example_app", "the app's own target: {line}");
+        assert_eq!(line["target"], TARGET, "the app's own target: {line}");
         assert_eq!(line["level"], "INFO", "{line}");
         assert_eq!(line["version"], "v1", "the app's field, as a field: {line}");
         assert_eq!(line["generation"], generation, "{line}");
@@ -49,7 +53,7 @@ async fn app_events_keep_their_target_and_fields() {
     // The app's shutdown logs too, with the generation that stopped.
     assert!(
         lines.iter().any(|line| line["message"] == "example app stopping"
-            && line["target"] == "example_app"
+            && line["target"] == TARGET
             && line["generation"] == 1),
         "{log}"
     );
@@ -64,7 +68,7 @@ async fn app_events_in_the_text_log() {
         .lines()
         .find(|line| line.contains(STARTING))
         .unwrap_or_else(|| panic!("no {STARTING:?} line:\n{log}"));
-    assert!(line.contains(" INFO example_app: example app starting"), "{line}");
+    assert!(line.contains(&format!(" INFO {TARGET}: {STARTING}")), "{line}");
     assert!(line.contains(r#"version="v1""#), "{line}");
     assert!(line.contains("generation=1"), "{line}");
 }

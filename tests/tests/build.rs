@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use e2e_tests::process::wait_bounded;
-use e2e_tests::{client, copy_example_app_named, replace_in, target_dir, Host, Sandbox};
+use e2e_tests::{client, copy_example_app, replace_in, target_dir, Host, Sandbox};
 use hyper::StatusCode;
 use rustix::process::Signal;
 
@@ -69,7 +69,7 @@ async fn a_build_failure_keeps_the_old_version_and_a_fix_is_served() {
     let sandbox = Sandbox::new();
     let app = sandbox.path().join("crate");
     // A package name of its own, so that its library is not the one other tests build.
-    copy_example_app_named(&app, "build-v1", APP_NAME);
+    copy_example_app(&app, "build-v1", APP_NAME);
     let lib_rs = app.join("src/lib.rs");
     let built = target_dir().join("debug").join(LIBRARY);
     // Installed next to nothing writable (a checkout's target/ may be group-writable, which the

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use e2e_tests::process::{signal, wait_bounded};
 use e2e_tests::{
-    assert_answer, client, copy_example_app_named, free_address, host_binary, replace_in, target_dir, wait_until,
+    assert_answer, client, copy_example_app, free_address, host_binary, replace_in, target_dir, wait_until,
     workspace_root, xtask_binary, Sandbox,
 };
 use hyper::StatusCode;
@@ -57,7 +57,7 @@ async fn dev_loop_serves_each_version_that_builds_and_stops_cleanly() {
     host_binary();
     let sandbox = Sandbox::new();
     let app = sandbox.path().join(APP_NAME);
-    copy_example_app_named(&app, "dev-loop-v1", APP_NAME);
+    copy_example_app(&app, "dev-loop-v1", APP_NAME);
     let lib_rs = app.join("src/lib.rs");
     let (listen, admin) = (free_address(), free_address());
 

@@ -189,11 +189,20 @@ fn prepare_workspace(real: &Path, workspace: &Path) -> anyhow::Result<()> {
     let app_api_dir = real.join("app-api");
     app_api.insert("path".into(), app_api_dir.to_string_lossy().into_owned().into());
     write(&workspace.join("app").join("Cargo.toml"), &app.to_string())?;
-    let app_source = std::fs::read_to_string(real.join("example-app/src/lib.rs")).context("cannot read example-app")?;
-    write(
-        &workspace.join("app/src/lib.rs"),
-        &with_version(&app_source, APP_VERSION_LINE, "v1")?,
-    )?;
+    let sources = real.join("example-app/src");
+    for entry in std::fs::read_dir(&sources).with_context(|| format!("cannot list {}", sources.display()))? {
+        let path = entry
+            .with_context(|| format!("cannot list {}", sources.display()))?
+            .path();
+        let source = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let Some(file) = path.file_name() else { continue };
+        let source = if file == "lib.rs" {
+            with_version(&source, APP_VERSION_LINE, "v1")?
+        } else {
+            source
+        };
+        write(&workspace.join("app/src").join(file), &source)?;
+    }
 
     // The static server: a binary crate with the app's dependencies.
     let package = toml::toml! {

@@ -18,7 +18,7 @@
 //!    If the old host keeps state cells, the message also names where (`STATE=` and `STATE_FILE=`
 //!    lines): its `--state-file`, whose lock descriptor comes last among the attached ones (the new
 //!    host shares the lock, so no other host can take the file between the two), or, for cells in
-//!    memory, a hand-off file the old host has just copied them into (see `state.rs`). Both
+//!    memory, a hand-off file the old host has just copied them into (see `state/`). Both
 //!    processes then read and write that one file until the old one exits.
 //! 3. The new host loads its app and starts serving on those sockets — both processes now accept
 //!    from the same sockets, so no connection is refused — and then writes `READY=1` (with a
