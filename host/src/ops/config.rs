@@ -12,6 +12,13 @@
 //! default gives way to the file's ([`ArgMatches::value_source`]). A file with an unknown key or
 //! a value of the wrong type is refused with an error that names the key. [`Settings`] is what
 //! the host runs with, and builds what each part of it is given.
+//!
+//! Why no layered-configuration crate: figment and config-rs merge serde sources (file,
+//! environment, a serialized struct for the flags), but flags, `--help` and the environment
+//! variables still need clap, and clap's defaults would then hide the file's values unless the
+//! merge asked clap where each value came from, which is what this module does. clap_config
+//! derives exactly this merge but is young, little used, and does not refuse unknown keys. What
+//! is left by hand is one macro and a few lines of precedence.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
