@@ -32,9 +32,9 @@ pub use log::{
 };
 
 use abi_stable::{
+    StableAbi,
     std_types::{ROption, RResult, RSlice, RStr, RString, RVec},
     type_layout::TypeLayout,
-    StableAbi,
 };
 
 /// Bytes every app descriptor starts with, checked before any other field is read.

@@ -12,8 +12,8 @@
 //! it keeps. Spans live in the host: [`LogApi::new_span`] answers a key (never 0) that the library
 //! uses as its span id, and the host closes whatever spans a generation left open when it stops.
 
-use abi_stable::std_types::{RSlice, RStr};
 use abi_stable::StableAbi;
+use abi_stable::std_types::{RSlice, RStr};
 
 use crate::HostHandle;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use abi_stable::std_types::{ROption, RSlice};
 use app_abi::{ConnectionLimits, HandedConnection, HostApi, HostHandle, Lifecycle, LifecycleState, Socket};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{Notify, watch};
 
 /// The host's callbacks, copied out of the [`HostApi`] (which is only borrowed for the duration
 /// of `run`; every task that uses these ends before `run` returns).

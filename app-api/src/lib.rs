@@ -237,7 +237,7 @@ macro_rules! export_app {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::guest::run;
-    pub use abi_stable::std_types::RStr;
     pub use abi_stable::StableAbi;
+    pub use abi_stable::std_types::RStr;
     pub use app_abi as abi;
 }

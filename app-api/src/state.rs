@@ -57,8 +57,8 @@ use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use abi_stable::std_types::{RSlice, RStr};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use app_abi::StateApi;
 

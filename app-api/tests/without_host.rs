@@ -1,8 +1,8 @@
 //! An app served by `serve_without_host`: plain HTTP on a real socket, state cells in memory.
 
+use app_api::axum::Router;
 use app_api::axum::extract::State as Extract;
 use app_api::axum::routing::post;
-use app_api::axum::Router;
 use app_api::tokio::io::{AsyncReadExt, AsyncWriteExt};
 use app_api::tokio::net::{TcpListener, TcpStream};
 use app_api::{App, InitContext, State};

@@ -6,7 +6,7 @@ use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 
 /// How long connecting may take; the server is local, so this only matters if it is wedged.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);

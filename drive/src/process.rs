@@ -4,7 +4,7 @@
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
-use rustix::process::{kill_process, Pid, Signal};
+use rustix::process::{Pid, Signal, kill_process};
 
 /// How often a bounded wait looks whether the process has exited.
 const POLL: Duration = Duration::from_millis(10);

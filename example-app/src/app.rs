@@ -10,13 +10,13 @@ use std::time::Duration;
 use app_api::axum::body::{Body, Bytes};
 use app_api::axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use app_api::axum::extract::{Query, State as Extract};
-use app_api::axum::http::{header, StatusCode};
+use app_api::axum::http::{StatusCode, header};
 use app_api::axum::response::sse::{Event, KeepAlive, Sse};
 use app_api::axum::response::{IntoResponse, Response};
 use app_api::axum::routing::{get, post};
 use app_api::axum::{Json, Router};
-use app_api::{tokio, tracing, App, InitContext, State};
-use futures_util::{stream, Stream, StreamExt as _};
+use app_api::{App, InitContext, State, tokio, tracing};
+use futures_util::{Stream, StreamExt as _, stream};
 use serde::{Deserialize, Serialize};
 
 use super::VERSION;

@@ -29,7 +29,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -40,9 +40,9 @@ use crate::ops::upgrade::new_host::{self, Handoff, Predecessor};
 use crate::ops::upgrade::old_host::{self, Upgrader};
 use crate::ops::{notify, pidfile, watch};
 use crate::reload::trigger::Trigger;
-use crate::reload::{probe, staging, trust, Reloader};
+use crate::reload::{Reloader, probe, staging, trust};
 use crate::serving::admin::{self, AdminOptions};
-use crate::serving::listeners::{self, Listeners, HANDOFF_IDLE_GRACE};
+use crate::serving::listeners::{self, HANDOFF_IDLE_GRACE, Listeners};
 use crate::state::StateStore;
 
 /// How long an idle thread of the host's blocking pool is kept (see `main`).
@@ -82,7 +82,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(settings.log_format);
-    // Before any thread exists: this edits the environment.
+    // Before any thread exists: listenfd edits the environment.
     let (activated, handoff) = match take_passed_sockets() {
         Ok(passed) => passed,
         Err(e) => return report(Err(e), ExitCode::FAILURE),
@@ -153,7 +153,7 @@ fn report(result: anyhow::Result<()>, failure: ExitCode) -> ExitCode {
 }
 
 /// The listening sockets passed by socket activation and, for a host started by an upgrade, by
-/// the host it replaces. Must run before any thread starts: it edits the environment.
+/// the host it replaces. Must run before any thread starts: listenfd edits the environment.
 fn take_passed_sockets() -> anyhow::Result<(Activated, Option<Handoff>)> {
     let mut activated = systemd::take_activated_sockets().context("socket activation")?;
     let Some(mut handoff) = new_host::take_handoff().context("cannot take over from the old host")? else {

@@ -15,11 +15,11 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use artifacts::{
-    axum_examples, copy_example_app, example_app, faulty_app, host_binary, hostile_app, hostile_app_panic_abort,
-    no_entry_library, replace_in, target_dir, workspace_root, xtask_binary, AppVersion, Fault, Hostile,
+    AppVersion, Fault, Hostile, axum_examples, copy_example_app, example_app, faulty_app, host_binary, hostile_app,
+    hostile_app_panic_abort, no_entry_library, replace_in, target_dir, workspace_root, xtask_binary,
 };
 pub use client::{KeepAlive, Reply};
-pub use host::{free_address, Host, HostCommand, Sandbox};
+pub use host::{Host, HostCommand, Sandbox, free_address};
 pub use systemd::NotifySocket;
 
 /// Polls `check` every 50 ms until it returns `Some`, for at most `timeout`; panics with `what`

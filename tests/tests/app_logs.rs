@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use e2e_tests::{example_app, AppVersion, Host, Sandbox};
+use e2e_tests::{AppVersion, Host, Sandbox, example_app};
 
 const STARTING: &str = "example app starting";
 

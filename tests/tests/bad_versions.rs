@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use e2e_tests::client;
-use e2e_tests::{assert_answer, example_app, faulty_app, no_entry_library, AppVersion, Fault, Host, Sandbox};
+use e2e_tests::{AppVersion, Fault, Host, Sandbox, assert_answer, example_app, faulty_app, no_entry_library};
 
 /// How a bad version is put at the app path.
 enum Deploy {

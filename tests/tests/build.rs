@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use e2e_tests::process::wait_bounded;
-use e2e_tests::{client, copy_example_app, replace_in, target_dir, Host, Sandbox};
+use e2e_tests::{Host, Sandbox, client, copy_example_app, replace_in, target_dir};
 use hyper::StatusCode;
 use rustix::process::Signal;
 
@@ -55,11 +55,7 @@ async fn wait_serving(host: &mut Host, what: &str, timeout: Duration, version: &
     let public = host.addr();
     host.wait_until(what, timeout, || async move {
         let body = served(public).await?;
-        if body.contains(version) {
-            Ok(())
-        } else {
-            Err(body)
-        }
+        if body.contains(version) { Ok(()) } else { Err(body) }
     })
     .await
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use e2e_tests::{assert_answer, client, hostile_app, wait_until, Host, Hostile, Sandbox};
+use e2e_tests::{Host, Hostile, Sandbox, assert_answer, client, hostile_app, wait_until};
 use hyper::{Method, StatusCode};
 
 /// An admin `POST`: its status and JSON answer.

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use e2e_tests::process::{signal, wait_bounded};
 use e2e_tests::{
-    assert_answer, client, copy_example_app, free_address, host_binary, replace_in, target_dir, wait_until,
-    workspace_root, xtask_binary, Sandbox,
+    Sandbox, assert_answer, client, copy_example_app, free_address, host_binary, replace_in, target_dir, wait_until,
+    workspace_root, xtask_binary,
 };
 use hyper::StatusCode;
 use rustix::process::Signal;

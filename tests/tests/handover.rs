@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use e2e_tests::client::{self, Http2, KeepAlive, Raw, RawReply};
 use e2e_tests::host::tcp_socket;
-use e2e_tests::{assert_answer, example_app, AppVersion, Host, Reply, Sandbox};
+use e2e_tests::{AppVersion, Host, Reply, Sandbox, assert_answer, example_app};
 use hyper::{Method, StatusCode};
 
 /// How long the host may take to hand connections over and to stop retired generations.
@@ -68,11 +68,7 @@ async fn wait_for_connections(host: &Host, serving: u64, expected: u64) -> serde
             && live
                 .iter()
                 .all(|&(g, open)| open == Some(if g == serving { expected } else { 0 }));
-        if settled {
-            Ok(status)
-        } else {
-            Err(status.to_string())
-        }
+        if settled { Ok(status) } else { Err(status.to_string()) }
     })
     .await
 }
@@ -593,11 +589,7 @@ impl Load {
     /// Mostly `/`, and every fourth request a short `/slow`, which is likely to be in flight
     /// during a swap.
     fn path(made: u64) -> &'static str {
-        if made % 4 == 3 {
-            "/slow?ms=10"
-        } else {
-            "/"
-        }
+        if made % 4 == 3 { "/slow?ms=10" } else { "/" }
     }
 
     /// One HTTP/1.1 keep-alive connection for the whole run: a request that fails or a connection

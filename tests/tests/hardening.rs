@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use e2e_tests::client::{self, Reply};
-use e2e_tests::{assert_answer, hostile_app, hostile_app_panic_abort, Host, Hostile, Sandbox};
+use e2e_tests::{Host, Hostile, Sandbox, assert_answer, hostile_app, hostile_app_panic_abort};
 use hyper::{Method, StatusCode};
 
 /// The longest a reload may take here (none of these versions is slow to start).

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use e2e_tests::client::{self, KeepAlive};
-use e2e_tests::{assert_answer, example_app, wait_until, AppVersion, Sandbox};
+use e2e_tests::{AppVersion, Sandbox, assert_answer, example_app, wait_until};
 use hyper::StatusCode;
 
 /// `GET /panic` answers 500, and the host and the app keep serving, on the same connection too.

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use e2e_tests::client;
-use e2e_tests::{assert_answer, example_app, free_address, host_binary, wait_until, AppVersion, Host, Sandbox};
+use e2e_tests::{AppVersion, Host, Sandbox, assert_answer, example_app, free_address, host_binary, wait_until};
 use hyper::{Method, StatusCode};
 use rustix::process::Signal;
 

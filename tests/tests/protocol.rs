@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use e2e_tests::client::{self, Http2, KeepAlive};
-use e2e_tests::{assert_answer, example_app, wait_until, AppVersion, Sandbox};
+use e2e_tests::{AppVersion, Sandbox, assert_answer, example_app, wait_until};
 use hyper::{Method, StatusCode, Version};
 
 /// A body that is not all one byte, so that reordering or truncation would show.
@@ -64,13 +64,7 @@ async fn http2_prior_knowledge_works() {
         Duration::from_secs(10),
         || {
             let closed = connection.is_closed();
-            async move {
-                if closed {
-                    Ok(())
-                } else {
-                    Err("still open".to_string())
-                }
-            }
+            async move { if closed { Ok(()) } else { Err("still open".to_string()) } }
         },
     )
     .await;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use e2e_tests::client::{self, KeepAlive};
-use e2e_tests::{assert_answer, example_app, wait_until, AppVersion, Reply, Sandbox};
+use e2e_tests::{AppVersion, Reply, Sandbox, assert_answer, example_app, wait_until};
 
 /// Several keep-alive and several fresh-connection clients hammer the host while it is reloaded
 /// 50 times, alternating v1 and v2: every request must succeed with one of the two versions'

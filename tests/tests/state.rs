@@ -3,13 +3,13 @@
 //! (`hostile-app`'s counters).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use e2e_tests::client::{self, KeepAlive};
-use e2e_tests::{example_app, hostile_app, wait_until, AppVersion, Host, Hostile, Sandbox};
+use e2e_tests::{AppVersion, Host, Hostile, Sandbox, example_app, hostile_app, wait_until};
 use hyper::Method;
 
 const RELOADS: usize = 50;

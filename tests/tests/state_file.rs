@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use e2e_tests::process::Adopted;
-use e2e_tests::{client, example_app, wait_until, AppVersion, Host, Sandbox};
+use e2e_tests::{AppVersion, Host, Sandbox, client, example_app, wait_until};
 use hyper::{Method, StatusCode};
 use rustix::process::Signal;
 

@@ -27,17 +27,17 @@ use http_body_util::{BodyExt as _, Full, StreamBody};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::client::conn::http1;
 use hyper::http::response::Parts;
-use hyper::{header, Method, Request, StatusCode};
+use hyper::{Method, Request, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
 
-use e2e_tests::{axum_examples, client, wait_until, AppVersion, Host, Sandbox};
+use e2e_tests::{AppVersion, Host, Sandbox, axum_examples, client, wait_until};
 
 /// The longest any one step may take: a response head, the next event or message, an upload.
 const STEP: Duration = Duration::from_secs(20);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use e2e_tests::client;
-use e2e_tests::{assert_answer, example_app, wait_until, AppVersion, Host, Sandbox};
+use e2e_tests::{AppVersion, Host, Sandbox, assert_answer, example_app, wait_until};
 
 /// Waits until the host has only its serving generation left (every retired one is unloaded)
 /// and returns `/status`.

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use e2e_tests::process::{is_running, Adopted};
-use e2e_tests::{assert_answer, client, example_app, host_binary, wait_until, AppVersion, Host, Sandbox};
+use e2e_tests::process::{Adopted, is_running};
+use e2e_tests::{AppVersion, Host, Sandbox, assert_answer, client, example_app, host_binary, wait_until};
 use hyper::StatusCode;
 use rustix::process::Signal;
 

@@ -68,7 +68,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use serde_json::json;
 
 use crate::cargo::Cargo;
@@ -226,11 +226,7 @@ impl Plan {
             reloads: args.reloads.unwrap_or(if smoke { 10 } else { 200 }).max(1),
             memory_at: args.memory_at.clone().unwrap_or_else(
                 || {
-                    if smoke {
-                        vec![0, 5, 20]
-                    } else {
-                        vec![0, 100, 1000]
-                    }
+                    if smoke { vec![0, 5, 20] } else { vec![0, 100, 1000] }
                 },
             ),
             stream_bytes: args

@@ -34,7 +34,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 
 /// The options of `cargo xtask new` (its help text is on `Command::New`).
 #[derive(Debug, clap::Args)]
@@ -464,7 +464,7 @@ fn cargo_toml(name: &str, app_api: &str, standalone: bool) -> String {
         r#"[package]
 name = {name}
 version = "0.1.0"
-edition = "2021"
+edition = "2024"
 publish = false
 
 # The host loads the app as a shared library. Build it on its own (`cargo xtask dev --app DIR`,

@@ -162,15 +162,21 @@ mod tests {
         );
         let manifest = root.join("Cargo.toml");
         assert_eq!(watch.changed_sources(&event(modify, manifest.clone())), [manifest]);
-        assert!(watch
-            .changed_sources(&event(modify, root.join("Cargo.lock")))
-            .is_empty());
-        assert!(watch
-            .changed_sources(&event(modify, root.join("target/debug/x")))
-            .is_empty());
-        assert!(watch
-            .changed_sources(&event(modify, root.join("src/.lib.rs.swp")))
-            .is_empty());
+        assert!(
+            watch
+                .changed_sources(&event(modify, root.join("Cargo.lock")))
+                .is_empty()
+        );
+        assert!(
+            watch
+                .changed_sources(&event(modify, root.join("target/debug/x")))
+                .is_empty()
+        );
+        assert!(
+            watch
+                .changed_sources(&event(modify, root.join("src/.lib.rs.swp")))
+                .is_empty()
+        );
         let read = EventKind::Access(AccessKind::Open(AccessMode::Any));
         assert!(watch.changed_sources(&event(read, lib.clone())).is_empty());
         let created = EventKind::Create(CreateKind::File);

@@ -131,7 +131,7 @@ async fn serve<A: App>(host: &HostApi<'_>) -> Result<(), String> {
             return Err(refuse(
                 host,
                 format!("the app's router() panicked: {}", panic_message(&*panic)),
-            ))
+            ));
         }
     };
     (host.started)(host.handle, ROk(()));

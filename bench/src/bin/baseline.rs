@@ -37,15 +37,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::Router;
 use axum::body::Body;
 use axum::extract::RawQuery;
-use axum::http::{header, StatusCode};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
+use hyper::Request;
 use hyper::body::{Body as _, Bytes, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
-use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -133,7 +133,7 @@ async fn upload(mut body: Body) -> Response {
                     StatusCode::BAD_REQUEST,
                     format!("the upload failed after {received} bytes: {e}\n"),
                 )
-                    .into_response()
+                    .into_response();
             }
         }
     }
@@ -166,7 +166,7 @@ fn parse_args() -> Result<Args, String> {
             _ => {
                 return Err(format!(
                     "unknown argument {flag} (usage: baseline [--listen ADDR] [--threads N])"
-                ))
+                ));
             }
         }
     }

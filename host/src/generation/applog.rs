@@ -22,17 +22,17 @@
 //! its last handle, or when the generation stops ([`AppLog::release`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use app_abi::{
     LogCallsite, LogCallsiteKind, LogInterest, LogLevel, LogNewSpan, LogOutcome, LogParent, LogParentKind, LogValue,
     LogValueKind,
 };
-use tracing::field::{display, DisplayValue, Field, FieldSet, Value, ValueSet};
+use tracing::Span;
+use tracing::field::{DisplayValue, Field, FieldSet, Value, ValueSet, display};
 use tracing::level_filters::LevelFilter;
 use tracing::span::Id;
-use tracing::Span;
 use tracing_core::callsite::{self, Callsite};
 use tracing_core::subscriber::Interest;
 use tracing_core::{Event, Kind, Level, Metadata};
@@ -576,7 +576,7 @@ mod tests {
         LogCallsite, LogCallsiteKind, LogLevel, LogOutcome, LogParent, LogParentKind, LogValue, LogValueKind,
     };
 
-    use super::{registry_callsite, AppLog};
+    use super::{AppLog, registry_callsite};
 
     fn site<'a>(
         kind: LogCallsiteKind,

@@ -15,13 +15,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use abi_stable::abi_stability::abi_checking::{check_layout_compatibility_with_globals, CheckingGlobals};
-use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RVec};
 use abi_stable::StableAbi;
+use abi_stable::abi_stability::abi_checking::{CheckingGlobals, check_layout_compatibility_with_globals};
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RVec};
 use app_abi::{
-    AppDescriptor, GuestVTable, HandedConnection, HostApi, HostHandle, LifecycleState, ListenerRef, LogApi,
-    LogCallsite, LogInterest, LogLevel, LogNewSpan, LogOutcome, LogParent, LogValue, Socket, StateApi, StateValue,
-    ABI_VERSION, DESCRIPTOR_MAGIC, DESCRIPTOR_SYMBOL, DESCRIPTOR_VERSION,
+    ABI_VERSION, AppDescriptor, DESCRIPTOR_MAGIC, DESCRIPTOR_SYMBOL, DESCRIPTOR_VERSION, GuestVTable, HandedConnection,
+    HostApi, HostHandle, LifecycleState, ListenerRef, LogApi, LogCallsite, LogInterest, LogLevel, LogNewSpan,
+    LogOutcome, LogParent, LogValue, Socket, StateApi, StateValue,
 };
 
 use crate::generation::applog::AppLog;
@@ -37,17 +37,25 @@ pub enum LoadError {
     Open { path: String, reason: String },
     #[error("cannot load {path} as a shared library: it is cut short ({reason})")]
     Truncated { path: String, reason: String },
-    #[error("{path} is a shared library but not an app: it exports no `{DESCRIPTOR_SYMBOL}` (was it built with app_api::export_app!?)")]
+    #[error(
+        "{path} is a shared library but not an app: it exports no `{DESCRIPTOR_SYMBOL}` (was it built with app_api::export_app!?)"
+    )]
     NoEntryPoint { path: String },
     #[error("{path} exports `{DESCRIPTOR_SYMBOL}` but it is not an app descriptor (bad magic bytes)")]
     BadMagic { path: String },
     #[error("{path} uses app descriptor version {found}, this host understands version {DESCRIPTOR_VERSION}")]
     DescriptorVersion { path: String, found: u32 },
-    #[error("{path} was built against app-abi {library}, which this host (app-abi {ABI_VERSION}) cannot serve: rebuild it against an app-api that uses app-abi {ABI_VERSION}")]
+    #[error(
+        "{path} was built against app-abi {library}, which this host (app-abi {ABI_VERSION}) cannot serve: rebuild it against an app-api that uses app-abi {ABI_VERSION}"
+    )]
     ApiVersion { path: String, library: String },
-    #[error("{path} contains tokio's signal driver (tokio's `signal` feature, which `full` includes): every copy would keep a socket pair and a table per signal that unloading cannot free (2 descriptors leaked per reload), and signal handlers pointing into unloaded code; in the app's Cargo.toml, give tokio its features without `full`, `signal` or `process` (app_api::tokio has what an app needs), and do shutdown work in `App::shutdown`")]
+    #[error(
+        "{path} contains tokio's signal driver (tokio's `signal` feature, which `full` includes): every copy would keep a socket pair and a table per signal that unloading cannot free (2 descriptors leaked per reload), and signal handlers pointing into unloaded code; in the app's Cargo.toml, give tokio its features without `full`, `signal` or `process` (app_api::tokio has what an app needs), and do shutdown work in `App::shutdown`"
+    )]
     TokioSignal { path: String },
-    #[error("{path} was built with `panic = \"abort\"`: its first panic would abort the host; build it with `panic = \"unwind\"` (the default; check the `[profile.*]` sections of the workspace it is built in)")]
+    #[error(
+        "{path} was built with `panic = \"abort\"`: its first panic would abort the host; build it with `panic = \"unwind\"` (the default; check the `[profile.*]` sections of the workspace it is built in)"
+    )]
     PanicAbort { path: String },
     #[error("{path} (app-abi {library}) does not match the interface of this host (app-abi {ABI_VERSION}): {details}")]
     Layout {
@@ -405,9 +413,9 @@ pub fn check_image(path: &Path, image: &[u8]) -> Result<(), LoadError> {
 
 /// The part of [`check_image`] about segments cut short.
 fn check_segments(path: &Path, image: &[u8]) -> Result<(), LoadError> {
+    use object::Endianness;
     use object::elf::{FileHeader64, PT_LOAD};
     use object::read::elf::{FileHeader as _, ProgramHeader as _};
-    use object::Endianness;
 
     let truncated = |reason: String| LoadError::Truncated {
         path: path.display().to_string(),

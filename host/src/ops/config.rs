@@ -33,10 +33,10 @@ use clap::{ArgMatches, CommandFactory as _, FromArgMatches as _, Parser, Subcomm
 use serde::Deserialize;
 
 use crate::ops::upgrade::old_host::UpgradeSettings;
+use crate::reload::ReloadSettings;
 use crate::reload::build::BuildCommand;
 use crate::reload::canary::CanarySettings;
 use crate::reload::trust::TrustPolicy;
-use crate::reload::ReloadSettings;
 use crate::serving::listeners::{Limits, ListenSettings};
 
 const AFTER_HELP: &str = "\

@@ -69,7 +69,7 @@ impl PidFile {
                     return Ok(PidFile {
                         path: path.to_owned(),
                         pid,
-                    })
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(e).with_context(|| format!("cannot create the pid file {}", path.display())),
@@ -90,7 +90,7 @@ impl PidFile {
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                         Err(e) => {
                             return Err(e)
-                                .with_context(|| format!("cannot remove the stale pid file {}", path.display()))
+                                .with_context(|| format!("cannot remove the stale pid file {}", path.display()));
                         }
                     }
                 }

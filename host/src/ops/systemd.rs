@@ -131,12 +131,13 @@ impl Activated {
 
 /// Takes the sockets passed by the service manager, if any.
 ///
-/// Must run before any thread starts: the activation variables are removed from the
-/// environment (so the app and its children do not see them).
+/// Must run before any thread starts: listenfd removes `LISTEN_FDS` and `LISTEN_PID` from the
+/// environment, which is sound only while no other thread may read it. `LISTEN_FDNAMES` stays,
+/// meaningless without them; no process the host starts inherits any of the three
+/// (`child::without_host_environment`).
 pub fn take_activated_sockets() -> anyhow::Result<Activated> {
     let names = std::env::var("LISTEN_FDNAMES").ok();
     let mut fds = listenfd::ListenFd::from_env();
-    std::env::remove_var("LISTEN_FDNAMES");
     let mut activated = Activated::default();
     if fds.len() == 0 {
         return Ok(activated);

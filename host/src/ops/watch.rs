@@ -14,8 +14,8 @@ use anyhow::Context as _;
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
-use crate::reload::trigger::Trigger;
 use crate::reload::Reloader;
+use crate::reload::trigger::Trigger;
 
 /// How long the file must stay quiet before a reload starts.
 const DEBOUNCE: Duration = Duration::from_millis(250);

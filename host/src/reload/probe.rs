@@ -32,7 +32,9 @@ pub enum ProbeError {
          {0:?} in a trial process; the host did not load it"
     )]
     Hung(Duration),
-    #[error("the library's initialisers (constructors, run by dlopen before any app code) crashed a trial process ({0}); the host did not load it")]
+    #[error(
+        "the library's initialisers (constructors, run by dlopen before any app code) crashed a trial process ({0}); the host did not load it"
+    )]
     Crashed(String),
     #[error("{0}")]
     OpenFailed(String),

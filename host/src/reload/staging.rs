@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
-use crate::generation::loader::check_image;
 use crate::generation::LibraryInfo;
-use crate::reload::trust::{read_trusted, TrustPolicy};
+use crate::generation::loader::check_image;
+use crate::reload::trust::{TrustPolicy, read_trusted};
 
 /// Makes this host's staging directory under `parent` (the system's temporary directory if
 /// `None`), after removing the ones hosts that no longer run left there.

@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -20,8 +20,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::ops::upgrade::old_host::{UpgradeError, Upgrader};
-use crate::reload::trigger::{Action, Refusal, Trigger};
 use crate::reload::Reloader;
+use crate::reload::trigger::{Action, Refusal, Trigger};
 
 /// How long admin requests under way may take to finish once the admin listener stops.
 const FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

@@ -112,7 +112,7 @@ const RESERVED_DESCRIPTORS: u64 = 128;
 /// of 1024 is for programs that do not expect many connections), and returns how many client
 /// connections fit in it.
 fn connection_capacity() -> u64 {
-    use rustix::process::{getrlimit, setrlimit, Resource};
+    use rustix::process::{Resource, getrlimit, setrlimit};
     let mut limit = getrlimit(Resource::Nofile);
     if limit.current < limit.maximum {
         limit.current = limit.maximum;

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::lock;
 pub use file::FORMAT_VERSION;
-use file::{open_durable, parent_runs, FileCells, HandOffDirectory};
+use file::{FileCells, HandOffDirectory, open_durable, parent_runs};
 
 mod file;
 
@@ -260,14 +260,14 @@ impl StateStore {
                     "the old host keeps its state in the file {} and this one has no --state-file: it would \
                      serve without that state; give it the same --state-file",
                     handed.path.display()
-                )))
+                )));
             }
             (HandedKind::HandOff, Some(configured)) => {
                 return Err(StateError::Mismatch(format!(
                     "the old host keeps its state in memory and this one is configured with --state-file {}: \
                      start using a state file with a restart, not an upgrade",
                     configured.display()
-                )))
+                )));
             }
             (HandedKind::HandOff, None) => FileCells::take_over_hand_off(handed.path, parent)?,
         };

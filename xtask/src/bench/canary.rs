@@ -29,16 +29,16 @@
 //! There is no target: the numbers say how many users a bad canary reaches, and for how long.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use serde_json::json;
 
 use super::stats::{median, percentile};
-use super::{admin_json, wait_single_generation, AppSlot, Env};
+use super::{AppSlot, Env, admin_json, wait_single_generation};
 use drive::http;
 
 /// The canary's share of new connections, in percent.

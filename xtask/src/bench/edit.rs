@@ -34,10 +34,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use serde_json::json;
 
-use super::{procs, stats, Env};
+use super::{Env, procs, stats};
 use drive::http;
 
 /// How often the poller asks.

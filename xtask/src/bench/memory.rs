@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::json;
 
-use super::{procs, reload_once, wait_single_generation, Env};
+use super::{Env, procs, reload_once, wait_single_generation};
 use drive::http;
 
 /// Item 4: memory after many reloads.

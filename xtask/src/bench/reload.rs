@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use serde_json::json;
 
 use super::stats::{percentile, step_table};
-use super::{reload_once, wait_single_generation, Env};
+use super::{Env, reload_once, wait_single_generation};
 
 /// Item 3: reload latency and its steps.
 pub fn run(env: &Env) -> anyhow::Result<serde_json::Value> {

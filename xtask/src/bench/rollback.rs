@@ -18,12 +18,12 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use serde_json::json;
 
 use super::reload::read_reload_steps;
 use super::stats::{percentile, step_table};
-use super::{admin_json, wait_single_generation, Env};
+use super::{Env, admin_json, wait_single_generation};
 use drive::http;
 
 /// Untimed cycles first: they fault in the host's own code paths.

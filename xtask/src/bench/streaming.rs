@@ -21,16 +21,16 @@
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use serde_json::json;
 
+use super::Env;
 use super::procs::{self, HostLaunch, Server};
 use super::stats::{self, median};
-use super::Env;
 
 /// The size of the client's one buffer, each way.
 const CLIENT_BUFFER: usize = 256 * 1024;

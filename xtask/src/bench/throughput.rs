@@ -3,7 +3,7 @@
 use serde_json::json;
 
 use super::stats::median;
-use super::{measure, result_json, Env};
+use super::{Env, measure, result_json};
 
 /// Item 1: the host versus the static baseline.
 pub fn run(env: &Env) -> anyhow::Result<serde_json::Value> {

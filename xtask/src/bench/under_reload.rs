@@ -1,14 +1,14 @@
 //! Item 2, `under-reload`: the host under load, steady versus with a reload every 100 ms.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use serde_json::json;
 
 use super::stats::median;
-use super::{load_once, result_json, Env};
+use super::{Env, load_once, result_json};
 use crate::host::Reload;
 
 /// Reloads every `every` until stopped; returns (ok, refused, errors).

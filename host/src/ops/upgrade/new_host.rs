@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use super::wire::{receive, Offer, Reply, HANDOFF_VARIABLE};
+use super::wire::{HANDOFF_VARIABLE, Offer, Reply, receive};
 use crate::ops::systemd::Activated;
 use crate::state::{Handed, HandedKind};
 use crate::util::lock;
@@ -68,13 +68,14 @@ impl HandoffChannel {
 
 /// If this host was started by an upgrade, fetches its sockets from the old host.
 ///
-/// Must run before any thread starts: it removes [`HANDOFF_VARIABLE`] from the environment, so
-/// that nothing this host starts (builds, upgrades, the app's processes) sees it.
+/// [`HANDOFF_VARIABLE`] stays in this process's environment (editing the environment of a process
+/// is unsound once it has threads): no process the host starts inherits it
+/// (`child::without_host_environment`; an upgrade's new host gets a variable of its own), and the
+/// socket it names is gone once the hand-off is over.
 pub fn take_handoff() -> anyhow::Result<Option<Handoff>> {
     let Some(path) = std::env::var_os(HANDOFF_VARIABLE) else {
         return Ok(None);
     };
-    std::env::remove_var(HANDOFF_VARIABLE);
     let path = PathBuf::from(path);
     let stream = StdUnixStream::connect(&path)
         .with_context(|| format!("cannot connect to the old host's hand-off socket {}", path.display()))?;

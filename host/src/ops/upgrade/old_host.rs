@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::wire::{self, Offer, Reply, HANDOFF_VARIABLE};
+use super::wire::{self, HANDOFF_VARIABLE, Offer, Reply};
 use crate::child::{self, Target};
 use crate::state::{Handed, StateError, StateStore};
 use crate::util::{lock, ms};
@@ -49,7 +49,9 @@ pub enum UpgradeError {
     InProgress,
     #[error("this host has already handed over to process {0} and is exiting")]
     HandedOver(u32),
-    #[error("this host is PID 1 (a container's init): its exit would end the container and the new process with it; replace the container instead")]
+    #[error(
+        "this host is PID 1 (a container's init): its exit would end the container and the new process with it; replace the container instead"
+    )]
     ProcessOne,
     #[error("the host is shutting down")]
     ShuttingDown,

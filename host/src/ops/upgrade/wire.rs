@@ -213,10 +213,12 @@ mod tests {
             Some((HandedKind::HandOff, PathBuf::from("/tmp/s/state.sqlite")))
         );
         assert!(Offer::parse(&format!("{PROTOCOL}\nLISTEN_FDNAMES=http\nSTATE=file\nEND\n")).is_err());
-        assert!(Offer::parse(&format!(
-            "{PROTOCOL}\nLISTEN_FDNAMES=http\nSTATE=disk\nSTATE_FILE=/s\nEND\n"
-        ))
-        .is_err());
+        assert!(
+            Offer::parse(&format!(
+                "{PROTOCOL}\nLISTEN_FDNAMES=http\nSTATE=disk\nSTATE_FILE=/s\nEND\n"
+            ))
+            .is_err()
+        );
     }
 
     #[test]
