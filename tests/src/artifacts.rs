@@ -19,12 +19,13 @@
 //! user's `cargo build -p example-app`) takes it for its own.
 //!
 //! Every artifact is built at most once per run of `cargo test` (see [`run_id`]), whichever test
-//! binary asks first; the others take the copy.
+//! binary asks first; the others take the copy. When every test runs (no filter), the first
+//! request starts building all of them in the background ([`prebuild`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Mutex, MutexGuard, Once, OnceLock, PoisonError};
 
 /// The workspace this crate belongs to.
 pub fn workspace_root() -> &'static Path {
@@ -354,6 +355,12 @@ fn workspace_manifest() -> PathBuf {
 /// reported to every caller of this process), holding the build lock. `build` returns the path of
 /// what it built, which a later test binary of the same run takes as it is.
 fn built(slot: &'static Built, name: &str, build: impl FnOnce() -> Result<PathBuf, String>) -> &'static Path {
+    static PREBUILD: Once = Once::new();
+    PREBUILD.call_once(|| {
+        if runs_every_test() {
+            std::thread::spawn(prebuild);
+        }
+    });
     let outcome = slot.get_or_init(|| {
         let _lock = BuildLock::acquire();
         let stamp = fixtures_dir().join(format!("{name}.run"));
@@ -374,6 +381,56 @@ fn built(slot: &'static Built, name: &str, build: impl FnOnce() -> Result<PathBu
         Ok(path) => path,
         Err(message) => panic!("{message}"),
     }
+}
+
+/// Builds every artifact, in the order a run of every test first needs them, on a thread of its
+/// own: the builds (a minute and more on two cores, one at a time since cargo locks the target
+/// directory) then go on while the first tests run, instead of each waiting for the test that
+/// needs it. A build that fails here fails again, with its message, in the test that needs it.
+fn prebuild() {
+    let mut builds: Vec<Box<dyn Fn() -> &'static Path>> = vec![
+        Box::new(host_binary),
+        Box::new(|| example_app(AppVersion::V1)),
+        Box::new(no_entry_library),
+    ];
+    let faults = Fault::ALL.into_iter().filter(|&fault| fault != Fault::None);
+    builds.extend(faults.map(|fault| Box::new(move || faulty_app(fault)) as Box<dyn Fn() -> &'static Path>));
+    builds.push(Box::new(|| example_app(AppVersion::V2)));
+    builds.push(Box::new(|| hostile_app(Hostile::Failing)));
+    builds.push(Box::new(xtask_binary));
+    let copies = Hostile::ALL
+        .into_iter()
+        .filter(|&behaviour| behaviour != Hostile::TokioSignal);
+    builds.extend(copies.map(|behaviour| Box::new(move || hostile_app(behaviour)) as Box<dyn Fn() -> &'static Path>));
+    builds.push(Box::new(hostile_app_panic_abort));
+    builds.push(Box::new(|| hostile_app(Hostile::TokioSignal)));
+    builds.push(Box::new(|| axum_examples(AppVersion::V1)));
+    builds.push(Box::new(|| axum_examples(AppVersion::V2)));
+    for build in builds {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(build));
+    }
+}
+
+/// Whether this test binary runs every test: no name filter, no `--skip`, not `--list`
+/// (libtest's arguments; nextest runs each test in a process of its own, with a filter).
+fn runs_every_test() -> bool {
+    const TAKE_A_VALUE: [&str; 6] = [
+        "--test-threads",
+        "--logfile",
+        "--format",
+        "--color",
+        "-Z",
+        "--shuffle-seed",
+    ];
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if TAKE_A_VALUE.contains(&arg.as_str()) {
+            args.next();
+        } else if arg == "--skip" || arg == "--list" || arg.starts_with("--skip=") || !arg.starts_with('-') {
+            return false;
+        }
+    }
+    true
 }
 
 /// What tells one run of the tests from another: the `cargo test` (or `cargo nextest`) process
