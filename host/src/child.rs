@@ -7,7 +7,8 @@ use std::time::Duration;
 use rustix::process::{Pid, Signal};
 use tokio::process::Child;
 
-use crate::ops::upgrade::wire::HANDOFF_VARIABLE;
+/// The environment variable that tells a new host where to fetch its sockets from.
+pub const HANDOFF_VARIABLE: &str = "HOT_RELOAD_HOST_UPGRADE_SOCKET";
 
 /// Between SIGTERM and SIGKILL to a child that is stopped.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);

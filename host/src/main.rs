@@ -34,14 +34,15 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use crate::generation::loader;
+use crate::ops::admin::{self, AdminOptions};
 use crate::ops::config::{self, Command, LogFormat, Settings};
-use crate::ops::systemd::{self, Activated};
+use crate::ops::systemd;
 use crate::ops::upgrade::new_host::{self, Handoff, Predecessor};
 use crate::ops::upgrade::old_host::{self, Upgrader};
 use crate::ops::{notify, pidfile, watch};
 use crate::reload::trigger::Trigger;
 use crate::reload::{Reloader, probe, staging, trust};
-use crate::serving::admin::{self, AdminOptions};
+use crate::serving::listeners::PassedSockets;
 use crate::serving::listeners::{self, HANDOFF_IDLE_GRACE, Listeners};
 use crate::state::StateStore;
 
@@ -154,7 +155,7 @@ fn report(result: anyhow::Result<()>, failure: ExitCode) -> ExitCode {
 
 /// The listening sockets passed by socket activation and, for a host started by an upgrade, by
 /// the host it replaces. Must run before any thread starts: listenfd edits the environment.
-fn take_passed_sockets() -> anyhow::Result<(Activated, Option<Handoff>)> {
+fn take_passed_sockets() -> anyhow::Result<(PassedSockets, Option<Handoff>)> {
     let mut activated = systemd::take_activated_sockets().context("socket activation")?;
     let Some(mut handoff) = new_host::take_handoff().context("cannot take over from the old host")? else {
         return Ok((activated, None));
@@ -261,7 +262,7 @@ fn say_serving(reloader: &Reloader, predecessor: Option<&Predecessor>) {
 
 async fn run(
     settings: Settings,
-    activated: Activated,
+    activated: PassedSockets,
     predecessor: Option<Predecessor>,
     launch: Launch,
     state: Arc<StateStore>,

@@ -1,5 +1,7 @@
-//! Checks of the repository itself that `cargo test` runs, as rust-analyzer's tidy tests do.
+//! Checks of the repository itself that `cargo test` runs, as rust-analyzer's tidy tests do: every
+//! path ARCHITECTURE.md names exists, and the host's folders import no circle.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The files and directories of the repository, as paths relative to its root with `/` between
@@ -98,4 +100,99 @@ fn paths_are_told_from_other_code_spans() {
     assert!(exists("host/src", &paths));
     assert!(!exists("host/src/upgrade.rs", &paths));
     assert!(!exists("eload.rs", &paths));
+}
+
+/// The parts of the host's source that `crate::…` paths in each part name: a part is a folder of
+/// `host/src` or a file directly in it (`reload`, `child`), by the name a `crate::` path uses.
+fn host_part_imports(host_src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    let mut imports: BTreeMap<String, BTreeSet<String>> = Default::default();
+    let root = host_src.parent().expect("host/src has a parent");
+    for path in repository_paths(root) {
+        let Some(inside) = path.strip_prefix("src/") else {
+            continue;
+        };
+        let Some(file) = inside.strip_suffix(".rs") else {
+            continue;
+        };
+        let part = file.split('/').next().unwrap_or(file).to_owned();
+        let text = std::fs::read_to_string(root.join(&path)).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+        let named = text.split("crate::").skip(1).filter_map(|rest| {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            (!name.is_empty()).then_some(name)
+        });
+        let entry = imports.entry(part.clone()).or_default();
+        entry.extend(named.filter(|name| *name != part));
+    }
+    imports
+}
+
+/// A circle of parts that import each other, if there is one: `[a, b, a]` when a imports b and b
+/// imports a.
+fn circle(imports: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        part: &str,
+        imports: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|p| p == part) {
+            let mut found = path[at..].to_vec();
+            found.push(part.to_owned());
+            return Some(found);
+        }
+        if done.contains(part) {
+            return None;
+        }
+        path.push(part.to_owned());
+        for next in imports.get(part).into_iter().flatten() {
+            if let Some(found) = visit(next, imports, path, done) {
+                return Some(found);
+            }
+        }
+        path.pop();
+        done.insert(part.to_owned());
+        None
+    }
+    let mut done = BTreeSet::new();
+    imports
+        .keys()
+        .find_map(|part| visit(part, imports, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn the_hosts_folders_import_no_circle() {
+    let host_src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .join("host/src");
+    let imports = host_part_imports(&host_src);
+    assert!(
+        imports.contains_key("reload") && imports["reload"].contains("generation"),
+        "the scan found the host's parts: {imports:?}"
+    );
+    if let Some(found) = circle(&imports) {
+        panic!(
+            "the host's folders import each other in a circle: {} (ARCHITECTURE.md, \"Where things are in the host\")",
+            found.join(" → ")
+        );
+    }
+}
+
+#[test]
+fn circles_are_found() {
+    let imports = |edges: &[(&str, &str)]| {
+        let mut map: BTreeMap<String, BTreeSet<String>> = Default::default();
+        for (from, to) in edges {
+            map.entry((*from).to_owned()).or_default().insert((*to).to_owned());
+        }
+        map
+    };
+    assert_eq!(circle(&imports(&[("a", "b"), ("b", "c"), ("a", "c")])), None);
+    assert_eq!(
+        circle(&imports(&[("a", "b"), ("b", "c"), ("c", "b")])),
+        Some(vec!["b".to_owned(), "c".to_owned(), "b".to_owned()])
+    );
 }

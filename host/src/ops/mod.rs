@@ -1,6 +1,8 @@
-//! Running the host as a service: its configuration, `--pid-file`, systemd's notifications and
-//! socket activation, `--watch`, and replacing the host process itself (`upgrade`).
+//! Running the host as a service: its configuration, the admin endpoint operators and tools drive
+//! it through, `--pid-file`, systemd's notifications and socket activation, `--watch`, and
+//! replacing the host process itself (`upgrade`).
 
+pub mod admin;
 pub mod config;
 pub mod notify;
 pub mod pidfile;

@@ -24,12 +24,13 @@
 //! listener; all others are public listeners and replace the default `--listen` address. A
 //! configured `--listen` address that a passed socket already listens on is not bound again.
 
-use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use sd_notify::NotifyState;
+
+use crate::serving::listeners::PassedSockets;
 
 /// Set once the service has been handed over to a new host process.
 static HANDED_OVER: AtomicBool = AtomicBool::new(false);
@@ -91,54 +92,16 @@ pub fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
     }))
 }
 
-/// Sockets passed by socket activation (or by the host an upgrade replaces).
-#[derive(Debug, Default)]
-pub struct Activated {
-    /// The public listeners, with their names.
-    pub public: Vec<(String, TcpListener)>,
-    pub admin: Option<TcpListener>,
-}
-
-impl Activated {
-    /// Sorts in one passed socket by its name: `admin` is the admin listener, anything else a
-    /// public one.
-    pub fn add(&mut self, name: String, listener: TcpListener, source: &str) -> anyhow::Result<()> {
-        let address = listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "?".into());
-        if name == "admin" {
-            anyhow::ensure!(self.admin.is_none(), "more than one passed socket is named `admin`");
-            tracing::info!(%address, "admin listener {source}");
-            self.admin = Some(listener);
-        } else {
-            tracing::info!(name, %address, "public listener {source}");
-            self.public.push((name, listener));
-        }
-        Ok(())
-    }
-
-    /// Adds the sockets of `other`.
-    pub fn extend(&mut self, other: Activated) -> anyhow::Result<()> {
-        if let Some(admin) = other.admin {
-            anyhow::ensure!(self.admin.is_none(), "more than one passed socket is named `admin`");
-            self.admin = Some(admin);
-        }
-        self.public.extend(other.public);
-        Ok(())
-    }
-}
-
 /// Takes the sockets passed by the service manager, if any.
 ///
 /// Must run before any thread starts: listenfd removes `LISTEN_FDS` and `LISTEN_PID` from the
 /// environment, which is sound only while no other thread may read it. `LISTEN_FDNAMES` stays,
 /// meaningless without them; no process the host starts inherits any of the three
 /// (`child::without_host_environment`).
-pub fn take_activated_sockets() -> anyhow::Result<Activated> {
+pub fn take_activated_sockets() -> anyhow::Result<PassedSockets> {
     let names = std::env::var("LISTEN_FDNAMES").ok();
     let mut fds = listenfd::ListenFd::from_env();
-    let mut activated = Activated::default();
+    let mut activated = PassedSockets::default();
     if fds.len() == 0 {
         return Ok(activated);
     }

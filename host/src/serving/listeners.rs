@@ -15,8 +15,6 @@ use anyhow::Context as _;
 use app_abi::ConnectionLimits;
 use tokio::net::TcpListener;
 
-use crate::ops::systemd::Activated;
-
 /// After a hand-off to a new host process, how long open connections get to finish on their own
 /// (their next HTTP/1 response closes them) before the idle ones are closed.
 pub const HANDOFF_IDLE_GRACE: Duration = Duration::from_secs(2);
@@ -165,9 +163,48 @@ fn duplicate(listener: &TcpListener) -> anyhow::Result<OwnedFd> {
     rustix::io::fcntl_dupfd_cloexec(listener, 3).context("cannot duplicate a listening socket")
 }
 
+/// Listening sockets passed to the host: by socket activation (`ops/systemd.rs`), or by the host
+/// an upgrade replaces (`ops/upgrade/new_host.rs`).
+#[derive(Debug, Default)]
+pub struct PassedSockets {
+    /// The public listeners, with their names.
+    pub public: Vec<(String, std::net::TcpListener)>,
+    pub admin: Option<std::net::TcpListener>,
+}
+
+impl PassedSockets {
+    /// Sorts in one passed socket by its name: `admin` is the admin listener, anything else a
+    /// public one.
+    pub fn add(&mut self, name: String, listener: std::net::TcpListener, source: &str) -> anyhow::Result<()> {
+        let address = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        if name == "admin" {
+            anyhow::ensure!(self.admin.is_none(), "more than one passed socket is named `admin`");
+            tracing::info!(%address, "admin listener {source}");
+            self.admin = Some(listener);
+        } else {
+            tracing::info!(name, %address, "public listener {source}");
+            self.public.push((name, listener));
+        }
+        Ok(())
+    }
+
+    /// Adds the sockets of `other`.
+    pub fn extend(&mut self, other: PassedSockets) -> anyhow::Result<()> {
+        if let Some(admin) = other.admin {
+            anyhow::ensure!(self.admin.is_none(), "more than one passed socket is named `admin`");
+            self.admin = Some(admin);
+        }
+        self.public.extend(other.public);
+        Ok(())
+    }
+}
+
 /// Binds (or takes from socket activation or the old host) the public listeners, with their
 /// names, and the admin listener.
-pub async fn listen(settings: &ListenSettings, activated: Activated) -> anyhow::Result<Bound> {
+pub async fn listen(settings: &ListenSettings, activated: PassedSockets) -> anyhow::Result<Bound> {
     let mut listeners = Vec::new();
     let mut passed = Vec::new();
     for (name, listener) in activated.public {

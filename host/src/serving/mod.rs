@@ -1,7 +1,7 @@
-//! Serving: the public listening sockets every generation accepts on, the admin endpoint, and the
-//! metrics it exposes. The host never accepts on the public sockets itself.
+//! Serving: the public listening sockets every generation accepts on, how the accepts are shared
+//! between generations, and the metrics of what they serve. The host never accepts on the public
+//! sockets itself; the admin endpoint that shows the metrics is an operation (`ops/admin.rs`).
 
-pub mod admin;
 pub mod listeners;
 pub mod metrics;
 pub mod share;

@@ -6,7 +6,7 @@
 //! 1. The old host creates a private directory (mode 0700) with a unix stream socket in it, and
 //!    starts the new binary (`--upgrade-binary`, by default this host's own path as resolved at
 //!    start-up) with the same arguments, environment and working directory, plus
-//!    [`HANDOFF_VARIABLE`](wire::HANDOFF_VARIABLE) naming that socket.
+//!    [`HANDOFF_VARIABLE`](crate::child::HANDOFF_VARIABLE) naming that socket.
 //! 2. The new host, at start-up and before it starts any thread, connects to the socket; the old
 //!    host checks that the peer is that very child (`SO_PEERCRED` pid) and the child that the
 //!    listener is its parent. The old host then sends one message: the names of the sockets in

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use super::wire::{HANDOFF_VARIABLE, Offer, Reply, receive};
-use crate::ops::systemd::Activated;
+use super::wire::{Offer, Reply, receive};
+use crate::child::HANDOFF_VARIABLE;
+use crate::serving::listeners::PassedSockets;
 use crate::state::{Handed, HandedKind};
 use crate::util::lock;
 
@@ -23,7 +24,7 @@ const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct Handoff {
     /// The sockets, sorted like socket-activated ones.
-    pub sockets: Activated,
+    pub sockets: PassedSockets,
     pub predecessor: Predecessor,
     /// Where the old host keeps its state cells, if it said.
     pub state: Option<Handed>,
@@ -104,7 +105,7 @@ pub fn take_handoff() -> anyhow::Result<Option<Handoff>> {
     );
     let lock = if state_lock { fds.pop() } else { None };
     let state = state.map(|(kind, path)| Handed { kind, path, lock });
-    let mut sockets = Activated::default();
+    let mut sockets = PassedSockets::default();
     for (name, fd) in names.into_iter().zip(fds) {
         let listener = listening_tcp_socket(fd).with_context(|| format!("the passed socket {name:?}"))?;
         sockets.add(name, listener, "from the old host")?;

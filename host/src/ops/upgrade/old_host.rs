@@ -16,7 +16,8 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::wire::{self, HANDOFF_VARIABLE, Offer, Reply};
+use super::wire::{self, Offer, Reply};
+use crate::child::HANDOFF_VARIABLE;
 use crate::child::{self, Target};
 use crate::state::{Handed, StateError, StateStore};
 use crate::util::{lock, ms};
@@ -458,8 +459,8 @@ fn search_path(name: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::systemd::Activated;
     use crate::ops::upgrade::new_host::listening_tcp_socket;
+    use crate::serving::listeners::PassedSockets;
     use crate::state::HandedKind;
 
     /// Both ends in one process: the sockets arrive, named, and still listen; a state file's lock
@@ -504,7 +505,7 @@ mod tests {
         let lock = fds.pop().expect("the lock");
         let kind = rustix::fs::fstat(&lock).expect("fstat").st_mode & libc::S_IFMT;
         assert_eq!(kind, libc::S_IFREG, "the lock file's descriptor");
-        let mut sockets = Activated::default();
+        let mut sockets = PassedSockets::default();
         for (name, fd) in names.into_iter().zip(fds) {
             sockets
                 .add(name, listening_tcp_socket(fd).expect("a listener"), "test")

@@ -27,8 +27,6 @@ use tokio::net::UnixStream;
 
 use crate::state::HandedKind;
 
-/// The environment variable that tells a new host where to fetch its sockets from.
-pub const HANDOFF_VARIABLE: &str = "HOT_RELOAD_HOST_UPGRADE_SOCKET";
 /// The first line of the old host's message: the protocol and its version.
 const PROTOCOL: &str = "hot-reload-host-upgrade/1";
 /// At most this many descriptors are handed over.
