@@ -218,7 +218,7 @@ fn state_list(reloader: &Reloader) -> Response<Full<Bytes>> {
 /// One state cell's bytes (the JSON the app stored), with its version in `State-Version`.
 fn state_cell(reloader: &Reloader, encoded: &str) -> Response<Full<Bytes>> {
     let Some(key) = percent_decode(encoded) else {
-        return text(StatusCode::BAD_REQUEST, "the key is not valid percent-encoded UTF-8\n");
+        return text(StatusCode::BAD_REQUEST, "the key does not decode to UTF-8\n");
     };
     match reloader.state().cell(&key) {
         Ok(Some((version, bytes))) => {
@@ -239,21 +239,11 @@ fn state_cell(reloader: &Reloader, encoded: &str) -> Response<Full<Bytes>> {
     }
 }
 
-/// `%XX`-decodes a path segment; `None` if it is not valid UTF-8 once decoded.
+/// `%XX`-decodes a path segment; `None` if it is not valid UTF-8 once decoded. A `%` not followed
+/// by two hex digits stays as it is, as URL parsers keep it.
 fn percent_decode(text: &str) -> Option<String> {
-    let mut bytes = Vec::with_capacity(text.len());
-    let mut rest = text.as_bytes();
-    while let Some((&byte, tail)) = rest.split_first() {
-        if byte == b'%' {
-            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
-            bytes.push(u8::from_str_radix(hex, 16).ok()?);
-            rest = &tail[2..];
-        } else {
-            bytes.push(byte);
-            rest = tail;
-        }
-    }
-    String::from_utf8(bytes).ok()
+    let decoded = percent_encoding::percent_decode_str(text).decode_utf8().ok()?;
+    Some(decoded.into_owned())
 }
 
 /// The value of `name` in the request's query string, if given (no percent-decoding: the values
@@ -293,8 +283,8 @@ mod tests {
         assert_eq!(percent_decode("counter").as_deref(), Some("counter"));
         assert_eq!(percent_decode("a%20b%2Fc").as_deref(), Some("a b/c"));
         assert_eq!(percent_decode("%C3%A9").as_deref(), Some("é"));
-        assert_eq!(percent_decode("%zz"), None);
-        assert_eq!(percent_decode("%2"), None);
+        assert_eq!(percent_decode("%zz").as_deref(), Some("%zz"));
+        assert_eq!(percent_decode("%2").as_deref(), Some("%2"));
         assert_eq!(percent_decode("%FF"), None);
     }
 }
