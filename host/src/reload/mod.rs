@@ -108,6 +108,10 @@ pub struct Reloader {
     /// The library file as the last successful build left it (only with `--build`).
     built: Mutex<Option<FileStamp>>,
     canary: Mutex<Option<Canary>>,
+    /// Held while the serving generation, the canary and the last reload's record change
+    /// together, and while `/status` reads them: it never shows one changed without the others
+    /// (a canary gone, and no record yet of how it ended).
+    transition: Mutex<()>,
     share: Arc<AcceptShare>,
     versions: Mutex<Versions>,
 }
@@ -158,6 +162,7 @@ impl Reloader {
             events: broadcast::channel(16).0,
             built: Mutex::new(None),
             canary: Mutex::new(None),
+            transition: Mutex::new(()),
             share,
             versions: Mutex::new(versions),
             settings,
@@ -296,7 +301,9 @@ impl Reloader {
         tracing::info!(generation = number, trigger, canary_percent = percent, "reloading");
         // No receiver (not under systemd) is fine.
         let _ = self.events.send(ReloadEvent::Started);
-        let outcome = match self.build_and_load(number, stop).await {
+        let loaded = self.build_and_load(number, stop).await;
+        let _transition = lock(&self.transition);
+        let outcome = match loaded {
             Ok(new) if percent > 0 => {
                 self.start_canary(new, percent);
                 Ok(Done {
@@ -314,6 +321,7 @@ impl Reloader {
     /// Loads a kept version again and swaps it in; during a canary, rolls the canary back instead.
     async fn rollback(self: &Arc<Self>, trigger: &str, sha256: Option<&str>) -> ReloadOutcome {
         let began = Instant::now();
+        let transition = lock(&self.transition);
         if let Some(number) = self.end_canary() {
             tracing::info!(generation = number, "canary rolled back on request");
             let serving = self.current.load().number;
@@ -323,6 +331,7 @@ impl Reloader {
             self.finish(trigger, number, began, &outcome);
             return Ok(Done::serving(serving));
         }
+        drop(transition);
         let serving = self.current.load().library.sha256.clone();
         let version: Version = {
             let versions = lock(&self.versions);
@@ -343,7 +352,9 @@ impl Reloader {
         tracing::info!(generation = number, trigger, sha256 = version.sha256, "rolling back");
         let _ = self.events.send(ReloadEvent::Started);
         let in_use = lock(&self.live).iter().any(|g| g.library.sha256 == version.sha256);
-        let outcome = match self.load(number, Source::Kept(&version, in_use)).await {
+        let loaded = self.load(number, Source::Kept(&version, in_use)).await;
+        let _transition = lock(&self.transition);
+        let outcome = match loaded {
             Ok(new) => Ok(self.swap_in(new, began)),
             Err(e) => Err(self.refused(number, e)),
         };
@@ -354,6 +365,7 @@ impl Reloader {
     /// Makes the canary the serving generation.
     fn promote(self: &Arc<Self>, trigger: &str) -> ReloadOutcome {
         let began = Instant::now();
+        let _transition = lock(&self.transition);
         let canary = lock(&self.canary)
             .take()
             .ok_or_else(|| Refusal::Conflict("there is no canary to promote".to_string()))?;
@@ -380,6 +392,7 @@ impl Reloader {
             Verdict::Promote => self.promote(Trigger::Canary.name()),
             Verdict::RollBack(reason) => {
                 let began = Instant::now();
+                let _transition = lock(&self.transition);
                 self.end_canary();
                 tracing::error!(
                     generation,
@@ -581,6 +594,7 @@ impl Reloader {
 
     /// The JSON document `GET /status` answers with.
     pub fn status(&self) -> serde_json::Value {
+        let _transition = lock(&self.transition);
         let current = self.current.load();
         let state = self.state.summary();
         let generations: Vec<serde_json::Value> = lock(&self.live)
