@@ -1,6 +1,7 @@
 //! The end-to-end tests, as one test binary: each module runs the real host against real app
 //! libraries (see the `e2e_tests` library for the harness). Run one file's tests with
-//! `cargo test -p e2e-tests -- handover::`, one test by its name.
+//! `cargo test --test e2e -- handover::` (from the workspace root, so that dependencies are not
+//! built again with other features), one test by its name.
 
 mod app_logs;
 mod bad_versions;
