@@ -594,9 +594,13 @@ impl Reloader {
 
     /// The JSON document `GET /status` answers with.
     pub fn status(&self) -> serde_json::Value {
+        // Read before taking `transition`: none of it changes with a reload, and the state file
+        // or /proc may be slow, which a reload's last step must not wait for.
+        let state = self.state.summary();
+        let open_descriptors = crate::serving::metrics::open_descriptors();
+        let leftovers = crate::generation::leftovers::ledger().status();
         let _transition = lock(&self.transition);
         let current = self.current.load();
-        let state = self.state.summary();
         let generations: Vec<serde_json::Value> = lock(&self.live)
             .iter()
             .map(|g| {
@@ -624,8 +628,8 @@ impl Reloader {
                 Ok(summary) => serde_json::json!(summary),
                 Err(e) => serde_json::json!({ "error": e.to_string() }),
             },
-            "open_descriptors": crate::serving::metrics::open_descriptors(),
-            "leftovers": crate::generation::leftovers::ledger().status(),
+            "open_descriptors": open_descriptors,
+            "leftovers": leftovers,
             "reloads": {
                 "ok": self.succeeded.load(Ordering::Relaxed),
                 "failed": self.failed.load(Ordering::Relaxed),
