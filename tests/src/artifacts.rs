@@ -388,27 +388,28 @@ fn built(slot: &'static Built, name: &str, build: impl FnOnce() -> Result<PathBu
 /// directory) then go on while the first tests run, instead of each waiting for the test that
 /// needs it. A build that fails here fails again, with its message, in the test that needs it.
 fn prebuild() {
-    let mut builds: Vec<Box<dyn Fn() -> &'static Path>> = vec![
-        Box::new(host_binary),
-        Box::new(|| example_app(AppVersion::V1)),
-        Box::new(no_entry_library),
-    ];
-    let faults = Fault::ALL.into_iter().filter(|&fault| fault != Fault::None);
-    builds.extend(faults.map(|fault| Box::new(move || faulty_app(fault)) as Box<dyn Fn() -> &'static Path>));
-    builds.push(Box::new(|| example_app(AppVersion::V2)));
-    builds.push(Box::new(|| hostile_app(Hostile::Failing)));
-    builds.push(Box::new(xtask_binary));
-    let copies = Hostile::ALL
-        .into_iter()
-        .filter(|&behaviour| behaviour != Hostile::TokioSignal);
-    builds.extend(copies.map(|behaviour| Box::new(move || hostile_app(behaviour)) as Box<dyn Fn() -> &'static Path>));
-    builds.push(Box::new(hostile_app_panic_abort));
-    builds.push(Box::new(|| hostile_app(Hostile::TokioSignal)));
-    builds.push(Box::new(|| axum_examples(AppVersion::V1)));
-    builds.push(Box::new(|| axum_examples(AppVersion::V2)));
-    for build in builds {
+    let quietly = |build: &dyn Fn() -> &'static Path| {
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(build));
+    };
+    quietly(&host_binary);
+    quietly(&|| example_app(AppVersion::V1));
+    quietly(&no_entry_library);
+    for fault in Fault::ALL.into_iter().filter(|&fault| fault != Fault::None) {
+        quietly(&|| faulty_app(fault));
     }
+    quietly(&|| example_app(AppVersion::V2));
+    quietly(&|| hostile_app(Hostile::Failing));
+    quietly(&xtask_binary);
+    for behaviour in Hostile::ALL
+        .into_iter()
+        .filter(|&behaviour| behaviour != Hostile::TokioSignal)
+    {
+        quietly(&|| hostile_app(behaviour));
+    }
+    quietly(&hostile_app_panic_abort);
+    quietly(&|| hostile_app(Hostile::TokioSignal));
+    quietly(&|| axum_examples(AppVersion::V1));
+    quietly(&|| axum_examples(AppVersion::V2));
 }
 
 /// Whether this test binary runs every test: no name filter, no `--skip`, not `--list`
