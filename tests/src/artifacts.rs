@@ -22,6 +22,7 @@
 //! binary asks first; the others take the copy. When every test runs (no filter), the first
 //! request starts building all of them in the background ([`prebuild`]).
 
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -117,7 +118,7 @@ pub fn xtask_binary() -> &'static Path {
 /// Builds the workspace's binary `name`, with the features `cargo test` compiled its dependencies
 /// with (see the module docs).
 fn workspace_executable(name: &str) -> Result<PathBuf, String> {
-    let messages = cargo(&workspace_manifest(), "build", &["--bin", name], Incremental::Yes)?;
+    let messages = cargo(&workspace_manifest(), "build", &["--bin", name])?;
     executable(&messages, name)
 }
 
@@ -519,7 +520,7 @@ fn build_cdylib_with(
     args.extend_from_slice(extra);
     args.extend_from_slice(&["--", "-C", "strip=debuginfo"]);
     args.extend_from_slice(rustc_args);
-    let messages = cargo(manifest, "rustc", &args, Incremental::No)?;
+    let messages = cargo(manifest, "rustc", &args)?;
     let library = cdylib(&messages, package)?;
 
     let bytes = fs::read(&library).map_err(|e| format!("cannot read {}: {e}", library.display()))?;
@@ -551,25 +552,22 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
     fs::rename(&partial, path).map_err(|e| format!("cannot rename {} to {}: {e}", partial.display(), path.display()))
 }
 
-/// Whether a build keeps cargo's incremental compilation state.
-enum Incremental {
-    /// As a developer's build would: the `host` and `xtask` binaries, which `cargo xtask dev`
-    /// builds again, are then the same build.
-    Yes,
-    /// Not for app libraries: the tests' copies are built once per run and never edited, so the
-    /// state (tens of MB per crate) would only fill the target directory.
-    No,
+/// The environment of every cargo the tests run, themselves or through the xtask or the host's
+/// `--build`: the workspace's target directory, so that what one build compiled the others reuse,
+/// and no incremental compilation state. Nothing the tests build is edited more than twice, so the
+/// state (tens of MB per crate, over 200 MB in all) would only fill the target directory. Every
+/// cargo needs the same setting: cargo compiles a crate again when it changes.
+pub fn cargo_environment() -> [(&'static str, &'static OsStr); 2] {
+    [
+        ("CARGO_TARGET_DIR", target_dir().as_os_str()),
+        ("CARGO_INCREMENTAL", OsStr::new("0")),
+    ]
 }
 
 /// Runs `cargo <subcommand>` (`build`, or `rustc` with the compiler's arguments after `--` in
 /// `args`) on `manifest` into the workspace's target directory and returns cargo's JSON messages;
 /// on failure, returns everything cargo printed.
-fn cargo(
-    manifest: &Path,
-    subcommand: &str,
-    args: &[&str],
-    incremental: Incremental,
-) -> Result<Vec<serde_json::Value>, String> {
+fn cargo(manifest: &Path, subcommand: &str, args: &[&str]) -> Result<Vec<serde_json::Value>, String> {
     let mut command = Command::new(env!("CARGO"));
     command
         .arg(subcommand)
@@ -577,11 +575,8 @@ fn cargo(
         .arg(manifest)
         .arg("--message-format=json-render-diagnostics")
         .args(args)
-        .env("CARGO_TARGET_DIR", target_dir())
+        .envs(cargo_environment())
         .current_dir(manifest.parent().expect("a manifest path has a parent"));
-    if let Incremental::No = incremental {
-        command.env("CARGO_INCREMENTAL", "0");
-    }
     let described = format!("{command:?}");
     let output = command
         .output()

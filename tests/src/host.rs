@@ -569,6 +569,14 @@ impl HostCommand {
         self
     }
 
+    /// Sets several environment variables of the host, as [`HostCommand::env`] does.
+    pub fn envs<K: AsRef<OsStr>, V: AsRef<OsStr>>(mut self, vars: impl IntoIterator<Item = (K, V)>) -> Self {
+        for (key, value) in vars {
+            self = self.env(key, value);
+        }
+        self
+    }
+
     /// Runs the host in `dir` (by default, in the tests' working directory).
     pub fn current_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.current_dir = Some(dir.into());

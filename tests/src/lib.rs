@@ -15,8 +15,9 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use artifacts::{
-    AppVersion, Fault, Hostile, axum_examples, copy_example_app, example_app, faulty_app, host_binary, hostile_app,
-    hostile_app_panic_abort, no_entry_library, replace_in, target_dir, workspace_root, xtask_binary,
+    AppVersion, Fault, Hostile, axum_examples, cargo_environment, copy_example_app, example_app, faulty_app,
+    host_binary, hostile_app, hostile_app_panic_abort, no_entry_library, replace_in, target_dir, workspace_root,
+    xtask_binary,
 };
 pub use client::{KeepAlive, Reply};
 pub use host::{Host, HostCommand, Sandbox, free_address};

@@ -5,8 +5,8 @@
 //!   and the compiler's error is the reload's outcome (`POST /reload`, `last_reload.error`);
 //! - the fix: a reload (SIGHUP) builds it and serves it, in the same process.
 //!
-//! The host and the copy of the app build into the workspace's target directory (`CARGO_TARGET_DIR`), like the other
-//! cargo-driven e2e tests, so that compiled dependencies are shared. The build command runs in
+//! The host and the copy of the app build into the workspace's target directory, like the other
+//! cargo-driven e2e tests, so that compiled dependencies are shared ([`cargo_environment`]). The build command runs in
 //! the host's working directory, here the app's directory. Everything talks to 127.0.0.1 only;
 //! every wait is bounded; there are no timing assertions.
 
@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use e2e_tests::process::wait_bounded;
-use e2e_tests::{Host, Sandbox, client, copy_example_app, replace_in, target_dir};
+use e2e_tests::{Host, Sandbox, cargo_environment, client, copy_example_app, replace_in, target_dir};
 use hyper::StatusCode;
 use rustix::process::Signal;
 
@@ -87,7 +87,7 @@ async fn a_build_failure_keeps_the_old_version_and_a_fix_is_served() {
     let mut first_build = Command::new("sh")
         .args(["-c", &build])
         .current_dir(&app)
-        .env("CARGO_TARGET_DIR", target_dir())
+        .envs(cargo_environment())
         .stdin(Stdio::null())
         .spawn()
         .expect("the first build starts");
@@ -97,7 +97,7 @@ async fn a_build_failure_keeps_the_old_version_and_a_fix_is_served() {
 
     let mut host = sandbox
         .host()
-        .env("CARGO_TARGET_DIR", target_dir())
+        .envs(cargo_environment())
         .current_dir(&app)
         .args(["--build", &build, "--build-timeout", "10m"])
         .start()

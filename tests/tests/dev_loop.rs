@@ -6,8 +6,8 @@
 //! everything it started and exit 0. A new app must be served, and reloaded, on the first try.
 //!
 //! The shared harness builds the xtask and the host into the workspace's target directory, and the xtask builds the app
-//! there too (its cargo runs with `CARGO_TARGET_DIR` set to it), so that compiled dependencies are
-//! shared between runs. Everything talks to 127.0.0.1 only; every wait is bounded; there are no
+//! there too (its cargo runs with the tests' [`cargo_environment`]), so that compiled dependencies
+//! are shared between runs. Everything talks to 127.0.0.1 only; every wait is bounded; there are no
 //! timing assertions. The tests take turns ([`SERIAL`]): a build of one would hold cargo's lock on
 //! the shared target directory for minutes while the other waits for a rebuild.
 
@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use e2e_tests::process::{signal, wait_bounded};
 use e2e_tests::{
-    Sandbox, assert_answer, client, copy_example_app, free_address, host_binary, replace_in, target_dir, wait_until,
-    workspace_root, xtask_binary,
+    Sandbox, assert_answer, cargo_environment, client, copy_example_app, free_address, host_binary, replace_in,
+    wait_until, workspace_root, xtask_binary,
 };
 use hyper::StatusCode;
 use rustix::process::Signal;
@@ -153,13 +153,14 @@ async fn dev_loop_serves_each_version_that_builds_and_stops_cleanly() {
 /// on the first try, an edit reloaded, a clean stop; and the new app's own unit test passes.
 ///
 /// The new app is a workspace of its own, so its builds would go to its own `target/`, compiling
-/// every dependency anew (minutes on two cores). The dev loop runs with `CARGO_TARGET_DIR` set to
-/// the workspace's target directory (see [`Dev::start`]), as does the `cargo test` below, so it reuses what the other
-/// tests' builds compiled there: `xtask new` copies the workspace's `Cargo.lock`, so versions and
-/// features are the same. Not all of it: the new app's manifest leaves out the workspace's
-/// `opt-level = 3` for memchr, so memchr and what depends on it in the app's graph (serde_json,
-/// multer, abi_stable, axum, app-abi, app-api) are compiled once more, about 25 s on two cores the
-/// first time and nothing after; the test build adds only the app's test harness (about 5 s).
+/// every dependency anew (minutes on two cores). The dev loop runs in the workspace's target
+/// directory (the tests' [`cargo_environment`], see [`Dev::start`]), as does the `cargo test`
+/// below, so it reuses what the other tests' builds compiled there: `xtask new` copies the
+/// workspace's `Cargo.lock` and writes the workspace's debug-info setting, so versions, features
+/// and profiles are the same. Not all of it: the new app's manifest leaves out the workspace's
+/// `opt-level = 3` for memchr (a setting for the host's checks), so memchr and what depends on it
+/// in the app's graph (serde_json, multer, abi_stable, axum, app-abi, app-api) are compiled once
+/// more, about 10 s on two cores; the test build adds only the app's test harness (about 5 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_app_is_served_and_reloaded_on_the_first_try() {
     let _serial = SERIAL.lock().await;
@@ -247,7 +248,7 @@ async fn a_new_app_is_served_and_reloaded_on_the_first_try() {
         Command::new(env!("CARGO"))
             .args(["test", "--manifest-path"])
             .arg(app.join("Cargo.toml"))
-            .env("CARGO_TARGET_DIR", target_dir()),
+            .envs(cargo_environment()),
         &outside.join("cargo-test.log"),
         BUILD_TIMEOUT,
     );
@@ -325,7 +326,7 @@ impl Dev {
             .arg("--app")
             .arg(app)
             .args(["--listen", &listen.to_string(), "--admin", &admin.to_string()])
-            .env("CARGO_TARGET_DIR", target_dir())
+            .envs(cargo_environment())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -19,7 +19,8 @@
 //!   the workspace's already say `panic = "unwind"`.
 //! - Outside it (`--path` elsewhere, or run from elsewhere): it is a workspace of its own (an
 //!   empty `[workspace]` table, so that it never joins a workspace it happens to sit in), with
-//!   its own `[profile.*] panic = "unwind"`, a copy of this checkout's `Cargo.lock` (the
+//!   its own `[profile.*] panic = "unwind"` and the workspace's debug info for `[profile.dev]`
+//!   (line tables, in the object files), a copy of this checkout's `Cargo.lock` (the
 //!   versions the host is tested with, and no registry lookup for what the cache has; cargo
 //!   drops the unused entries on the first build) and a `.gitignore` for its `target/`. app-api
 //!   is a `path` dependency on this checkout, by absolute path: a git dependency would need the
@@ -495,7 +496,9 @@ tower = {{ version = "0.5", features = ["util"] }}
 # The host catches panics in handlers; with `abort` it refuses the library.
 [profile.dev]
 panic = "unwind"
-# Debug info stays in the object files: a smaller library, built, copied and loaded faster.
+# Line tables only, kept in the object files: backtraces still name file and line, and the
+# library is smaller, so it is built, copied and loaded faster on every save.
+debug = "line-tables-only"
 split-debuginfo = "unpacked"
 
 [profile.release]
