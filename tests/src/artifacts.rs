@@ -3,20 +3,23 @@
 //! `cargo test` compiled instead of compiling a second copy of them. (Cargo releases its lock on the
 //! target directory once the test binaries are built, before it runs them.)
 //!
-//! - The binaries are built with `cargo build --bin NAME` and no `-p`: cargo then merges features
-//!   over the workspace's default members exactly as `cargo test` did, so every dependency is one
-//!   it has already compiled. With `-p host` it would merge them over the host alone, and compile
-//!   again each crate whose features differ.
-//! - Each app library is built by a cargo command of its own, never with the host: cargo would
-//!   merge the host's tokio features (`signal`) into the library, which the host then refuses.
+//! - The binaries are built with `cargo build --bin host --bin xtask` and no `-p`: cargo then
+//!   merges features over the workspace's default members exactly as `cargo test` did, so every
+//!   dependency is one it has already compiled. With `-p host` it would merge them over the host
+//!   alone, and compile again each crate whose features differ.
+//! - The app libraries are never built with the host: cargo would merge the host's tokio features
+//!   (`signal`) into them, which the host then refuses. Those without features are built together,
+//!   by one cargo command ([`APP_PACKAGES`]); each build that needs other features or compiler
+//!   arguments has a command of its own. One build of a fixture serves many tests: copies of it
+//!   differ in a marker field (see the `fixture-marker` crate).
 //!
 //! Several cdylibs share one output name (`libhostile_app.so` for the builds with and without
-//! `tokio-signal`, `libaxum_examples.so` for v1 and v2): cargo does not put a hash in a cdylib's file name, so
+//! `tokio-signal` and with `panic=abort`): cargo does not put a hash in a cdylib's file name, so
 //! the variant built last overwrites the others, and cargo's freshness check (sources older than
 //! the output) would then take the overwritten file for an up-to-date build of another variant.
-//! So such an output is deleted before its variant is built (which costs one re-link of that
-//! crate), copied to a name of its own, and deleted again, so that no later build (the tests' or a
-//! user's `cargo build -p example-app`) takes it for its own.
+//! So every output is deleted before its build (which costs one re-link of that crate), copied
+//! to a name of its own, and deleted again, so that no later build (the tests' or a user's
+//! `cargo build -p example-app`) takes it for its own.
 //!
 //! Every artifact is built at most once per run of `cargo test` (see [`run_id`]), whichever test
 //! binary asks first; the others take the copy. When every test runs (no filter), the first
@@ -101,69 +104,94 @@ impl AppVersion {
 
 pub use fixture_marker::{Fault, Hostile};
 
-type Built = OnceLock<Result<PathBuf, String>>;
+type Built = OnceLock<Result<Vec<PathBuf>, String>>;
 
 /// The `host` binary.
 pub fn host_binary() -> &'static Path {
-    static HOST: Built = OnceLock::new();
-    built(&HOST, "host", || workspace_executable("host"))
+    &workspace_binaries()[0]
 }
 
 /// The `xtask` binary (`cargo xtask`).
 pub fn xtask_binary() -> &'static Path {
-    static XTASK: Built = OnceLock::new();
-    built(&XTASK, "xtask", || workspace_executable("xtask"))
+    &workspace_binaries()[1]
 }
 
-/// Builds the workspace's binary `name`, with the features `cargo test` compiled its dependencies
-/// with (see the module docs).
-fn workspace_executable(name: &str) -> Result<PathBuf, String> {
-    let messages = cargo(&workspace_manifest(), "build", &["--bin", name])?;
-    executable(&messages, name)
+/// The `host` and `xtask` binaries, in that order: one cargo command builds both, side by side,
+/// with the features `cargo test` compiled their dependencies with (see the module docs).
+fn workspace_binaries() -> &'static [PathBuf] {
+    static BINARIES: Built = OnceLock::new();
+    built(&BINARIES, "binaries", || {
+        let messages = cargo(&workspace_manifest(), "build", &["--bin", "host", "--bin", "xtask"])?;
+        Ok(vec![executable(&messages, "host")?, executable(&messages, "xtask")?])
+    })
+}
+
+/// The app libraries the tests build without features, all with one cargo command, which
+/// compiles and links them side by side: their dependencies want the same features (none has
+/// tokio's `signal`), so they are compiled once for all of them.
+const APP_PACKAGES: [&str; 6] = [
+    "example-app",
+    "example-app-v2",
+    "faulty-app",
+    "no-entry",
+    "hostile-app",
+    "axum-examples",
+];
+
+/// The library of `package`, one of [`APP_PACKAGES`].
+fn app_library(package: &str) -> &'static Path {
+    static APPS: Built = OnceLock::new();
+    let libraries = built(&APPS, "app-libraries", || {
+        build_cdylibs(&workspace_manifest(), &APP_PACKAGES, &[], &[], "")
+    });
+    let index = APP_PACKAGES
+        .iter()
+        .position(|&name| name == package)
+        .unwrap_or_else(|| panic!("{package} is not one of the app packages the tests build"));
+    &libraries[index]
 }
 
 /// The example app in `version`: v1 is the workspace's `example-app`, v2 the
 /// `tests/fixtures/example-app-v2` fixture (the same code with `VERSION = "v2"`).
 pub fn example_app(version: AppVersion) -> &'static Path {
-    static APPS: [Built; 2] = [OnceLock::new(), OnceLock::new()];
-    let (slot, package) = match version {
-        AppVersion::V1 => (&APPS[0], "example-app"),
-        AppVersion::V2 => (&APPS[1], "example-app-v2"),
-    };
-    let name = format!("example-app-{}", version.name());
-    built(slot, &name, || build_cdylib(&workspace_manifest(), package, &[], &name))
+    match version {
+        AppVersion::V1 => app_library("example-app"),
+        AppVersion::V2 => app_library("example-app-v2"),
+    }
 }
 
 /// The `faulty-app` fixture with `fault`: a copy of its one build with the fault's name in its
 /// marker field (see `tests/fixtures/faulty-app`).
 pub fn faulty_app(fault: Fault) -> &'static Path {
-    static BUILD: Built = OnceLock::new();
     static FAULTY: [Built; Fault::ALL.len()] = [const { OnceLock::new() }; Fault::ALL.len()];
-    let build = built(&BUILD, "faulty-app", || {
-        build_cdylib(&workspace_manifest(), "faulty-app", &[], "faulty-app")
-    });
+    let build = app_library("faulty-app");
     let name = format!("faulty-app-{}", fault.name());
-    built(&FAULTY[fault as usize], &name, || {
-        marked_copy(build, |library| Fault::FIELD.rename(library, fault.name()), &name)
-    })
+    marked_copy(
+        &FAULTY[fault as usize],
+        build,
+        |library| Fault::FIELD.rename(library, fault.name()),
+        &name,
+    )
 }
 
 /// The `axum-examples` fixture (axum's own SSE, WebSocket, chat and stream-to-file examples as
-/// one app, see `tests/fixtures/axum-examples`) with its `VERSION` constant set to `version`: v1
-/// is the default build, v2 the build with the fixture's `v2` feature.
+/// one app, see `tests/fixtures/axum-examples`) that says it is `version`: v1 is its build, v2 a
+/// copy with `v2` in its version field.
 pub fn axum_examples(version: AppVersion) -> &'static Path {
-    static BUILDS: [Built; 2] = [OnceLock::new(), OnceLock::new()];
-    let (slot, features): (&Built, &[&str]) = match version {
-        AppVersion::V1 => (&BUILDS[0], &[]),
-        AppVersion::V2 => (&BUILDS[1], &["--features", "v2"]),
-    };
-    let name = format!("axum-examples-{}", version.name());
-    built(slot, &name, || {
-        build_cdylib(&workspace_manifest(), "axum-examples", features, &name)
-    })
+    static V2: Built = OnceLock::new();
+    let build = app_library("axum-examples");
+    match version {
+        AppVersion::V1 => build,
+        AppVersion::V2 => marked_copy(
+            &V2,
+            build,
+            |library| fixture_marker::AXUM_EXAMPLES_VERSION.rename(library, AppVersion::V2.name()),
+            "axum-examples-v2",
+        ),
+    }
 }
 
-/// The `hostile-app` fixture with `behaviour`: the build without features for
+/// The `hostile-app` fixture with `behaviour`: its build without features for
 /// [`Hostile::Default`], a copy of it with the behaviour's name in its marker field for the others
 /// but one (see `tests/fixtures/hostile-app`), and for [`Hostile::TokioSignal`] the build with the
 /// feature of that name, a cargo command of its own, so that its tokio features (`signal`,
@@ -173,23 +201,22 @@ pub fn hostile_app(behaviour: Hostile) -> &'static Path {
     let slot = &HOSTILE[behaviour as usize];
     let name = format!("hostile-app-{}", behaviour.name());
     match behaviour {
-        Hostile::Default => built(slot, &name, || {
-            build_cdylib(&workspace_manifest(), "hostile-app", &[], &name)
-        }),
-        Hostile::TokioSignal => built(slot, &name, || {
-            build_cdylib(
+        Hostile::Default => app_library("hostile-app"),
+        Hostile::TokioSignal => &built(slot, &name, || {
+            build_cdylibs(
                 &workspace_manifest(),
-                "hostile-app",
-                &["--features", "tokio-signal"],
-                &name,
+                &["hostile-app"],
+                &["--features", "hostile-app/tokio-signal"],
+                &[],
+                "-tokio-signal",
             )
-        }),
-        _ => {
-            let build = hostile_app(Hostile::Default);
-            built(slot, &name, || {
-                marked_copy(build, |library| Hostile::FIELD.rename(library, behaviour.name()), &name)
-            })
-        }
+        })[0],
+        _ => marked_copy(
+            slot,
+            app_library("hostile-app"),
+            |library| Hostile::FIELD.rename(library, behaviour.name()),
+            &name,
+        ),
     }
 }
 
@@ -203,18 +230,20 @@ pub fn hostile_app(behaviour: Hostile) -> &'static Path {
 /// (tokio, axum, hyper, abi_stable, ...) once more, which took about two minutes on two cores.
 pub fn hostile_app_panic_abort() -> &'static Path {
     static ABORT: Built = OnceLock::new();
-    let name = "hostile-app-panic-abort";
-    built(&ABORT, name, || {
-        build_cdylib_with(&workspace_manifest(), "hostile-app", &[], &["-C", "panic=abort"], name)
-    })
+    &built(&ABORT, "hostile-app-panic-abort", || {
+        build_cdylibs(
+            &workspace_manifest(),
+            &["hostile-app"],
+            &[],
+            &["-C", "panic=abort"],
+            "-panic-abort",
+        )
+    })[0]
 }
 
 /// The `no-entry` fixture: a shared library that is not an app.
 pub fn no_entry_library() -> &'static Path {
-    static NO_ENTRY: Built = OnceLock::new();
-    built(&NO_ENTRY, "no-entry", || {
-        build_cdylib(&workspace_manifest(), "no-entry", &[], "no-entry")
-    })
+    app_library("no-entry")
 }
 
 /// Copies the workspace's `example-app` (its `Cargo.toml` and `src/`) to `dest` as a stand-alone
@@ -352,10 +381,10 @@ fn workspace_manifest() -> PathBuf {
     workspace_root().join("Cargo.toml")
 }
 
-/// Runs `build` for the artifact `name` once per run of `cargo test` (a failure is kept and
-/// reported to every caller of this process), holding the build lock. `build` returns the path of
-/// what it built, which a later test binary of the same run takes as it is.
-fn built(slot: &'static Built, name: &str, build: impl FnOnce() -> Result<PathBuf, String>) -> &'static Path {
+/// Runs `build` for the artifacts `name` once per run of `cargo test` (a failure is kept and
+/// reported to every caller of this process), holding the build lock. `build` returns the paths of
+/// what it built, which a later test binary of the same run takes as they are.
+fn built(slot: &'static Built, name: &str, build: impl FnOnce() -> Result<Vec<PathBuf>, String>) -> &'static [PathBuf] {
     static PREBUILD: Once = Once::new();
     PREBUILD.call_once(|| {
         if runs_every_test() {
@@ -366,51 +395,41 @@ fn built(slot: &'static Built, name: &str, build: impl FnOnce() -> Result<PathBu
         let _lock = BuildLock::acquire();
         let stamp = fixtures_dir().join(format!("{name}.run"));
         let run = run_id();
-        if let Some(path) = fs::read_to_string(&stamp)
-            .ok()
-            .and_then(|text| text.strip_prefix(&format!("{run}\n")).map(PathBuf::from))
-            .filter(|path| path.exists())
-        {
-            return Ok(path);
+        if let Some(paths) = fs::read_to_string(&stamp).ok().and_then(|text| {
+            let mut lines = text.lines();
+            let paths: Vec<PathBuf> = (lines.next()? == run).then(|| lines.map(PathBuf::from).collect())?;
+            (!paths.is_empty() && paths.iter().all(|path| path.exists())).then_some(paths)
+        }) {
+            return Ok(paths);
         }
-        let path = build()?;
-        let text = format!("{run}\n{}", path.display());
+        let paths = build()?;
+        let mut text = run;
+        for path in &paths {
+            text.push('\n');
+            text.push_str(&path.to_string_lossy());
+        }
         fs::write(&stamp, text).map_err(|e| format!("cannot write {}: {e}", stamp.display()))?;
-        Ok(path)
+        Ok(paths)
     });
     match outcome {
-        Ok(path) => path,
+        Ok(paths) => paths,
         Err(message) => panic!("{message}"),
     }
 }
 
-/// Builds every artifact, in the order a run of every test first needs them, on a thread of its
-/// own: the builds (a minute and more on two cores, one at a time since cargo locks the target
+/// Runs every build, in the order a run of every test first needs them, on a thread of its own:
+/// the builds (most of a minute on two cores, one at a time since cargo locks the target
 /// directory) then go on while the first tests run, instead of each waiting for the test that
 /// needs it. A build that fails here fails again, with its message, in the test that needs it.
+/// (The marked copies are made when first asked for: they take milliseconds.)
 fn prebuild() {
     let quietly = |build: &dyn Fn() -> &'static Path| {
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(build));
     };
     quietly(&host_binary);
     quietly(&|| example_app(AppVersion::V1));
-    quietly(&no_entry_library);
-    for fault in Fault::ALL.into_iter().filter(|&fault| fault != Fault::None) {
-        quietly(&|| faulty_app(fault));
-    }
-    quietly(&|| example_app(AppVersion::V2));
-    quietly(&|| hostile_app(Hostile::Failing));
-    quietly(&xtask_binary);
-    for behaviour in Hostile::ALL
-        .into_iter()
-        .filter(|&behaviour| behaviour != Hostile::TokioSignal)
-    {
-        quietly(&|| hostile_app(behaviour));
-    }
     quietly(&hostile_app_panic_abort);
     quietly(&|| hostile_app(Hostile::TokioSignal));
-    quietly(&|| axum_examples(AppVersion::V1));
-    quietly(&|| axum_examples(AppVersion::V2));
 }
 
 /// Whether this test binary runs every test: no name filter, no `--skip`, not `--list`
@@ -482,28 +501,32 @@ impl BuildLock {
     }
 }
 
-/// Builds the cdylib of `package` (from `manifest`'s workspace, with `extra` arguments) and returns
-/// a copy of it named `name`.
-fn build_cdylib(manifest: &Path, package: &str, extra: &[&str], name: &str) -> Result<PathBuf, String> {
-    build_cdylib_with(manifest, package, extra, &[], name)
-}
-
-/// Like [`build_cdylib`], with `rustc_args` passed to the compiler for `package`'s library only
-/// (its dependencies are built as usual).
+/// Builds the cdylibs of `packages` (from `manifest`'s workspace, with `extra` arguments) in one
+/// cargo command and returns copies of them, in the same order, each named after its package
+/// and `suffix` (which tells this build from the package's others).
 ///
-/// The library is linked without debug info (`-C strip=debuginfo`): the tests load it, copy it
-/// and stage it hundreds of times, and never debug it; it is a third of the size.
-fn build_cdylib_with(
+/// With `rustc_args`, the command is `cargo rustc`, which passes them to the compiler for the one
+/// package's library only (its dependencies are built as usual).
+///
+/// The libraries are linked without debug info (`strip = "debuginfo"` for these packages only):
+/// the tests load them, copy them and stage them hundreds of times, and never debug them; they
+/// are a third of the size.
+fn build_cdylibs(
     manifest: &Path,
-    package: &str,
+    packages: &[&str],
     extra: &[&str],
     rustc_args: &[&str],
-    name: &str,
-) -> Result<PathBuf, String> {
-    // The output name the variants of this package share (see the module docs).
-    let file_name = format!("lib{}.so", package.replace('-', "_"));
+    suffix: &str,
+) -> Result<Vec<PathBuf>, String> {
+    // The output names the variants of these packages share (see the module docs).
     let debug = target_dir().join("debug");
-    let outputs = [debug.join("deps").join(&file_name), debug.join(&file_name)];
+    let outputs: Vec<PathBuf> = packages
+        .iter()
+        .flat_map(|package| {
+            let file_name = format!("lib{}.so", package.replace('-', "_"));
+            [debug.join("deps").join(&file_name), debug.join(file_name)]
+        })
+        .collect();
     let remove_outputs = || -> Result<(), String> {
         for output in &outputs {
             match fs::remove_file(output) {
@@ -516,32 +539,54 @@ fn build_cdylib_with(
     };
     remove_outputs()?;
 
-    let mut args = vec!["-p", package, "--lib"];
+    let strip: Vec<String> = packages
+        .iter()
+        .map(|package| format!("profile.dev.package.{package}.strip=\"debuginfo\""))
+        .collect();
+    let mut args = vec!["--lib"];
+    for (package, strip) in packages.iter().zip(&strip) {
+        args.extend(["-p", package, "--config", strip]);
+    }
     args.extend_from_slice(extra);
-    args.extend_from_slice(&["--", "-C", "strip=debuginfo"]);
-    args.extend_from_slice(rustc_args);
-    let messages = cargo(manifest, "rustc", &args)?;
-    let library = cdylib(&messages, package)?;
+    let subcommand = if rustc_args.is_empty() {
+        "build"
+    } else {
+        assert_eq!(packages.len(), 1, "`cargo rustc` builds one package");
+        args.push("--");
+        args.extend_from_slice(rustc_args);
+        "rustc"
+    };
+    let messages = cargo(manifest, subcommand, &args)?;
 
-    let bytes = fs::read(&library).map_err(|e| format!("cannot read {}: {e}", library.display()))?;
-    let copy = fixtures_dir().join(format!("{name}.so"));
-    write_atomically(&copy, &bytes)?;
+    let copies = packages
+        .iter()
+        .map(|package| {
+            let library = cdylib(&messages, package)?;
+            let bytes = fs::read(&library).map_err(|e| format!("cannot read {}: {e}", library.display()))?;
+            let copy = fixtures_dir().join(format!("{package}{suffix}.so"));
+            write_atomically(&copy, &bytes)?;
+            Ok(copy)
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     remove_outputs()?;
-    Ok(copy)
+    Ok(copies)
 }
 
 /// A copy named `name` of the fixture library at `build`, with another name in its marker field
-/// (`rename`, see the `fixture-marker` crate).
+/// (`rename`, see the `fixture-marker` crate), made once per run as [`built`] does.
 fn marked_copy(
+    slot: &'static Built,
     build: &Path,
     rename: impl FnOnce(&[u8]) -> Result<Vec<u8>, fixture_marker::RenameError>,
     name: &str,
-) -> Result<PathBuf, String> {
-    let bytes = fs::read(build).map_err(|e| format!("cannot read {}: {e}", build.display()))?;
-    let copy = rename(&bytes).map_err(|e| format!("cannot make {name} from {}: {e}", build.display()))?;
-    let path = fixtures_dir().join(format!("{name}.so"));
-    write_atomically(&path, &copy)?;
-    Ok(path)
+) -> &'static Path {
+    &built(slot, name, || {
+        let bytes = fs::read(build).map_err(|e| format!("cannot read {}: {e}", build.display()))?;
+        let copy = rename(&bytes).map_err(|e| format!("cannot make {name} from {}: {e}", build.display()))?;
+        let path = fixtures_dir().join(format!("{name}.so"));
+        write_atomically(&path, &copy)?;
+        Ok(vec![path])
+    })[0]
 }
 
 /// Writes `bytes` to `path` under a temporary name and renames it, so that a concurrent reader

@@ -8,8 +8,8 @@
 //! The shared harness builds the xtask and the host into the workspace's target directory, and the xtask builds the app
 //! there too (its cargo runs with the tests' [`cargo_environment`]), so that compiled dependencies
 //! are shared between runs. Everything talks to 127.0.0.1 only; every wait is bounded; there are no
-//! timing assertions. The tests take turns ([`SERIAL`]): a build of one would hold cargo's lock on
-//! the shared target directory for minutes while the other waits for a rebuild.
+//! timing assertions. The two tests may run at once: each build then waits for cargo's lock on the
+//! shared target directory while the other's holds it, seconds, well within the waits' bounds.
 
 use std::future::Future;
 use std::io::{BufRead as _, BufReader};
@@ -45,12 +45,8 @@ const APP_NAME: &str = "dev-loop-app";
 /// The package name of the app `cargo xtask new` creates (for its library's name, as above).
 const NEW_APP_NAME: &str = "dev-loop-new-app";
 
-/// Held by each test for its whole run.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_loop_serves_each_version_that_builds_and_stops_cleanly() {
-    let _serial = SERIAL.lock().await;
     let xtask = xtask_binary();
     // Built the way the xtask builds it, so that the xtask's own build of the host finds it up to
     // date.
@@ -163,7 +159,6 @@ async fn dev_loop_serves_each_version_that_builds_and_stops_cleanly() {
 /// more, about 10 s on two cores; the test build adds only the app's test harness (about 5 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_app_is_served_and_reloaded_on_the_first_try() {
-    let _serial = SERIAL.lock().await;
     let xtask = xtask_binary();
     host_binary();
     let sandbox = Sandbox::new();
