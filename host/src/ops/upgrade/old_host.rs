@@ -327,10 +327,14 @@ impl Upgrader {
                     Err(HandshakeEnd::Failed(error)) => return Err(UpgradeError::Handoff { pid, error }),
                 },
                 status = child.wait() => {
-                    return Err(match status {
-                        Ok(status) => exited(pid, status, reason),
-                        Err(e) => UpgradeError::Handoff { pid, error: format!("cannot wait for it: {e}") },
-                    });
+                    let status = match status {
+                        Ok(status) => status,
+                        Err(e) => return Err(UpgradeError::Handoff { pid, error: format!("cannot wait for it: {e}") }),
+                    };
+                    if !handshake_done {
+                        reason = last_words(&mut handshake).await.or(reason);
+                    }
+                    return Err(exited(pid, status, reason));
                 }
                 () = &mut deadline => {
                     return Err(UpgradeError::NotReady { pid, timeout: self.settings.timeout });
@@ -402,6 +406,21 @@ impl Upgrader {
             borrowed.push(lock.as_fd());
         }
         wire::send(stream, &message, &borrowed).await
+    }
+}
+
+/// How long an exited new host's reason may take to be read. Its end of the hand-off socket closed
+/// when it exited, so what it wrote is read at once; only a process that never connected makes
+/// this wait whole.
+const LAST_WORDS_WAIT: Duration = Duration::from_millis(500);
+
+/// What a new host that has exited wrote before it did. Its exit and its last line arrive
+/// separately, and may be noticed in either order.
+async fn last_words(handshake: &mut (impl Future<Output = Result<String, HandshakeEnd>> + Unpin)) -> Option<String> {
+    match tokio::time::timeout(LAST_WORDS_WAIT, handshake).await {
+        Ok(Ok(_)) => Some("it exited right after saying it was ready".into()),
+        Ok(Err(HandshakeEnd::Closed(reason))) => reason,
+        Ok(Err(HandshakeEnd::Failed(_))) | Err(_) => None,
     }
 }
 
