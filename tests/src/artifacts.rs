@@ -10,8 +10,9 @@
 //! - The app libraries are never built with the host: cargo would merge the host's tokio features
 //!   (`signal`) into them, which the host then refuses. Those without features are built together,
 //!   by one cargo command ([`APP_PACKAGES`]); each build that needs other features or compiler
-//!   arguments has a command of its own. One build of a fixture serves many tests: copies of it
-//!   differ in a marker field (see the `fixture-marker` crate).
+//!   arguments has a command of its own, but the one library that is to have tokio's `signal` is
+//!   built with the host's features (see [`hostile_app`]). One build of a fixture serves many
+//!   tests: copies of it differ in a marker field (see the `fixture-marker` crate).
 //!
 //! Several cdylibs share one output name (`libhostile_app.so` for the builds with and without
 //! `tokio-signal` and with `panic=abort`): cargo does not put a hash in a cdylib's file name, so
@@ -43,9 +44,21 @@ pub fn workspace_root() -> &'static Path {
 pub fn target_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        PathBuf::from(
+            metadata()["target_directory"]
+                .as_str()
+                .expect("`cargo metadata` names the target directory"),
+        )
+    })
+}
+
+/// What `cargo metadata` says of the workspace (without its dependencies).
+fn metadata() -> &'static serde_json::Value {
+    static METADATA: OnceLock<serde_json::Value> = OnceLock::new();
+    METADATA.get_or_init(|| {
         let output = Command::new(env!("CARGO"))
             .args(["metadata", "--format-version", "1", "--no-deps", "--manifest-path"])
-            .arg(workspace_root().join("Cargo.toml"))
+            .arg(workspace_manifest())
             .output()
             .unwrap_or_else(|e| panic!("cannot run `cargo metadata`: {e}"));
         assert!(
@@ -53,13 +66,33 @@ pub fn target_dir() -> &'static Path {
             "`cargo metadata` failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).expect("`cargo metadata` prints JSON");
-        PathBuf::from(
-            metadata["target_directory"]
-                .as_str()
-                .expect("`cargo metadata` names the target directory"),
-        )
+        serde_json::from_slice(&output.stdout).expect("`cargo metadata` prints JSON")
     })
+}
+
+/// The workspace's default members but its app libraries: the packages over which `cargo test`
+/// merged the features it compiled every dependency with. (The app libraries among them add no
+/// feature of their own, and a build that selects them links them, over the tests' own builds.)
+fn default_members_but_apps() -> Vec<&'static str> {
+    let metadata = metadata();
+    let default_members = metadata["workspace_default_members"]
+        .as_array()
+        .expect("`cargo metadata` lists the default members");
+    let packages = metadata["packages"]
+        .as_array()
+        .expect("`cargo metadata` lists the packages");
+    let is_app = |package: &serde_json::Value| {
+        package["targets"].as_array().into_iter().flatten().any(|target| {
+            target["crate_types"]
+                .as_array()
+                .is_some_and(|types| types.iter().any(|t| t == "cdylib"))
+        })
+    };
+    packages
+        .iter()
+        .filter(|package| default_members.contains(&package["id"]) && !is_app(package))
+        .map(|package| package["name"].as_str().expect("a package has a name"))
+        .collect()
 }
 
 /// Where the tests keep their own files next to cargo's: copies of built libraries under names of
@@ -194,8 +227,12 @@ pub fn axum_examples(version: AppVersion) -> &'static Path {
 /// The `hostile-app` fixture with `behaviour`: its build without features for
 /// [`Hostile::Default`], a copy of it with the behaviour's name in its marker field for the others
 /// but one (see `tests/fixtures/hostile-app`), and for [`Hostile::TokioSignal`] the build with the
-/// feature of that name, a cargo command of its own, so that its tokio features (`signal`,
-/// `process`, `parking_lot`) reach only that library.
+/// feature of that name.
+///
+/// That build has tokio's `signal` feature, as the host and the tests have: built together with
+/// them ([`default_members_but_apps`] selected too), it is compiled against the very dependencies
+/// `cargo test` compiled, and only the fixture and the workspace's own libraries are compiled
+/// again. Built alone, every crate above tokio would be compiled a third time.
 pub fn hostile_app(behaviour: Hostile) -> &'static Path {
     static HOSTILE: [Built; Hostile::ALL.len()] = [const { OnceLock::new() }; Hostile::ALL.len()];
     let slot = &HOSTILE[behaviour as usize];
@@ -203,13 +240,12 @@ pub fn hostile_app(behaviour: Hostile) -> &'static Path {
     match behaviour {
         Hostile::Default => app_library("hostile-app"),
         Hostile::TokioSignal => &built(slot, &name, || {
-            build_cdylibs(
-                &workspace_manifest(),
-                &["hostile-app"],
-                &["--features", "hostile-app/tokio-signal"],
-                &[],
-                "-tokio-signal",
-            )
+            let mut extra: Vec<&str> = default_members_but_apps()
+                .into_iter()
+                .flat_map(|package| ["-p", package])
+                .collect();
+            extra.extend(["--features", "hostile-app/tokio-signal"]);
+            build_cdylibs(&workspace_manifest(), &["hostile-app"], &extra, &[], "-tokio-signal")
         })[0],
         _ => marked_copy(
             slot,
