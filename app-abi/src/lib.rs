@@ -248,15 +248,17 @@ pub struct HostApi<'a> {
 ///
 /// Each cell has a version that grows with every write, so a library updates a cell by reading
 /// it and then writing with the version it read (compare-and-set), retrying if another writer,
-/// possibly another generation, came first. No lock is held across the boundary.
+/// possibly another generation, came first. No lock is held across the boundary. A store that
+/// cannot be read or written (a state file's disk failing) answers with why, never with an empty
+/// cell or a lost race, which the library would take for a value or retry forever.
 #[repr(C)]
 #[derive(StableAbi, Clone, Copy, Debug)]
 pub struct StateApi {
     pub handle: HostHandle,
     /// Reads a cell; version 0 and no bytes if it was never written.
-    pub read: extern "C" fn(HostHandle, RStr<'_>) -> StateValue,
+    pub read: extern "C" fn(HostHandle, RStr<'_>) -> RResult<StateValue, RString>,
     /// Writes a cell if its version is still the given one; returns whether it did.
-    pub compare_and_set: extern "C" fn(HostHandle, RStr<'_>, u64, RSlice<'_, u8>) -> bool,
+    pub compare_and_set: extern "C" fn(HostHandle, RStr<'_>, u64, RSlice<'_, u8>) -> RResult<bool, RString>,
 }
 
 /// A copy of a state cell, allocated by the host.

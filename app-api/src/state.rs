@@ -16,6 +16,9 @@
 //! - **Refusal.** [`InitContext::state`](crate::InitContext::state) checks, during `init`, that the
 //!   cell's current value can be read as `T`. If it cannot, `init` fails with a clear error, the
 //!   reload is refused, and the old version keeps serving.
+//! - **Failure.** If the host cannot read or write its store (a `--state-file` whose disk fails),
+//!   [`State::get`] and [`State::update`] return [`StateError::Unavailable`] at once: a value is
+//!   never made up, and an update neither waits nor half-happens.
 //!
 //! ```no_run
 //! use app_api::axum::{extract::State as Extract, routing::post, Router};
@@ -56,7 +59,7 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use abi_stable::std_types::{RSlice, RStr};
+use abi_stable::std_types::{RResult, RSlice, RStr, RString};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -84,6 +87,15 @@ pub enum StateError {
         /// What serde said.
         source: serde_json::Error,
     },
+    /// The host cannot read or write its store (a state file whose disk fails, say). Nothing was
+    /// written; the host's log has the details too.
+    #[error("state `{key}` cannot be read or written: {reason}")]
+    Unavailable {
+        /// The cell's name.
+        key: String,
+        /// What the host said.
+        reason: String,
+    },
 }
 
 /// Where a generation's state cells live.
@@ -105,41 +117,49 @@ impl Cells {
         Cells::InProcess(Arc::default())
     }
 
-    /// Calls `with` with the cell's version (0 if it was never written) and its bytes.
-    fn read<R>(&self, key: &str, with: impl FnOnce(u64, Option<&[u8]>) -> R) -> R {
+    /// Calls `with` with the cell's version (0 if it was never written) and its bytes; or says
+    /// why the host cannot read it.
+    fn read<R>(&self, key: &str, with: impl FnOnce(u64, Option<&[u8]>) -> R) -> Result<R, String> {
         match self {
-            Cells::Host(api) => {
-                let cell = (api.read)(api.handle, RStr::from_str(key));
-                with(
+            Cells::Host(api) => match (api.read)(api.handle, RStr::from_str(key)) {
+                RResult::ROk(cell) => Ok(with(
                     cell.version,
                     cell.bytes.as_ref().into_option().map(|bytes| bytes.as_slice()),
-                )
-            }
-            Cells::InProcess(cells) => match cells.lock().unwrap_or_else(PoisonError::into_inner).get(key) {
+                )),
+                RResult::RErr(reason) => Err(reason.into_string()),
+            },
+            Cells::InProcess(cells) => Ok(match cells.lock().unwrap_or_else(PoisonError::into_inner).get(key) {
                 Some((version, bytes)) => with(*version, Some(bytes)),
                 None => with(0, None),
-            },
+            }),
         }
     }
 
-    /// Writes the cell if its version is still `version`; returns whether it did.
-    fn compare_and_set(&self, key: &str, version: u64, bytes: Vec<u8>) -> bool {
+    /// Writes the cell if its version is still `version`; whether it did, or why the host cannot
+    /// write it.
+    fn compare_and_set(&self, key: &str, version: u64, bytes: Vec<u8>) -> Result<bool, String> {
         match self {
             Cells::Host(api) => {
                 (api.compare_and_set)(api.handle, RStr::from_str(key), version, RSlice::from_slice(&bytes))
+                    .into_result()
+                    .map_err(RString::into_string)
             }
             Cells::InProcess(cells) => {
                 let mut cells = cells.lock().unwrap_or_else(PoisonError::into_inner);
                 let current = cells.get(key).map_or(0, |(version, _)| *version);
                 if current != version {
-                    return false;
+                    return Ok(false);
                 }
                 cells.insert(key.to_owned(), (version + 1, bytes));
-                true
+                Ok(true)
             }
         }
     }
 }
+
+/// A cell as read: its version, its stored JSON, and its value as `T` (an error if `T` cannot
+/// read what it holds).
+type Read<T> = (u64, Option<serde_json::Value>, Result<T, StateError>);
 
 /// A typed handle on one host-owned state cell. Cheap to clone; see the [module docs](self).
 pub struct State<T> {
@@ -182,7 +202,7 @@ impl<T: Serialize + DeserializeOwned + Default> State<T> {
 
     /// The current value (`T::default()` if the cell was never written).
     pub fn get(&self) -> Result<T, StateError> {
-        self.read_raw().2
+        self.read_raw()?.2
     }
 
     /// Replaces the value.
@@ -200,7 +220,7 @@ impl<T: Serialize + DeserializeOwned + Default> State<T> {
     /// time on the freshest value, so it should only compute from its argument.
     pub fn update<R>(&self, mut change: impl FnMut(&mut T) -> R) -> Result<R, StateError> {
         loop {
-            let (version, stored, value) = self.read_raw();
+            let (version, stored, value) = self.read_raw()?;
             let mut value = value?;
             // What of the stored value `T` knows: everything else is another version's to keep.
             let known = match &stored {
@@ -209,7 +229,11 @@ impl<T: Serialize + DeserializeOwned + Default> State<T> {
             };
             let result = change(&mut value);
             let bytes = self.encode(&value, stored, known.as_ref())?;
-            if self.cells.compare_and_set(&self.key, version, bytes) {
+            if self
+                .cells
+                .compare_and_set(&self.key, version, bytes)
+                .map_err(|reason| self.unavailable(reason))?
+            {
                 return Ok(result);
             }
             // Another writer came first: go again on its value.
@@ -217,19 +241,29 @@ impl<T: Serialize + DeserializeOwned + Default> State<T> {
         }
     }
 
-    fn read_raw(&self) -> (u64, Option<serde_json::Value>, Result<T, StateError>) {
-        self.cells.read(&self.key, |version, bytes| {
-            let Some(bytes) = bytes else {
-                return (version, None, Ok(T::default()));
-            };
-            match serde_json::from_slice::<serde_json::Value>(bytes) {
-                Ok(stored) => {
-                    let value = T::deserialize(&stored).map_err(|source| self.incompatible(source));
-                    (version, Some(stored), value)
+    /// The cell as it is now (an error if the host cannot read it).
+    fn read_raw(&self) -> Result<Read<T>, StateError> {
+        self.cells
+            .read(&self.key, |version, bytes| {
+                let Some(bytes) = bytes else {
+                    return (version, None, Ok(T::default()));
+                };
+                match serde_json::from_slice::<serde_json::Value>(bytes) {
+                    Ok(stored) => {
+                        let value = T::deserialize(&stored).map_err(|source| self.incompatible(source));
+                        (version, Some(stored), value)
+                    }
+                    Err(source) => (version, None, Err(self.incompatible(source))),
                 }
-                Err(source) => (version, None, Err(self.incompatible(source))),
-            }
-        })
+            })
+            .map_err(|reason| self.unavailable(reason))
+    }
+
+    fn unavailable(&self, reason: String) -> StateError {
+        StateError::Unavailable {
+            key: self.key.clone(),
+            reason,
+        }
     }
 
     /// Serialises `value`, keeping the fields of the stored object that `T` does not know.

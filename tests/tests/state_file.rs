@@ -1,7 +1,7 @@
 //! State that outlives the host process (example-app's `/counter`): carried across host upgrades
 //! (SIGUSR2) with the cells in memory and with `--state-file`, kept across `kill -9` with
-//! `--state-file`, and state files the host refuses to start on (corrupt, unreadable, locked by a
-//! running host, of an unknown format).
+//! `--state-file`, state files the host refuses to start on (corrupt, unreadable, locked by a
+//! running host, of an unknown format), and a state file that fails under a running host.
 //!
 //! Increments go on fresh connections, each written whole at once, which an upgrade does not fail
 //! (tests/tests/upgrade.rs), so every increment sent is either acknowledged (2xx) or reported. Everything talks to 127.0.0.1
@@ -369,4 +369,48 @@ async fn bad_state_files_stop_the_start() {
         log.contains("has format version 99, and this host reads format 1 only"),
         "{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_that_fails_under_the_host_is_an_error_for_the_app_not_a_value_or_a_hang() {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(example_app(AppVersion::V1));
+    let file = sandbox.path().join("state.sqlite");
+    let host = sandbox.start_host(&["--state-file", text(&file)]).await;
+    increment(host.addr()).await.expect("POST /counter");
+    assert_eq!(count(host.addr()).await, 1);
+
+    // Another writer of the file (the host's lock keeps other hosts out, not SQLite) removes the
+    // cells from under it: every read and write of the store fails from now on.
+    rusqlite::Connection::open(&file)
+        .and_then(|db| db.execute_batch("DROP TABLE cells"))
+        .expect("the cells are dropped");
+
+    // The app is told: not an empty counter, and not an increment retried for ever (within the
+    // request timeout, which would answer 503).
+    let read = client::get(host.addr(), "/counter").await.expect("GET /counter");
+    assert_eq!(read.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", read.text());
+    assert!(
+        read.text().contains("state `counter` cannot be read or written") && read.text().contains("no such table"),
+        "{}",
+        read.text()
+    );
+    let written = increment(host.addr()).await.expect("POST /counter");
+    assert_eq!(written.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", written.text());
+    assert!(
+        written.text().contains("state `counter` cannot be read or written"),
+        "{}",
+        written.text()
+    );
+    assert!(
+        host.log_text().contains("cannot read a state cell"),
+        "the host logs why\n{}",
+        host.log_excerpt()
+    );
+
+    // Everything else is served as before.
+    let hello = client::get(host.addr(), "/").await.expect("GET /");
+    assert_eq!(hello.status, StatusCode::OK, "{}", hello.text());
+    assert_eq!(hello.text(), AppVersion::V1.greeting());
+    host.stop().await;
 }

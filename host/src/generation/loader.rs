@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use abi_stable::StableAbi;
 use abi_stable::abi_stability::abi_checking::{CheckingGlobals, check_layout_compatibility_with_globals};
-use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RVec};
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 use app_abi::{
     ABI_VERSION, AppDescriptor, DESCRIPTOR_MAGIC, DESCRIPTOR_SYMBOL, DESCRIPTOR_VERSION, GuestVTable, HandedConnection,
     HostApi, HostHandle, LifecycleState, ListenerRef, LogApi, LogCallsite, LogInterest, LogLevel, LogNewSpan,
@@ -589,18 +589,17 @@ extern "C" fn on_drained<H: Host>(handle: HostHandle) {
     with_host::<H, _>("drained", handle, (), H::drained)
 }
 
-extern "C" fn on_state_read<H: Host>(handle: HostHandle, key: RStr<'_>) -> StateValue {
-    let empty = StateValue {
-        version: 0,
-        bytes: ROption::RNone,
-    };
-    with_host::<H, _>("state_read", handle, empty, |host| {
-        let (version, bytes) = host.state().read(key.as_str(), RVec::from_slice);
-        StateValue {
-            version,
-            bytes: bytes.into(),
-        }
+extern "C" fn on_state_read<H: Host>(handle: HostHandle, key: RStr<'_>) -> RResult<StateValue, RString> {
+    with_host::<H, _>("state_read", handle, None, |host| {
+        Some(match host.state().read(key.as_str(), RVec::from_slice) {
+            Ok((version, bytes)) => RResult::ROk(StateValue {
+                version,
+                bytes: bytes.into(),
+            }),
+            Err(error) => RResult::RErr(error.to_string().into()),
+        })
     })
+    .unwrap_or_else(host_failed)
 }
 
 extern "C" fn on_state_compare_and_set<H: Host>(
@@ -608,10 +607,21 @@ extern "C" fn on_state_compare_and_set<H: Host>(
     key: RStr<'_>,
     expected: u64,
     bytes: RSlice<'_, u8>,
-) -> bool {
-    with_host::<H, _>("state_compare_and_set", handle, false, |host| {
-        host.state().compare_and_set(key.as_str(), expected, bytes.as_slice())
+) -> RResult<bool, RString> {
+    with_host::<H, _>("state_compare_and_set", handle, None, |host| {
+        Some(
+            host.state()
+                .compare_and_set(key.as_str(), expected, bytes.as_slice())
+                .map_err(|error| RString::from(error.to_string()))
+                .into(),
+        )
     })
+    .unwrap_or_else(host_failed)
+}
+
+/// What a state callback answers if the host panicked in it.
+fn host_failed<T>() -> RResult<T, RString> {
+    RResult::RErr("the host failed to serve the request (its log says why)".into())
 }
 
 // The library's `tracing` subscriber (see `applog.rs`). Everything it passes is borrowed for the

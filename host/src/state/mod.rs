@@ -48,10 +48,6 @@ use file::{FileCells, HandOffDirectory, open_durable, parent_runs};
 
 mod file;
 
-/// A failed read or write waits this long before the app (which retries) is answered, so that a
-/// store that keeps failing is not hammered.
-const ERROR_PAUSE: Duration = Duration::from_millis(20);
-
 /// Why a state file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -279,35 +275,29 @@ impl StateStore {
     }
 
     /// The cell's version (0 if never written) and a copy of its bytes.
-    pub fn read<T>(&self, key: &str, copy: impl FnOnce(&[u8]) -> T) -> (u64, Option<T>) {
+    pub fn read<T>(&self, key: &str, copy: impl FnOnce(&[u8]) -> T) -> Result<(u64, Option<T>), StateError> {
         let backend = lock(&self.backend);
         match &*backend {
-            Backend::Memory(cells) => match cells.get(key) {
+            Backend::Memory(cells) => Ok(match cells.get(key) {
                 Some(cell) => (cell.version, Some(copy(&cell.bytes))),
                 None => (0, None),
-            },
-            Backend::File(file) => match file.read(key, copy) {
-                Ok(cell) => cell,
-                Err(e) => {
-                    drop(backend);
-                    // The ABI has no error to return: the app sees an empty cell, and a write it
-                    // bases on that fails its version check, so nothing is overwritten.
-                    tracing::error!(key, error = %e, "cannot read a state cell");
-                    std::thread::sleep(ERROR_PAUSE);
-                    (0, None)
-                }
-            },
+            }),
+            Backend::File(file) => file.read(key, copy).map_err(|source| {
+                let error = file.error(source);
+                tracing::error!(key, error = %error, "cannot read a state cell");
+                error
+            }),
         }
     }
 
-    /// Stores `bytes` if the cell's version is still `expected`.
-    pub fn compare_and_set(&self, key: &str, expected: u64, bytes: &[u8]) -> bool {
+    /// Stores `bytes` if the cell's version is still `expected`; whether it did.
+    pub fn compare_and_set(&self, key: &str, expected: u64, bytes: &[u8]) -> Result<bool, StateError> {
         let mut backend = lock(&self.backend);
         match &mut *backend {
             Backend::Memory(cells) => {
                 let current = cells.get(key).map_or(0, |cell| cell.version);
                 if current != expected {
-                    return false;
+                    return Ok(false);
                 }
                 cells.insert(
                     key.to_owned(),
@@ -316,17 +306,13 @@ impl StateStore {
                         bytes: bytes.to_vec(),
                     },
                 );
-                true
+                Ok(true)
             }
-            Backend::File(file) => match file.compare_and_set(key, expected, bytes) {
-                Ok(stored) => stored,
-                Err(e) => {
-                    drop(backend);
-                    tracing::error!(key, error = %e, "cannot write a state cell; the write is refused");
-                    std::thread::sleep(ERROR_PAUSE);
-                    false
-                }
-            },
+            Backend::File(file) => file.compare_and_set(key, expected, bytes).map_err(|source| {
+                let error = file.error(source);
+                tracing::error!(key, error = %error, "cannot write a state cell; the write is refused");
+                error
+            }),
         }
     }
 
@@ -479,16 +465,22 @@ mod tests {
     fn compare_and_set_refuses_stale_versions() {
         let dir = scratch();
         for store in stores(dir.path()) {
-            assert_eq!(store.read("k", <[u8]>::to_vec), (0, None));
-            assert!(store.compare_and_set("k", 0, b"1"));
+            assert_eq!(store.read("k", <[u8]>::to_vec).expect("the store reads"), (0, None));
+            assert!(store.compare_and_set("k", 0, b"1").expect("the store writes"));
             assert!(
-                !store.compare_and_set("k", 0, b"2"),
+                !store.compare_and_set("k", 0, b"2").expect("the store writes"),
                 "a writer that read version 0 must lose"
             );
-            assert_eq!(store.read("k", <[u8]>::to_vec), (1, Some(b"1".to_vec())));
-            assert!(store.compare_and_set("k", 1, b"2"));
-            assert_eq!(store.read("k", <[u8]>::to_vec), (2, Some(b"2".to_vec())));
-            assert!(store.compare_and_set("other", 0, b"{}"));
+            assert_eq!(
+                store.read("k", <[u8]>::to_vec).expect("the store reads"),
+                (1, Some(b"1".to_vec()))
+            );
+            assert!(store.compare_and_set("k", 1, b"2").expect("the store writes"));
+            assert_eq!(
+                store.read("k", <[u8]>::to_vec).expect("the store reads"),
+                (2, Some(b"2".to_vec()))
+            );
+            assert!(store.compare_and_set("other", 0, b"{}").expect("the store writes"));
             let summary = store.summary().expect("a summary");
             assert_eq!((summary.cells, summary.bytes), (2, 3));
             let list = store.list().expect("a list");
@@ -513,11 +505,34 @@ mod tests {
     }
 
     #[test]
+    fn a_store_that_fails_says_so_instead_of_answering_an_empty_cell_or_a_lost_race() {
+        let dir = scratch();
+        let path = dir.path().join("state.sqlite");
+        let store = StateStore::open_file(&path, dir.path().to_owned()).expect("opens");
+        assert!(store.compare_and_set("k", 0, b"1").expect("the store writes"));
+        // Another writer of the file breaks it under the host (the file lock keeps hosts out, not
+        // this connection).
+        Connection::open(&path)
+            .and_then(|db| db.execute_batch("DROP TABLE cells"))
+            .expect("the table is dropped");
+        let read = store.read("k", <[u8]>::to_vec);
+        assert!(
+            matches!(&read, Err(error) if error.to_string().contains("no such table")),
+            "{read:?}"
+        );
+        let written = store.compare_and_set("k", 1, b"2");
+        assert!(
+            matches!(&written, Err(error) if error.to_string().contains("no such table")),
+            "{written:?}"
+        );
+    }
+
+    #[test]
     fn a_state_file_keeps_its_cells_and_its_lock() {
         let dir = scratch();
         let path = dir.path().join("state.sqlite");
         let store = StateStore::open_file(&path, dir.path().to_owned()).expect("opens");
-        assert!(store.compare_and_set("k", 0, b"1"));
+        assert!(store.compare_and_set("k", 0, b"1").expect("the store writes"));
         let second = StateStore::open_file(&path, dir.path().to_owned());
         match second {
             Err(StateError::Locked { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
@@ -525,7 +540,10 @@ mod tests {
         }
         drop(store);
         let store = StateStore::open_file(&path, dir.path().to_owned()).expect("opens again");
-        assert_eq!(store.read("k", <[u8]>::to_vec), (1, Some(b"1".to_vec())));
+        assert_eq!(
+            store.read("k", <[u8]>::to_vec).expect("the store reads"),
+            (1, Some(b"1".to_vec()))
+        );
     }
 
     #[test]
@@ -565,7 +583,7 @@ mod tests {
     fn a_hand_off_carries_every_cell_and_returns_to_memory() {
         let dir = scratch();
         let old = StateStore::in_memory(dir.path().to_owned());
-        assert!(old.compare_and_set("counter", 0, b"1"));
+        assert!(old.compare_and_set("counter", 0, b"1").expect("the store writes"));
         let handed = old.share_with_successor().expect("shared");
         assert_eq!(handed.kind, HandedKind::HandOff);
         assert!(handed.path.exists());
@@ -582,18 +600,33 @@ mod tests {
             dir.path().to_owned(),
         )
         .expect("taken over");
-        assert_eq!(new.read("counter", <[u8]>::to_vec), (1, Some(b"1".to_vec())));
-        assert!(old.compare_and_set("counter", 1, b"2"), "the old host writes on");
-        assert!(!new.compare_and_set("counter", 1, b"x"), "and the new one sees it");
-        assert!(new.compare_and_set("counter", 2, b"3"));
-        assert_eq!(old.read("counter", <[u8]>::to_vec), (3, Some(b"3".to_vec())));
+        assert_eq!(
+            new.read("counter", <[u8]>::to_vec).expect("the store reads"),
+            (1, Some(b"1".to_vec()))
+        );
+        assert!(
+            old.compare_and_set("counter", 1, b"2").expect("the store writes"),
+            "the old host writes on"
+        );
+        assert!(
+            !new.compare_and_set("counter", 1, b"x").expect("the store writes"),
+            "and the new one sees it"
+        );
+        assert!(new.compare_and_set("counter", 2, b"3").expect("the store writes"));
+        assert_eq!(
+            old.read("counter", <[u8]>::to_vec).expect("the store reads"),
+            (3, Some(b"3".to_vec()))
+        );
         assert_eq!(new.summary().expect("summary").store, "hand-off");
         // The old host goes (leaving the file to its successor), then the new one learns it.
         drop(old);
         assert!(handed.path.exists(), "the old host leaves the file to the new one");
         new.parent_exited();
         assert_eq!(new.summary().expect("summary").store, "memory");
-        assert_eq!(new.read("counter", <[u8]>::to_vec), (3, Some(b"3".to_vec())));
+        assert_eq!(
+            new.read("counter", <[u8]>::to_vec).expect("the store reads"),
+            (3, Some(b"3".to_vec()))
+        );
         assert!(!handed.path.exists(), "the hand-off directory is removed");
     }
 
@@ -601,12 +634,15 @@ mod tests {
     fn a_failed_upgrade_brings_the_cells_back_into_memory() {
         let dir = scratch();
         let store = StateStore::in_memory(dir.path().to_owned());
-        assert!(store.compare_and_set("k", 0, b"1"));
+        assert!(store.compare_and_set("k", 0, b"1").expect("the store writes"));
         let handed = store.share_with_successor().expect("shared");
-        assert!(store.compare_and_set("k", 1, b"2"));
+        assert!(store.compare_and_set("k", 1, b"2").expect("the store writes"));
         store.successor_failed();
         assert_eq!(store.summary().expect("summary").store, "memory");
-        assert_eq!(store.read("k", <[u8]>::to_vec), (2, Some(b"2".to_vec())));
+        assert_eq!(
+            store.read("k", <[u8]>::to_vec).expect("the store reads"),
+            (2, Some(b"2".to_vec()))
+        );
         assert!(!handed.path.exists());
     }
 
@@ -624,9 +660,13 @@ mod tests {
         for (name, store) in [("memory", &memory), ("state file", &file), ("hand-off file", &hand_off)] {
             let began = Instant::now();
             for _ in 0..WRITES {
-                let (version, _) = store.read("counter", <[u8]>::to_vec);
+                let (version, _) = store.read("counter", <[u8]>::to_vec).expect("the store reads");
                 let value = format!("{{\"count\":{}}}", version + 1);
-                assert!(store.compare_and_set("counter", version, value.as_bytes()));
+                assert!(
+                    store
+                        .compare_and_set("counter", version, value.as_bytes())
+                        .expect("the store writes")
+                );
             }
             let elapsed = began.elapsed();
             println!(
