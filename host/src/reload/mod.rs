@@ -678,7 +678,18 @@ async fn load_generation(
     // Taken while the copy is staged, off the reload's critical path.
     let descriptors = tokio::task::spawn_blocking(crate::generation::leftovers::Descriptors::now);
     let library = match source {
-        Source::App => staging::stage(&settings.app_path, &settings.staging_dir, &settings.trust, number).await?,
+        Source::App => {
+            staging::stage(
+                &settings.app_path,
+                &settings.staging_dir,
+                &settings.trust,
+                number,
+                settings.init_timeout,
+            )
+            .await?
+        }
+        // A kept version's initialisers already returned in this process, when it was loaded first:
+        // it is not tried again.
         Source::Kept(version, in_use) => {
             let pinned = settings.trust.require_sha256.as_deref();
             version
@@ -699,20 +710,6 @@ async fn load_generation(
         duration_ms = ms(began.elapsed()),
         "staged"
     );
-    // A kept version's initialisers already returned in this process, when it was loaded first.
-    if matches!(source, Source::App) {
-        let probing = Instant::now();
-        crate::reload::probe::initialisers_return(&library.staged_copy, settings.init_timeout)
-            .await
-            .inspect_err(|_| {
-                let _ = std::fs::remove_file(&library.staged_copy);
-            })?;
-        tracing::debug!(
-            generation = number,
-            duration_ms = ms(probing.elapsed()),
-            "initialisers tried"
-        );
-    }
     let config = match &settings.app_config {
         Some(path) => tokio::fs::read_to_string(path)
             .await

@@ -40,18 +40,11 @@ pub enum ProbeError {
     OpenFailed(String),
 }
 
-/// Opens `library` in a child process and waits at most `timeout` for its initialisers to return.
-pub async fn initialisers_return(library: &Path, timeout: Duration) -> Result<(), ProbeError> {
-    let library = library.to_owned();
-    tokio::task::spawn_blocking(move || try_in_child(&library, timeout))
-        .await
-        .map_err(|e| ProbeError::Spawn(std::io::Error::other(e)))?
-}
-
-/// The trial, on a blocking thread: the child is waited for with a pidfd (no round trip through
-/// the runtime's SIGCHLD handling, which costs more than the trial itself), and killed through it
-/// on time-out (no pid that could have been reused).
-fn try_in_child(library: &Path, timeout: Duration) -> Result<(), ProbeError> {
+/// Opens `library` in a child process and waits at most `timeout` for its initialisers to return;
+/// blocks the calling thread meanwhile. The child is waited for with a pidfd (no round trip
+/// through the runtime's SIGCHLD handling, which costs more than the trial itself), and killed
+/// through it on time-out (no pid that could have been reused).
+pub fn initialisers_return(library: &Path, timeout: Duration) -> Result<(), ProbeError> {
     let mut command = Command::new("/proc/self/exe");
     command
         .arg(ARG)

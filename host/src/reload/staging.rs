@@ -7,12 +7,15 @@
 //! pid is alive, whatever process that is now).
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
 use crate::generation::LibraryInfo;
 use crate::generation::loader::check_image;
+use crate::reload::probe::{self, ProbeError};
 use crate::reload::trust::{TrustPolicy, read_trusted};
+use crate::util::ms;
 
 /// Makes this host's staging directory under `parent` (the system's temporary directory if
 /// `None`), after removing the ones hosts that no longer run left there.
@@ -82,35 +85,59 @@ pub fn staged_path(staging_dir: &Path, number: u64, library: &Path) -> PathBuf {
 /// Copies the library at the app path to a fresh, uniquely named file: `dlopen` of a path that
 /// is already loaded would return the old copy, and the original may be replaced at any moment.
 /// The bytes are checked against the trust policy as read, and exactly those bytes are staged.
+/// Then the copy's initialisers are tried in a throwaway process (see `probe.rs`), waiting at most
+/// `init_timeout`: the copy is ready to load once this returns.
+///
+/// The trial runs while the bytes are hashed when the policy checks nothing (no
+/// `--require-sha256`, no `--trusted-key`): it costs about as much as the hash, and the reload
+/// waits for the longer of the two instead of both. A policy must have passed before any of the
+/// library's code runs, even in a throwaway process: then the trial comes after it.
 pub async fn stage(
     app_path: &Path,
     staging_dir: &Path,
     trust: &TrustPolicy,
     number: u64,
+    init_timeout: Duration,
 ) -> anyhow::Result<LibraryInfo> {
     let path = app_path.to_owned();
     let staged_copy = staged_path(staging_dir, number, &path);
     let staged = staged_copy.clone();
     let trust = trust.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        // Checked and written while the bytes are hashed; the copy is removed if they are refused.
-        let stage_copy = |bytes: &[u8]| -> anyhow::Result<()> {
+        let try_initialisers = || {
+            let began = Instant::now();
+            let tried = probe::initialisers_return(&staged, init_timeout);
+            tracing::debug!(
+                generation = number,
+                duration_ms = ms(began.elapsed()),
+                "initialisers tried"
+            );
+            tried
+        };
+        let trial_alongside = trust.checks_nothing();
+        // Checked and written (and tried) while the bytes are hashed; the copy is removed if
+        // anything refuses it.
+        let stage_copy = |bytes: &[u8]| -> anyhow::Result<Option<Result<(), ProbeError>>> {
             check_image(&path, bytes)?;
             if let Err(e) = std::fs::write(&staged, bytes) {
                 // A partial copy (the disk is full) must not stay behind until the host exits.
                 let _ = std::fs::remove_file(&staged);
                 return Err(e).with_context(|| format!("cannot stage a copy at {}", staged.display()));
             }
-            Ok(())
+            Ok(trial_alongside.then(try_initialisers))
         };
-        match read_trusted(&path, &trust, stage_copy) {
-            Ok((sha256, Ok(()))) => Ok(sha256),
+        let outcome = match read_trusted(&path, &trust, stage_copy) {
+            Ok((sha256, Ok(tried))) => tried
+                .unwrap_or_else(try_initialisers)
+                .map(|()| sha256)
+                .map_err(anyhow::Error::from),
             Ok((_, Err(e))) => Err(e),
-            Err(refused) => {
-                let _ = std::fs::remove_file(&staged);
-                Err(refused.into())
-            }
+            Err(refused) => Err(refused.into()),
+        };
+        if outcome.is_err() {
+            let _ = std::fs::remove_file(&staged);
         }
+        outcome
     })
     .await
     .context("the staging task failed")?

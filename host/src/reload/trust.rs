@@ -23,11 +23,14 @@ use std::fs::Metadata;
 use std::io::Read as _;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use anyhow::Context as _;
 use ed25519_dalek::pkcs8::{DecodePrivateKey as _, DecodePublicKey as _, EncodePrivateKey as _, EncodePublicKey as _};
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use sha2::{Digest as _, Sha256};
+
+use crate::util::lock;
 
 /// What a library must satisfy before it is loaded.
 #[derive(Debug, Clone, Default)]
@@ -38,6 +41,13 @@ pub struct TrustPolicy {
     pub trusted_keys: Vec<VerifyingKey>,
     /// Where the keys came from, for error messages.
     pub trusted_key_file: Option<PathBuf>,
+}
+
+impl TrustPolicy {
+    /// Whether any library passes: no digest is required and no signature.
+    pub fn checks_nothing(&self) -> bool {
+        self.require_sha256.is_none() && self.trusted_keys.is_empty()
+    }
 }
 
 /// Why a library was refused.
@@ -231,14 +241,40 @@ pub fn read_trusted<R: Send>(
     check_directories(path, uid)?;
     check_symlinks(path, uid)?;
 
-    let mut bytes = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or(0));
-    file.read_to_end(&mut bytes).map_err(read_error)?;
+    let mut buffer = lock(&READ_BUFFER);
+    let bytes = &mut *buffer;
+    bytes.clear();
+    bytes.reserve(usize::try_from(metadata.len()).unwrap_or(0));
+    let read = file.read_to_end(bytes).map_err(read_error);
+    let bytes: &[u8] = bytes;
+    let outcome = read.and_then(|_| check_read(path, policy, bytes, alongside));
+    if buffer.capacity() > KEPT_BUFFER_LIMIT {
+        *buffer = Vec::new();
+    }
+    outcome
+}
+
+/// What libraries are read into, kept from one reload to the next: a new buffer costs a page
+/// fault for every 4 KiB of the library, and reading a 4 MiB release library into one took
+/// 2.1 ms instead of 0.5. Libraries are staged one at a time, so it is not contended.
+static READ_BUFFER: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+/// A buffer larger than this (a library with full debug info) is given back once used.
+const KEPT_BUFFER_LIMIT: usize = 64 << 20;
+
+/// The part of [`read_trusted`] after the read: the hash, `alongside`, and the policy.
+fn check_read<R: Send>(
+    path: &Path,
+    policy: &TrustPolicy,
+    bytes: &[u8],
+    alongside: impl FnOnce(&[u8]) -> R + Send,
+) -> Result<(String, R), Refused> {
     if bytes.is_empty() {
         return Err(Refused::Empty(path.to_owned()));
     }
     let (sha256, alongside) = std::thread::scope(|scope| {
-        let other = scope.spawn(|| alongside(&bytes));
-        let sha256 = format!("{:x}", Sha256::digest(&bytes));
+        let other = scope.spawn(|| alongside(bytes));
+        let sha256 = format!("{:x}", Sha256::digest(bytes));
         // A panic in `alongside` is the caller's own, and goes on in the caller.
         let alongside = other.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         (sha256, alongside)
@@ -254,7 +290,7 @@ pub fn read_trusted<R: Send>(
         }
     }
     if !policy.trusted_keys.is_empty() {
-        verify_signature(path, &bytes, &sha256, policy)?;
+        verify_signature(path, bytes, &sha256, policy)?;
     }
     Ok((sha256, alongside))
 }

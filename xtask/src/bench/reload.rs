@@ -41,7 +41,10 @@ pub fn run(env: &Env) -> anyhow::Result<serde_json::Value> {
     let mut columns: Vec<(&str, Vec<f64>)> = vec![
         ("trigger → serving (client)", Vec::new()),
         ("host reload total", Vec::new()),
-        ("copy (check, read, sha256, write)", Vec::new()),
+        (
+            "stage (check, read, sha256 alongside write and trial of initialisers)",
+            Vec::new(),
+        ),
         ("load (dlopen)", Vec::new()),
         ("verify", Vec::new()),
         ("init (thread, runtime, App::init)", Vec::new()),
