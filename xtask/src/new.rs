@@ -5,8 +5,8 @@
 //! router. Where it is created decides how it depends on app-api and how cargo builds it:
 //!
 //! - Inside this workspace (the default, `./NAME`, when run from the checkout): it becomes a
-//!   workspace member, added to `members` in the root `Cargo.toml` (textually, so the file keeps
-//!   its formatting and comments), but not to `default-members`. As a member it shares the
+//!   workspace member, added to `members` in the root `Cargo.toml` (with `toml_edit`, so the file
+//!   keeps its formatting and comments), but not to `default-members`. As a member it shares the
 //!   workspace's `Cargo.lock`, target directory and profiles, so its first build reuses the
 //!   dependencies the host and example-app already compiled, and its versions are the ones the
 //!   host is tested with. Membership does not merge features: `cargo xtask dev` builds the app
@@ -302,151 +302,57 @@ fn check_not_a_workspace_package(workspace: &Path, root_manifest: &str, name: &s
 
 /// `manifest` with `member` added to `[workspace] members`, changed in place (the rest of the
 /// text, formatting and comments included, stays as it is), or `None` if a member pattern
-/// already covers it.
+/// already covers it. A one-line array stays on one line; in an array of one entry per line, the
+/// new entry gets a line of its own, indented like the last one.
 fn add_member(manifest: &str, member: &str) -> anyhow::Result<Option<String>> {
-    let parsed: toml::Table = manifest.parse().context("cannot parse it")?;
-    let members = parsed
-        .get("workspace")
-        .and_then(|w| w.get("members"))
-        .and_then(toml::Value::as_array)
+    let mut document: toml_edit::DocumentMut = manifest.parse().context("cannot parse it")?;
+    let members = document
+        .get_mut("workspace")
+        .and_then(|workspace| workspace.get_mut("members"))
+        .and_then(toml_edit::Item::as_array_mut)
         .context("it has no `members` array under [workspace]; add the app there yourself")?;
     if members
         .iter()
-        .filter_map(toml::Value::as_str)
-        .any(|pattern| glob_matches(pattern.trim_end_matches('/'), member))
+        .filter_map(toml_edit::Value::as_str)
+        .any(|pattern| pattern_covers(pattern.trim_end_matches('/'), member))
     {
         return Ok(None);
     }
-    let (open, close, last) = members_array(manifest).context("cannot find the `members = [...]` text")?;
-    let entry = toml_string(member);
-    let inner = &manifest[open + 1..close];
-    let edited = match last {
-        // `members = []`
-        None => format!("{}{entry}{}", &manifest[..=open], &manifest[close..]),
-        // One line: `["a", "b"]` → `["a", "b", "new"]` (and `["a",]` → `["a", "new"]`).
-        Some(last) if !inner.contains('\n') => {
-            let separator = if manifest.as_bytes()[last] == b',' { " " } else { ", " };
-            format!("{}{separator}{entry}{}", &manifest[..=last], &manifest[last + 1..])
+    let raw = |text: Option<&toml_edit::RawString>| text.and_then(|raw| raw.as_str()).unwrap_or_default().to_owned();
+    let trailing = raw(Some(members.trailing()));
+    let last = members.iter_mut().last();
+    let last_prefix = last.as_ref().map(|value| raw(value.decor().prefix()));
+    match (last, last_prefix.filter(|prefix| prefix.contains('\n'))) {
+        (Some(last), Some(prefix)) => {
+            let indent = prefix.rsplit('\n').next().unwrap_or_default().to_owned();
+            // What follows the last entry up to the `]` (a comment, the line break), which the
+            // new entry now follows instead.
+            let tail = raw(last.decor().suffix()) + &trailing;
+            last.decor_mut().set_suffix("");
+            let (new_prefix, new_trailing) = match tail.rsplit_once('\n') {
+                Some((comment, closing_indent)) => (format!("{comment}\n{indent}"), format!("\n{closing_indent}")),
+                None => (format!("{tail}\n{indent}"), String::new()),
+            };
+            members.push_formatted(toml_edit::Value::from(member).decorated(new_prefix, ""));
+            members.set_trailing(new_trailing);
+            members.set_trailing_comma(true);
         }
-        // One entry per line: a new line after the last entry's, indented like it.
-        Some(last) => {
-            let line_start = manifest[..last].rfind('\n').map_or(0, |i| i + 1);
-            let indent: String = manifest[line_start..]
-                .chars()
-                .take_while(|c| *c == ' ' || *c == '\t')
-                .collect();
-            // The end of that line, or the `]` if it closes the array on the same line.
-            let line_end = manifest[last..].find('\n').map_or(close, |i| (last + i).min(close));
-            let comma = if manifest.as_bytes()[last] == b',' { "" } else { "," };
-            format!(
-                "{}{comma}{}\n{indent}{entry},{}",
-                &manifest[..=last],
-                &manifest[last + 1..line_end],
-                &manifest[line_end..]
-            )
+        _ => {
+            members.push(member);
+            members.fmt();
         }
+    }
+    Ok(Some(document.to_string()))
+}
+
+/// Whether a `members` entry (a path, or a glob whose `*` and `?` stay within one component, as
+/// cargo expands them) names `path`.
+fn pattern_covers(pattern: &str, path: &str) -> bool {
+    let within_components = glob::MatchOptions {
+        require_literal_separator: true,
+        ..glob::MatchOptions::new()
     };
-    // The edit must mean what it should.
-    let check: toml::Table = edited.parse().context("the edited manifest does not parse")?;
-    let added = check
-        .get("workspace")
-        .and_then(|w| w.get("members"))
-        .and_then(toml::Value::as_array)
-        .is_some_and(|m| m.iter().any(|v| v.as_str() == Some(member)) && m.len() == members.len() + 1);
-    if !added {
-        bail!("the edited manifest does not list it as one more member");
-    }
-    Ok(Some(edited))
-}
-
-/// In `manifest`'s `[workspace]` table, the byte offsets of the `[` and `]` of `members = [...]`,
-/// and of the last character of its last entry (or of a comma after it), if it has one.
-fn members_array(manifest: &str) -> Option<(usize, usize, Option<usize>)> {
-    let mut table = String::new();
-    let mut offset = 0;
-    let mut start = None;
-    for line in manifest.split_inclusive('\n') {
-        let trimmed = line.trim_start();
-        if trimmed.starts_with('[') {
-            table = trimmed
-                .split(']')
-                .next()
-                .unwrap_or_default()
-                .trim_matches(|c: char| c == '[' || c.is_whitespace())
-                .to_owned();
-        } else if table == "workspace" {
-            if let Some(value) = trimmed.strip_prefix("members") {
-                let value = value.trim_start();
-                if let Some(value) = value.strip_prefix('=') {
-                    let bracket = value.find('[')?;
-                    start = Some(offset + (line.len() - value.len()) + bracket);
-                    break;
-                }
-            }
-        }
-        offset += line.len();
-    }
-    let open = start?;
-    // Scan to the matching `]`, outside strings and comments.
-    let bytes = manifest.as_bytes();
-    let (mut depth, mut last) = (0usize, None);
-    let mut index = open;
-    while index < bytes.len() {
-        match bytes[index] {
-            b'[' => depth += 1,
-            b']' => {
-                depth -= 1;
-                if depth == 0 {
-                    return Some((open, index, last));
-                }
-                last = Some(index);
-            }
-            b'#' => {
-                while index < bytes.len() && bytes[index] != b'\n' {
-                    index += 1;
-                }
-                continue;
-            }
-            quote @ (b'"' | b'\'') => {
-                index += 1;
-                while index < bytes.len() && bytes[index] != quote {
-                    if quote == b'"' && bytes[index] == b'\\' {
-                        index += 1;
-                    }
-                    index += 1;
-                }
-                last = Some(index);
-            }
-            b',' => last = Some(index),
-            byte if !byte.is_ascii_whitespace() => last = Some(index),
-            _ => {}
-        }
-        index += 1;
-    }
-    None
-}
-
-/// Whether a `members` entry (a path, or a glob with `*` and `?` within one component) names
-/// `path`.
-fn glob_matches(pattern: &str, path: &str) -> bool {
-    let (patterns, names): (Vec<&str>, Vec<&str>) = (pattern.split('/').collect(), path.split('/').collect());
-    patterns.len() == names.len()
-        && patterns
-            .iter()
-            .zip(&names)
-            .all(|(p, n)| component_matches(p.as_bytes(), n.as_bytes()))
-}
-
-fn component_matches(pattern: &[u8], name: &[u8]) -> bool {
-    match (pattern.first(), name.first()) {
-        (None, None) => true,
-        (Some(b'*'), _) => {
-            component_matches(&pattern[1..], name) || (!name.is_empty() && component_matches(pattern, &name[1..]))
-        }
-        (Some(b'?'), Some(_)) => component_matches(&pattern[1..], &name[1..]),
-        (Some(p), Some(n)) if p == n => component_matches(&pattern[1..], &name[1..]),
-        _ => false,
-    }
+    glob::Pattern::new(pattern).is_ok_and(|pattern| pattern.matches_with(path, within_components))
 }
 
 /// The new crate's manifest.
