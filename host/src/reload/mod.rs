@@ -675,8 +675,6 @@ async fn load_generation(
         );
     }
     let began = Instant::now();
-    // Taken while the copy is staged, off the reload's critical path.
-    let descriptors = tokio::task::spawn_blocking(crate::generation::leftovers::Descriptors::now);
     let library = match source {
         Source::App => {
             staging::stage(
@@ -697,7 +695,12 @@ async fn load_generation(
                 .await?
         }
     };
-    let descriptors_before = descriptors.await.unwrap_or_default();
+    // Taken once the copy is staged and tried, not while: staging has the app's file, the copy
+    // and the trial's pipe open, and a descriptor open at this moment that a later look finds
+    // again at the same number is blamed on the serving generation (`leftovers.rs`).
+    let descriptors_before = tokio::task::spawn_blocking(crate::generation::leftovers::Descriptors::now)
+        .await
+        .unwrap_or_default();
     if let Some(serving) = shared.serving {
         serving.successor_loading(&descriptors_before);
     }

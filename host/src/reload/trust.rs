@@ -246,6 +246,7 @@ pub fn read_trusted<R: Send>(
     bytes.clear();
     bytes.reserve(usize::try_from(metadata.len()).unwrap_or(0));
     let read = file.read_to_end(bytes).map_err(read_error);
+    drop(file);
     let bytes: &[u8] = bytes;
     let outcome = read.and_then(|_| check_read(path, policy, bytes, alongside));
     if buffer.capacity() > KEPT_BUFFER_LIMIT {
