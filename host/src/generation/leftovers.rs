@@ -153,6 +153,8 @@ pub struct Leftover {
     pub descriptors: Vec<String>,
     /// Whether its copy was still mapped after `dlclose`.
     pub still_mapped: bool,
+    /// pthread keys its code created, kept because its copy is still mapped.
+    pub thread_keys: usize,
 }
 
 /// Everything unloaded generations left behind since the host started.

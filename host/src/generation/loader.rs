@@ -9,9 +9,12 @@
 //!   the host keeps alive for the whole of `run`; the listening sockets lent to it stay open as
 //!   long.
 //! - A descriptor handed back by the library (`hand_back`) is owned by the host from then on.
+//!
+//! [`thread_keys`] is the `pthread_key_create` every library's calls reach, so that the keys a
+//! copy created are deleted once it is unloaded.
 
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +32,8 @@ use crate::generation::handover::HandedSocket;
 use crate::serving::listeners::Listeners;
 use crate::state::StateStore;
 use crate::util::lock;
+
+pub mod thread_keys;
 
 /// Why a library could not be loaded as an app.
 #[derive(Debug, thiserror::Error)]
@@ -106,8 +111,20 @@ pub struct LoadedLibrary {
     /// How long `dlopen` took (the rest of [`LoadedLibrary::open`] is verification).
     pub load_duration: Duration,
     vtable: *const GuestVTable,
+    /// The staged copy it was opened from: where its code is mapped.
+    path: PathBuf,
     // Dropped last: `vtable` points into it.
     library: libloading::Library,
+}
+
+/// What unloading a library did.
+#[derive(Debug, Clone, Copy)]
+pub struct Unloaded {
+    /// The copy is still mapped after `dlclose` (glibc keeps it while a thread-local destructor
+    /// of it is pending): its pthread keys were kept.
+    pub still_mapped: bool,
+    /// pthread keys its code created and that were deleted (or, if it is still mapped, kept).
+    pub thread_keys: usize,
 }
 
 // SAFETY: the vtable pointer refers to immutable static data in the library, which stays mapped
@@ -136,60 +153,21 @@ impl LoadedLibrary {
         let library = libloading::Library::from(library);
         let load_duration = opening.elapsed();
 
-        // SAFETY: we only take the symbol's address here; it is dereferenced below, after checks.
-        let symbol = unsafe { library.get::<*const AppDescriptor>(DESCRIPTOR_SYMBOL.as_bytes()) }
-            .map_err(|_| LoadError::NoEntryPoint { path: display.clone() })?;
-        let descriptor_ptr: *const AppDescriptor = *symbol;
-        if descriptor_ptr.is_null() {
-            return Err(LoadError::NoEntryPoint { path: display });
+        match verify(&library, &display) {
+            Ok(vtable) => Ok(LoadedLibrary {
+                load_duration,
+                vtable,
+                path: path.to_owned(),
+                library,
+            }),
+            Err(e) => {
+                // Its initialisers ran, and may have created keys.
+                if let Err(closing) = close(library, path) {
+                    tracing::warn!(generation, error = %closing, "dlclose of a library that is not an app failed");
+                }
+                Err(e)
+            }
         }
-
-        // SAFETY: the symbol is at least as large as its first field if it was written by
-        // `export_app!`; reading only the 8 magic bytes first guards against other symbols with
-        // the same name. `addr_of!` avoids creating a reference to a possibly different type.
-        let magic = unsafe { std::ptr::addr_of!((*descriptor_ptr).magic).read_unaligned() };
-        if magic != DESCRIPTOR_MAGIC {
-            return Err(LoadError::BadMagic { path: display });
-        }
-        // SAFETY: the magic matched, so this is an `AppDescriptor` of some version; its first two
-        // fields keep their place across versions.
-        let descriptor_version = unsafe { std::ptr::addr_of!((*descriptor_ptr).descriptor_version).read_unaligned() };
-        if descriptor_version != DESCRIPTOR_VERSION {
-            return Err(LoadError::DescriptorVersion {
-                path: display,
-                found: descriptor_version,
-            });
-        }
-        // SAFETY: magic and version match, so the whole descriptor has this layout and lives in
-        // the library's static data, valid while `library` is open.
-        let descriptor = unsafe { &*descriptor_ptr };
-        let library_api = descriptor.abi_version.as_str().to_owned();
-        if !app_abi::versions_compatible(ABI_VERSION, &library_api) {
-            return Err(LoadError::ApiVersion {
-                path: display,
-                library: library_api,
-            });
-        }
-
-        // A fresh `CheckingGlobals` per check: abi_stable's process-wide one would keep pointers
-        // into this library's layouts after it is unloaded.
-        let globals = CheckingGlobals::new();
-        check_layout_compatibility_with_globals(<GuestVTable as StableAbi>::LAYOUT, descriptor.layout, &globals)
-            .map_err(|errors| LoadError::Layout {
-                path: display.clone(),
-                library: library_api,
-                details: first_lines(&errors.to_string(), 12),
-            })?;
-        drop(globals);
-        if !descriptor.vtable.panic_unwinds {
-            return Err(LoadError::PanicAbort { path: display });
-        }
-
-        Ok(LoadedLibrary {
-            load_duration,
-            vtable: descriptor.vtable,
-            library,
-        })
     }
 
     /// Runs one generation of the app on the calling thread, until the host asks it to stop.
@@ -262,10 +240,84 @@ impl LoadedLibrary {
         std::mem::forget(self.library);
     }
 
-    /// Closes the library. Call only after every thread that ran its code has exited.
-    pub fn unload(self) -> Result<(), libloading::Error> {
-        self.library.close()
+    /// Closes the library and gives back the pthread keys its code created. Call only after every
+    /// thread that ran its code has exited.
+    pub fn unload(self) -> Result<Unloaded, libloading::Error> {
+        close(self.library, &self.path)
     }
+}
+
+/// Checks that an opened library is an app built against a compatible app-api, without running
+/// any of its code, and finds its vtable.
+fn verify(library: &libloading::Library, display: &str) -> Result<*const GuestVTable, LoadError> {
+    let display = display.to_owned();
+    // SAFETY: we only take the symbol's address here; it is dereferenced below, after checks.
+    let symbol = unsafe { library.get::<*const AppDescriptor>(DESCRIPTOR_SYMBOL.as_bytes()) }
+        .map_err(|_| LoadError::NoEntryPoint { path: display.clone() })?;
+    let descriptor_ptr: *const AppDescriptor = *symbol;
+    if descriptor_ptr.is_null() {
+        return Err(LoadError::NoEntryPoint { path: display });
+    }
+
+    // SAFETY: the symbol is at least as large as its first field if it was written by
+    // `export_app!`; reading only the 8 magic bytes first guards against other symbols with
+    // the same name. `addr_of!` avoids creating a reference to a possibly different type.
+    let magic = unsafe { std::ptr::addr_of!((*descriptor_ptr).magic).read_unaligned() };
+    if magic != DESCRIPTOR_MAGIC {
+        return Err(LoadError::BadMagic { path: display });
+    }
+    // SAFETY: the magic matched, so this is an `AppDescriptor` of some version; its first two
+    // fields keep their place across versions.
+    let descriptor_version = unsafe { std::ptr::addr_of!((*descriptor_ptr).descriptor_version).read_unaligned() };
+    if descriptor_version != DESCRIPTOR_VERSION {
+        return Err(LoadError::DescriptorVersion {
+            path: display,
+            found: descriptor_version,
+        });
+    }
+    // SAFETY: magic and version match, so the whole descriptor has this layout and lives in
+    // the library's static data, valid while `library` is open.
+    let descriptor = unsafe { &*descriptor_ptr };
+    let library_api = descriptor.abi_version.as_str().to_owned();
+    if !app_abi::versions_compatible(ABI_VERSION, &library_api) {
+        return Err(LoadError::ApiVersion {
+            path: display,
+            library: library_api,
+        });
+    }
+
+    // A fresh `CheckingGlobals` per check: abi_stable's process-wide one would keep pointers
+    // into this library's layouts after it is unloaded.
+    let globals = CheckingGlobals::new();
+    check_layout_compatibility_with_globals(<GuestVTable as StableAbi>::LAYOUT, descriptor.layout, &globals).map_err(
+        |errors| LoadError::Layout {
+            path: display.clone(),
+            library: library_api,
+            details: first_lines(&errors.to_string(), 12),
+        },
+    )?;
+    drop(globals);
+    if !descriptor.vtable.panic_unwinds {
+        return Err(LoadError::PanicAbort { path: display });
+    }
+    Ok(descriptor.vtable)
+}
+
+/// Closes `library`, opened from `path`, and deletes the pthread keys its code created once it is
+/// unmapped. Only once no thread that ran its code lives: a thread holding a value for one of them
+/// would never have its destructor run (that is all deleting does), and the destructor's code is
+/// gone anyway.
+fn close(library: libloading::Library, path: &Path) -> Result<Unloaded, libloading::Error> {
+    let keys = thread_keys::created_in(&mapped_ranges(path));
+    library.close()?;
+    let still_mapped = !mapped_ranges(path).is_empty();
+    if !still_mapped {
+        thread_keys::give_back(&keys);
+    }
+    Ok(Unloaded {
+        still_mapped,
+        thread_keys: keys.len(),
+    })
 }
 
 /// The `dlopen` under way, if any: which generation, since when. glibc runs a library's

@@ -388,14 +388,13 @@ impl Generation {
                     );
                 }
                 let unloaded = library.unload();
-                if unloaded.is_ok() {
-                    if let Some((before, successor_began)) = window {
-                        crate::generation::leftovers::ledger().record(Leftover {
-                            generation: number,
-                            descriptors: crate::generation::leftovers::left_behind(&before, successor_began.as_ref()),
-                            still_mapped: !crate::generation::loader::mapped_ranges(&staged_copy).is_empty(),
-                        });
-                    }
+                if let (Ok(unloaded), Some((before, successor_began))) = (&unloaded, window) {
+                    crate::generation::leftovers::ledger().record(Leftover {
+                        generation: number,
+                        descriptors: crate::generation::leftovers::left_behind(&before, successor_began.as_ref()),
+                        still_mapped: unloaded.still_mapped,
+                        thread_keys: if unloaded.still_mapped { unloaded.thread_keys } else { 0 },
+                    });
                 }
                 (stopped, Ok(Some(unloaded)))
             }
@@ -413,8 +412,13 @@ impl Generation {
             Ok(Ok((stopped, Ok(unload)))) => {
                 tracing::info!(generation = number, duration_ms = ms(stopped), "stopped");
                 match unload {
-                    Some(Ok(())) => {
-                        tracing::info!(generation = number, duration_ms = ms(began.elapsed()), "unloaded");
+                    Some(Ok(unloaded)) => {
+                        tracing::info!(
+                            generation = number,
+                            duration_ms = ms(began.elapsed()),
+                            thread_keys_given_back = if unloaded.still_mapped { 0 } else { unloaded.thread_keys },
+                            "unloaded"
+                        );
                     }
                     Some(Err(e)) => tracing::error!(generation = number, error = %e, "dlclose failed"),
                     None => {}
@@ -457,6 +461,13 @@ impl Generation {
     fn keep_loaded(&self, reason: String) {
         *lock(&self.kept_loaded) = Some(reason);
         self.set_phase(Phase::KeptLoaded);
+    }
+
+    /// The pthread keys this generation's code created that are alive: deleted when its copy is
+    /// unloaded, and kept for good if it stays loaded.
+    pub fn thread_keys(&self) -> usize {
+        let ranges = crate::generation::loader::mapped_ranges(&self.library.staged_copy);
+        crate::generation::loader::thread_keys::created_in(&ranges).len()
     }
 
     /// Why this generation's library stays loaded after it stopped, if it does.

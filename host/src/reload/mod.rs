@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::generation::handover::Handover;
+use crate::generation::loader::thread_keys;
 use crate::generation::{Generation, LiveGenerations, Retirement, StartOptions};
 use crate::reload::build::BuildCommand;
 use crate::reload::canary::{Canary, CanarySettings, Verdict};
@@ -567,6 +568,7 @@ impl Reloader {
             let kept_loaded = live.iter().filter(|g| g.kept_loaded().is_some()).count() as u64;
             (live.iter().map(|g| g.load()).collect(), kept_loaded)
         };
+        let thread_keys = thread_keys::count();
         crate::serving::metrics::Snapshot {
             serving: self.current.load().number,
             live,
@@ -574,6 +576,9 @@ impl Reloader {
             open_descriptors: crate::serving::metrics::open_descriptors(),
             descriptors_left_open: crate::generation::leftovers::ledger().descriptors(),
             copies_left_mapped: crate::generation::leftovers::ledger().mapped_copies(),
+            thread_keys_in_use: thread_keys.in_use,
+            thread_keys_limit: thread_keys.limit,
+            thread_keys_given_back: thread_keys.given_back,
             reloads_ok: self.succeeded.load(Ordering::Relaxed),
             reloads_failed: self.failed.load(Ordering::Relaxed),
             last_reload_ok: lock(&self.last_reload).as_ref().map(|r| r.ok),
@@ -599,6 +604,7 @@ impl Reloader {
         let state = self.state.summary();
         let open_descriptors = crate::serving::metrics::open_descriptors();
         let leftovers = crate::generation::leftovers::ledger().status();
+        let thread_keys = thread_keys::count();
         let _transition = lock(&self.transition);
         let current = self.current.load();
         let generations: Vec<serde_json::Value> = lock(&self.live)
@@ -612,6 +618,7 @@ impl Reloader {
                     "in_flight": g.counters.in_flight.get(),
                     "requests": g.counters.requests.totals().iter().sum::<u64>(),
                     "kept_loaded": g.kept_loaded(),
+                    "thread_keys": g.thread_keys(),
                     "sha256": g.library.sha256,
                 })
             })
@@ -630,6 +637,14 @@ impl Reloader {
             },
             "open_descriptors": open_descriptors,
             "leftovers": leftovers,
+            "process": {
+                "thread_keys": {
+                    "in_use": thread_keys.in_use,
+                    "limit": thread_keys.limit,
+                    "left": thread_keys.left(),
+                    "given_back": thread_keys.given_back,
+                },
+            },
             "reloads": {
                 "ok": self.succeeded.load(Ordering::Relaxed),
                 "failed": self.failed.load(Ordering::Relaxed),

@@ -291,6 +291,11 @@ pub struct Snapshot {
     pub descriptors_left_open: u64,
     /// Library copies still mapped after they were closed.
     pub copies_left_mapped: u64,
+    /// The process's pthread keys: in use, the most there can be, and those of unloaded library
+    /// copies deleted since start.
+    pub thread_keys_in_use: u64,
+    pub thread_keys_limit: u64,
+    pub thread_keys_given_back: u64,
     /// State cells and their bytes, if they could be counted.
     pub state: Option<(u64, u64)>,
 }
@@ -310,7 +315,10 @@ pub fn global() -> &'static Metrics {
 impl Metrics {
     /// Keeps what a generation that is gone served, for the scrapes to come.
     pub fn retire_generation(&self, generation: u64, traffic: Traffic) {
-        lock(&self.retired).insert(generation, traffic);
+        let mut retired = lock(&self.retired);
+        // Also between scrapes (or without any), only the last generations are kept.
+        retired.retain(|kept, _| kept.saturating_add(KEPT_GENERATIONS) > generation);
+        retired.insert(generation, traffic);
     }
 
     pub fn observe_reload(&self, duration: Duration) {
@@ -410,6 +418,17 @@ impl Metrics {
             "# HELP host_leftover_mapped_copies_total Library copies still mapped after they were closed.\n\
              # TYPE host_leftover_mapped_copies_total counter\nhost_leftover_mapped_copies_total {}",
             snapshot.copies_left_mapped
+        );
+        let _ = writeln!(
+            out,
+            "# HELP host_thread_keys_in_use pthread keys the process uses: flat across reloads, since the \
+             keys a library copy created are deleted when it is unloaded.\n\
+             # TYPE host_thread_keys_in_use gauge\nhost_thread_keys_in_use {}\n\
+             # HELP host_thread_keys_limit The most pthread keys the process can have (PTHREAD_KEYS_MAX).\n\
+             # TYPE host_thread_keys_limit gauge\nhost_thread_keys_limit {}\n\
+             # HELP host_thread_keys_given_back_total pthread keys of unloaded library copies deleted.\n\
+             # TYPE host_thread_keys_given_back_total counter\nhost_thread_keys_given_back_total {}",
+            snapshot.thread_keys_in_use, snapshot.thread_keys_limit, snapshot.thread_keys_given_back
         );
         if let Some((cells, bytes)) = snapshot.state {
             let _ = writeln!(
@@ -534,6 +553,9 @@ mod tests {
             open_descriptors: Some(20),
             descriptors_left_open: 2,
             copies_left_mapped: 0,
+            thread_keys_in_use: 3,
+            thread_keys_limit: 1024,
+            thread_keys_given_back: 40,
             state: Some((2, 31)),
         });
         for line in [
@@ -552,6 +574,9 @@ mod tests {
             "host_last_reload_ok 1",
             "host_state_cells 2",
             "host_state_bytes 31",
+            "host_thread_keys_in_use 3",
+            "host_thread_keys_limit 1024",
+            "host_thread_keys_given_back_total 40",
             "host_http_request_duration_seconds_bucket{generation=\"2\",le=\"0.0001\"} 1",
             "host_http_request_duration_seconds_bucket{generation=\"2\",le=\"0.001\"} 2",
             "host_http_request_duration_seconds_bucket{generation=\"3\",le=\"0.001\"} 1",
@@ -611,6 +636,17 @@ mod tests {
         });
         assert!(!text.contains("generation=\"1\""), "{text}");
         assert!(text.contains("generation=\"99\""), "{text}");
+    }
+
+    #[test]
+    fn retired_generations_are_forgotten_without_a_scrape() {
+        let metrics = Metrics::default();
+        for generation in 1..=1000 {
+            metrics.retire_generation(generation, Traffic::default());
+        }
+        let retired = lock(&metrics.retired);
+        assert_eq!(retired.len() as u64, KEPT_GENERATIONS);
+        assert_eq!(retired.keys().next(), Some(&(1001 - KEPT_GENERATIONS)));
     }
 }
 
