@@ -222,9 +222,25 @@ impl Signals {
     /// an upgrade handed over.
     async fn serve_until_stopped(&mut self, reloader: &Reloader, upgrader: &Arc<Upgrader>) {
         let handed_over = upgrader.handed_over();
+        let mut spent = reloader.process_spent();
         loop {
             tokio::select! {
                 _ = self.hangup.recv() => reloader.trigger(Trigger::Sighup),
+                Ok(()) = spent.changed() => {
+                    let reason = spent.borrow_and_update().clone().unwrap_or_default();
+                    match reloader.canary_generation() {
+                        Some(canary) => tracing::warn!(
+                            generation = canary,
+                            reason,
+                            "this process should be replaced, but generation {canary} runs as a canary: \
+                             promote it or roll it back"
+                        ),
+                        None => {
+                            tracing::warn!(reason, "replacing this process with a fresh one (an upgrade to the same binary)");
+                            drop(upgrader.start("spent"));
+                        }
+                    }
+                }
                 // The outcome is logged and shown in /status.
                 _ = self.user2.recv() => match reloader.canary_generation() {
                     Some(canary) => tracing::warn!(

@@ -12,6 +12,8 @@
 //! - [`two_hundred_reloads_under_mixed_load_fail_no_request_and_leak_nothing`]: 200 reloads
 //!   under keep-alive, fresh-connection and HTTP/2 load, after which the host has exactly the
 //!   descriptors and threads it had after its first load.
+//! - [`fifteen_hundred_reloads_under_light_load_fail_no_request_and_use_no_more_thread_keys`]:
+//!   past glibc's 1 024 pthread keys, of which each library copy's std takes one.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -1077,4 +1079,142 @@ async fn two_hundred_reloads_under_mixed_load_fail_no_request_and_leak_nothing()
         ));
     }
     assert!(problems.is_empty(), "{}\n{}", problems.join("\n\n"), host.log_excerpt());
+}
+
+/// The pthread keys `/status` counts (`process.thread_keys`): in use, and given back.
+fn thread_keys(status: &serde_json::Value) -> (u64, u64) {
+    let keys = &status["process"]["thread_keys"];
+    match (keys["in_use"].as_u64(), keys["given_back"].as_u64()) {
+        (Some(in_use), Some(given_back)) => (in_use, given_back),
+        _ => panic!("/status counts the pthread keys: {status}"),
+    }
+}
+
+/// A host reloads all day: 1 500 reloads (past glibc's 1 024 pthread keys, which each library
+/// copy's std takes one of, and which aborted the host at reload 1 022) under light load, on
+/// keep-alive and fresh connections. No request fails, and the host ends with the pthread keys
+/// (its own count), descriptors, threads and mapped copies it had after its first load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifteen_hundred_reloads_under_light_load_fail_no_request_and_use_no_more_thread_keys() {
+    const RELOADS: u64 = 1_500;
+    const RELOADS_DEADLINE: Duration = Duration::from_secs(600);
+
+    let sandbox = Sandbox::new();
+    sandbox.deploy(library(AppVersion::V1));
+    let host = sandbox.start_host(&[]).await;
+    let first_generation = host.status().await["generation"]
+        .as_u64()
+        .expect("/status has a generation");
+    let staging = sandbox.staging_dir();
+    let baseline = quiet_holdings(&host, &staging).await;
+    let (keys_at_start, _) = thread_keys(&host.status().await);
+
+    let load = Load {
+        addr: host.addr(),
+        tally: Arc::new(Tally::default()),
+        stop: Arc::new(AtomicBool::new(false)),
+    };
+    let clients = [
+        tokio::spawn(load.clone().keep_alive(0)),
+        tokio::spawn(load.clone().fresh(0)),
+    ];
+    let began = Instant::now();
+    let mut keys_seen = Vec::new();
+    for reload in 1..=RELOADS {
+        let answer = host.reload().await;
+        assert!(
+            answer["ok"] == true && answer["generation"] == first_generation + reload,
+            "reload {reload} should have started generation {}: {answer}\n{}",
+            first_generation + reload,
+            host.log_excerpt()
+        );
+        if reload % 250 == 0 {
+            keys_seen.push((reload, thread_keys(&host.status().await).0));
+        }
+        assert!(
+            began.elapsed() < RELOADS_DEADLINE,
+            "only {reload} of {RELOADS} reloads within {RELOADS_DEADLINE:?}"
+        );
+    }
+    let reload_time = began.elapsed();
+    load.stop.store(true, Ordering::Relaxed);
+    let mut per_client = Vec::new();
+    for client in clients {
+        let made = tokio::time::timeout(Duration::from_secs(120), client)
+            .await
+            .expect("a load client did not stop within 2 minutes")
+            .expect("a load client panicked");
+        per_client.push(made);
+    }
+    let failed = load.tally.failed.load(Ordering::Relaxed);
+    println!(
+        "{RELOADS} reloads in {reload_time:?}; {} requests answered, {failed} failed; per client {per_client:?}; \
+         pthread keys in use at start {keys_at_start}, then (reload, keys) {keys_seen:?}",
+        load.tally.answered()
+    );
+    assert_eq!(
+        failed,
+        0,
+        "no request may fail; the first failures:\n{}",
+        load.tally
+            .failures
+            .lock()
+            .expect("the failure list is not poisoned")
+            .join("\n")
+    );
+    assert!(
+        per_client.iter().all(|&made| made >= 100),
+        "every load client should have made at least 100 requests: {per_client:?}"
+    );
+
+    let last_generation = first_generation + RELOADS;
+    let settling = Instant::now();
+    let status = loop {
+        let status = host.status().await;
+        if matches!(generation_connections(&status)[..], [(g, Some(0))] if g == last_generation) {
+            break status;
+        }
+        assert!(
+            settling.elapsed() < SETTLE_TIMEOUT,
+            "the retired generations were not unloaded within {SETTLE_TIMEOUT:?}: {status}\n{}",
+            host.log_excerpt()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (keys_at_end, given_back) = thread_keys(&status);
+    assert_eq!(
+        keys_at_end, keys_at_start,
+        "the host must use as many pthread keys after {RELOADS} reloads as after its first load: {}",
+        status["process"]
+    );
+    assert!(
+        keys_seen.iter().all(|&(_, keys)| keys <= keys_at_start + 2),
+        "the pthread keys in use must stay flat (a draining copy or two hold theirs): {keys_seen:?}"
+    );
+    assert!(
+        given_back >= RELOADS,
+        "each unloaded copy's key is given back: {}",
+        status["process"]
+    );
+    assert_eq!(status["leftovers"]["descriptors"], 0, "{}", status["leftovers"]);
+    let serving = status["library"]["staged_copy"]
+        .as_str()
+        .expect("/status names the staged copy");
+    let serving = std::fs::canonicalize(serving).expect("the serving staged copy exists");
+    assert_eq!(
+        host.mapped_files_under(&staging),
+        vec![serving.display().to_string()],
+        "only the serving copy is mapped"
+    );
+    let settled_began = Instant::now();
+    let mut end = Holdings::take(&host, &staging);
+    while end != baseline && settled_began.elapsed() < HOLDINGS_TIMEOUT {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        end = Holdings::take(&host, &staging);
+    }
+    assert!(
+        end == baseline,
+        "after {RELOADS} reloads the host should hold what it held after its first load: {}",
+        end.difference(&baseline)
+    );
 }

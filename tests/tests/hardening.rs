@@ -2,7 +2,8 @@
 //! with the `hostile-app` fixture: threads the app starts and never ends, tokio's signal handling
 //! inside the app, a handler that blocks its thread, a map in host state whose entries are
 //! deleted, a `panic = "abort"` build, a symlink at `--app` that another user owns, an init and a
-//! library constructor that never return, and a file kept open in a `static`.
+//! library constructor that never return, a file kept open in a `static`, and pthread keys
+//! never deleted (given back at unload, or budgeted when the library stays loaded).
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::time::{Duration, Instant};
@@ -818,4 +819,199 @@ async fn descriptors_an_unloaded_generation_left_open_are_reported() {
         "the log must say it once per leaky generation"
     );
     terminate(&mut host, Duration::from_secs(30)).await;
+}
+
+/// The pthread keys `/status` counts (`process.thread_keys`): in use, and given back.
+fn thread_keys(status: &serde_json::Value) -> (u64, u64) {
+    let keys = &status["process"]["thread_keys"];
+    match (keys["in_use"].as_u64(), keys["given_back"].as_u64()) {
+        (Some(in_use), Some(given_back)) => (in_use, given_back),
+        _ => panic!("/status counts the pthread keys: {status}"),
+    }
+}
+
+/// Waits until only the serving generation is left, and returns `/status` then.
+async fn settled_status(host: &mut Host) -> serde_json::Value {
+    let admin = host.admin_addr();
+    host.wait_until(
+        "every generation but the serving one to be unloaded",
+        Duration::from_secs(30),
+        || async move {
+            let reply = client::get(admin, "/status").await.map_err(|e| e.to_string())?;
+            let status: serde_json::Value = reply.json().map_err(|e| e.to_string())?;
+            match status["generations"].as_array().map(Vec::len) {
+                Some(1) => Ok(status),
+                _ => Err(status.to_string()),
+            }
+        },
+    )
+    .await
+}
+
+/// pthread keys an app creates itself (as a C library with thread-specific data does) and never
+/// deletes are deleted by the host once its copy is unloaded: twelve generations of 100 keys each,
+/// more than glibc's 1 024 in all, and the host ends with the keys it started with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_keys_an_app_never_deletes_are_given_back_when_it_is_unloaded() {
+    const GENERATIONS: u64 = 12;
+    let sandbox = Sandbox::new();
+    sandbox.deploy(hostile_app(Hostile::Default));
+    let mut host = sandbox.start_host(&["--drain-timeout", "1s"]).await;
+    let (at_start, _) = thread_keys(&host.status().await);
+
+    for _ in 0..GENERATIONS {
+        reload_into(&sandbox, &mut host, Hostile::ThreadKeys).await;
+        let status = host.status().await;
+        let serving = status["generations"]
+            .as_array()
+            .and_then(|generations| generations.iter().find(|g| g["generation"] == status["generation"]))
+            .unwrap_or_else(|| panic!("/status lists the serving generation: {status}"));
+        assert!(
+            serving["thread_keys"].as_u64() > Some(Hostile::THREAD_KEYS as u64),
+            "the serving generation's keys (its own and its std's) are counted: {serving}"
+        );
+    }
+    reload_into(&sandbox, &mut host, Hostile::Default).await;
+    let status = settled_status(&mut host).await;
+    let (at_end, given_back) = thread_keys(&status);
+    assert_eq!(
+        at_end, at_start,
+        "every key of the unloaded copies is given back: {}",
+        status["process"]
+    );
+    assert!(
+        given_back > GENERATIONS * Hostile::THREAD_KEYS as u64,
+        "{}",
+        status["process"]
+    );
+    terminate(&mut host, Duration::from_secs(30)).await;
+}
+
+/// What unloading cannot give back is shown and budgeted: a library that stays loaded (it left a
+/// thread running) keeps the 100 pthread keys it created. `/status` shows what each such
+/// generation holds; before the keys run out, the host replaces its own process with a fresh one
+/// (an upgrade to the same binary), and no request fails meanwhile. It never aborts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_keys_a_library_kept_loaded_holds_are_shown_and_the_host_replaces_itself_before_they_run_out() {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(hostile_app(Hostile::Default));
+    let mut host = sandbox
+        .host()
+        .current_dir(sandbox.path())
+        .args(["--drain-timeout", "1s", "--stop-timeout", "2s"])
+        .start()
+        .await;
+    let old_pid = host.pid();
+    let address = host.addr();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let (mut answered, mut failures) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && answered < 100_000 {
+                match client::get(address, "/").await {
+                    Ok(reply) if reply.status == StatusCode::OK => answered += 1,
+                    Ok(reply) => failures.push(format!("{} {:?}", reply.status, reply.text())),
+                    Err(e) => failures.push(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (answered, failures)
+        }
+    });
+
+    // 1 024 keys, 101 a generation (its own 100 and its std's): the budget runs low within ten.
+    // Until then, each generation before the serving one is kept loaded, and shown with its keys.
+    let admin = host.admin_addr();
+    let replacing =
+        move |status: &serde_json::Value| status["pid"] != old_pid || status["process"]["replace_because"].is_string();
+    let mut kept_shown = Vec::new();
+    let mut replaced = false;
+    for attempt in 1..=12 {
+        sandbox.deploy(hostile_app(Hostile::KeptThreadKeys));
+        let answer = reload(&mut host).await;
+        assert!(answer["ok"] == true, "reload {attempt} failed: {answer}");
+        if attempt == 1 {
+            // The generation before is the default copy, which is unloaded.
+            continue;
+        }
+        let kept_generation = answer["generation"].as_u64().expect("a generation") - 1;
+        let kept = e2e_tests::wait_until(
+            "the generation before the serving one to be kept loaded, or the process to be replaced",
+            Duration::from_secs(30),
+            || async move {
+                let reply = client::get(admin, "/status").await.map_err(|e| e.to_string())?;
+                let status: serde_json::Value = reply.json().map_err(|e| e.to_string())?;
+                if replacing(&status) {
+                    return Ok(None);
+                }
+                let kept = status["generations"]
+                    .as_array()
+                    .and_then(|generations| generations.iter().find(|g| g["generation"] == kept_generation))
+                    .filter(|g| g["phase"] == "kept_loaded")
+                    .cloned();
+                kept.map(Some).ok_or_else(|| status.to_string())
+            },
+        )
+        .await;
+        match kept {
+            Some(kept) => kept_shown.push(kept),
+            None => {
+                replaced = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        replaced,
+        "the host should have replaced its process before its pthread keys ran out"
+    );
+    assert!(
+        kept_shown.len() >= 5
+            && kept_shown
+                .iter()
+                .all(|kept| kept["thread_keys"].as_u64() > Some(Hostile::THREAD_KEYS as u64)
+                    && kept["kept_loaded"].as_str().is_some_and(|why| why.contains("thread"))),
+        "each generation kept loaded shows the keys it holds, and why it stays: {kept_shown:?}"
+    );
+
+    let admin = host.admin_addr();
+    let new_pid = host
+        .wait_until(
+            "a fresh process to serve in the old one's place",
+            Duration::from_secs(60),
+            || async move {
+                let reply = client::get(admin, "/status").await.map_err(|e| e.to_string())?;
+                let status: serde_json::Value = reply.json().map_err(|e| e.to_string())?;
+                match status["pid"].as_u64() {
+                    Some(pid) if pid != u64::from(old_pid) => Ok((pid, status)),
+                    _ => Err(status.to_string()),
+                }
+            },
+        )
+        .await;
+    let (new_pid, status) = new_pid;
+    let new_host = e2e_tests::process::Adopted::new(u32::try_from(new_pid).expect("a pid"));
+    assert_eq!(status["upgraded_from"], old_pid, "{status}");
+    let (in_use, _) = thread_keys(&status);
+    assert!(
+        in_use <= 2 + 2 * (Hostile::THREAD_KEYS as u64 + 1),
+        "the fresh process holds only its own keys and its generation's: {}",
+        status["process"]
+    );
+    let exit = host.wait_exit(Duration::from_secs(60)).await;
+    assert!(exit.success(), "the replaced process exits 0, not by an abort: {exit}");
+    let log = host.log_text();
+    assert!(
+        !lines_with(&log, &["pthread keys are left", "replacing this process"]).is_empty(),
+        "the log says why the process was replaced"
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (answered, failures) = load.await.expect("the load task");
+    assert!(
+        failures.is_empty() && answered > 10,
+        "no request fails while the process is replaced: {answered} answered, failures {failures:?}"
+    );
+    new_host.stop(Duration::from_secs(60)).await;
 }

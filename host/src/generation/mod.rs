@@ -377,7 +377,7 @@ impl Generation {
                     library.leak();
                     return (stopped, Err(reason));
                 }
-                if let Some((stuck, _)) = crate::generation::loader::open_under_way() {
+                if let Some(stuck) = open_stuck() {
                     library.leak();
                     return (
                         stopped,
@@ -646,6 +646,24 @@ fn still_runs_code_of(number: u64, staged: &Path) -> Option<String> {
     }
     (!reasons.is_empty()).then(|| reasons.join("; "))
 }
+
+/// The generation whose library's `dlopen` has been under way for longer than an open takes
+/// ([`OPEN_STUCK_AFTER`]), waiting for one under way to end: `dlclose` waits for the dynamic
+/// loader's lock, which an open holds while it runs the library's initialisers. One still under
+/// way after that is stuck, and `dlclose` would wait for ever. (Reloads back to back unload one
+/// generation while the next one opens, a few times in a hundred.)
+fn open_stuck() -> Option<u64> {
+    loop {
+        match crate::generation::loader::open_under_way() {
+            None => return None,
+            Some((opening, for_how_long)) if for_how_long >= OPEN_STUCK_AFTER => return Some(opening),
+            Some(_) => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
+/// How long a `dlopen` may take before a library is said to hang in its initialisers.
+const OPEN_STUCK_AFTER: Duration = Duration::from_secs(2);
 
 /// How long threads of a stopped generation's runtime may take to finish exiting.
 const EXITING_THREADS_GRACE: Duration = Duration::from_millis(500);

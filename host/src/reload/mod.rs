@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -115,10 +115,20 @@ pub struct Reloader {
     transition: Mutex<()>,
     share: Arc<AcceptShare>,
     versions: Mutex<Versions>,
+    /// Why this process should be replaced by a fresh one, once a budget of the process that
+    /// unloading cannot refill runs low (see [`Reloader::process_spent`]).
+    spent: watch::Sender<Option<String>>,
 }
 
 /// How often a canary is judged.
 const JUDGE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// pthread keys kept free: no library is loaded with fewer left. Each copy's std needs one, and
+/// std aborts the process if it cannot have it.
+const THREAD_KEYS_KEPT_FREE: u64 = 32;
+
+/// With fewer pthread keys left than this after a reload, the host replaces its process.
+const THREAD_KEYS_LOW: u64 = 128;
 
 impl Reloader {
     /// Loads the first generation. The host cannot serve without one, so failing here is fatal.
@@ -166,6 +176,7 @@ impl Reloader {
             transition: Mutex::new(()),
             share,
             versions: Mutex::new(versions),
+            spent: watch::Sender::new(None),
             settings,
         });
         Ok((reloader, receiver))
@@ -497,6 +508,50 @@ impl Reloader {
         Refusal::Failed(Arc::new(error))
     }
 
+    /// Why this process should be replaced by a fresh one (an upgrade to the same binary: the
+    /// same sockets, the state carried over), each time a reload finds it so. Only what unloading
+    /// cannot give back makes it so: the pthread keys of generations kept loaded, say.
+    pub fn process_spent(&self) -> watch::Receiver<Option<String>> {
+        self.spent.subscribe()
+    }
+
+    /// Asks for a fresh process if the pthread keys left run low.
+    fn check_process_budget(&self) {
+        let keys = thread_keys::count();
+        if keys.left() >= THREAD_KEYS_LOW {
+            return;
+        }
+        let reason = format!(
+            "only {} of the process's {} pthread keys are left{}; a fresh process starts with them all",
+            keys.left(),
+            keys.limit,
+            self.thread_keys_held()
+        );
+        tracing::warn!(
+            thread_keys_left = keys.left(),
+            thread_keys_limit = keys.limit,
+            "{reason}: replacing this process"
+        );
+        self.spent.send_replace(Some(reason));
+    }
+
+    /// Which generations hold pthread keys, as a clause for an error: those kept loaded keep
+    /// theirs for the rest of the process's life.
+    fn thread_keys_held(&self) -> String {
+        let held: Vec<String> = lock(&self.live)
+            .iter()
+            .filter_map(|g| {
+                let keys = g.thread_keys();
+                (keys > 0).then(|| format!("generation {} has {keys}", g.number))
+            })
+            .collect();
+        if held.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", held.join(", "))
+        }
+    }
+
     /// Records the outcome for `/status`, `/metrics` and systemd.
     fn finish(&self, trigger: &str, number: u64, began: Instant, outcome: &ReloadOutcome) {
         crate::serving::metrics::global().observe_reload(began.elapsed());
@@ -511,6 +566,7 @@ impl Reloader {
         };
         *lock(&self.last_reload) = Some(record.clone());
         let _ = self.events.send(ReloadEvent::Finished(record));
+        self.check_process_budget();
     }
 
     fn retire(self: &Arc<Self>, old: Arc<Generation>, how: Retirement) {
@@ -644,6 +700,7 @@ impl Reloader {
                     "left": thread_keys.left(),
                     "given_back": thread_keys.given_back,
                 },
+                "replace_because": *self.spent.borrow(),
             },
             "reloads": {
                 "ok": self.succeeded.load(Ordering::Relaxed),
@@ -687,6 +744,17 @@ async fn load_generation(
             "no library can be loaded: the initialisers (constructors) of generation {stuck}'s library have \
              not returned after {}s and hold the dynamic loader's lock; restart the host to load another version",
             for_how_long.as_secs()
+        );
+    }
+    let keys = thread_keys::count();
+    if keys.left() < THREAD_KEYS_KEPT_FREE {
+        anyhow::bail!(
+            "only {} of the process's {} pthread keys are left, and no library is loaded with fewer than {} \
+             (its std aborts the process if it cannot have one): generations kept loaded hold theirs; upgrade \
+             the host (SIGUSR2 or POST /upgrade) for a fresh process",
+            keys.left(),
+            keys.limit,
+            THREAD_KEYS_KEPT_FREE
         );
     }
     let began = Instant::now();
