@@ -62,6 +62,16 @@ fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
     if args.next().is_some_and(|arg| arg == probe::ARG) {
         if let Some(library) = args.next() {
+            if library == probe::FROM_STDIN {
+                // Started ahead of the reload it serves: the path comes when it does, or never.
+                let mut line = String::new();
+                match std::io::stdin().read_line(&mut line) {
+                    Ok(read) if read > 0 => {
+                        loader::try_initialisers_and_exit(std::path::Path::new(line.trim_end_matches('\n')))
+                    }
+                    _ => loader::exit_at_once(0),
+                }
+            }
             loader::try_initialisers_and_exit(std::path::Path::new(&library));
         }
     }

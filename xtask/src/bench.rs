@@ -11,8 +11,9 @@
 //!   failed requests (exact: bad statuses and socket errors) and p99 against the steady run.
 //! - `reload`: trigger (`POST /reload`) to new generation serving, for a prebuilt library, and
 //!   its steps (copy, load, verify, init, swap) from the host's JSON log.
-//! - `memory`: the host's RSS, threads, descriptors and mapped library copies after 0, 100 and
-//!   1000 reloads.
+//! - `memory`: the host's RSS, pthread keys, threads, descriptors, mappings and mapped library
+//!   copies after 0, 100, 1000 and 2000 reloads; `--reloads N` soaks it with N (at 0, 1k, 10k,
+//!   100k …).
 //! - `streaming`: 1 GiB down (`GET /stream`) and 1 GiB up (`POST /upload`) through the host and
 //!   through the baseline, one connection each: MB/s, the host/baseline ratio, and how much the
 //!   host's RSS grows meanwhile (module [`streaming`]).
@@ -137,11 +138,13 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N,...", value_delimiter = ',')]
     connections: Option<Vec<usize>>,
 
-    /// Reloads timed by `reload` [default: 200; 10 with --smoke].
+    /// Reloads timed by `reload` [default: 200; 10 with --smoke]; for `memory`, the reloads to
+    /// soak the host with, measured at 0, 1 000, 10 000, 100 000 … and N.
     #[arg(long, value_name = "N")]
     reloads: Option<usize>,
 
-    /// Reload counts at which `memory` measures [default: 0,100,1000; 0,5,20 with --smoke].
+    /// Reload counts at which `memory` measures [default: 0,100,1000,2000; 0,5,20 with --smoke;
+    /// from --reloads if given].
     #[arg(long, value_name = "N,...", value_delimiter = ',')]
     memory_at: Option<Vec<usize>>,
 
@@ -224,11 +227,11 @@ impl Plan {
                 .clone()
                 .unwrap_or_else(|| if smoke { vec![64] } else { vec![64, 256] }),
             reloads: args.reloads.unwrap_or(if smoke { 10 } else { 200 }).max(1),
-            memory_at: args.memory_at.clone().unwrap_or_else(
-                || {
-                    if smoke { vec![0, 5, 20] } else { vec![0, 100, 1000] }
-                },
-            ),
+            memory_at: args.memory_at.clone().unwrap_or_else(|| match args.reloads {
+                Some(reloads) => soak_points(reloads),
+                None if smoke => vec![0, 5, 20],
+                None => vec![0, 100, 1000, 2000],
+            }),
             stream_bytes: args
                 .stream_bytes
                 .unwrap_or(if smoke { 16 << 20 } else { 1 << 30 })
@@ -240,6 +243,19 @@ impl Plan {
             quiet_wait: Duration::from_secs(args.quiet_wait),
         }
     }
+}
+
+/// Where a soak of `reloads` is measured: at 0, at every power of ten from 1 000 below it, and at
+/// its end.
+fn soak_points(reloads: usize) -> Vec<usize> {
+    let mut points = vec![0];
+    let mut point = 1000;
+    while point < reloads {
+        points.push(point);
+        point = point.saturating_mul(10);
+    }
+    points.push(reloads);
+    points
 }
 
 /// Everything the items need: built binaries, a scratch directory, the load generator.

@@ -43,7 +43,43 @@ pub struct LibraryInfo {
     pub path: PathBuf,
     /// The private copy that was actually loaded.
     pub staged_copy: PathBuf,
-    pub sha256: String,
+    pub sha256: Sha256,
+}
+
+/// A library's sha256 (hex), known once its bytes are hashed. When no trust policy needs it
+/// first, the copy is written, tried and loaded while the bytes are still being hashed; a
+/// generation is swapped in only once it is known (`reload/mod.rs`).
+#[derive(Debug, Clone, Default)]
+pub struct Sha256(Arc<OnceLock<String>>);
+
+impl Sha256 {
+    pub fn known(hex: String) -> Sha256 {
+        let digest = Sha256::default();
+        digest.set(hex);
+        digest
+    }
+
+    /// Records the digest, once the bytes are hashed.
+    pub fn set(&self, hex: String) {
+        let _ = self.0.set(hex);
+    }
+
+    /// The digest, or "" while it is not known yet.
+    pub fn as_str(&self) -> &str {
+        self.0.get().map_or("", String::as_str)
+    }
+}
+
+impl std::fmt::Display for Sha256 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for Sha256 {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
 }
 
 /// Lifecycle of a generation, as shown in `/status`.

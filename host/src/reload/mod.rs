@@ -158,6 +158,7 @@ impl Reloader {
         let mut versions = Versions::new(settings.staging_dir.join("versions"), settings.keep_versions);
         versions.record(first.number, &first.library);
         let (requests, receiver) = mpsc::unbounded_channel();
+        let _ = tokio::task::spawn_blocking(probe::prepare_next).await;
         let reloader = Arc::new(Reloader {
             current: ArcSwap::new(Arc::clone(&first)),
             live,
@@ -258,6 +259,8 @@ impl Reloader {
                     let _ = reply.send(outcome.clone());
                 }
             }
+            // Between reloads, off their path (see `probe::prepare_next`).
+            let _ = tokio::task::spawn_blocking(probe::prepare_next).await;
         }
     }
 
@@ -344,7 +347,7 @@ impl Reloader {
             return Ok(Done::serving(serving));
         }
         drop(transition);
-        let serving = self.current.load().library.sha256.clone();
+        let serving = self.current.load().library.sha256.to_string();
         let version: Version = {
             let versions = lock(&self.versions);
             let found = match sha256 {
@@ -363,7 +366,9 @@ impl Reloader {
         let number = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::info!(generation = number, trigger, sha256 = version.sha256, "rolling back");
         let _ = self.events.send(ReloadEvent::Started);
-        let in_use = lock(&self.live).iter().any(|g| g.library.sha256 == version.sha256);
+        let in_use = lock(&self.live)
+            .iter()
+            .any(|g| g.library.sha256.as_str() == version.sha256);
         let loaded = self.load(number, Source::Kept(&version, in_use)).await;
         let _transition = lock(&self.transition);
         let outcome = match loaded {
@@ -614,7 +619,7 @@ impl Reloader {
     /// The serving generation's number and sha256.
     pub fn serving(&self) -> (u64, String) {
         let current = self.current.load();
-        (current.number, current.library.sha256.clone())
+        (current.number, current.library.sha256.to_string())
     }
 
     /// What `GET /metrics` reports about generations and reloads.
@@ -758,26 +763,30 @@ async fn load_generation(
         );
     }
     let began = Instant::now();
-    let library = match source {
+    let (library, digest) = match source {
         Source::App => {
-            staging::stage(
+            let (library, digest) = staging::stage(
                 &settings.app_path,
                 &settings.staging_dir,
                 &settings.trust,
                 number,
                 settings.init_timeout,
             )
-            .await?
+            .await?;
+            (library, Some(digest))
         }
         // A kept version's initialisers already returned in this process, when it was loaded first:
         // it is not tried again.
         Source::Kept(version, in_use) => {
             let pinned = settings.trust.require_sha256.as_deref();
-            version
+            let library = version
                 .stage_again(&settings.staging_dir, number, in_use, pinned)
-                .await?
+                .await?;
+            (library, None)
         }
     };
+    // Hashed while the generation starts, when nothing had to check the digest first.
+    let hashing = digest.map(|digest| tokio::task::spawn_blocking(move || digest.wait()));
     // Taken once the copy is staged and tried, not while: staging has the app's file, the copy
     // and the trial's pipe open, and a descriptor open at this moment that a later look finds
     // again at the same number is blamed on the serving generation (`leftovers.rs`).
@@ -792,10 +801,10 @@ async fn load_generation(
     tracing::info!(
         generation = number,
         staged_copy = %library.staged_copy.display(),
-        sha256 = library.sha256,
         duration_ms = ms(began.elapsed()),
         "staged"
     );
+    let sha256 = library.sha256.clone();
     let config = match &settings.app_config {
         Some(path) => tokio::fs::read_to_string(path)
             .await
@@ -818,6 +827,26 @@ async fn load_generation(
         live: Arc::clone(shared.live),
     })
     .await?;
-    tracing::info!(generation = number, duration_ms = ms(started.elapsed()), "started");
+    if let Some(hashing) = hashing {
+        match hashing.await {
+            Ok(hex) => sha256.set(hex),
+            Err(e) => {
+                // Not a version anyone can name: it goes (closing what it may have accepted).
+                let how = Retirement::Close {
+                    idle_grace: Duration::ZERO,
+                };
+                generation
+                    .retire(how, settings.drain_timeout, settings.stop_timeout)
+                    .await;
+                return Err(anyhow::Error::new(e).context("hashing the library failed"));
+            }
+        }
+    }
+    tracing::info!(
+        generation = number,
+        sha256 = %sha256,
+        duration_ms = ms(started.elapsed()),
+        "started"
+    );
     Ok(generation)
 }

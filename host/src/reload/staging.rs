@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use crate::generation::LibraryInfo;
 use crate::generation::loader::check_image;
+use crate::generation::{LibraryInfo, Sha256};
 use crate::reload::probe::{self, ProbeError};
-use crate::reload::trust::{TrustPolicy, read_trusted};
+use crate::reload::trust::{Digest, TrustPolicy, read_trusted};
 use crate::util::ms;
 
 /// Makes this host's staging directory under `parent` (the system's temporary directory if
@@ -86,7 +86,9 @@ pub fn staged_path(staging_dir: &Path, number: u64, library: &Path) -> PathBuf {
 /// is already loaded would return the old copy, and the original may be replaced at any moment.
 /// The bytes are checked against the trust policy as read, and exactly those bytes are staged.
 /// Then the copy's initialisers are tried in a throwaway process (see `probe.rs`), waiting at most
-/// `init_timeout`: the copy is ready to load once this returns.
+/// `init_timeout`: the copy is ready to load once this returns. Its sha256 may still be being
+/// computed then (when the policy checks nothing): it is in the [`Digest`], not yet in the
+/// returned [`LibraryInfo`].
 ///
 /// The trial runs while the bytes are hashed when the policy checks nothing (no
 /// `--require-sha256`, no `--trusted-key`): it costs about as much as the hash, and the reload
@@ -98,12 +100,12 @@ pub async fn stage(
     trust: &TrustPolicy,
     number: u64,
     init_timeout: Duration,
-) -> anyhow::Result<LibraryInfo> {
+) -> anyhow::Result<(LibraryInfo, Digest)> {
     let path = app_path.to_owned();
     let staged_copy = staged_path(staging_dir, number, &path);
     let staged = staged_copy.clone();
     let trust = trust.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Digest> {
         let try_initialisers = || {
             let began = Instant::now();
             let tried = probe::initialisers_return(&staged, init_timeout);
@@ -118,8 +120,17 @@ pub async fn stage(
         // Checked and written (and tried) while the bytes are hashed; the copy is removed if
         // anything refuses it.
         let stage_copy = |bytes: &[u8]| -> anyhow::Result<Option<Result<(), ProbeError>>> {
+            let checking = Instant::now();
             check_image(&path, bytes)?;
-            if let Err(e) = std::fs::write(&staged, bytes) {
+            let writing = Instant::now();
+            let written = std::fs::write(&staged, bytes);
+            tracing::debug!(
+                generation = number,
+                check_ms = ms(writing.duration_since(checking)),
+                write_ms = ms(writing.elapsed()),
+                "copy checked and written"
+            );
+            if let Err(e) = written {
                 // A partial copy (the disk is full) must not stay behind until the host exits.
                 let _ = std::fs::remove_file(&staged);
                 return Err(e).with_context(|| format!("cannot stage a copy at {}", staged.display()));
@@ -127,9 +138,9 @@ pub async fn stage(
             Ok(trial_alongside.then(try_initialisers))
         };
         let outcome = match read_trusted(&path, &trust, stage_copy) {
-            Ok((sha256, Ok(tried))) => tried
+            Ok((digest, Ok(tried))) => tried
                 .unwrap_or_else(try_initialisers)
-                .map(|()| sha256)
+                .map(|()| digest)
                 .map_err(anyhow::Error::from),
             Ok((_, Err(e))) => Err(e),
             Err(refused) => Err(refused.into()),
@@ -141,10 +152,13 @@ pub async fn stage(
     })
     .await
     .context("the staging task failed")?
-    .map(|sha256| LibraryInfo {
-        path: app_path.to_owned(),
-        staged_copy,
-        sha256,
+    .map(|digest| {
+        let library = LibraryInfo {
+            path: app_path.to_owned(),
+            staged_copy,
+            sha256: Sha256::default(),
+        };
+        (library, digest)
     })
 }
 

@@ -217,16 +217,35 @@ fn check_symlinks(path: &Path, host_uid: u32) -> Result<(), Refused> {
     Ok(())
 }
 
+/// A library's sha256 (hex), computed before [`read_trusted`] returned, or still being computed.
+#[derive(Debug)]
+pub enum Digest {
+    Known(String),
+    Hashing(std::thread::JoinHandle<String>),
+}
+
+impl Digest {
+    /// The digest, once the bytes are hashed.
+    pub fn wait(self) -> String {
+        match self {
+            Digest::Known(hex) => hex,
+            // Hashing bytes cannot panic; should it all the same, the panic goes on here.
+            Digest::Hashing(hashing) => hashing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+        }
+    }
+}
+
 /// Reads the library at `path`, checks it against `policy`, and returns its sha256. The bytes
-/// checked are the ones given to `alongside`, which runs on another thread while they are hashed
-/// and checked: work that is useless if they are refused but costs nothing to undo (staging a
-/// copy that will not be loaded), done in parallel with the hash rather than after it. Its
-/// result is returned with the digest.
+/// checked are the ones given to `alongside`, which runs while they are hashed and checked: work
+/// that is useless if they are refused but costs nothing to undo (staging a copy that will not be
+/// loaded), done in parallel with the hash rather than after it. Its result is returned with the
+/// digest. A policy that checks nothing needs no digest to pass: then the hashing goes on after
+/// this returns ([`Digest::Hashing`]), alongside whatever the caller does next.
 pub fn read_trusted<R: Send>(
     path: &Path,
     policy: &TrustPolicy,
     alongside: impl FnOnce(&[u8]) -> R + Send,
-) -> Result<(String, R), Refused> {
+) -> Result<(Digest, R), Refused> {
     let read_error = |source| Refused::Read {
         path: path.to_owned(),
         error: source,
@@ -245,14 +264,44 @@ pub fn read_trusted<R: Send>(
     let bytes = &mut *buffer;
     bytes.clear();
     bytes.reserve(usize::try_from(metadata.len()).unwrap_or(0));
+    let reading = std::time::Instant::now();
     let read = file.read_to_end(bytes).map_err(read_error);
     drop(file);
-    let bytes: &[u8] = bytes;
-    let outcome = read.and_then(|_| check_read(path, policy, bytes, alongside));
+    tracing::debug!(
+        duration_ms = crate::util::ms(reading.elapsed()),
+        bytes = bytes.len(),
+        "library read"
+    );
+    read?;
+    if bytes.is_empty() {
+        return Err(Refused::Empty(path.to_owned()));
+    }
+    if policy.checks_nothing() {
+        let bytes = std::sync::Arc::new(std::mem::take(bytes));
+        drop(buffer);
+        let hashed = std::sync::Arc::clone(&bytes);
+        let hashing = std::thread::Builder::new()
+            .name("host-sha256".into())
+            .spawn(move || {
+                let sha256 = hash(&hashed);
+                // The buffer is kept for the next read once nothing else holds it.
+                if let Ok(bytes) = std::sync::Arc::try_unwrap(hashed) {
+                    keep_buffer(bytes);
+                }
+                sha256
+            })
+            .map_err(read_error)?;
+        let alongside = alongside(&bytes);
+        if let Ok(bytes) = std::sync::Arc::try_unwrap(bytes) {
+            keep_buffer(bytes);
+        }
+        return Ok((Digest::Hashing(hashing), alongside));
+    }
+    let outcome = check_read(path, policy, bytes, alongside);
     if buffer.capacity() > KEPT_BUFFER_LIMIT {
         *buffer = Vec::new();
     }
-    outcome
+    outcome.map(|(sha256, alongside)| (Digest::Known(sha256), alongside))
 }
 
 /// What libraries are read into, kept from one reload to the next: a new buffer costs a page
@@ -263,19 +312,31 @@ static READ_BUFFER: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 /// A buffer larger than this (a library with full debug info) is given back once used.
 const KEPT_BUFFER_LIMIT: usize = 64 << 20;
 
-/// The part of [`read_trusted`] after the read: the hash, `alongside`, and the policy.
+/// Puts a buffer taken out of [`READ_BUFFER`] back, unless it is too large to keep.
+fn keep_buffer(bytes: Vec<u8>) {
+    if bytes.capacity() <= KEPT_BUFFER_LIMIT {
+        *lock(&READ_BUFFER) = bytes;
+    }
+}
+
+fn hash(bytes: &[u8]) -> String {
+    let hashing = std::time::Instant::now();
+    let sha256 = format!("{:x}", Sha256::digest(bytes));
+    tracing::debug!(duration_ms = crate::util::ms(hashing.elapsed()), "library hashed");
+    sha256
+}
+
+/// The part of [`read_trusted`] after the read, for a policy that checks something: the hash,
+/// `alongside`, and the policy.
 fn check_read<R: Send>(
     path: &Path,
     policy: &TrustPolicy,
     bytes: &[u8],
     alongside: impl FnOnce(&[u8]) -> R + Send,
 ) -> Result<(String, R), Refused> {
-    if bytes.is_empty() {
-        return Err(Refused::Empty(path.to_owned()));
-    }
     let (sha256, alongside) = std::thread::scope(|scope| {
         let other = scope.spawn(|| alongside(bytes));
-        let sha256 = format!("{:x}", Sha256::digest(bytes));
+        let sha256 = hash(bytes);
         // A panic in `alongside` is the caller's own, and goes on in the caller.
         let alongside = other.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         (sha256, alongside)
@@ -509,7 +570,8 @@ mod tests {
         let good = write(dir.path(), "good.so", b"code", 0o644);
         let (sha256, seen) = read_trusted(&good, &TrustPolicy::default(), <[u8]>::to_vec).expect("accepted");
         assert_eq!(seen, b"code", "`alongside` gets exactly the bytes checked");
-        assert_eq!(sha256, format!("{:x}", Sha256::digest(b"code")));
+        assert!(matches!(sha256, Digest::Hashing(_)), "nothing waits for the digest");
+        assert_eq!(sha256.wait(), format!("{:x}", Sha256::digest(b"code")));
         let writable = write(dir.path(), "writable.so", b"code", 0o666);
         let message = read_trusted(&writable, &TrustPolicy::default(), |_| ())
             .expect_err("refused")

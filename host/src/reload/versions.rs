@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use anyhow::Context as _;
 
-use crate::generation::LibraryInfo;
+use crate::generation::{LibraryInfo, Sha256};
 use crate::reload::staging::staged_path;
 
 /// What identifies one version of a file without reading it.
@@ -120,7 +120,7 @@ impl Version {
         Ok(LibraryInfo {
             path: version.path.clone(),
             staged_copy,
-            sha256: version.sha256.clone(),
+            sha256: Sha256::known(version.sha256.clone()),
         })
     }
 }
@@ -149,7 +149,7 @@ impl Versions {
             return;
         }
         let loaded_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-        if let Some(index) = self.list.iter().position(|v| v.sha256 == library.sha256) {
+        if let Some(index) = self.list.iter().position(|v| v.sha256 == library.sha256.as_str()) {
             if let Some(mut known) = self.list.remove(index) {
                 known.generation = generation;
                 known.loaded_at = loaded_at;
@@ -168,7 +168,7 @@ impl Versions {
         }
         self.list.push_front(Version {
             generation,
-            sha256: library.sha256.clone(),
+            sha256: library.sha256.to_string(),
             loaded_at,
             path: library.path.clone(),
             stamp: FileStamp::of(&kept),
@@ -223,7 +223,7 @@ mod tests {
         LibraryInfo {
             path: dir.join("app.so"),
             staged_copy,
-            sha256: sha256.to_owned(),
+            sha256: Sha256::known(sha256.to_owned()),
         }
     }
 

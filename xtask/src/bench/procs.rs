@@ -184,6 +184,8 @@ pub struct ProcessMemory {
     pub mapped_copies: usize,
     /// Mappings of those files, all together.
     pub mapped_regions: usize,
+    /// Every mapping of the process (lines of `/proc/<pid>/maps`).
+    pub mappings: usize,
 }
 
 /// The numeric fields `names` (`"VmRSS:"`, `"Threads:"`…) of `/proc/<pid>/status`, in that
@@ -220,5 +222,6 @@ pub fn process_memory(pid: u32, staging_dir: &Path) -> anyhow::Result<ProcessMem
         open_fds,
         mapped_copies: copies.len(),
         mapped_regions: regions.len(),
+        mappings: maps.lines().count(),
     })
 }
