@@ -373,6 +373,19 @@ pub fn exit_at_once(status: i32) -> ! {
     unsafe { libc::_exit(status) }
 }
 
+/// Gives the pages of freed heap memory back to the system, in every malloc arena. A generation's
+/// threads each allocate from one of glibc's per-thread arenas; once they are gone, what they
+/// freed stays resident wherever a longer-lived block shares its arena, and each reload's burst
+/// of allocations and frees left the arenas a few KiB larger (about 6 KiB a reload in all, against
+/// 0.3 KiB of blocks really kept). Called after each unload, off the reload's path.
+pub fn return_freed_heap_to_the_system() {
+    // SAFETY: `malloc_trim` only walks glibc's own arenas under their locks and advises the kernel
+    // that free pages in them are unused; it frees no block in use.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The trial process's whole work (see `reload/probe.rs`): opens `library`, which runs its
 /// initialisers, and exits at once, with 0 if that worked and [`OPEN_FAILED`],
 /// having written why to stderr, if not. Nothing else of the library runs.

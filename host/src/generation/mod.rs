@@ -424,6 +424,13 @@ impl Generation {
                     );
                 }
                 let unloaded = library.unload();
+                let trimming = Instant::now();
+                crate::generation::loader::return_freed_heap_to_the_system();
+                tracing::debug!(
+                    generation = number,
+                    duration_ms = ms(trimming.elapsed()),
+                    "freed heap returned"
+                );
                 if let (Ok(unloaded), Some((before, successor_began))) = (&unloaded, window) {
                     crate::generation::leftovers::ledger().record(Leftover {
                         generation: number,
