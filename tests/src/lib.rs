@@ -45,6 +45,15 @@ where
 
 /// Asserts that `reply` is a `200 OK` with exactly `body`.
 #[track_caller]
+/// The pthread keys `/status` counts (`process.thread_keys`): in use, and given back.
+pub fn thread_keys(status: &serde_json::Value) -> (u64, u64) {
+    let keys = &status["process"]["thread_keys"];
+    match (keys["in_use"].as_u64(), keys["given_back"].as_u64()) {
+        (Some(in_use), Some(given_back)) => (in_use, given_back),
+        _ => panic!("/status counts the pthread keys: {status}"),
+    }
+}
+
 pub fn assert_answer(reply: &Reply, body: &str, context: &str) {
     assert!(
         reply.status == hyper::StatusCode::OK && reply.body == body.as_bytes(),

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use e2e_tests::client::{self, Http2, KeepAlive, Raw, RawReply};
 use e2e_tests::host::tcp_socket;
-use e2e_tests::{AppVersion, Host, Reply, Sandbox, assert_answer, example_app};
+use e2e_tests::{AppVersion, Host, Reply, Sandbox, assert_answer, example_app, thread_keys};
 use hyper::{Method, StatusCode};
 
 /// How long the host may take to hand connections over and to stop retired generations.
@@ -1079,15 +1079,6 @@ async fn two_hundred_reloads_under_mixed_load_fail_no_request_and_leak_nothing()
         ));
     }
     assert!(problems.is_empty(), "{}\n{}", problems.join("\n\n"), host.log_excerpt());
-}
-
-/// The pthread keys `/status` counts (`process.thread_keys`): in use, and given back.
-fn thread_keys(status: &serde_json::Value) -> (u64, u64) {
-    let keys = &status["process"]["thread_keys"];
-    match (keys["in_use"].as_u64(), keys["given_back"].as_u64()) {
-        (Some(in_use), Some(given_back)) => (in_use, given_back),
-        _ => panic!("/status counts the pthread keys: {status}"),
-    }
 }
 
 /// A host reloads all day: 1 500 reloads (past glibc's 1 024 pthread keys, which each library

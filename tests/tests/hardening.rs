@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use e2e_tests::client::{self, Reply};
-use e2e_tests::{Host, Hostile, Sandbox, assert_answer, hostile_app, hostile_app_panic_abort};
+use e2e_tests::{Host, Hostile, Sandbox, assert_answer, hostile_app, hostile_app_panic_abort, thread_keys};
 use hyper::{Method, StatusCode};
 
 /// The longest a reload may take here (none of these versions is slow to start).
@@ -765,21 +765,7 @@ async fn descriptors_an_unloaded_generation_left_open_are_reported() {
     let last = reload_into(&sandbox, &mut host, Hostile::Default).await;
     reload_into(&sandbox, &mut host, Hostile::Default).await;
     // Once the generation before the last has been unloaded, everything before it has been too.
-    let admin = host.admin_addr();
-    let status = host
-        .wait_until(
-            "every generation but the serving one to be unloaded",
-            Duration::from_secs(30),
-            || async move {
-                let reply = client::get(admin, "/status").await.map_err(|e| e.to_string())?;
-                let status: serde_json::Value = reply.json().map_err(|e| e.to_string())?;
-                match status["generations"].as_array().map(Vec::len) {
-                    Some(1) => Ok(status),
-                    _ => Err(status.to_string()),
-                }
-            },
-        )
-        .await;
+    let status = settled_status(&mut host).await;
     let leftovers = &status["leftovers"];
     assert_eq!(
         leftovers["descriptors"], 2,
@@ -819,15 +805,6 @@ async fn descriptors_an_unloaded_generation_left_open_are_reported() {
         "the log must say it once per leaky generation"
     );
     terminate(&mut host, Duration::from_secs(30)).await;
-}
-
-/// The pthread keys `/status` counts (`process.thread_keys`): in use, and given back.
-fn thread_keys(status: &serde_json::Value) -> (u64, u64) {
-    let keys = &status["process"]["thread_keys"];
-    match (keys["in_use"].as_u64(), keys["given_back"].as_u64()) {
-        (Some(in_use), Some(given_back)) => (in_use, given_back),
-        _ => panic!("/status counts the pthread keys: {status}"),
-    }
 }
 
 /// Waits until only the serving generation is left, and returns `/status` then.
