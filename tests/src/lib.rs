@@ -43,8 +43,20 @@ where
     }
 }
 
-/// Asserts that `reply` is a `200 OK` with exactly `body`.
-#[track_caller]
+/// Waits for load clients that were told to stop, each returning how many requests it made; panics
+/// if one does not stop within 2 minutes or panicked.
+pub async fn stopped_clients(clients: impl IntoIterator<Item = tokio::task::JoinHandle<u64>>) -> Vec<u64> {
+    let mut made = Vec::new();
+    for client in clients {
+        let count = tokio::time::timeout(Duration::from_secs(120), client)
+            .await
+            .expect("a load client did not stop within 2 minutes")
+            .expect("a load client panicked");
+        made.push(count);
+    }
+    made
+}
+
 /// The pthread keys `/status` counts (`process.thread_keys`): in use, and given back.
 pub fn thread_keys(status: &serde_json::Value) -> (u64, u64) {
     let keys = &status["process"]["thread_keys"];
@@ -54,6 +66,8 @@ pub fn thread_keys(status: &serde_json::Value) -> (u64, u64) {
     }
 }
 
+/// Asserts that `reply` is a `200 OK` with exactly `body`.
+#[track_caller]
 pub fn assert_answer(reply: &Reply, body: &str, context: &str) {
     assert!(
         reply.status == hyper::StatusCode::OK && reply.body == body.as_bytes(),

@@ -60,6 +60,25 @@ fn generation_connections(status: &serde_json::Value) -> Vec<(u64, Option<u64>)>
 /// Waits until the serving generation `serving` holds `expected` connections and no other live
 /// generation holds any (the host has handed every kept-alive connection over); returns
 /// `/status`.
+/// Waits until `serving` is the only generation left and holds no connection, and returns
+/// `/status` then; panics after [`SETTLE_TIMEOUT`], the message starting with `context`.
+async fn only_generation_left(host: &Host, serving: u64, context: &str) -> serde_json::Value {
+    let settling = Instant::now();
+    loop {
+        let status = host.status().await;
+        if matches!(generation_connections(&status)[..], [(g, Some(0))] if g == serving) {
+            return status;
+        }
+        assert!(
+            settling.elapsed() < SETTLE_TIMEOUT,
+            "{context}the retired generations were not unloaded, or connections not closed, within \
+             {SETTLE_TIMEOUT:?} after the load stopped: {status}\n{}",
+            host.log_excerpt()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn wait_for_connections(host: &Host, serving: u64, expected: u64) -> serde_json::Value {
     let what = format!("generation {serving} to hold all {expected} open connections and the others none");
     e2e_tests::wait_until(&what, SETTLE_TIMEOUT, || async move {
@@ -958,14 +977,7 @@ async fn two_hundred_reloads_under_mixed_load_fail_no_request_and_leak_nothing()
     // A moment more of load on the last version, then stop the clients.
     tokio::time::sleep(Duration::from_millis(200)).await;
     load.stop.store(true, Ordering::Relaxed);
-    let mut per_client = Vec::new();
-    for client in clients {
-        let made = tokio::time::timeout(Duration::from_secs(120), client)
-            .await
-            .expect("a load client did not stop within 2 minutes")
-            .expect("a load client panicked");
-        per_client.push(made);
-    }
+    let per_client = e2e_tests::stopped_clients(clients).await;
     drop(probe);
 
     let tally = &load.tally;
@@ -1020,24 +1032,8 @@ async fn two_hundred_reloads_under_mixed_load_fail_no_request_and_leak_nothing()
     // (d) Every client connection is closed: the retired generations are unloaded, the serving
     // one holds no connection, and the host holds what it held after its first load.
     let last_generation = first_generation + RELOADS;
-    let settling = Instant::now();
-    let status = loop {
-        let status = host.status().await;
-        if matches!(generation_connections(&status)[..], [(g, Some(0))] if g == last_generation) {
-            break status;
-        }
-        assert!(
-            settling.elapsed() < SETTLE_TIMEOUT,
-            "{}(d) the retired generations were not unloaded, or connections not closed, within \
-             {SETTLE_TIMEOUT:?} after the load stopped: {status}\n{}",
-            problems
-                .iter()
-                .map(|problem| format!("{problem}\n\n"))
-                .collect::<String>(),
-            host.log_excerpt()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let context: String = problems.iter().map(|problem| format!("{problem}\n\n")).collect();
+    let status = only_generation_left(&host, last_generation, &format!("{context}(d) ")).await;
     assert_eq!(status["reloads"]["ok"], RELOADS, "{status}");
     assert_eq!(status["reloads"]["failed"], 0, "{status}");
     // No generation is blamed for what the connections and the host open and close meanwhile.
@@ -1129,14 +1125,7 @@ async fn fifteen_hundred_reloads_under_light_load_fail_no_request_and_use_no_mor
     }
     let reload_time = began.elapsed();
     load.stop.store(true, Ordering::Relaxed);
-    let mut per_client = Vec::new();
-    for client in clients {
-        let made = tokio::time::timeout(Duration::from_secs(120), client)
-            .await
-            .expect("a load client did not stop within 2 minutes")
-            .expect("a load client panicked");
-        per_client.push(made);
-    }
+    let per_client = e2e_tests::stopped_clients(clients).await;
     let failed = load.tally.failed.load(Ordering::Relaxed);
     println!(
         "{RELOADS} reloads in {reload_time:?}; {} requests answered, {failed} failed; per client {per_client:?}; \
@@ -1158,20 +1147,7 @@ async fn fifteen_hundred_reloads_under_light_load_fail_no_request_and_use_no_mor
         "every load client should have made at least 100 requests: {per_client:?}"
     );
 
-    let last_generation = first_generation + RELOADS;
-    let settling = Instant::now();
-    let status = loop {
-        let status = host.status().await;
-        if matches!(generation_connections(&status)[..], [(g, Some(0))] if g == last_generation) {
-            break status;
-        }
-        assert!(
-            settling.elapsed() < SETTLE_TIMEOUT,
-            "the retired generations were not unloaded within {SETTLE_TIMEOUT:?}: {status}\n{}",
-            host.log_excerpt()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = only_generation_left(&host, first_generation + RELOADS, "").await;
     let (keys_at_end, given_back) = thread_keys(&status);
     assert_eq!(
         keys_at_end, keys_at_start,

@@ -107,14 +107,7 @@ async fn fifty_reloads_under_load_fail_no_request() {
     // A moment more of load on the last version, then stop the clients.
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut per_client = Vec::new();
-    for client in clients {
-        let made = tokio::time::timeout(Duration::from_secs(120), client)
-            .await
-            .expect("a load client did not stop within 2 minutes")
-            .expect("a load client panicked");
-        per_client.push(made);
-    }
+    let per_client = e2e_tests::stopped_clients(clients).await;
 
     let failures = tally.failures.lock().expect("the failure list is not poisoned").clone();
     let failed = tally.failed.load(Ordering::Relaxed);

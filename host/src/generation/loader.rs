@@ -123,8 +123,10 @@ pub struct Unloaded {
     /// The copy is still mapped after `dlclose` (glibc keeps it while a thread-local destructor
     /// of it is pending): its pthread keys were kept.
     pub still_mapped: bool,
-    /// pthread keys its code created and that were deleted (or, if it is still mapped, kept).
-    pub thread_keys: usize,
+    /// pthread keys its code created, deleted now.
+    pub thread_keys_given_back: usize,
+    /// pthread keys its code created, kept because it is still mapped.
+    pub thread_keys_kept: usize,
 }
 
 // SAFETY: the vtable pointer refers to immutable static data in the library, which stays mapped
@@ -308,16 +310,27 @@ fn verify(library: &libloading::Library, display: &str) -> Result<*const GuestVT
 /// would never have its destructor run (that is all deleting does), and the destructor's code is
 /// gone anyway.
 fn close(library: libloading::Library, path: &Path) -> Result<Unloaded, libloading::Error> {
-    let keys = thread_keys::created_in(&mapped_ranges(path));
+    let keys = thread_keys_created_by(path);
     library.close()?;
     let still_mapped = !mapped_ranges(path).is_empty();
-    if !still_mapped {
-        thread_keys::give_back(&keys);
+    if still_mapped {
+        return Ok(Unloaded {
+            still_mapped,
+            thread_keys_given_back: 0,
+            thread_keys_kept: keys.len(),
+        });
     }
+    thread_keys::give_back(&keys);
     Ok(Unloaded {
         still_mapped,
-        thread_keys: keys.len(),
+        thread_keys_given_back: keys.len(),
+        thread_keys_kept: 0,
     })
+}
+
+/// The pthread keys alive now that code of the library copy at `path` created.
+pub fn thread_keys_created_by(path: &Path) -> Vec<libc::pthread_key_t> {
+    thread_keys::created_in(&mapped_ranges(path))
 }
 
 /// The `dlopen` under way, if any: which generation, since when. glibc runs a library's

@@ -436,7 +436,7 @@ impl Generation {
                         generation: number,
                         descriptors: crate::generation::leftovers::left_behind(&before, successor_began.as_ref()),
                         still_mapped: unloaded.still_mapped,
-                        thread_keys: if unloaded.still_mapped { unloaded.thread_keys } else { 0 },
+                        thread_keys: unloaded.thread_keys_kept,
                     });
                 }
                 (stopped, Ok(Some(unloaded)))
@@ -459,7 +459,7 @@ impl Generation {
                         tracing::info!(
                             generation = number,
                             duration_ms = ms(began.elapsed()),
-                            thread_keys_given_back = if unloaded.still_mapped { 0 } else { unloaded.thread_keys },
+                            thread_keys_given_back = unloaded.thread_keys_given_back,
                             "unloaded"
                         );
                     }
@@ -509,8 +509,7 @@ impl Generation {
     /// The pthread keys this generation's code created that are alive: deleted when its copy is
     /// unloaded, and kept for good if it stays loaded.
     pub fn thread_keys(&self) -> usize {
-        let ranges = crate::generation::loader::mapped_ranges(&self.library.staged_copy);
-        crate::generation::loader::thread_keys::created_in(&ranges).len()
+        crate::generation::loader::thread_keys_created_by(&self.library.staged_copy).len()
     }
 
     /// Why this generation's library stays loaded after it stopped, if it does.

@@ -58,13 +58,12 @@ struct Trial {
 static NEXT: Mutex<Option<Trial>> = Mutex::new(None);
 
 impl Trial {
-    /// Starts a trial process, told which library to open only by [`Trial::open`]; `library` on
-    /// its command line instead if given.
-    fn start(library: Option<&Path>) -> Result<Trial, ProbeError> {
+    /// Starts a trial process, told which library to open only by [`Trial::open`].
+    fn start() -> Result<Trial, ProbeError> {
         let mut command = Command::new("/proc/self/exe");
         command
             .arg(ARG)
-            .arg(library.map_or(Path::new(FROM_STDIN), |library| library))
+            .arg(FROM_STDIN)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -85,9 +84,8 @@ impl Trial {
         Ok(Trial { child, pidfd, stdin })
     }
 
-    /// Has the process open `library` (unless it was named at its start), and waits at most
-    /// `timeout` for it to exit.
-    fn open(mut self, library: &Path, timeout: Duration, named: bool) -> Result<(), ProbeError> {
+    /// Has the process open `library`, and waits at most `timeout` for it to exit.
+    fn open(mut self, library: &Path, timeout: Duration) -> Result<(), ProbeError> {
         // Read while it runs: initialisers that write more than a pipe holds must not block on it.
         let stderr = self.child.stderr.take().map(|stderr| {
             std::thread::spawn(move || {
@@ -98,13 +96,9 @@ impl Trial {
                 reason
             })
         });
-        let told = if named {
-            Ok(())
-        } else {
-            let mut line = library.as_os_str().as_bytes().to_vec();
-            line.push(b'\n');
-            self.stdin.write_all(&line)
-        };
+        let mut line = library.as_os_str().as_bytes().to_vec();
+        line.push(b'\n');
+        let told = self.stdin.write_all(&line);
         drop(self.stdin);
         let exited = told.map_err(ProbeError::Spawn).and_then(|()| {
             let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
@@ -158,7 +152,7 @@ pub fn prepare_next() {
     if next.is_some() {
         return;
     }
-    match Trial::start(None) {
+    match Trial::start() {
         Ok(trial) => *next = Some(trial),
         Err(e) => tracing::debug!(error = %e, "cannot start a trial process ahead; the next reload starts its own"),
     }
@@ -171,10 +165,11 @@ pub fn prepare_next() {
 /// have been reused).
 pub fn initialisers_return(library: &Path, timeout: Duration) -> Result<(), ProbeError> {
     let prepared = lock(&NEXT).take();
-    match prepared {
-        Some(trial) => trial.open(library, timeout, false),
-        None => Trial::start(Some(library))?.open(library, timeout, true),
-    }
+    let trial = match prepared {
+        Some(trial) => trial,
+        None => Trial::start()?,
+    };
+    trial.open(library, timeout)
 }
 
 /// `SIGSEGV` for 11, and so on for the signals a crash ends with.

@@ -137,7 +137,7 @@ pub fn give_back(keys: &[libc::pthread_key_t]) {
 
 /// The process's pthread keys: how many are in use, the most there can be, and how many keys of
 /// unloaded library copies were deleted.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy)]
 pub struct KeyCount {
     pub in_use: u64,
     pub limit: u64,
