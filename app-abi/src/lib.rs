@@ -18,6 +18,10 @@
 //!   dropped by the library: their vtables point into the host, which is never unloaded.
 //! - Nothing the library allocates reaches the host: log text and handed-back bytes are
 //!   *borrowed* for the duration of a host callback, and the host copies what it keeps.
+//! - Each library copy has its own heap, unmapped when it is unloaded (app-api's `heap`), so
+//!   neither side takes over a buffer from the other: an `RString` or `RVec` from across is
+//!   copied out and dropped through its vtable, never `into_string`/`into_vec`ed (abi_stable
+//!   adopts the buffer when the element types match). The workspace's `clippy.toml` forbids both.
 //! - Descriptors cross as plain numbers with a named owner: a [`Socket`] belongs to whoever
 //!   holds it, and passing it on passes the duty to close it; [`HostApi::listeners`] are lent
 //!   for the duration of `run`.

@@ -1,4 +1,4 @@
-//! The library side's only `unsafe`: turning the descriptors the host passes as numbers into
+//! The library side's `unsafe` (with the `heap` module's one call): turning the descriptors the host passes as numbers into
 //! owned Rust values, and back.
 //!
 //! Descriptors cross the boundary as plain integers ([`app_abi::Socket`],

@@ -122,6 +122,8 @@
 mod fd;
 mod generation;
 mod guest;
+#[allow(unsafe_code, reason = "one call sets an option of the copy's own allocator")]
+mod heap;
 mod io;
 mod server;
 mod state;
@@ -215,9 +217,27 @@ impl InitContext {
 /// ```ignore
 /// app_api::export_app!(MyApp);
 /// ```
+///
+/// It also gives the library its own heap (a mimalloc linked into each copy) as its global
+/// allocator, which the host unmaps whole when it unloads the copy: memory the app never frees,
+/// such as a `static` cache, does not outlive its generation. A library that must keep a global
+/// allocator of its own says so, and gives that up:
+///
+/// ```ignore
+/// #[global_allocator]
+/// static ALLOCATOR: MyAllocator = MyAllocator;
+///
+/// app_api::export_app!(MyApp, own_global_allocator);
+/// ```
 #[macro_export]
 macro_rules! export_app {
     ($app:ty) => {
+        #[global_allocator]
+        static HOT_RELOAD_GENERATION_HEAP: $crate::__private::GenerationHeap = $crate::__private::GenerationHeap;
+
+        $crate::export_app!($app, own_global_allocator);
+    };
+    ($app:ty, own_global_allocator) => {
         #[unsafe(no_mangle)]
         pub static HOT_RELOAD_APP_DESCRIPTOR_V1: $crate::__private::abi::AppDescriptor =
             $crate::__private::abi::AppDescriptor {
@@ -237,6 +257,7 @@ macro_rules! export_app {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::guest::run;
+    pub use crate::heap::GenerationHeap;
     pub use abi_stable::StableAbi;
     pub use abi_stable::std_types::RStr;
     pub use app_abi as abi;

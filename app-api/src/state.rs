@@ -59,7 +59,7 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use abi_stable::std_types::{RResult, RSlice, RStr, RString};
+use abi_stable::std_types::{RResult, RSlice, RStr};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -126,7 +126,7 @@ impl Cells {
                     cell.version,
                     cell.bytes.as_ref().into_option().map(|bytes| bytes.as_slice()),
                 )),
-                RResult::RErr(reason) => Err(reason.into_string()),
+                RResult::RErr(reason) => Err(reason.as_str().to_owned()),
             },
             Cells::InProcess(cells) => Ok(match cells.lock().unwrap_or_else(PoisonError::into_inner).get(key) {
                 Some((version, bytes)) => with(*version, Some(bytes)),
@@ -142,7 +142,7 @@ impl Cells {
             Cells::Host(api) => {
                 (api.compare_and_set)(api.handle, RStr::from_str(key), version, RSlice::from_slice(&bytes))
                     .into_result()
-                    .map_err(RString::into_string)
+                    .map_err(|reason| reason.as_str().to_owned())
             }
             Cells::InProcess(cells) => {
                 let mut cells = cells.lock().unwrap_or_else(PoisonError::into_inner);

@@ -43,8 +43,12 @@ struct Counter {
     count: u64,
 }
 
-/// How many times each generation's background task has ticked, by generation number.
-type Ticks = BTreeMap<String, u64>;
+/// How many times each generation's background task has ticked, by generation number, for the
+/// last [`KEPT_TICK_COUNTS`] generations: the state of a host that reloads all day stays small.
+type Ticks = BTreeMap<u64, u64>;
+
+/// How many generations' tick counts the state keeps.
+const KEPT_TICK_COUNTS: u64 = 16;
 
 /// The app. Public so that a binary can serve this code without the host
 /// (`app_api::serve_without_host`), as `cargo xtask bench edit` does.
@@ -93,11 +97,11 @@ impl ExampleApp {
     /// The background task: refresh the cached value and count this generation's ticks.
     async fn refresh_cache(self) {
         let mut interval = tokio::time::interval(REFRESH_EVERY);
-        let key = self.generation.to_string();
         loop {
             interval.tick().await;
             let ticks = match self.ticks.update(|ticks| {
-                let count = ticks.entry(key.clone()).or_default();
+                ticks.retain(|&generation, _| generation + KEPT_TICK_COUNTS > self.generation);
+                let count = ticks.entry(self.generation).or_default();
                 *count += 1;
                 *count
             }) {

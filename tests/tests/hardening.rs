@@ -864,6 +864,30 @@ async fn thread_keys_an_app_never_deletes_are_given_back_when_it_is_unloaded() {
     terminate(&mut host, Duration::from_secs(30)).await;
 }
 
+/// Memory an app never frees (a `static` cache of 16 MiB) goes when its copy is unloaded, since
+/// each copy allocates from a heap of its own: sixteen generations of it, 256 MiB in all, and the
+/// host's RSS ends about where one generation left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_an_app_never_frees_is_returned_when_its_copy_is_unloaded() {
+    const GENERATIONS: usize = 16;
+    let sandbox = Sandbox::new();
+    sandbox.deploy(hostile_app(Hostile::LeakyCache));
+    let mut host = sandbox.start_host(&["--drain-timeout", "1s"]).await;
+    let with_one_cache = host.proc_status_field("VmRSS");
+    for _ in 0..GENERATIONS {
+        reload_into(&sandbox, &mut host, Hostile::LeakyCache).await;
+    }
+    settled_status(&mut host).await;
+    let at_end = host.proc_status_field("VmRSS");
+    let cache_kib = (Hostile::CACHE_BYTES >> 10) as u64;
+    assert!(
+        at_end < with_one_cache + 2 * cache_kib,
+        "VmRSS went from {with_one_cache} kB with one cache to {at_end} kB after {GENERATIONS} more \
+         generations of it: the caches of unloaded copies were not returned"
+    );
+    terminate(&mut host, Duration::from_secs(30)).await;
+}
+
 /// What unloading cannot give back is shown and budgeted: a library that stays loaded (it left a
 /// thread running) keeps the 100 pthread keys it created. `/status` shows what each such
 /// generation holds; before the keys run out, the host replaces its own process with a fresh one

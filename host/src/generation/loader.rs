@@ -232,7 +232,8 @@ impl LoadedLibrary {
         // is converted (and the library-allocated string dropped) here, on the generation's thread.
         match (vtable.run)(&api) {
             RResult::ROk(()) => Ok(()),
-            RResult::RErr(message) => Err(message.into_string()),
+            // Copied, not taken over: the library allocated it from its own heap.
+            RResult::RErr(message) => Err(message.as_str().to_owned()),
         }
     }
 
@@ -320,16 +321,16 @@ fn close(library: libloading::Library, path: &Path) -> Result<Unloaded, libloadi
             thread_keys_kept: keys.len(),
         });
     }
-    thread_keys::give_back(&keys);
+    let given_back = thread_keys::give_back(&keys);
     Ok(Unloaded {
         still_mapped,
-        thread_keys_given_back: keys.len(),
+        thread_keys_given_back: given_back,
         thread_keys_kept: 0,
     })
 }
 
 /// The pthread keys alive now that code of the library copy at `path` created.
-pub fn thread_keys_created_by(path: &Path) -> Vec<libc::pthread_key_t> {
+pub fn thread_keys_created_by(path: &Path) -> Vec<thread_keys::CreatedKey> {
     thread_keys::created_in(&mapped_ranges(path))
 }
 

@@ -29,12 +29,24 @@ type Destructor = Option<unsafe extern "C" fn(*mut c_void)>;
 struct Created {
     key: libc::pthread_key_t,
     creator: usize,
+    serial: u64,
+}
+
+/// A key [`created_in`] found: its number and which creation of that number it was, since a
+/// number deleted (by its creator, or by anyone) may be handed out again at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreatedKey {
+    key: libc::pthread_key_t,
+    serial: u64,
 }
 
 /// Every key created through this module and not deleted since. Held across the call to glibc
 /// (which does not call back), so that a number freed by one thread and reused by another is
 /// never recorded out of order.
 static CREATED: Mutex<Vec<Created>> = Mutex::new(Vec::new());
+
+/// Counts creations, so that each record is told apart from any later one of the same number.
+static CREATIONS: AtomicU64 = AtomicU64::new(0);
 
 /// Keys of unloaded copies deleted, since the host started.
 static GIVEN_BACK: AtomicU64 = AtomicU64::new(0);
@@ -78,7 +90,8 @@ unsafe extern "C" fn create(key: *mut libc::pthread_key_t, destructor: Destructo
     if status == 0 {
         // SAFETY: glibc wrote the new key through `key`, which its caller gave for that.
         let key = unsafe { key.read() };
-        created.push(Created { key, creator });
+        let serial = CREATIONS.fetch_add(1, Ordering::Relaxed);
+        created.push(Created { key, creator, serial });
     }
     status
 }
@@ -112,27 +125,40 @@ fn delete_with_glibc(key: libc::pthread_key_t) -> c_int {
 }
 
 /// The keys alive now whose creator's code lies in one of `ranges` (a library copy's mappings).
-pub fn created_in(ranges: &[(usize, usize)]) -> Vec<libc::pthread_key_t> {
+pub fn created_in(ranges: &[(usize, usize)]) -> Vec<CreatedKey> {
     lock(&CREATED)
         .iter()
         .filter(|c| ranges.iter().any(|&(start, end)| (start..end).contains(&c.creator)))
-        .map(|c| c.key)
+        .map(|c| CreatedKey {
+            key: c.key,
+            serial: c.serial,
+        })
         .collect()
 }
 
-/// Deletes keys found with [`created_in`]. Call only once no code of their creator can run any
-/// more and no thread that ran it lives: then nothing else can delete them meanwhile, and nothing
-/// can use them after.
-pub fn give_back(keys: &[libc::pthread_key_t]) {
+/// Deletes the keys found with [`created_in`] that are still alive, and answers how many it
+/// deleted. Call only once no code of their creator can run any more and no thread that ran it
+/// lives, so that nothing can use them after. A key the copy deleted itself meanwhile (mimalloc
+/// deletes its own as the copy is closed) is left alone, even if its number was reused since.
+pub fn give_back(keys: &[CreatedKey]) -> usize {
     let mut created = lock(&CREATED);
-    for &key in keys {
-        if delete_with_glibc(key) == 0 {
-            created.retain(|c| c.key != key);
+    let mut deleted = 0;
+    for found in keys {
+        let Some(at) = created.iter().position(|c| c.serial == found.serial) else {
+            continue;
+        };
+        if delete_with_glibc(found.key) == 0 {
+            created.swap_remove(at);
             GIVEN_BACK.fetch_add(1, Ordering::Relaxed);
+            deleted += 1;
         } else {
-            tracing::warn!(key, "could not delete a pthread key of an unloaded library copy");
+            tracing::warn!(
+                key = found.key,
+                "could not delete a pthread key of an unloaded library copy"
+            );
         }
     }
+    deleted
 }
 
 /// The process's pthread keys: how many are in use, the most there can be, and how many keys of
@@ -184,11 +210,13 @@ mod tests {
             "{creator:#x} is not in {here:#x}.."
         );
         let taken = created_in(&[(here, here + CODE_SIZE)]);
-        assert_eq!(taken, [key]);
+        assert_eq!(taken.iter().map(|c| c.key).collect::<Vec<_>>(), [key]);
         let before = GIVEN_BACK.load(Ordering::Relaxed);
-        give_back(&taken);
+        assert_eq!(give_back(&taken), 1);
         assert_eq!(GIVEN_BACK.load(Ordering::Relaxed), before + 1);
         assert!(created_in(&[(here, here + CODE_SIZE)]).is_empty());
+        // Given back once only: the number may already be someone else's.
+        assert_eq!(give_back(&taken), 0);
         // Deleted for glibc too: setting a value for it is refused (no other test creates keys).
         // SAFETY: a plain call; glibc checks the key.
         let set = unsafe { libc::pthread_setspecific(key, std::ptr::null()) };
