@@ -474,6 +474,15 @@ pub fn mapped_ranges(path: &Path) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// A read-only mapping of a staged copy the host has just written, in which its bytes are checked
+/// and hashed: what is checked is exactly what `dlopen` maps, with no second copy in memory.
+pub fn map_copy(copy: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: the file is a staged copy in the host's own staging directory (mode 0700), written
+    // by this host and never written again: nothing changes the mapped bytes while they are
+    // borrowed. The mapping is read-only and private to this process.
+    unsafe { memmap2::MmapOptions::new().populate().map(copy) }
+}
+
 /// Refuses, before `dlopen`, an ELF image whose program headers or loadable segments run past its
 /// end, as a copy still being written does (glibc maps such a file anyway and the process dies of
 /// SIGBUS when the loader touches the missing pages), and one with tokio's signal driver in it.

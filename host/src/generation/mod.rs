@@ -47,10 +47,11 @@ pub struct LibraryInfo {
 }
 
 /// A library's sha256 (hex), known once its bytes are hashed. When no trust policy needs it
-/// first, the copy is written, tried and loaded while the bytes are still being hashed; a
-/// generation is swapped in only once it is known (`reload/mod.rs`).
+/// first, the copy is tried, loaded, started and swapped in while the bytes are still being
+/// hashed: the reload answers, and the version is kept for rollback, once it is known
+/// (`reload/mod.rs`).
 #[derive(Debug, Clone, Default)]
-pub struct Sha256(Arc<OnceLock<String>>);
+pub struct Sha256(Arc<tokio::sync::SetOnce<String>>);
 
 impl Sha256 {
     pub fn known(hex: String) -> Sha256 {
@@ -67,6 +68,11 @@ impl Sha256 {
     /// The digest, or "" while it is not known yet.
     pub fn as_str(&self) -> &str {
         self.0.get().map_or("", String::as_str)
+    }
+
+    /// The digest, once it is known.
+    pub async fn wait(&self) -> &str {
+        self.0.wait().await
     }
 }
 

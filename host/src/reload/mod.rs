@@ -115,6 +115,8 @@ pub struct Reloader {
     transition: Mutex<()>,
     share: Arc<AcceptShare>,
     versions: Mutex<Versions>,
+    /// The generation last kept in `versions` (see [`Reloader::keep_serving_version`]).
+    kept_generation: AtomicU64,
     /// Why this process should be replaced by a fresh one, once a budget of the process that
     /// unloading cannot refill runs low (see [`Reloader::process_spent`]).
     spent: watch::Sender<Option<String>>,
@@ -156,7 +158,9 @@ impl Reloader {
         first.take_handed_over_connections();
         lock(&live).push(Arc::clone(&first));
         let mut versions = Versions::new(settings.staging_dir.join("versions"), settings.keep_versions);
-        versions.record(first.number, &first.library);
+        if !first.library.sha256.wait().await.is_empty() {
+            versions.record(first.number, &first.library);
+        }
         let (requests, receiver) = mpsc::unbounded_channel();
         let _ = tokio::task::spawn_blocking(probe::prepare_next).await;
         let reloader = Arc::new(Reloader {
@@ -164,6 +168,7 @@ impl Reloader {
             live,
             last_reload: Mutex::new(None),
             attempts: AtomicU64::new(1),
+            kept_generation: AtomicU64::new(first.number),
             succeeded: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             retiring: TaskTracker::new(),
@@ -254,6 +259,7 @@ impl Reloader {
                 Action::Promote => self.promote(&trigger),
                 Action::Judged { generation, verdict } => self.conclude(generation, verdict),
             };
+            self.keep_serving_version().await;
             for trigger in batch {
                 if let Some(reply) = trigger.reply {
                     let _ = reply.send(outcome.clone());
@@ -478,6 +484,24 @@ impl Reloader {
         });
     }
 
+    /// Keeps the serving generation's library as the newest version (for rollback), once it is
+    /// hashed, if it was swapped in since the last call. Before any reply: whoever reads
+    /// `/status` or rolls back after a reload answered finds the new version named and kept.
+    async fn keep_serving_version(&self) {
+        let serving = self.current.load_full();
+        if self.kept_generation.swap(serving.number, Ordering::Relaxed) == serving.number {
+            return;
+        }
+        if serving.library.sha256.wait().await.is_empty() {
+            tracing::warn!(
+                generation = serving.number,
+                "hashing the library failed: this version is not kept"
+            );
+            return;
+        }
+        lock(&self.versions).record(serving.number, &serving.library);
+    }
+
     /// Makes `new` the serving generation and retires the one it replaces.
     fn swap_in(self: &Arc<Self>, new: Arc<Generation>, began: Instant) -> Done {
         {
@@ -495,7 +519,6 @@ impl Reloader {
             "swapped: new connections and kept-alive ones go to generation {}",
             new.number
         );
-        lock(&self.versions).record(new.number, &new.library);
         self.retire(old, Retirement::HandOver);
         self.succeeded.fetch_add(1, Ordering::Relaxed);
         Done::serving(new.number)
@@ -785,8 +808,6 @@ async fn load_generation(
             (library, None)
         }
     };
-    // Hashed while the generation starts, when nothing had to check the digest first.
-    let hashing = digest.map(|digest| tokio::task::spawn_blocking(move || digest.wait()));
     // Taken once the copy is staged and tried, not while: staging has the app's file, the copy
     // and the trial's pipe open, and a descriptor open at this moment that a later look finds
     // again at the same number is blamed on the serving generation (`leftovers.rs`).
@@ -827,26 +848,15 @@ async fn load_generation(
         live: Arc::clone(shared.live),
     })
     .await?;
-    if let Some(hashing) = hashing {
-        match hashing.await {
-            Ok(hex) => sha256.set(hex),
-            Err(e) => {
-                // Not a version anyone can name: it goes (closing what it may have accepted).
-                let how = Retirement::Close {
-                    idle_grace: Duration::ZERO,
-                };
-                generation
-                    .retire(how, settings.drain_timeout, settings.stop_timeout)
-                    .await;
-                return Err(anyhow::Error::new(e).context("hashing the library failed"));
-            }
-        }
+    // Hashed while the generation starts and is swapped in, when nothing had to check the digest
+    // first: what waits for it is naming the version (`Reloader::keep_serving_version`).
+    if let Some(digest) = digest {
+        tokio::task::spawn_blocking(move || {
+            let hex = digest.wait();
+            tracing::debug!(generation = number, sha256 = hex, "library hashed");
+            sha256.set(hex);
+        });
     }
-    tracing::info!(
-        generation = number,
-        sha256 = %sha256,
-        duration_ms = ms(started.elapsed()),
-        "started"
-    );
+    tracing::info!(generation = number, duration_ms = ms(started.elapsed()), "started");
     Ok(generation)
 }

@@ -84,7 +84,8 @@ pub fn staged_path(staging_dir: &Path, number: u64, library: &Path) -> PathBuf {
 
 /// Copies the library at the app path to a fresh, uniquely named file: `dlopen` of a path that
 /// is already loaded would return the old copy, and the original may be replaced at any moment.
-/// The bytes are checked against the trust policy as read, and exactly those bytes are staged.
+/// The copy's own bytes, mapped, are checked against the trust policy: what is checked is what
+/// is loaded.
 /// Then the copy's initialisers are tried in a throwaway process (see `probe.rs`), waiting at most
 /// `init_timeout`: the copy is ready to load once this returns. Its sha256 may still be being
 /// computed then (when the policy checks nothing): it is in the [`Digest`], not yet in the
@@ -117,27 +118,19 @@ pub async fn stage(
             tried
         };
         let trial_alongside = trust.checks_nothing();
-        // Checked and written (and tried) while the bytes are hashed; the copy is removed if
-        // anything refuses it.
-        let stage_copy = |bytes: &[u8]| -> anyhow::Result<Option<Result<(), ProbeError>>> {
+        // Checked (and tried) while the bytes are hashed; the copy is removed if anything
+        // refuses it.
+        let check_copy = |bytes: &[u8]| -> anyhow::Result<Option<Result<(), ProbeError>>> {
             let checking = Instant::now();
             check_image(&path, bytes)?;
-            let writing = Instant::now();
-            let written = std::fs::write(&staged, bytes);
             tracing::debug!(
                 generation = number,
-                check_ms = ms(writing.duration_since(checking)),
-                write_ms = ms(writing.elapsed()),
-                "copy checked and written"
+                duration_ms = ms(checking.elapsed()),
+                "copy checked"
             );
-            if let Err(e) = written {
-                // A partial copy (the disk is full) must not stay behind until the host exits.
-                let _ = std::fs::remove_file(&staged);
-                return Err(e).with_context(|| format!("cannot stage a copy at {}", staged.display()));
-            }
             Ok(trial_alongside.then(try_initialisers))
         };
-        let outcome = match read_trusted(&path, &trust, stage_copy) {
+        let outcome = match read_trusted(&path, &staged, &trust, check_copy) {
             Ok((digest, Ok(tried))) => tried
                 .unwrap_or_else(try_initialisers)
                 .map(|()| digest)

@@ -21,16 +21,13 @@
 use std::ffi::OsString;
 use std::fs::Metadata;
 use std::io::Read as _;
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use anyhow::Context as _;
 use ed25519_dalek::pkcs8::{DecodePrivateKey as _, DecodePublicKey as _, EncodePrivateKey as _, EncodePublicKey as _};
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use sha2::{Digest as _, Sha256};
-
-use crate::util::lock;
 
 /// What a library must satisfy before it is loaded.
 #[derive(Debug, Clone, Default)]
@@ -56,6 +53,8 @@ pub enum Refused {
     // `error`, not `source`: the message already says it, and a source would say it twice.
     #[error("cannot read the app library {path}: {error}")]
     Read { path: PathBuf, error: std::io::Error },
+    #[error("cannot stage a copy of the app library at {copy}: {error}")]
+    Stage { copy: PathBuf, error: std::io::Error },
     #[error("the app library {0} is not a regular file")]
     NotAFile(PathBuf),
     #[error("the app library {0} is empty")]
@@ -229,25 +228,33 @@ impl Digest {
     pub fn wait(self) -> String {
         match self {
             Digest::Known(hex) => hex,
-            // Hashing bytes cannot panic; should it all the same, the panic goes on here.
-            Digest::Hashing(hashing) => hashing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            // Hashing bytes cannot panic; should it all the same, the version stays unnamed ("")
+            // rather than leave whoever waits for its name waiting for ever.
+            Digest::Hashing(hashing) => hashing.join().unwrap_or_default(),
         }
     }
 }
 
-/// Reads the library at `path`, checks it against `policy`, and returns its sha256. The bytes
-/// checked are the ones given to `alongside`, which runs while they are hashed and checked: work
-/// that is useless if they are refused but costs nothing to undo (staging a copy that will not be
-/// loaded), done in parallel with the hash rather than after it. Its result is returned with the
-/// digest. A policy that checks nothing needs no digest to pass: then the hashing goes on after
-/// this returns ([`Digest::Hashing`]), alongside whatever the caller does next.
+/// Copies the library at `path` to `copy` (a new file in the host's staging directory), checks the
+/// copy against `policy`, and returns its sha256. The bytes checked are the copy's, mapped: the
+/// ones `dlopen` will map. They are given to `alongside`, which runs while they are hashed and
+/// checked: work that is useless if they are refused but costs nothing to undo (checking the
+/// image, trying its initialisers), done in parallel with the hash rather than after it. Its
+/// result is returned with the digest. A policy that checks nothing needs no digest to pass: then
+/// the hashing goes on after this returns ([`Digest::Hashing`]), alongside whatever the caller
+/// does next. The caller removes `copy` if anything refuses it.
 pub fn read_trusted<R: Send>(
     path: &Path,
+    copy: &Path,
     policy: &TrustPolicy,
     alongside: impl FnOnce(&[u8]) -> R + Send,
 ) -> Result<(Digest, R), Refused> {
     let read_error = |source| Refused::Read {
         path: path.to_owned(),
+        error: source,
+    };
+    let stage_error = |source| Refused::Stage {
+        copy: copy.to_owned(),
         error: source,
     };
     let uid = host_uid();
@@ -260,63 +267,38 @@ pub fn read_trusted<R: Send>(
     check_directories(path, uid)?;
     check_symlinks(path, uid)?;
 
-    let mut buffer = lock(&READ_BUFFER);
-    let bytes = &mut *buffer;
-    bytes.clear();
-    bytes.reserve(usize::try_from(metadata.len()).unwrap_or(0));
-    let reading = std::time::Instant::now();
-    let read = file.read_to_end(bytes).map_err(read_error);
+    let copying = std::time::Instant::now();
+    let mut staged = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(copy)
+        .map_err(stage_error)?;
+    // Within the kernel (`copy_file_range`): no pass through a buffer of the host's.
+    let copied = std::io::copy(&mut file, &mut staged).map_err(stage_error)?;
     drop(file);
     tracing::debug!(
-        duration_ms = crate::util::ms(reading.elapsed()),
-        bytes = bytes.len(),
-        "library read"
+        duration_ms = crate::util::ms(copying.elapsed()),
+        bytes = copied,
+        "library copied"
     );
-    read?;
-    if bytes.is_empty() {
+    if copied == 0 {
         return Err(Refused::Empty(path.to_owned()));
     }
+    let image = std::sync::Arc::new(crate::generation::loader::map_copy(&staged).map_err(stage_error)?);
+    drop(staged);
     if policy.checks_nothing() {
-        let bytes = std::sync::Arc::new(std::mem::take(bytes));
-        drop(buffer);
-        let hashed = std::sync::Arc::clone(&bytes);
+        let hashed = std::sync::Arc::clone(&image);
         let hashing = std::thread::Builder::new()
             .name("host-sha256".into())
-            .spawn(move || {
-                let sha256 = hash(&hashed);
-                // The buffer is kept for the next read once nothing else holds it.
-                if let Ok(bytes) = std::sync::Arc::try_unwrap(hashed) {
-                    keep_buffer(bytes);
-                }
-                sha256
-            })
+            .spawn(move || hash(&hashed))
             .map_err(read_error)?;
-        let alongside = alongside(&bytes);
-        if let Ok(bytes) = std::sync::Arc::try_unwrap(bytes) {
-            keep_buffer(bytes);
-        }
+        let alongside = alongside(&image);
         return Ok((Digest::Hashing(hashing), alongside));
     }
-    let outcome = check_read(path, policy, bytes, alongside);
-    if buffer.capacity() > KEPT_BUFFER_LIMIT {
-        *buffer = Vec::new();
-    }
-    outcome.map(|(sha256, alongside)| (Digest::Known(sha256), alongside))
-}
-
-/// What libraries are read into, kept from one reload to the next: a new buffer costs a page
-/// fault for every 4 KiB of the library, and reading a 4 MiB release library into one took
-/// 2.1 ms instead of 0.5. Libraries are staged one at a time, so it is not contended.
-static READ_BUFFER: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-/// A buffer larger than this (a library with full debug info) is given back once used.
-const KEPT_BUFFER_LIMIT: usize = 64 << 20;
-
-/// Puts a buffer taken out of [`READ_BUFFER`] back, unless it is too large to keep.
-fn keep_buffer(bytes: Vec<u8>) {
-    if bytes.capacity() <= KEPT_BUFFER_LIMIT {
-        *lock(&READ_BUFFER) = bytes;
-    }
+    check_read(path, policy, &image, alongside).map(|(sha256, alongside)| (Digest::Known(sha256), alongside))
 }
 
 fn hash(bytes: &[u8]) -> String {
@@ -568,18 +550,19 @@ mod tests {
     fn files_are_checked_on_disk() {
         let dir = tempfile::tempdir().expect("tempdir");
         let good = write(dir.path(), "good.so", b"code", 0o644);
-        let (sha256, seen) = read_trusted(&good, &TrustPolicy::default(), <[u8]>::to_vec).expect("accepted");
+        let copy = dir.path().join("copy.so");
+        let (sha256, seen) = read_trusted(&good, &copy, &TrustPolicy::default(), <[u8]>::to_vec).expect("accepted");
         assert_eq!(seen, b"code", "`alongside` gets exactly the bytes checked");
         assert!(matches!(sha256, Digest::Hashing(_)), "nothing waits for the digest");
         assert_eq!(sha256.wait(), format!("{:x}", Sha256::digest(b"code")));
         let writable = write(dir.path(), "writable.so", b"code", 0o666);
-        let message = read_trusted(&writable, &TrustPolicy::default(), |_| ())
+        let message = read_trusted(&writable, &copy, &TrustPolicy::default(), |_| ())
             .expect_err("refused")
             .to_string();
         assert!(message.contains("writable by others"), "{message}");
 
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
-        let message = read_trusted(&good, &TrustPolicy::default(), |_| ())
+        let message = read_trusted(&good, &copy, &TrustPolicy::default(), |_| ())
             .expect_err("refused")
             .to_string();
         assert!(message.contains("writable by others"), "{message}");
@@ -590,17 +573,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let library = write(dir.path(), "app.so", b"library bytes", 0o644);
         let digest = format!("{:x}", Sha256::digest(b"library bytes"));
+        let copy = dir.path().join("copy.so");
         let pinned = TrustPolicy {
             require_sha256: Some(digest),
             ..TrustPolicy::default()
         };
-        read_trusted(&library, &pinned, |_| ()).expect("the right digest passes");
+        read_trusted(&library, &copy, &pinned, |_| ()).expect("the right digest passes");
         let wrong = TrustPolicy {
             require_sha256: Some("0".repeat(64)),
             ..TrustPolicy::default()
         };
         assert!(matches!(
-            read_trusted(&library, &wrong, |_| ()),
+            read_trusted(&library, &copy, &wrong, |_| ()),
             Err(Refused::Sha256Mismatch { .. })
         ));
 
@@ -613,14 +597,14 @@ mod tests {
             ..TrustPolicy::default()
         };
         assert!(matches!(
-            read_trusted(&library, &signed, |_| ()),
+            read_trusted(&library, &copy, &signed, |_| ()),
             Err(Refused::NoSignature { .. })
         ));
         sign(&secret, &library).expect("sign");
-        read_trusted(&library, &signed, |_| ()).expect("a good signature passes");
+        read_trusted(&library, &copy, &signed, |_| ()).expect("a good signature passes");
         write(dir.path(), "app.so", b"other bytes", 0o644);
         assert!(matches!(
-            read_trusted(&library, &signed, |_| ()),
+            read_trusted(&library, &copy, &signed, |_| ()),
             Err(Refused::BadSignature { .. })
         ));
     }
@@ -668,7 +652,7 @@ mod tests {
             trusted_keys: read_trusted_keys(&public).expect("openssl's public key"),
             ..TrustPolicy::default()
         };
-        read_trusted(&library, &policy, |_| ()).expect("openssl's signature verifies");
+        read_trusted(&library, &dir.path().join("copy.so"), &policy, |_| ()).expect("openssl's signature verifies");
 
         let ours = dir.path().join("ours");
         keygen(&ours).expect("keygen");
