@@ -322,7 +322,7 @@ async fn run(
     .await?;
     let parent_watch = predecessor
         .as_ref()
-        .map(|predecessor| tokio::spawn(state.clone().follow_parent(predecessor.pid)));
+        .map(|predecessor| tokio::spawn(state.clone().follow_hand_off(predecessor.pid)));
     // Only now: a host whose first version cannot be loaded never said it serves.
     for address in addresses {
         tracing::info!(%address, generation = reloader.serving().0, "serving");

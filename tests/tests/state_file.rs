@@ -211,6 +211,84 @@ async fn cells_in_memory_are_carried_across_an_upgrade() {
     assert!(left.is_empty(), "hand-off directories left: {left:?}");
 }
 
+/// Without `--state-file`, two upgrades in a row: the first host still drains (it holds idle
+/// kept-alive connections) when the third process starts, and what it acknowledges on those
+/// connections afterwards is kept. The cells go back into memory only once no older process can
+/// write them, however long the chain of upgrades.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_the_first_host_acknowledges_after_two_upgrades_in_a_row_are_kept() {
+    const BEFORE: u64 = 10;
+    const KEPT_ALIVE: usize = 5;
+    let sandbox = Sandbox::new();
+    sandbox.deploy(example_app(AppVersion::V1));
+    let mut host = sandbox.host().args(["--drain-timeout", "20s"]).start().await;
+    for _ in 0..BEFORE {
+        let reply = increment(host.addr()).await.expect("an increment");
+        assert!(reply.status.is_success(), "{}", reply.text());
+    }
+    let mut kept_alive = Vec::new();
+    for _ in 0..KEPT_ALIVE {
+        let mut connection = client::KeepAlive::connect(host.addr()).await.expect("a connection");
+        connection
+            .get("/counter")
+            .await
+            .expect("GET /counter on the first host");
+        kept_alive.push(connection);
+    }
+
+    let mut upgraded = Vec::new();
+    for _ in 0..2 {
+        let reply = host.admin_request(Method::POST, "/upgrade").await;
+        let answer = reply.json().expect("JSON");
+        assert_eq!(reply.status, StatusCode::OK, "{answer}\n{}", host.log_excerpt());
+        let pid = answer["pid"].as_u64().expect("the new pid");
+        upgraded.push(Adopted::new(u32::try_from(pid).expect("a pid")));
+    }
+    // The second process has nothing to drain: it exits first. Writes on the first host's
+    // connections come after the third process had time to notice (it looks every 100 ms).
+    wait_until("the second process to exit", WAIT, || async {
+        if upgraded[0].is_running() {
+            Err("it runs".to_string())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut acknowledged = BEFORE;
+    for connection in &mut kept_alive {
+        let reply = connection
+            .request(Method::POST, "/counter", hyper::body::Bytes::new())
+            .await
+            .expect("POST /counter on a connection the first host still holds");
+        if reply.status.is_success() {
+            acknowledged += 1;
+        }
+    }
+    assert!(acknowledged > BEFORE, "the first host acknowledged none of them");
+    drop(kept_alive);
+    let exit = host.wait_exit(WAIT).await;
+    assert!(exit.success(), "the first host exited with {exit}");
+    wait_until("the cells to be back in memory", WAIT, || async {
+        let status = host.status().await;
+        if status["state"]["store"] == "memory" && status["pid"] == upgraded[1].pid() {
+            Ok(())
+        } else {
+            Err(status.to_string())
+        }
+    })
+    .await;
+    assert_eq!(
+        count(host.addr()).await,
+        acknowledged,
+        "every increment any of the three processes acknowledged is counted\n{}",
+        host.log_excerpt()
+    );
+    if let Some(newest) = upgraded.pop() {
+        newest.stop(WAIT).await;
+    }
+}
+
 /// With `--state-file`: both processes use the file (the lock passes to the new one), and the
 /// count goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Read as _;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension as _, TransactionBehavior, params};
@@ -44,25 +45,93 @@ enum Role {
 }
 
 /// The private directory of a hand-off file, and who else may still write it.
+///
+/// Every process that uses the file holds a lock on a file of its own in `users/` (named by its
+/// pid) for as long as it may write the cells; the kernel drops the lock when the process exits,
+/// however it exits. So the newest process of a chain of upgrades sees every older one still
+/// draining, not only the parent it knows of.
 pub(super) struct HandOffDirectory {
     path: PathBuf,
-    /// The old host this one took the file over from, while it may run.
+    /// The old host this one took the file over from, while it may run: an older binary does not
+    /// mark itself in `users/`.
     pub(super) parent: Option<u32>,
     /// Whether a new process was given the file (and may run).
     pub(super) successor: bool,
+    /// This process's mark in `users/`: its name, and the file, locked.
+    user: (String, File),
 }
 
 impl HandOffDirectory {
+    /// Marks this process as a user of the hand-off directory at `path`.
+    fn join(path: PathBuf, parent: Option<u32>, successor: bool) -> Result<HandOffDirectory, StateError> {
+        let users = path.join(USERS);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(&users)
+            .map_err(StateError::HandOffDirectory)?;
+        // The pid tells a reader who it is; the count keeps two stores of one process (in tests)
+        // apart.
+        static JOINED: AtomicU64 = AtomicU64::new(0);
+        let name = format!("{}-{}", std::process::id(), JOINED.fetch_add(1, Ordering::Relaxed));
+        let user = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(users.join(&name))
+            .map_err(StateError::HandOffDirectory)?;
+        rustix::fs::flock(&user, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(|e| StateError::HandOffDirectory(e.into()))?;
+        Ok(HandOffDirectory {
+            path,
+            parent,
+            successor,
+            user: (name, user),
+        })
+    }
+
     fn in_use_elsewhere(&self) -> bool {
-        self.successor || self.parent.is_some_and(parent_runs)
+        self.successor || self.parent.is_some_and(parent_runs) || self.other_users_run()
+    }
+
+    /// Whether a process other than this one still holds its mark in `users/`. The marks of
+    /// processes that exited are removed on the way.
+    fn other_users_run(&self) -> bool {
+        let users = self.path.join(USERS);
+        let Ok(entries) = std::fs::read_dir(&users) else {
+            // Made by an older binary, which marks no users: only `parent` tells.
+            return false;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_str() == Some(self.user.0.as_str()) {
+                continue;
+            }
+            let Ok(mark) = File::open(entry.path()) else { continue };
+            match rustix::fs::flock(&mark, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {
+                    // Its process is gone: nothing holds the lock it held.
+                    let _ = std::fs::remove_file(entry.path());
+                }
+                Err(rustix::io::Errno::WOULDBLOCK) => return true,
+                Err(e) => {
+                    tracing::warn!(mark = %entry.path().display(), error = %e, "cannot tell whether a process still uses the hand-off state");
+                    return true;
+                }
+            }
+        }
+        false
     }
 }
 
+/// The directory, beside the hand-off file, of the marks of the processes that use it.
+const USERS: &str = "users";
+
 impl Drop for HandOffDirectory {
-    /// The last process to use the file removes it (a host that stops while the other process of
+    /// The last process to use the file removes it (a host that stops while another process of
     /// an upgrade may still write leaves it to that one).
     fn drop(&mut self) {
         if self.in_use_elsewhere() {
+            let _ = std::fs::remove_file(self.path.join(USERS).join(&self.user.0));
             return;
         }
         match std::fs::remove_dir_all(&self.path) {
@@ -89,11 +158,7 @@ impl FileCells {
             .tempdir_in(runtime_dir)
             .map_err(StateError::HandOffDirectory)?
             .keep();
-        let directory = HandOffDirectory {
-            path: directory,
-            parent: None,
-            successor: true,
-        };
+        let directory = HandOffDirectory::join(directory, None, true)?;
         let path = directory.path.join("state.sqlite");
         let mut db = connect(&path)?;
         check_format(&db, &path, true)?;
@@ -130,11 +195,7 @@ impl FileCells {
         Ok(FileCells {
             db,
             path,
-            role: Role::HandOff(HandOffDirectory {
-                path: directory,
-                parent: Some(parent),
-                successor: false,
-            }),
+            role: Role::HandOff(HandOffDirectory::join(directory, Some(parent), false)?),
         })
     }
 

@@ -24,9 +24,11 @@
 //! - **In a hand-off file**, during a host upgrade without `--state-file`: the old host copies its
 //!   cells into an SQLite file in a private directory (`hot-reload-host-state-…` beside the staging
 //!   directories) just before it starts the new process, and from then on both processes read and
-//!   write that file, with the same transactions. The new process moves the cells back into memory
-//!   (and removes the directory) once the old one has exited; the old one does so itself if the
-//!   upgrade fails.
+//!   write that file, with the same transactions. The newest process moves the cells back into
+//!   memory (and removes the directory) once no older one can write them any more: each process
+//!   that uses the file holds a lock on a mark of its own in the directory until it exits, so a
+//!   first host still draining when a second upgrade follows the first is seen too. The old one
+//!   moves them back itself if the upgrade fails.
 //!
 //! Why SQLite: both processes of an upgrade serve at once, so both must write one store, and SQLite
 //! is made for several processes sharing a file (its locks, the WAL's shared index). redb, the pure
@@ -193,15 +195,32 @@ impl StateStore {
         })
     }
 
-    /// Waits until the old host this one replaced (`parent`) has exited (this process is then
-    /// reparented), and then moves cells shared with it for the hand-off back into memory.
-    pub async fn follow_parent(self: std::sync::Arc<Self>, parent: u32) {
+    /// Moves the cells shared for an upgrade's hand-off back into memory once no other process can
+    /// write them: neither the old host this one replaced (`parent`) nor any older one still
+    /// draining (a chain of upgrades), each seen by the mark it holds in the hand-off directory.
+    /// Looks every 100 ms for as long as the cells are in the hand-off file.
+    pub async fn follow_hand_off(self: std::sync::Arc<Self>, parent: u32) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut parent_ran = true;
         loop {
             tick.tick().await;
-            if !parent_runs(parent) {
+            if parent_ran && !parent_runs(parent) {
                 tracing::info!(old_host = parent, "the old host has exited");
-                self.parent_exited();
+                parent_ran = false;
+            }
+            let shared = {
+                let mut backend = lock(&self.backend);
+                if let Backend::File(file) = &mut *backend {
+                    if let Some(directory) = file.hand_off_directory() {
+                        if !parent_ran {
+                            directory.parent = None;
+                        }
+                        back_to_memory(&mut backend);
+                    }
+                }
+                matches!(&*backend, Backend::File(file) if file.kind() == HandedKind::HandOff)
+            };
+            if !shared {
                 return;
             }
         }
@@ -403,7 +422,8 @@ impl StateStore {
 
     /// The old host this one took the state over from has exited: if nothing else uses the
     /// hand-off file, the cells go back into memory.
-    pub fn parent_exited(&self) {
+    #[cfg(test)]
+    fn parent_exited(&self) {
         self.hand_off_user_gone(|directory| directory.parent = None);
     }
 
