@@ -350,6 +350,7 @@ async fn run(
             allow_upgrade: settings.admin_upgrade,
             upgrader: upgrader.clone(),
             shutting_down: shutting_down.clone(),
+            accepting_stopped: CancellationToken::new(),
         },
         stop_admin.clone(),
     ));

@@ -37,15 +37,21 @@ pub struct AdminOptions {
     pub upgrader: Arc<Upgrader>,
     /// Cancelled when the host starts shutting down: `/readyz` then answers 503.
     pub shutting_down: CancellationToken,
+    /// Cancelled by [`serve`] once it accepts no more connections.
+    pub accepting_stopped: CancellationToken,
 }
 
-/// Serves the admin endpoints until `stop` is cancelled.
+/// Serves the admin endpoints until `stop` is cancelled, or an upgrade hands the listener over.
 pub async fn serve(listener: TcpListener, reloader: Arc<Reloader>, options: AdminOptions, stop: CancellationToken) {
     let options = Arc::new(options);
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let handed_over = options.upgrader.handed_over();
     loop {
         let stream = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            () = handed_over.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
@@ -54,7 +60,6 @@ pub async fn serve(listener: TcpListener, reloader: Arc<Reloader>, options: Admi
                     continue;
                 }
             },
-            () = stop.cancelled() => break,
         };
         let (reloader, options) = (reloader.clone(), options.clone());
         let service = service_fn(move |request| route(request, reloader.clone(), options.clone()));
@@ -67,6 +72,7 @@ pub async fn serve(listener: TcpListener, reloader: Arc<Reloader>, options: Admi
         });
     }
     drop(listener);
+    options.accepting_stopped.cancel();
     if tokio::time::timeout(FINISH_TIMEOUT, graceful.shutdown()).await.is_err() {
         tracing::debug!("admin connections still open after {FINISH_TIMEOUT:?}");
     }
@@ -139,6 +145,12 @@ async fn route(
                 .await
                 .unwrap_or(Err(UpgradeError::ShuttingDown));
             let duration_ms = crate::util::ms(began.elapsed());
+            if outcome.is_ok() {
+                // Answered only once this process accepts no more admin connections: a request
+                // its caller sends next reaches the new process, never one this process accepted
+                // and then closed unread as it stopped.
+                let _ = tokio::time::timeout(FINISH_TIMEOUT, options.accepting_stopped.cancelled()).await;
+            }
             match outcome {
                 Ok(upgraded) => json(
                     StatusCode::OK,
