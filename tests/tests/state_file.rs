@@ -492,3 +492,64 @@ async fn a_state_file_that_fails_under_the_host_is_an_error_for_the_app_not_a_va
     assert_eq!(hello.text(), AppVersion::V1.greeting());
     host.stop().await;
 }
+
+/// Another process holding the state file's write lock (an `sqlite3` session inside
+/// `BEGIN IMMEDIATE`, here the test itself) blocks only what writes: writes are refused with an
+/// error that names the holder, `/readyz` reports the store unavailable, and `/status`,
+/// `/healthz`, `/metrics`, reads, requests that write nothing and reloads go on. Once the lock is
+/// free, writes go on and `/readyz` is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_locked_by_another_process_refuses_writes_and_stalls_nothing_else() {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(example_app(AppVersion::V1));
+    let file = sandbox.path().join("state.sqlite");
+    let mut host = sandbox.host().args(["--state-file", text(&file)]).start().await;
+    let reply = increment(host.addr()).await.expect("an increment");
+    assert!(reply.status.is_success(), "{}", reply.text());
+
+    let outside = rusqlite::Connection::open(&file).expect("the test opens the state file");
+    outside
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("the test takes the write lock");
+    let refused = increment(host.addr()).await.expect("an answer");
+    assert_eq!(refused.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", refused.text());
+    let holder = format!("locked for writing by pid {}", std::process::id());
+    assert!(
+        refused.text().contains(&holder),
+        "the error names the holder: {}",
+        refused.text()
+    );
+    let ready = host.admin_request(Method::GET, "/readyz").await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE, "{}", ready.text());
+    assert!(ready.text().contains(&holder), "{}", ready.text());
+
+    for path in ["/healthz", "/status", "/metrics"] {
+        let reply = host.admin_request(Method::GET, path).await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}: {}", reply.text());
+    }
+    let status = host.status().await;
+    assert!(
+        status["state"]["unavailable"]
+            .as_str()
+            .is_some_and(|reason| reason.contains(&holder)),
+        "{}",
+        status["state"]
+    );
+    assert_eq!(count(host.addr()).await, 1, "reads go on");
+    let greeting = client::get(host.addr(), "/").await.expect("GET /");
+    assert_eq!(greeting.status, StatusCode::OK);
+    let generation = host.reload_ok().await;
+    assert!(generation > 1, "reloads go on");
+
+    outside.execute_batch("ROLLBACK").expect("the test lets go");
+    let ready = host.admin_request(Method::GET, "/readyz").await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
+    let reply = increment(host.addr()).await.expect("an increment");
+    assert!(reply.status.is_success(), "{}", reply.text());
+    assert_eq!(
+        count(host.addr()).await,
+        2,
+        "the refused write was not counted, the last one was"
+    );
+    host.stop().await;
+}

@@ -88,7 +88,14 @@ async fn route(
         (&Method::GET, "/readyz") if options.shutting_down.is_cancelled() => {
             text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
         }
-        (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
+        (&Method::GET, "/readyz") => match reloader.state().unavailable() {
+            Some(reason) => respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                Bytes::from(format!("the state store cannot take writes: {reason}\n")),
+            ),
+            None => text(StatusCode::OK, "ready\n"),
+        },
         (&Method::GET, "/status") => {
             let mut status = reloader.status();
             if let (Some(status), serde_json::Value::Object(upgrades)) =

@@ -9,19 +9,27 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt as _, FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension as _, TransactionBehavior, params};
 
 use super::{Cell, CellInfo, Handed, HandedKind, StateError};
+use crate::util::lock;
 
 /// The format of the cells in a state file; a file of another format is refused.
 pub const FORMAT_VERSION: i64 = 1;
 /// `PRAGMA application_id` of a state file ("HoSt"): an SQLite database of something else is
 /// refused rather than written into.
 const APPLICATION_ID: i64 = 0x486f_5374;
-/// How long a write waits for the other process of an upgrade to finish its own.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a write waits for SQLite's write lock: the other process of an upgrade holds it for
+/// microseconds (a checkpoint, milliseconds). A process that holds it longer (an `sqlite3` session
+/// in a transaction) blocks the store: that write and the next are refused rather than left to
+/// stall the app threads that make them.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a read waits: in WAL mode a reader never waits for a writer, only, rarely, for
+/// SQLite's own recovery of the log.
+const READ_BUSY_TIMEOUT: Duration = Duration::from_millis(200);
 
 const SCHEMA: &str = "CREATE TABLE cells (
     key TEXT PRIMARY KEY NOT NULL,
@@ -30,10 +38,27 @@ const SCHEMA: &str = "CREATE TABLE cells (
 ) WITHOUT ROWID";
 
 pub(super) struct FileCells {
-    // Declared before `role`: the connection closes before a hand-off directory is removed.
-    db: Connection,
+    // Declared before `role`: the connections close before a hand-off directory is removed. The
+    // reader first: the last connection to close checkpoints the log into the file and removes
+    // it, which a read-only one cannot do.
+    /// Reads, counts and lists: a reader of a database in WAL mode never waits for a writer, so
+    /// nothing but a write waits while another process holds the file's write lock.
+    reader: Connection,
+    writer: Arc<Mutex<Writer>>,
+    /// Why writes are refused at once, while another process holds the write lock for longer
+    /// than a write waits.
+    blocked: Arc<Mutex<Option<String>>>,
     pub(super) path: PathBuf,
     role: Role,
+}
+
+/// The connection writes go through. A write holds it, and not the store, while it waits for
+/// SQLite's write lock, so that reads, `/status` and `/healthz` never wait behind it.
+pub(super) struct Writer {
+    db: Connection,
+    path: PathBuf,
+    /// Set once the cells moved back into memory: a write that got here late goes there instead.
+    pub(super) retired: bool,
 }
 
 enum Role {
@@ -175,11 +200,7 @@ impl FileCells {
             transaction.commit()
         };
         copy(&mut db).map_err(|source| database_error(&path, source))?;
-        Ok(FileCells {
-            db,
-            path,
-            role: Role::HandOff(directory),
-        })
+        FileCells::new(db, path, Role::HandOff(directory))
     }
 
     /// The hand-off file at `path` that the old host of an upgrade (`parent`) made and handed
@@ -192,11 +213,8 @@ impl FileCells {
         let db = connect(&path)?;
         check_format(&db, &path, false)?;
         set_mode(&db, &path, "OFF")?;
-        Ok(FileCells {
-            db,
-            path,
-            role: Role::HandOff(HandOffDirectory::join(directory, Some(parent), false)?),
-        })
+        let role = Role::HandOff(HandOffDirectory::join(directory, Some(parent), false)?);
+        FileCells::new(db, path, role)
     }
 
     /// What to hand the new process of an upgrade: this file, and a state file's lock.
@@ -246,13 +264,66 @@ impl FileCells {
         self.kind().as_str()
     }
 
+    /// The cells of the database `db` (checked, in WAL mode) opened at `path`.
+    fn new(db: Connection, path: PathBuf, role: Role) -> Result<FileCells, StateError> {
+        let reader = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|reader| reader.busy_timeout(READ_BUSY_TIMEOUT).map(|()| reader))
+        .map_err(|source| database_error(&path, source))?;
+        Ok(FileCells {
+            writer: Arc::new(Mutex::new(Writer {
+                db,
+                path: path.clone(),
+                retired: false,
+            })),
+            reader,
+            blocked: Arc::default(),
+            path,
+            role,
+        })
+    }
+
+    /// The connection to write through (to be used without holding the store), and the record of
+    /// whether writes are blocked.
+    pub(super) fn writer(&self) -> (Arc<Mutex<Writer>>, Arc<Mutex<Option<String>>>) {
+        (Arc::clone(&self.writer), Arc::clone(&self.blocked))
+    }
+
+    /// Why writes were refused last, if the lock was not free since.
+    pub(super) fn blocked(&self) -> Option<String> {
+        lock(&self.blocked).clone()
+    }
+
+    /// Why writes are refused now through `writer`, if they are (`blocked`, as
+    /// [`FileCells::writer`] gives them). Tries the write lock first (without waiting for it,
+    /// after a write under way), so that the store reads as available again as soon as the other
+    /// process lets go, even when no write has come since.
+    pub(super) fn unavailable_now(
+        (writer, blocked): &(Arc<Mutex<Writer>>, Arc<Mutex<Option<String>>>),
+    ) -> Option<String> {
+        let reason = lock(blocked).clone()?;
+        let writer = lock(writer);
+        let free = writer
+            .db
+            .busy_timeout(Duration::ZERO)
+            .and_then(|()| writer.db.execute_batch("BEGIN IMMEDIATE; ROLLBACK;"));
+        let _ = writer.db.busy_timeout(BUSY_TIMEOUT);
+        if free.is_ok() {
+            writer.unblocked(blocked);
+            return None;
+        }
+        Some(reason)
+    }
+
     pub(super) fn error(&self, source: rusqlite::Error) -> StateError {
         database_error(&self.path, source)
     }
 
     pub(super) fn read<T>(&self, key: &str, copy: impl FnOnce(&[u8]) -> T) -> rusqlite::Result<(u64, Option<T>)> {
         let mut statement = self
-            .db
+            .reader
             .prepare_cached("SELECT version, bytes FROM cells WHERE key = ?1")?;
         let cell = statement
             .query_row([key], |row| {
@@ -267,9 +338,105 @@ impl FileCells {
         })
     }
 
-    /// One transaction that holds the database's write lock from the version check to the
-    /// commit, so that no other process can write in between.
-    pub(super) fn compare_and_set(&mut self, key: &str, expected: u64, bytes: &[u8]) -> rusqlite::Result<bool> {
+    /// How many cells, and how many bytes they hold.
+    pub(super) fn counts(&self) -> Result<(u64, u64), StateError> {
+        self.reader
+            .prepare_cached("SELECT count(*), coalesce(sum(length(bytes)), 0) FROM cells")
+            .and_then(|mut statement| statement.query_row([], |row| Ok((row.get(0)?, row.get(1)?))))
+            .map_err(|source| self.error(source))
+    }
+
+    /// Every cell's key, version and size, by key.
+    pub(super) fn list(&self) -> Result<Vec<CellInfo>, StateError> {
+        self.reader
+            .prepare_cached("SELECT key, version, length(bytes) FROM cells ORDER BY key")
+            .and_then(|mut statement| {
+                statement
+                    .query_map([], |row| {
+                        Ok(CellInfo {
+                            key: row.get(0)?,
+                            version: row.get(1)?,
+                            bytes: row.get(2)?,
+                        })
+                    })?
+                    .collect()
+            })
+            .map_err(|source| self.error(source))
+    }
+
+    /// Every cell, read through the writer once no write is under way, and the writer retired:
+    /// a write that waited for it goes to wherever the cells are next.
+    pub(super) fn retire(&self) -> rusqlite::Result<HashMap<String, Cell>> {
+        let mut writer = lock(&self.writer);
+        let cells = {
+            let mut statement = writer.db.prepare("SELECT key, version, bytes FROM cells")?;
+            let rows = statement.query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    Cell {
+                        version: row.get(1)?,
+                        bytes: row.get(2)?,
+                    },
+                ))
+            })?;
+            rows.collect::<rusqlite::Result<HashMap<_, _>>>()?
+        };
+        writer.retired = true;
+        Ok(cells)
+    }
+}
+
+impl Writer {
+    /// Stores `bytes` if the cell's version is still `expected`, in one transaction that holds the
+    /// database's write lock from the version check to the commit, so that no other process can
+    /// write in between. While `blocked`, it does not wait for the lock: another process held it
+    /// longer than a write waits, and the writes after that one are refused at once, with the
+    /// same reason, until the lock is free.
+    pub(super) fn compare_and_set(
+        &mut self,
+        blocked: &Mutex<Option<String>>,
+        key: &str,
+        expected: u64,
+        bytes: &[u8],
+    ) -> Result<bool, StateError> {
+        let was_blocked = lock(blocked).is_some();
+        if was_blocked {
+            let _ = self.db.busy_timeout(Duration::ZERO);
+        }
+        let waiting = std::time::Instant::now();
+        match self.transaction(key, expected, bytes) {
+            Err(e) if is_busy(&e) => {
+                let holders = lock_holders(&self.path);
+                if !was_blocked {
+                    tracing::error!(
+                        file = %self.path.display(),
+                        holders,
+                        waited_ms = crate::util::ms(waiting.elapsed()),
+                        "another process holds the state file's write lock: writes are refused until it lets go"
+                    );
+                }
+                *lock(blocked) = Some(format!(
+                    "the state file {} is locked for writing by {holders}",
+                    self.path.display()
+                ));
+                Err(StateError::Busy {
+                    path: self.path.clone(),
+                    holders,
+                })
+            }
+            outcome => {
+                if was_blocked {
+                    let _ = self.db.busy_timeout(BUSY_TIMEOUT);
+                    if outcome.is_ok() {
+                        self.unblocked(blocked);
+                    }
+                }
+                outcome.map_err(|source| database_error(&self.path, source))
+            }
+        }
+    }
+
+    fn transaction(&mut self, key: &str, expected: u64, bytes: &[u8]) -> rusqlite::Result<bool> {
         let transaction = self.db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let current: u64 = transaction
             .prepare_cached("SELECT version FROM cells WHERE key = ?1")?
@@ -289,44 +456,54 @@ impl FileCells {
         Ok(true)
     }
 
-    /// How many cells, and how many bytes they hold.
-    pub(super) fn counts(&self) -> Result<(u64, u64), StateError> {
-        self.db
-            .prepare_cached("SELECT count(*), coalesce(sum(length(bytes)), 0) FROM cells")
-            .and_then(|mut statement| statement.query_row([], |row| Ok((row.get(0)?, row.get(1)?))))
-            .map_err(|source| self.error(source))
+    fn unblocked(&self, blocked: &Mutex<Option<String>>) {
+        if lock(blocked).take().is_some() {
+            tracing::info!(file = %self.path.display(), "the state file's write lock is free again: writes go on");
+        }
     }
+}
 
-    /// Every cell's key, version and size, by key.
-    pub(super) fn list(&self) -> Result<Vec<CellInfo>, StateError> {
-        self.db
-            .prepare_cached("SELECT key, version, length(bytes) FROM cells ORDER BY key")
-            .and_then(|mut statement| {
-                statement
-                    .query_map([], |row| {
-                        Ok(CellInfo {
-                            key: row.get(0)?,
-                            version: row.get(1)?,
-                            bytes: row.get(2)?,
-                        })
-                    })?
-                    .collect()
-            })
-            .map_err(|source| self.error(source))
+fn is_busy(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    )
+}
+
+/// Who else has the database at `path` open (it, or its write-ahead log): the processes that may
+/// hold its write lock, as "pid 1234 (sqlite3)", read from `/proc`.
+fn lock_holders(path: &Path) -> String {
+    let own = std::process::id();
+    let names: Vec<PathBuf> = ["", "-wal", "-shm"]
+        .iter()
+        .map(|suffix| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            PathBuf::from(name)
+        })
+        .collect();
+    let mut holders = Vec::new();
+    for process in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = process.file_name().to_str().and_then(|pid| pid.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == own {
+            continue;
+        }
+        let has_it = std::fs::read_dir(process.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| names.contains(&target)));
+        if has_it {
+            let command = std::fs::read_to_string(process.path().join("comm")).unwrap_or_default();
+            holders.push(format!("pid {pid} ({})", command.trim()));
+        }
     }
-
-    pub(super) fn all(&self) -> rusqlite::Result<HashMap<String, Cell>> {
-        let mut statement = self.db.prepare("SELECT key, version, bytes FROM cells")?;
-        let rows = statement.query_map([], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                Cell {
-                    version: row.get(1)?,
-                    bytes: row.get(2)?,
-                },
-            ))
-        })?;
-        rows.collect()
+    if holders.is_empty() {
+        "another process (none that this host can see has it open)".to_string()
+    } else {
+        holders.join(", ")
     }
 }
 
@@ -357,11 +534,7 @@ pub(super) fn open_durable(path: &Path, handed_lock: Option<OwnedFd>) -> Result<
     check_format(&db, &path, true)?;
     set_mode(&db, &path, "NORMAL")?;
     tracing::info!(file = %path.display(), format = FORMAT_VERSION, "state file opened");
-    Ok(FileCells {
-        db,
-        path,
-        role: Role::Durable { lock },
-    })
+    FileCells::new(db, path, Role::Durable { lock })
 }
 
 /// `PATH.lock`, locked by this process (or by the descriptor the old host handed over, which

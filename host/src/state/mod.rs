@@ -60,6 +60,12 @@ pub enum StateError {
         holder(*.pid)
     )]
     Locked { path: PathBuf, pid: Option<u32> },
+    #[error(
+        "the state file {} is locked for writing by {holders}: this write is refused (and the next ones at \
+         once, until the lock is free; GET /readyz reports the store unavailable meanwhile)",
+        .path.display()
+    )]
+    Busy { path: PathBuf, holders: String },
     #[error("cannot read and write the state file {}: {detail}", .path.display())]
     Unreadable { path: PathBuf, detail: String },
     #[error(
@@ -145,6 +151,8 @@ pub struct Summary {
     pub file: Option<PathBuf>,
     pub cells: u64,
     pub bytes: u64,
+    /// Why writes are refused now, if they are.
+    pub unavailable: Option<String>,
 }
 
 pub struct StateStore {
@@ -309,30 +317,56 @@ impl StateStore {
         }
     }
 
-    /// Stores `bytes` if the cell's version is still `expected`; whether it did.
+    /// Stores `bytes` if the cell's version is still `expected`; whether it did. A write to a
+    /// file waits for the file's write lock without holding the store: reads and summaries go on.
     pub fn compare_and_set(&self, key: &str, expected: u64, bytes: &[u8]) -> Result<bool, StateError> {
-        let mut backend = lock(&self.backend);
-        match &mut *backend {
-            Backend::Memory(cells) => {
-                let current = cells.get(key).map_or(0, |cell| cell.version);
-                if current != expected {
-                    return Ok(false);
+        loop {
+            let (writer, blocked) = {
+                let mut backend = lock(&self.backend);
+                match &mut *backend {
+                    Backend::Memory(cells) => {
+                        let current = cells.get(key).map_or(0, |cell| cell.version);
+                        if current != expected {
+                            return Ok(false);
+                        }
+                        cells.insert(
+                            key.to_owned(),
+                            Cell {
+                                version: expected + 1,
+                                bytes: bytes.to_vec(),
+                            },
+                        );
+                        return Ok(true);
+                    }
+                    Backend::File(file) => file.writer(),
                 }
-                cells.insert(
-                    key.to_owned(),
-                    Cell {
-                        version: expected + 1,
-                        bytes: bytes.to_vec(),
-                    },
-                );
-                Ok(true)
+            };
+            let mut writer = lock(&writer);
+            if writer.retired {
+                // The cells moved back into memory while this write waited: it goes there.
+                continue;
             }
-            Backend::File(file) => file.compare_and_set(key, expected, bytes).map_err(|source| {
-                let error = file.error(source);
-                tracing::error!(key, error = %error, "cannot write a state cell; the write is refused");
+            return writer.compare_and_set(&blocked, key, expected, bytes).map_err(|error| {
+                if !matches!(error, StateError::Busy { .. }) {
+                    tracing::error!(key, error = %error, "cannot write a state cell; the write is refused");
+                }
                 error
-            }),
+            });
         }
+    }
+
+    /// Why the store cannot take writes now (another process holds a state file's write lock),
+    /// if it cannot. While it cannot, this waits for a write under way (at most as long as a
+    /// write waits) to learn whether the lock is free again.
+    pub fn unavailable(&self) -> Option<String> {
+        let blocked = match &*lock(&self.backend) {
+            Backend::Memory(_) => return None,
+            Backend::File(file) => {
+                file.blocked()?;
+                file.writer()
+            }
+        };
+        FileCells::unavailable_now(&blocked)
     }
 
     /// How many cells, how many bytes, and where they are kept.
@@ -344,6 +378,7 @@ impl StateStore {
                 file: None,
                 cells: cells.len() as u64,
                 bytes: cells.values().map(|cell| cell.bytes.len() as u64).sum(),
+                unavailable: None,
             },
             Backend::File(file) => {
                 let (cells, bytes) = file.counts()?;
@@ -352,6 +387,7 @@ impl StateStore {
                     file: Some(file.path.clone()),
                     cells,
                     bytes,
+                    unavailable: file.blocked(),
                 }
             }
         })
@@ -448,7 +484,7 @@ fn back_to_memory(backend: &mut Backend) {
         return;
     }
     let began = Instant::now();
-    match file.all() {
+    match file.retire() {
         Ok(cells) => {
             let count = cells.len();
             // Dropping the file's store closes it and removes its directory.
