@@ -503,7 +503,7 @@ async fn a_state_file_locked_by_another_process_refuses_writes_and_stalls_nothin
     let sandbox = Sandbox::new();
     sandbox.deploy(example_app(AppVersion::V1));
     let file = sandbox.path().join("state.sqlite");
-    let mut host = sandbox.host().args(["--state-file", text(&file)]).start().await;
+    let host = sandbox.host().args(["--state-file", text(&file)]).start().await;
     let reply = increment(host.addr()).await.expect("an increment");
     assert!(reply.status.is_success(), "{}", reply.text());
 
