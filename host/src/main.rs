@@ -235,7 +235,12 @@ impl Signals {
         let mut spent = reloader.process_spent();
         loop {
             tokio::select! {
-                _ = self.hangup.recv() => reloader.trigger(Trigger::Sighup),
+                // What serves must not change under an upgrade: the new process would not serve it.
+                _ = self.hangup.recv() => if upgrader.is_running() {
+                    tracing::warn!("SIGHUP ignored: a host upgrade is under way; reload once the new process serves");
+                } else {
+                    reloader.trigger(Trigger::Sighup);
+                },
                 Ok(()) = spent.changed() => {
                     let reason = spent.borrow_and_update().clone().unwrap_or_default();
                     match reloader.canary_generation() {
@@ -253,9 +258,9 @@ impl Signals {
                 }
                 // The outcome is logged and shown in /status.
                 _ = self.user2.recv() => match reloader.canary_generation() {
-                    Some(canary) => tracing::warn!(
-                        generation = canary,
-                        "SIGUSR2 ignored: generation {canary} runs as a canary; promote it or roll it back before upgrading the host"
+                    Some(canary) => upgrader.refused(
+                        "SIGUSR2",
+                        &format!("generation {canary} runs as a canary; promote it or roll it back before upgrading the host"),
                     ),
                     None => drop(upgrader.start("SIGUSR2")),
                 },

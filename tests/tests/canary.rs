@@ -278,11 +278,20 @@ async fn promote_and_rollback_on_request() {
     let serving = host.status().await["generation"].clone();
     let (status, answer) = admin_post(&host, "/reload?canary=50").await;
     assert_eq!(status, StatusCode::OK, "{answer}");
+    let canary = answer["generation"].clone();
     let (status, answer) = admin_post(&host, "/rollback").await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["generation"], serving, "the current version stays: {answer}");
+    assert_eq!(
+        answer["rolled_back"], canary,
+        "the answer names the canary retired: {answer}"
+    );
     let status = host.status().await;
     assert!(status["canary"].is_null(), "the canary is gone: {status}");
+    let record = &status["last_reload"];
+    assert_eq!(record["ok"], true, "the record agrees with the answer: {record}");
+    assert_eq!(record["generation"], serving, "{record}");
+    assert_eq!(record["rolled_back"], canary, "{record}");
     serves(addr, Hostile::Todos, "after the canary was aborted").await;
 }
 
@@ -330,6 +339,22 @@ async fn bad_input_is_refused_and_the_serving_version_stays() {
             "the refusal says why: {answer}"
         );
     }
+    // SIGUSR2 too, and the refusal is on record.
+    host.signal(rustix::process::Signal::USR2);
+    let refused = wait_until("the refused SIGUSR2 on record", Duration::from_secs(30), || async {
+        let record = host.status().await["last_upgrade"].clone();
+        if record["trigger"] == "SIGUSR2" {
+            Ok(record)
+        } else {
+            Err(record.to_string())
+        }
+    })
+    .await;
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert!(
+        refused["error"].as_str().is_some_and(|e| e.contains("canary")),
+        "{refused}"
+    );
     let (status, answer) = admin_post(&host, "/promote").await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     serves(addr, Hostile::Todos, "after the promotion").await;

@@ -559,3 +559,52 @@ async fn under_systemd_the_new_process_becomes_the_main_pid() {
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
     new_host.stop(WAIT).await;
 }
+
+/// What serves does not change under an upgrade: while one is under way, reloads, rollbacks and
+/// promotions are refused (409, with why), since the new process would not serve what they
+/// load; once the upgrade is over (here it fails), they are taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_wait_for_an_upgrade_under_way() {
+    let sandbox = sandbox();
+    // A new host that takes its time, then fails.
+    let binary = sandbox.write_script("new-host", "#!/bin/sh\nsleep 3\nexit 3\n");
+    let host = start(
+        &sandbox,
+        &[
+            "--upgrade-binary",
+            binary.to_str().expect("a UTF-8 path"),
+            "--upgrade-timeout",
+            "10s",
+        ],
+        None,
+    )
+    .await;
+    host.signal(Signal::USR2);
+    let refused = wait_until("a reload refused while the upgrade runs", WAIT, || async {
+        // Without a canary: one that slipped in before the upgrade began would be refused by the
+        // canary's own rule, and this would never see the upgrade's.
+        let reply = host.admin_request(hyper::Method::POST, "/reload").await;
+        let answer = reply.json().unwrap_or_default();
+        match reply.status {
+            StatusCode::CONFLICT => Ok(answer),
+            status => Err(format!("{status} {answer}")),
+        }
+    })
+    .await;
+    assert!(
+        error(&refused).contains("upgrade is under way"),
+        "the refusal says why: {refused}"
+    );
+    wait_until("the failed upgrade is reported", WAIT, || async {
+        let status = host.status().await;
+        if status["last_upgrade"]["ok"] == false {
+            Ok(())
+        } else {
+            Err(status.to_string())
+        }
+    })
+    .await;
+    let reply = host.admin_request(hyper::Method::POST, "/reload?canary=50").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(host.status().await["canary"]["percent"], 50);
+}

@@ -116,6 +116,14 @@ async fn route(
             StatusCode::FORBIDDEN,
             "POST /reload is turned off (--admin-reload=false); reload with SIGHUP or --watch\n",
         ),
+        (&Method::POST, "/reload" | "/rollback" | "/promote") if options.upgrader.is_running() => json(
+            StatusCode::CONFLICT,
+            &serde_json::json!({
+                "ok": false,
+                "error": "a host upgrade is under way: what serves must not change under it (the new process would not \
+                          serve it); try again once the new process serves",
+            }),
+        ),
         (&Method::POST, "/reload") => match query_param(&request, "canary").map(|p| p.parse::<u8>()) {
             Some(Ok(percent)) if percent <= 100 => act(&reloader, Action::Reload { canary: Some(percent) }).await,
             Some(_) => text(StatusCode::BAD_REQUEST, "canary must be a percentage, 0 to 100\n"),
@@ -137,13 +145,15 @@ async fn route(
             StatusCode::FORBIDDEN,
             "POST /upgrade is turned off (--admin-upgrade=false); upgrade with SIGUSR2\n",
         ),
-        (&Method::POST, "/upgrade") if reloader.canary_generation().is_some() => json(
-            StatusCode::CONFLICT,
-            &serde_json::json!({
-                "ok": false,
-                "error": "a canary runs: promote it (POST /promote) or roll it back (POST /rollback) before upgrading the host",
-            }),
-        ),
+        (&Method::POST, "/upgrade") if reloader.canary_generation().is_some() => {
+            let error =
+                "a canary runs: promote it (POST /promote) or roll it back (POST /rollback) before upgrading the host";
+            options.upgrader.refused("admin", error);
+            json(
+                StatusCode::CONFLICT,
+                &serde_json::json!({ "ok": false, "error": error }),
+            )
+        }
         (&Method::POST, "/upgrade") => {
             let began = std::time::Instant::now();
             let outcome = options
@@ -203,6 +213,9 @@ async fn act(reloader: &Reloader, action: Action) -> Response<Full<Bytes>> {
                 serde_json::json!({ "ok": true, "generation": done.generation, "duration_ms": duration_ms });
             if let Some(percent) = done.canary {
                 answer["canary"] = serde_json::json!(percent);
+            }
+            if let Some(canary) = done.rolled_back {
+                answer["rolled_back"] = serde_json::json!(canary);
             }
             json(StatusCode::OK, &answer)
         }

@@ -90,6 +90,9 @@ pub struct ReloadRecord {
     /// The new generation's share of new connections, if it started as a canary.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub canary: Option<u8>,
+    /// The canary generation a rollback retired (then `generation` is the one that serves on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<u64>,
 }
 
 pub struct Reloader {
@@ -328,8 +331,8 @@ impl Reloader {
             Ok(new) if percent > 0 => {
                 self.start_canary(new, percent);
                 Ok(Done {
-                    generation: number,
                     canary: Some(percent),
+                    ..Done::serving(number)
                 })
             }
             Ok(new) => Ok(self.swap_in(new, began)),
@@ -344,13 +347,15 @@ impl Reloader {
         let began = Instant::now();
         let transition = lock(&self.transition);
         if let Some(number) = self.end_canary() {
-            tracing::info!(generation = number, "canary rolled back on request");
             let serving = self.current.load().number;
-            let outcome = Err(Refusal::failed(format!(
-                "canary rolled back on request: generation {number} retired, generation {serving} serves"
-            )));
-            self.finish(trigger, number, began, &outcome);
-            return Ok(Done::serving(serving));
+            tracing::info!(generation = number, serving, "canary rolled back on request");
+            // What was asked was done: the record says so, as the answer does.
+            let outcome = Ok(Done {
+                rolled_back: Some(number),
+                ..Done::serving(serving)
+            });
+            self.finish(trigger, serving, began, &outcome);
+            return outcome;
         }
         drop(transition);
         let serving = self.current.load().library.sha256.to_string();
@@ -591,6 +596,7 @@ impl Reloader {
             trigger: trigger.to_string(),
             generation: number,
             canary: outcome.as_ref().ok().and_then(|done| done.canary),
+            rolled_back: outcome.as_ref().ok().and_then(|done| done.rolled_back),
         };
         *lock(&self.last_reload) = Some(record.clone());
         let _ = self.events.send(ReloadEvent::Finished(record));

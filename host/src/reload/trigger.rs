@@ -59,6 +59,8 @@ pub struct Done {
     pub generation: u64,
     /// Its share of new connections, in percent, if it runs as a canary.
     pub canary: Option<u8>,
+    /// The canary generation a rollback retired, if it retired one (the serving one stays).
+    pub rolled_back: Option<u64>,
 }
 
 impl Done {
@@ -66,6 +68,7 @@ impl Done {
         Done {
             generation,
             canary: None,
+            rolled_back: None,
         }
     }
 }

@@ -157,6 +157,25 @@ impl Upgrader {
         *lock(&self.new_pid)
     }
 
+    /// Whether an upgrade is under way (started, not yet handed over or failed).
+    pub fn is_running(&self) -> bool {
+        self.state.load(Ordering::Acquire) == RUNNING
+    }
+
+    /// Records an upgrade that `trigger` asked for and that was refused before it started, as
+    /// `last_upgrade` in `/status`.
+    pub fn refused(&self, trigger: &str, reason: &str) {
+        tracing::warn!(trigger, reason, "upgrade refused");
+        *lock(&self.last) = Some(UpgradeRecord {
+            ok: false,
+            error: Some(reason.to_owned()),
+            at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            duration_ms: 0.0,
+            trigger: trigger.to_owned(),
+            new_pid: None,
+        });
+    }
+
     /// Starts an upgrade in the background; the receiver gets its outcome. Refused at once if
     /// one is running, or if the host already handed over.
     pub fn start(self: &Arc<Self>, trigger: &'static str) -> oneshot::Receiver<UpgradeOutcome> {
@@ -169,7 +188,12 @@ impl Upgrader {
                 (HANDED_OVER, Some(pid)) => UpgradeError::HandedOver(pid),
                 _ => UpgradeError::InProgress,
             };
-            tracing::warn!(trigger, error = %error, "upgrade refused");
+            // The upgrade under way keeps its own record.
+            if state == HANDED_OVER {
+                self.refused(trigger, &error.to_string());
+            } else {
+                tracing::warn!(trigger, error = %error, "upgrade refused");
+            }
             let _ = reply.send(Err(error));
             return outcome;
         }
