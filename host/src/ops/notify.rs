@@ -59,6 +59,7 @@ mod tests {
             trigger: "admin".into(),
             generation: 3,
             canary,
+            rolled_back: None,
         }
     }
 
