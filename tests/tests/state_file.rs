@@ -553,3 +553,33 @@ async fn a_state_file_locked_by_another_process_refuses_writes_and_stalls_nothin
     );
     host.stop().await;
 }
+
+/// A state file deleted under the running host: the host notices at the next write, logs it,
+/// refuses that write and every later one (they would be acknowledged and then missing after a
+/// restart), and `/readyz` reports the store unavailable. Nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_deleted_under_the_host_refuses_writes_instead_of_losing_them() {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(example_app(AppVersion::V1));
+    let file = sandbox.path().join("state.sqlite");
+    let host = sandbox.host().args(["--state-file", text(&file)]).start().await;
+    let reply = increment(host.addr()).await.expect("an increment");
+    assert!(reply.status.is_success(), "{}", reply.text());
+
+    std::fs::remove_file(&file).expect("the test deletes the state file");
+    for _ in 0..3 {
+        let refused = increment(host.addr()).await.expect("an answer");
+        assert_eq!(refused.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", refused.text());
+        assert!(refused.text().contains("was deleted"), "{}", refused.text());
+    }
+    let ready = host.admin_request(Method::GET, "/readyz").await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE, "{}", ready.text());
+    assert!(ready.text().contains("was deleted"), "{}", ready.text());
+    let log = host.log_text();
+    assert_eq!(
+        log.matches("under the running host: writes are refused").count(),
+        1,
+        "logged once: {log}"
+    );
+    host.stop().await;
+}

@@ -59,6 +59,11 @@ pub(super) struct Writer {
     path: PathBuf,
     /// Set once the cells moved back into memory: a write that got here late goes there instead.
     pub(super) retired: bool,
+    /// A state file's device and inode as opened: a write first checks that its path still leads
+    /// there. `None` for a hand-off file, which lives in the host's private directory.
+    identity: Option<(u64, u64)>,
+    /// Why writes are refused for good: the file was deleted or replaced under the host.
+    lost: Option<String>,
 }
 
 enum Role {
@@ -272,11 +277,20 @@ impl FileCells {
         )
         .and_then(|reader| reader.busy_timeout(READ_BUSY_TIMEOUT).map(|()| reader))
         .map_err(|source| database_error(&path, source))?;
+        let identity = match role {
+            Role::Durable { .. } => Some(file_identity(&path).map_err(|e| StateError::Unreadable {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?),
+            Role::HandOff(_) => None,
+        };
         Ok(FileCells {
             writer: Arc::new(Mutex::new(Writer {
                 db,
                 path: path.clone(),
                 retired: false,
+                identity,
+                lost: None,
             })),
             reader,
             blocked: Arc::default(),
@@ -305,6 +319,9 @@ impl FileCells {
     ) -> Option<String> {
         let reason = lock(blocked).clone()?;
         let writer = lock(writer);
+        if writer.lost.is_some() {
+            return Some(reason);
+        }
         let free = writer
             .db
             .busy_timeout(Duration::ZERO)
@@ -399,6 +416,12 @@ impl Writer {
         expected: u64,
         bytes: &[u8],
     ) -> Result<bool, StateError> {
+        if let Some(reason) = self.still_in_place() {
+            *lock(blocked) = Some(reason);
+            return Err(StateError::Lost {
+                path: self.path.clone(),
+            });
+        }
         let was_blocked = lock(blocked).is_some();
         if was_blocked {
             let _ = self.db.busy_timeout(Duration::ZERO);
@@ -436,6 +459,33 @@ impl Writer {
         }
     }
 
+    /// Why the state file can no longer take writes, if its path no longer leads to the file
+    /// opened (deleted, or replaced): a write to the old inode would be acknowledged and then
+    /// missing after a restart. Found once, logged once, and kept.
+    fn still_in_place(&mut self) -> Option<String> {
+        if self.lost.is_some() {
+            return self.lost.clone();
+        }
+        let opened = self.identity?;
+        let now = file_identity(&self.path);
+        if now.as_ref().is_ok_and(|now| *now == opened) {
+            return None;
+        }
+        let how = match now {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "was deleted".to_string(),
+            Err(e) => format!("cannot be looked at ({e})"),
+            Ok(_) => "was replaced by another file".to_string(),
+        };
+        let reason = format!(
+            "the state file {} {how} under the running host: writes are refused, since they would not be found \
+             after a restart; restart the host (with the file restored, or to start with a new one)",
+            self.path.display()
+        );
+        tracing::error!(file = %self.path.display(), "{reason}");
+        self.lost = Some(reason.clone());
+        Some(reason)
+    }
+
     fn transaction(&mut self, key: &str, expected: u64, bytes: &[u8]) -> rusqlite::Result<bool> {
         let transaction = self.db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let current: u64 = transaction
@@ -461,6 +511,13 @@ impl Writer {
             tracing::info!(file = %self.path.display(), "the state file's write lock is free again: writes go on");
         }
     }
+}
+
+/// The device and inode the path leads to.
+fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let metadata = std::fs::metadata(path)?;
+    Ok((metadata.dev(), metadata.ino()))
 }
 
 fn is_busy(error: &rusqlite::Error) -> bool {

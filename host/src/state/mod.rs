@@ -66,6 +66,12 @@ pub enum StateError {
         .path.display()
     )]
     Busy { path: PathBuf, holders: String },
+    #[error(
+        "the state file {} was deleted or replaced under the running host: this write is refused (it would not \
+         be found after a restart); restart the host",
+        .path.display()
+    )]
+    Lost { path: PathBuf },
     #[error("cannot read and write the state file {}: {detail}", .path.display())]
     Unreadable { path: PathBuf, detail: String },
     #[error(
@@ -347,7 +353,8 @@ impl StateStore {
                 continue;
             }
             return writer.compare_and_set(&blocked, key, expected, bytes).map_err(|error| {
-                if !matches!(error, StateError::Busy { .. }) {
+                // Those two are logged once, when the store finds them.
+                if !matches!(error, StateError::Busy { .. } | StateError::Lost { .. }) {
                     tracing::error!(key, error = %error, "cannot write a state cell; the write is refused");
                 }
                 error
