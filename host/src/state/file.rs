@@ -145,7 +145,7 @@ impl FileCells {
                 Some(
                     rustix::io::fcntl_dupfd_cloexec(&*lock, 3).map_err(|e| StateError::Lock {
                         path: self.path.clone(),
-                        source: e.into(),
+                        error: e.into(),
                     })?,
                 )
             }
@@ -309,9 +309,9 @@ fn take_lock(path: &Path, handed: Option<OwnedFd>) -> Result<File, StateError> {
     let mut name = path.as_os_str().to_owned();
     name.push(".lock");
     let lock_path = PathBuf::from(name);
-    let lock_error = |source: std::io::Error| StateError::Lock {
+    let lock_error = |error: std::io::Error| StateError::Lock {
         path: path.to_owned(),
-        source,
+        error,
     };
     let mut file = match handed {
         Some(fd) => File::from(fd),
@@ -429,6 +429,26 @@ fn database_error(path: &Path, source: rusqlite::Error) -> StateError {
             detail: source.to_string(),
         },
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StateError::Locked { path, pid: None },
-        _ => StateError::Database { path, source },
+        _ => StateError::Database { path, error: source },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state file that cannot be used says why once, also in an error chain (`{:#}`, as the
+    /// host logs a failed start).
+    #[test]
+    fn the_reason_is_said_once() {
+        let scratch = tempfile::tempdir().expect("a temporary directory");
+        let not_a_directory = scratch.path().join("file");
+        std::fs::write(&not_a_directory, b"").expect("a file");
+        let Err(error) = open_durable(&not_a_directory.join("state.sqlite"), None) else {
+            panic!("a state file under a regular file opened");
+        };
+        let reason = std::io::Error::from_raw_os_error(libc::ENOTDIR).to_string();
+        let message = format!("{:#}", anyhow::Error::new(error).context("--state-file"));
+        assert_eq!(message.matches(&reason).count(), 1, "{message}");
     }
 }
