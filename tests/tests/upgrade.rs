@@ -559,3 +559,83 @@ async fn under_systemd_the_new_process_becomes_the_main_pid() {
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
     new_host.stop(WAIT).await;
 }
+
+/// The pids of the processes running `sleep SECONDS`.
+fn sleeping(seconds: &str) -> Vec<u32> {
+    let wanted = format!("sleep\0{seconds}\0");
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    processes
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| cmdline.ends_with(wanted.as_bytes()))
+        })
+        .collect()
+}
+
+/// Kills, when dropped, what still runs `sleep SECONDS`: a failing test leaves nothing behind.
+struct Sleepers(String);
+
+impl Drop for Sleepers {
+    fn drop(&mut self) {
+        for pid in sleeping(&self.0) {
+            let _ = e2e_tests::process::signal(pid, Signal::KILL);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_upgrade_stops_what_the_new_host_started() {
+    let sandbox = sandbox();
+    // An argument no other process has: this test's processes are told apart by it.
+    let sleepers = Sleepers(format!("1000.{}", std::process::id()));
+    let seconds = sleepers.0.as_str();
+    // A new host that never becomes ready, waiting on a child of its own.
+    let binary = sandbox.write_script("new-host", &format!("#!/bin/sh\nsleep {seconds}\n"));
+    let host = start(
+        &sandbox,
+        &[
+            "--upgrade-binary",
+            binary.to_str().expect("a UTF-8 path"),
+            "--upgrade-timeout",
+            "2s",
+        ],
+        None,
+    )
+    .await;
+    let pid = host.pid();
+    let (code, answer) = host.upgrade().await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert!(error(&answer).contains("was not ready within 2s"), "{answer}");
+    let no_sleepers = || async {
+        let left = sleeping(seconds);
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("still running: {left:?}"))
+        }
+    };
+    wait_until(
+        "the never-ready host's child is stopped",
+        Duration::from_secs(10),
+        no_sleepers,
+    )
+    .await;
+    assert_serves(&host, pid).await;
+
+    // One that leaves a child running and exits.
+    sandbox.write_script("new-host", &format!("#!/bin/sh\nsleep {seconds} &\nexit 3\n"));
+    let (code, answer) = host.upgrade().await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert!(error(&answer).contains("exit status: 3"), "{answer}");
+    wait_until(
+        "the exited host's child is stopped",
+        Duration::from_secs(10),
+        no_sleepers,
+    )
+    .await;
+    assert_serves(&host, pid).await;
+    host.stop().await;
+}

@@ -23,7 +23,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use crate::child::{self, Target};
+use crate::child;
 use crate::util::{clip, last_bytes, lock, ms};
 
 /// How many of the last output lines a failed build reports.
@@ -143,7 +143,7 @@ pub async fn run(build: &BuildCommand, generation: u64, stop: &CancellationToken
     };
     if !matches!(end, End::Exited(_)) {
         match group {
-            Some(group) => child::stop(&mut child, Target::Group(group), "the build").await,
+            Some(group) => child::stop(&mut child, group, "the build").await,
             None => drop(child.kill().await),
         }
     } else if let Some(group) = group {

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::wire::{self, Offer, Reply};
+use crate::child;
 use crate::child::HANDOFF_VARIABLE;
-use crate::child::{self, Target};
 use crate::state::{Handed, StateError, StateStore};
 use crate::util::{lock, ms};
 
@@ -252,6 +252,10 @@ impl Upgrader {
             .args(&self.settings.args)
             .env(HANDOFF_VARIABLE, &path)
             .stdin(Stdio::null())
+            // A group of its own, so that a new host that fails is stopped together with what it
+            // started (a wrapper script's children, say). systemd follows the service by its
+            // cgroup and `MAINPID=`, not by its process group.
+            .process_group(0)
             .spawn()
         {
             Ok(child) => child,
@@ -439,10 +443,10 @@ fn exited(pid: u32, status: ExitStatus, reason: Option<String>) -> UpgradeError 
     }
 }
 
-/// Stops a new process that failed, and reaps it.
+/// Stops a new process that failed, and everything in its process group, and reaps it.
 async fn stop_child(child: &mut Child, pid: u32) {
-    if let Some(target) = rustix::process::Pid::from_raw(pid as i32) {
-        child::stop(child, Target::Process(target), "the new host").await;
+    if let Some(group) = rustix::process::Pid::from_raw(pid as i32) {
+        child::stop(child, group, "the new host").await;
     }
     tracing::info!(pid, "stopped the new host");
 }
