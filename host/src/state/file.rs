@@ -13,6 +13,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension as _, TransactionBehavior, params};
 
 use super::{Cell, CellInfo, Handed, HandedKind, StateError};
+use crate::private_dir;
 
 /// The format of the cells in a state file; a file of another format is refused.
 pub const FORMAT_VERSION: i64 = 1;
@@ -74,6 +75,38 @@ impl Drop for HandOffDirectory {
     }
 }
 
+/// How a hand-off file's directory is named (`hot-reload-host-state-<pid>-…`, never taken for a
+/// staging directory, `…host-<pid>-…`).
+const HAND_OFF_PREFIX: &str = "hot-reload-host-state-";
+
+/// Removes the hand-off directories under `runtime_dir` of old hosts that were killed during an
+/// upgrade, unless the new host of that upgrade still has the file open: it uses the file until
+/// it has moved the cells back into memory.
+pub fn remove_abandoned_hand_offs(runtime_dir: &Path) {
+    private_dir::remove_abandoned(
+        runtime_dir,
+        HAND_OFF_PREFIX,
+        "hand-off state directory",
+        open_in_a_process,
+    );
+}
+
+/// Whether a process (of those whose descriptors this one may see) has a file in `directory`
+/// open. If that cannot be known, the directory counts as used.
+fn open_in_a_process(directory: &Path) -> bool {
+    let (Ok(directory), Ok(processes)) = (std::fs::canonicalize(directory), std::fs::read_dir("/proc")) else {
+        return true;
+    };
+    processes.flatten().any(|process| {
+        let Ok(descriptors) = std::fs::read_dir(process.path().join("fd")) else {
+            return false;
+        };
+        descriptors
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target.starts_with(&directory)))
+    })
+}
+
 /// Whether `parent` is still this process's parent (once it exits, this process is reparented).
 pub(super) fn parent_runs(parent: u32) -> bool {
     rustix::process::getppid().is_some_and(|pid| pid.as_raw_nonzero().get() as u32 == parent)
@@ -82,11 +115,7 @@ pub(super) fn parent_runs(parent: u32) -> bool {
 impl FileCells {
     /// A new hand-off file holding `cells`, in a private directory under `runtime_dir`.
     pub(super) fn hand_off(runtime_dir: &Path, cells: &HashMap<String, Cell>) -> Result<FileCells, StateError> {
-        // `hot-reload-host-state-…` (or `host-state-…`) never looks like a staging directory
-        // (`…host-<pid>-…`), which a host that starts may remove.
-        let directory = tempfile::Builder::new()
-            .prefix("hot-reload-host-state-")
-            .tempdir_in(runtime_dir)
+        let directory = private_dir::create(runtime_dir, HAND_OFF_PREFIX)
             .map_err(StateError::HandOffDirectory)?
             .keep();
         let directory = HandOffDirectory {
@@ -95,6 +124,17 @@ impl FileCells {
             successor: true,
         };
         let path = directory.path.join("state.sqlite");
+        // Made here rather than by SQLite (0644 less the umask), so that it is this user's alone,
+        // and so are the `-wal` and `-shm` files SQLite gives the database's mode.
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| StateError::Unreadable {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
         let mut db = connect(&path)?;
         check_format(&db, &path, true)?;
         set_mode(&db, &path, "OFF")?;

@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::lock;
 pub use file::FORMAT_VERSION;
+pub use file::remove_abandoned_hand_offs;
 use file::{FileCells, HandOffDirectory, open_durable, parent_runs};
 
 mod file;

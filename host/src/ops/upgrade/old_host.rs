@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use super::wire::{self, Offer, Reply};
 use crate::child;
 use crate::child::HANDOFF_VARIABLE;
+use crate::private_dir;
 use crate::state::{Handed, StateError, StateStore};
 use crate::util::{lock, ms};
 
@@ -100,6 +101,21 @@ pub struct UpgradeRecord {
     pub trigger: String,
     /// The new process's pid, if it was started.
     pub new_pid: Option<u32>,
+}
+
+/// How the private directory of an upgrade's hand-off socket is named, in the system's temporary
+/// directory (`hot-reload-host-upgrade-<pid>-…`).
+const HANDOFF_SOCKET_PREFIX: &str = "hot-reload-host-upgrade-";
+
+/// Removes the hand-off socket directories of hosts that were killed during an upgrade. Only its
+/// host uses one: the new process is connected (or gone) once the socket is no longer listened on.
+pub fn remove_abandoned_directories() {
+    private_dir::remove_abandoned(
+        &std::env::temp_dir(),
+        HANDOFF_SOCKET_PREFIX,
+        "upgrade directory",
+        |_| false,
+    );
 }
 
 const IDLE: u8 = 0;
@@ -232,7 +248,7 @@ impl Upgrader {
         if self.stop.is_cancelled() {
             return (None, Err(UpgradeError::ShuttingDown));
         }
-        let directory = match tempfile::Builder::new().prefix("hot-reload-host-upgrade-").tempdir() {
+        let directory = match private_dir::create(&std::env::temp_dir(), HANDOFF_SOCKET_PREFIX) {
             Ok(directory) => directory,
             Err(e) => return (None, Err(UpgradeError::Directory(e))),
         };
