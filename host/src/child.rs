@@ -45,34 +45,18 @@ pub fn for_successor(command: &mut std::process::Command) -> &mut std::process::
         .fold(command, |command, name| command.env_remove(name))
 }
 
-/// Who gets the signals when a child is stopped.
-#[derive(Debug, Clone, Copy)]
-pub enum Target {
-    /// The child alone.
-    Process(Pid),
-    /// The child's whole process group (it leads it): whatever is left in the group after the
-    /// child exited is killed too.
-    Group(Pid),
-}
-
-/// SIGTERM, then SIGKILL if it has not exited after [`KILL_GRACE`]; the child is reaped.
-/// `what` names it in the log.
-pub async fn stop(child: &mut Child, target: Target, what: &str) {
-    if let (Target::Process(_), Ok(Some(_))) = (target, child.try_wait()) {
-        // Exited and reaped already: its pid may be another process's by now.
-        return;
-    }
-    let _ = match target {
-        Target::Process(pid) => rustix::process::kill_process(pid, Signal::TERM),
-        Target::Group(group) => rustix::process::kill_process_group(group, Signal::TERM),
-    };
+/// Stops a child that leads a process group of its own, and everything in that group: SIGTERM
+/// to the group, then, once the child has exited or [`KILL_GRACE`] has passed, SIGKILL to what is
+/// left of it; the child is reaped. (The group keeps the child's id while anything is left in it,
+/// so the SIGKILL after the child's exit reaches what it started, and no one else.) `what` names
+/// it in the log.
+pub async fn stop(child: &mut Child, group: Pid, what: &str) {
+    let _ = rustix::process::kill_process_group(group, Signal::TERM);
     let stopped = tokio::time::timeout(KILL_GRACE, child.wait()).await.is_ok();
     if !stopped {
         tracing::warn!("{what} did not stop on SIGTERM; killing it");
     }
-    if let Target::Group(group) = target {
-        let _ = rustix::process::kill_process_group(group, Signal::KILL);
-    }
+    let _ = rustix::process::kill_process_group(group, Signal::KILL);
     if !stopped {
         let _ = child.kill().await;
     }

@@ -16,6 +16,7 @@
 mod child;
 mod generation;
 mod ops;
+mod private_dir;
 mod reload;
 mod serving;
 mod state;
@@ -112,13 +113,16 @@ fn main() -> ExitCode {
     };
     // Before anything is served: a state file that cannot be used stops the start.
     let runtime_dir = settings.staging_dir.clone().unwrap_or_else(std::env::temp_dir);
-    let state = match StateStore::open(handed_state, settings.state_file.as_deref(), runtime_dir) {
+    let state = match StateStore::open(handed_state, settings.state_file.as_deref(), runtime_dir.clone()) {
         Ok(state) => Arc::new(state),
         Err(e) => {
             tell_predecessor(&e);
             return report(Err(e), ExitCode::FAILURE);
         }
     };
+    // What the upgrades of hosts killed meanwhile left; a hand-off taken over above is in use.
+    state::remove_abandoned_hand_offs(&runtime_dir);
+    old_host::remove_abandoned_directories();
     // The host's blocking work (staging files, joining a generation's threads) comes in bursts at
     // reloads: an idle blocking thread is let go after a second rather than tokio's ten, so that a
     // host between reloads holds only the threads it serves with.

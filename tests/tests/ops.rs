@@ -601,3 +601,68 @@ async fn pid_1_stops_on_sigterm() {
     let log = host.log_text();
     assert!(log.contains("SIGTERM: shutting down"), "{log}");
 }
+
+/// `HEAD path` on the admin listener, sent raw (over HTTP/1.1, closing): the answer's head and
+/// whatever came after it.
+async fn head(host: &Host, path: &str) -> (String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(host.admin_addr()).await?;
+        let request = format!("HEAD {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        std::io::Result::Ok(raw)
+    };
+    let raw = tokio::time::timeout(WAIT, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("HEAD {path}: no answer within {WAIT:?}"))
+        .unwrap_or_else(|e| panic!("HEAD {path}: {e}"));
+    let end = raw
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("HEAD {path}: no complete head in {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    (head, raw[end + 4..].to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_is_answered_like_get_without_a_body() {
+    let sandbox = sandbox();
+    let host = sandbox.start_host(&[]).await;
+    for (path, content_type) in [
+        ("/healthz", "text/plain"),
+        ("/readyz", "text/plain"),
+        ("/status", "application/json"),
+        ("/metrics", "text/plain"),
+    ] {
+        let (head, after) = head(&host, path).await;
+        assert!(head.starts_with("http/1.1 200"), "HEAD {path}:\n{head}");
+        assert!(
+            head.contains(&format!("content-type: {content_type}")),
+            "HEAD {path}:\n{head}"
+        );
+        let length: u64 = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length: "))
+            .unwrap_or_else(|| panic!("HEAD {path} has no Content-Length:\n{head}"))
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("HEAD {path}: Content-Length: {e}\n{head}"));
+        assert!(length > 0, "HEAD {path} gives GET's length:\n{head}");
+        assert!(
+            after.is_empty(),
+            "HEAD {path} sent a body: {:?}",
+            String::from_utf8_lossy(&after)
+        );
+    }
+    let (healthz, _) = head(&host, "/healthz").await;
+    assert!(
+        healthz.contains("content-length: 3"),
+        "the length of \"ok\\n\":\n{healthz}"
+    );
+    // Only what GET answers is answered to HEAD.
+    let (reload, _) = head(&host, "/reload").await;
+    assert!(reload.starts_with("http/1.1 405"), "HEAD /reload:\n{reload}");
+    host.stop().await;
+}

@@ -18,6 +18,7 @@
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -557,6 +558,184 @@ async fn under_systemd_the_new_process_becomes_the_main_pid() {
     new_host.signal(Signal::TERM);
     let stopping = socket.next(WAIT).await;
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
+    new_host.stop(WAIT).await;
+}
+
+/// The pids of the processes running `sleep SECONDS`.
+fn sleeping(seconds: &str) -> Vec<u32> {
+    let wanted = format!("sleep\0{seconds}\0");
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    processes
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| cmdline.ends_with(wanted.as_bytes()))
+        })
+        .collect()
+}
+
+/// Kills, when dropped, what still runs `sleep SECONDS`: a failing test leaves nothing behind.
+struct Sleepers(String);
+
+impl Drop for Sleepers {
+    fn drop(&mut self) {
+        for pid in sleeping(&self.0) {
+            let _ = e2e_tests::process::signal(pid, Signal::KILL);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_upgrade_stops_what_the_new_host_started() {
+    let sandbox = sandbox();
+    // An argument no other process has: this test's processes are told apart by it.
+    let sleepers = Sleepers(format!("1000.{}", std::process::id()));
+    let seconds = sleepers.0.as_str();
+    // A new host that never becomes ready, waiting on a child of its own.
+    let binary = sandbox.write_script("new-host", &format!("#!/bin/sh\nsleep {seconds}\n"));
+    let host = start(
+        &sandbox,
+        &[
+            "--upgrade-binary",
+            binary.to_str().expect("a UTF-8 path"),
+            "--upgrade-timeout",
+            "2s",
+        ],
+        None,
+    )
+    .await;
+    let pid = host.pid();
+    let (code, answer) = host.upgrade().await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert!(error(&answer).contains("was not ready within 2s"), "{answer}");
+    let no_sleepers = || async {
+        let left = sleeping(seconds);
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("still running: {left:?}"))
+        }
+    };
+    wait_until(
+        "the never-ready host's child is stopped",
+        Duration::from_secs(10),
+        no_sleepers,
+    )
+    .await;
+    assert_serves(&host, pid).await;
+
+    // One that leaves a child running and exits.
+    sandbox.write_script("new-host", &format!("#!/bin/sh\nsleep {seconds} &\nexit 3\n"));
+    let (code, answer) = host.upgrade().await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert!(error(&answer).contains("exit status: 3"), "{answer}");
+    wait_until(
+        "the exited host's child is stopped",
+        Duration::from_secs(10),
+        no_sleepers,
+    )
+    .await;
+    assert_serves(&host, pid).await;
+    host.stop().await;
+}
+
+/// `(mode, path)` of each line `stat -c '%a %n'` wrote.
+fn modes(text: &str) -> Vec<(u32, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let (mode, path) = line.split_once(' ')?;
+            Some((
+                u32::from_str_radix(mode, 8).ok()?,
+                path.trim_end_matches('/').to_owned(),
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_off_files_are_private_and_abandoned_ones_removed() {
+    let sandbox = sandbox();
+    let staging = sandbox.staging_dir();
+    std::fs::create_dir_all(&staging).expect("the staging directory");
+    // Left by hosts killed during an upgrade: the kernel never gives out `pid_max` itself.
+    let dead: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .expect("pid_max")
+        .trim()
+        .parse()
+        .expect("a number");
+    let abandoned_state = staging.join(format!("hot-reload-host-state-{dead}-abc123"));
+    let still_open = staging.join(format!("hot-reload-host-state-{dead}-def456"));
+    let abandoned_socket = std::env::temp_dir().join(format!("hot-reload-host-upgrade-{dead}-{}", std::process::id()));
+    for dir in [&abandoned_state, &still_open, &abandoned_socket] {
+        std::fs::create_dir_all(dir).expect("a directory");
+        std::fs::write(dir.join("state.sqlite"), b"").expect("a file");
+    }
+    // As the new host of such an upgrade keeps it, until it has moved the cells back into memory.
+    let open = std::fs::File::open(still_open.join("state.sqlite")).expect("opened");
+
+    // The new host says how the hand-off's directories and files are, then takes over.
+    let report = sandbox.path().join("modes");
+    let binary = sandbox.write_script(
+        "new-host",
+        &format!(
+            "#!/bin/sh\nstat -c '%a %n' \"$(dirname \"$HOT_RELOAD_HOST_UPGRADE_SOCKET\")\" {staging}/hot-reload-host-state-*/ \
+             {staging}/hot-reload-host-state-*/* > {report}\nexec {host} \"$@\"\n",
+            staging = staging.display(),
+            report = report.display(),
+            host = host_binary().display(),
+        ),
+    );
+    let mut host = start(
+        &sandbox,
+        &["--upgrade-binary", binary.to_str().expect("a UTF-8 path")],
+        None,
+    )
+    .await;
+    assert!(
+        !abandoned_state.exists() && !abandoned_socket.exists(),
+        "the directories of a dead host are removed at start"
+    );
+    assert!(still_open.exists(), "a hand-off directory still in use is kept");
+    drop(open);
+    std::fs::remove_dir_all(&still_open).expect("removed");
+
+    let (code, answer) = host.upgrade().await;
+    let new_host = upgraded(code, &answer, &host);
+    let text = std::fs::read_to_string(&report).expect("the new host's report");
+    let modes = modes(&text);
+    let mode_of = |suffix: &str| {
+        modes
+            .iter()
+            .find(|(_, path)| path.ends_with(suffix))
+            .map(|(mode, _)| *mode)
+            .unwrap_or_else(|| panic!("nothing ends with {suffix}:\n{text}"))
+    };
+    let socket_dir = modes
+        .iter()
+        .find(|(_, path)| path.contains("hot-reload-host-upgrade-"))
+        .unwrap_or_else(|| panic!("no socket directory:\n{text}"));
+    assert_eq!(socket_dir.0, 0o700, "{text}");
+    let state_dir = modes
+        .iter()
+        .find(|(_, path)| {
+            Path::new(path)
+                .file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("hot-reload-host-state-"))
+        })
+        .unwrap_or_else(|| panic!("no state directory:\n{text}"));
+    assert_eq!(state_dir.0, 0o700, "{text}");
+    for file in ["/state.sqlite", "/state.sqlite-wal", "/state.sqlite-shm"] {
+        assert_eq!(mode_of(file), 0o600, "{file}:\n{text}");
+    }
+    let exit = host.wait_exit(WAIT).await;
+    assert!(
+        exit.success(),
+        "the old host exited with {exit}\n{}",
+        host.log_excerpt()
+    );
     new_host.stop(WAIT).await;
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -83,7 +83,23 @@ async fn route(
     reloader: Arc<Reloader>,
     options: Arc<AdminOptions>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    Ok(match (request.method(), request.uri().path()) {
+    // HEAD is GET without the body (RFC 9110, 9.3.2), so that probes and `curl -I` see the status
+    // and headers GET would have. hyper drops a HEAD response's body over HTTP/1 but not over
+    // HTTP/2, so it is dropped here.
+    if request.method() == Method::HEAD {
+        return Ok(without_body(answer(&Method::GET, &request, &reloader, &options).await));
+    }
+    Ok(answer(request.method(), &request, &reloader, &options).await)
+}
+
+/// The answer to `method` on the request's path.
+async fn answer(
+    method: &Method,
+    request: &Request<Incoming>,
+    reloader: &Reloader,
+    options: &AdminOptions,
+) -> Response<Full<Bytes>> {
+    match (method, request.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") if options.shutting_down.is_cancelled() => {
             text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
@@ -110,8 +126,8 @@ async fn route(
             "text/plain; version=0.0.4; charset=utf-8",
             Bytes::from(crate::serving::metrics::global().render(&reloader.metrics_snapshot())),
         ),
-        (&Method::GET, "/state") => state_list(&reloader),
-        (&Method::GET, path) if path.starts_with("/state/") => state_cell(&reloader, &path["/state/".len()..]),
+        (&Method::GET, "/state") => state_list(reloader),
+        (&Method::GET, path) if path.starts_with("/state/") => state_cell(reloader, &path["/state/".len()..]),
         (&Method::POST, "/reload") if !options.allow_reload => text(
             StatusCode::FORBIDDEN,
             "POST /reload is turned off (--admin-reload=false); reload with SIGHUP or --watch\n",
@@ -124,23 +140,23 @@ async fn route(
                           serve it); try again once the new process serves",
             }),
         ),
-        (&Method::POST, "/reload") => match query_param(&request, "canary").map(|p| p.parse::<u8>()) {
-            Some(Ok(percent)) if percent <= 100 => act(&reloader, Action::Reload { canary: Some(percent) }).await,
+        (&Method::POST, "/reload") => match query_param(request, "canary").map(|p| p.parse::<u8>()) {
+            Some(Ok(percent)) if percent <= 100 => act(reloader, Action::Reload { canary: Some(percent) }).await,
             Some(_) => text(StatusCode::BAD_REQUEST, "canary must be a percentage, 0 to 100\n"),
-            None => act(&reloader, Action::Reload { canary: None }).await,
+            None => act(reloader, Action::Reload { canary: None }).await,
         },
         (&Method::POST, "/rollback" | "/promote") if !options.allow_reload => text(
             StatusCode::FORBIDDEN,
             "POST /rollback and /promote are turned off with POST /reload (--admin-reload=false)\n",
         ),
-        (&Method::POST, "/rollback") => match query_param(&request, "sha256") {
+        (&Method::POST, "/rollback") => match query_param(request, "sha256") {
             Some(hex) if hex.is_empty() || hex.len() > 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) => text(
                 StatusCode::BAD_REQUEST,
                 "sha256 must be the hex digits of a kept version's digest (GET /status lists them)\n",
             ),
-            sha256 => act(&reloader, Action::Rollback { sha256 }).await,
+            sha256 => act(reloader, Action::Rollback { sha256 }).await,
         },
-        (&Method::POST, "/promote") => act(&reloader, Action::Promote).await,
+        (&Method::POST, "/promote") => act(reloader, Action::Promote).await,
         (&Method::POST, "/upgrade") if !options.allow_upgrade => text(
             StatusCode::FORBIDDEN,
             "POST /upgrade is turned off (--admin-upgrade=false); upgrade with SIGUSR2\n",
@@ -198,7 +214,17 @@ async fn route(
         ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         (_, path) if path.starts_with("/state/") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
-    })
+    }
+}
+
+/// `response` with its body dropped and the length it had kept in `Content-Length`.
+fn without_body(response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    let (mut parts, body) = response.into_parts();
+    let length = body.size_hint().exact().unwrap_or(0);
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, http::HeaderValue::from(length));
+    Response::from_parts(parts, Full::new(Bytes::new()))
 }
 
 /// Runs `action` through the reloader and answers with its outcome: 200 `{"ok":true,...}`, 422

@@ -23,7 +23,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use crate::child::{self, Target};
+use crate::child;
 use crate::util::{clip, last_bytes, lock, ms};
 
 /// How many of the last output lines a failed build reports.
@@ -46,12 +46,9 @@ pub struct BuildCommand {
 /// Why a build did not succeed. Every variant carries the end of the build's output.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("cannot start the build command `{command}`: {source}")]
-    Spawn {
-        command: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // Each reason is in its message, and so not a `source` as well: `{:#}` would repeat it.
+    #[error("cannot start the build command `{command}`: {error}")]
+    Spawn { command: String, error: std::io::Error },
     #[error("the build command `{command}` failed ({status}){}", tail_text(.tail))]
     Failed {
         command: String,
@@ -67,12 +64,8 @@ pub enum BuildError {
     },
     #[error("the build command `{command}` was stopped: the host is shutting down")]
     Cancelled { command: String },
-    #[error("cannot wait for the build command `{command}`: {source}")]
-    Wait {
-        command: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot wait for the build command `{command}`: {error}")]
+    Wait { command: String, error: std::io::Error },
 }
 
 fn tail_text(tail: &str) -> String {
@@ -123,9 +116,9 @@ pub async fn run(build: &BuildCommand, generation: u64, stop: &CancellationToken
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     child::without_host_environment(child.as_std_mut());
-    let mut child = child.spawn().map_err(|source| BuildError::Spawn {
+    let mut child = child.spawn().map_err(|error| BuildError::Spawn {
         command: command.clone(),
-        source,
+        error,
     })?;
     // The group's id is the shell's pid, fixed from now on.
     let group = child.id().and_then(|pid| rustix::process::Pid::from_raw(pid as i32));
@@ -150,7 +143,7 @@ pub async fn run(build: &BuildCommand, generation: u64, stop: &CancellationToken
     };
     if !matches!(end, End::Exited(_)) {
         match group {
-            Some(group) => child::stop(&mut child, Target::Group(group), "the build").await,
+            Some(group) => child::stop(&mut child, group, "the build").await,
             None => drop(child.kill().await),
         }
     } else if let Some(group) = group {
@@ -174,7 +167,7 @@ pub async fn run(build: &BuildCommand, generation: u64, stop: &CancellationToken
             tracing::warn!(generation, duration_ms, %status, "build failed");
             Err(BuildError::Failed { command, status, tail })
         }
-        End::Exited(Err(source)) => Err(BuildError::Wait { command, source }),
+        End::Exited(Err(error)) => Err(BuildError::Wait { command, error }),
         End::TimedOut => {
             tracing::warn!(generation, duration_ms, "build timed out; its process group was killed");
             Err(BuildError::TimedOut {
@@ -301,5 +294,25 @@ mod tests {
             .await
             .expect_err("the build is cancelled");
         assert!(matches!(error, BuildError::Cancelled { .. }), "{error}");
+    }
+
+    /// The reload's error is logged and kept as a chain (`{:#}`): the reason comes once.
+    #[test]
+    fn the_reason_is_said_once() {
+        let reason = std::io::Error::from_raw_os_error(libc::EROFS);
+        let text = reason.to_string();
+        for error in [
+            BuildError::Spawn {
+                command: "make".into(),
+                error: std::io::Error::from_raw_os_error(libc::EROFS),
+            },
+            BuildError::Wait {
+                command: "make".into(),
+                error: reason,
+            },
+        ] {
+            let message = format!("{:#}", anyhow::Error::new(error).context("build"));
+            assert_eq!(message.matches(&text).count(), 1, "{message}");
+        }
     }
 }

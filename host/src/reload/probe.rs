@@ -29,8 +29,9 @@ pub const ARG: &str = "--try-initialisers";
 /// Why a library's initialisers were refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
+    // The reason is in the message, and so not a `source` as well: `{:#}` would repeat it.
     #[error("cannot start a process to try the library's initialisers in: {0}")]
-    Spawn(#[source] std::io::Error),
+    Spawn(std::io::Error),
     #[error(
         "the library's initialisers (constructors, run by dlopen before any app code) did not return within \
          {0:?} in a trial process; the host did not load it"

@@ -1,10 +1,8 @@
-//! The private directory each host stages its library copies in, and the ones killed hosts left.
+//! The private directory each host stages its library copies in, and the staged copies.
 //!
-//! Each host makes a directory of its own, named after its pid (`host-<pid>-…` under
-//! `--staging-dir`, `hot-reload-host-<pid>-…` in the system's temporary directory), and removes
-//! it when it exits. A host that was killed cannot: the next host started on the same parent
-//! removes the directories of hosts that no longer run (only its own user's, and never one whose
-//! pid is alive, whatever process that is now).
+//! Each host makes a directory of its own (`host-<pid>-…` under `--staging-dir`,
+//! `hot-reload-host-<pid>-…` in the system's temporary directory, see `private_dir.rs`), and
+//! removes it when it exits; the next host removes those of hosts that were killed.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -13,6 +11,7 @@ use anyhow::Context as _;
 
 use crate::generation::loader::check_image;
 use crate::generation::{LibraryInfo, Sha256};
+use crate::private_dir;
 use crate::reload::probe::{self, ProbeError};
 use crate::reload::trust::{Digest, TrustPolicy, read_trusted};
 use crate::util::ms;
@@ -27,49 +26,9 @@ pub fn create(parent: Option<&Path>) -> anyhow::Result<tempfile::TempDir> {
         }
         None => (std::env::temp_dir(), "hot-reload-host-"),
     };
-    remove_abandoned(&parent, prefix);
-    tempfile::Builder::new()
-        .prefix(&format!("{prefix}{}-", std::process::id()))
-        .tempdir_in(&parent)
-        .context("cannot create the staging directory")
-}
-
-/// Removes the staging directories under `parent` of hosts that no longer run.
-fn remove_abandoned(parent: &Path, prefix: &str) {
-    let Ok(entries) = std::fs::read_dir(parent) else { return };
-    let uid = rustix::process::geteuid().as_raw();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|name| owner_pid(name, prefix)) else {
-            continue;
-        };
-        let path = entry.path();
-        if Path::new(&format!("/proc/{pid}")).exists() || !owned_directory(&path, uid) {
-            continue;
-        }
-        match std::fs::remove_dir_all(&path) {
-            Ok(()) => {
-                tracing::info!(dir = %path.display(), pid, "removed the staging directory of a host that no longer runs")
-            }
-            Err(e) => {
-                tracing::debug!(dir = %path.display(), error = %e, "cannot remove an abandoned staging directory")
-            }
-        }
-    }
-}
-
-/// The pid in a staging directory's name (`<prefix><pid>-<random>`).
-fn owner_pid(name: &str, prefix: &str) -> Option<u32> {
-    let (pid, random) = name.strip_prefix(prefix)?.split_once('-')?;
-    if random.is_empty() {
-        return None;
-    }
-    pid.parse().ok()
-}
-
-fn owned_directory(path: &Path, uid: u32) -> bool {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && m.uid() == uid)
+    // A staged copy is used by the host that made it only.
+    private_dir::remove_abandoned(&parent, prefix, "staging directory", |_| false);
+    private_dir::create(&parent, prefix).context("cannot create the staging directory")
 }
 
 /// Where generation `number` of the library served as `library` is staged: `gen{N}-<its name>`
@@ -130,12 +89,20 @@ pub async fn stage(
             );
             Ok(trial_alongside.then(try_initialisers))
         };
+        // A refused copy's hash is waited for: the hashing thread maps the copy, and a refused
+        // copy is gone (unmapped, removed) when this returns.
         let outcome = match read_trusted(&path, &staged, &trust, check_copy) {
-            Ok((digest, Ok(tried))) => tried
-                .unwrap_or_else(try_initialisers)
-                .map(|()| digest)
-                .map_err(anyhow::Error::from),
-            Ok((_, Err(e))) => Err(e),
+            Ok((digest, Ok(tried))) => match tried.unwrap_or_else(try_initialisers) {
+                Ok(()) => Ok(digest),
+                Err(e) => {
+                    digest.wait();
+                    Err(e.into())
+                }
+            },
+            Ok((digest, Err(e))) => {
+                digest.wait();
+                Err(e)
+            }
             Err(refused) => Err(refused.into()),
         };
         if outcome.is_err() {
@@ -153,36 +120,4 @@ pub async fn stage(
         };
         (library, digest)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn directories_of_hosts_that_no_longer_run_are_removed() {
-        let parent = tempfile::tempdir().expect("a temporary directory");
-        // The kernel never gives out `pid_max` itself.
-        let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
-            .expect("pid_max")
-            .trim()
-            .parse()
-            .expect("a number");
-        let abandoned = parent.path().join(format!("host-{pid_max}-abc123"));
-        let running = parent.path().join(format!("host-{}-def456", std::process::id()));
-        let other = parent.path().join("host-notes");
-        for dir in [&abandoned, &running, &other] {
-            std::fs::create_dir(dir).expect("mkdir");
-        }
-        let created = create(Some(parent.path())).expect("a staging directory");
-        assert!(!abandoned.exists(), "the dead host's directory is removed");
-        assert!(running.exists() && other.exists(), "the others stay");
-        let name = created
-            .path()
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_owned();
-        assert_eq!(owner_pid(&name, "host-"), Some(std::process::id()), "{name}");
-    }
 }

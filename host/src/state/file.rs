@@ -15,6 +15,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension as _, TransactionBehavior, params};
 
 use super::{Cell, CellInfo, Handed, HandedKind, StateError};
+use crate::private_dir;
 use crate::util::lock;
 
 /// The format of the cells in a state file; a file of another format is refused.
@@ -173,6 +174,38 @@ impl Drop for HandOffDirectory {
     }
 }
 
+/// How a hand-off file's directory is named (`hot-reload-host-state-<pid>-…`, never taken for a
+/// staging directory, `…host-<pid>-…`).
+const HAND_OFF_PREFIX: &str = "hot-reload-host-state-";
+
+/// Removes the hand-off directories under `runtime_dir` of old hosts that were killed during an
+/// upgrade, unless the new host of that upgrade still has the file open: it uses the file until
+/// it has moved the cells back into memory.
+pub fn remove_abandoned_hand_offs(runtime_dir: &Path) {
+    private_dir::remove_abandoned(
+        runtime_dir,
+        HAND_OFF_PREFIX,
+        "hand-off state directory",
+        open_in_a_process,
+    );
+}
+
+/// Whether a process (of those whose descriptors this one may see) has a file in `directory`
+/// open. If that cannot be known, the directory counts as used.
+fn open_in_a_process(directory: &Path) -> bool {
+    let (Ok(directory), Ok(processes)) = (std::fs::canonicalize(directory), std::fs::read_dir("/proc")) else {
+        return true;
+    };
+    processes.flatten().any(|process| {
+        let Ok(descriptors) = std::fs::read_dir(process.path().join("fd")) else {
+            return false;
+        };
+        descriptors
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target.starts_with(&directory)))
+    })
+}
+
 /// Whether `parent` is still this process's parent (once it exits, this process is reparented).
 pub(super) fn parent_runs(parent: u32) -> bool {
     rustix::process::getppid().is_some_and(|pid| pid.as_raw_nonzero().get() as u32 == parent)
@@ -181,15 +214,22 @@ pub(super) fn parent_runs(parent: u32) -> bool {
 impl FileCells {
     /// A new hand-off file holding `cells`, in a private directory under `runtime_dir`.
     pub(super) fn hand_off(runtime_dir: &Path, cells: &HashMap<String, Cell>) -> Result<FileCells, StateError> {
-        // `hot-reload-host-state-…` (or `host-state-…`) never looks like a staging directory
-        // (`…host-<pid>-…`), which a host that starts may remove.
-        let directory = tempfile::Builder::new()
-            .prefix("hot-reload-host-state-")
-            .tempdir_in(runtime_dir)
+        let directory = private_dir::create(runtime_dir, HAND_OFF_PREFIX)
             .map_err(StateError::HandOffDirectory)?
             .keep();
         let directory = HandOffDirectory::join(directory, None, true)?;
         let path = directory.path.join("state.sqlite");
+        // Made here rather than by SQLite (0644 less the umask), so that it is this user's alone,
+        // and so are the `-wal` and `-shm` files SQLite gives the database's mode.
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| StateError::Unreadable {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
         let mut db = connect(&path)?;
         check_format(&db, &path, true)?;
         set_mode(&db, &path, "OFF")?;
@@ -229,7 +269,7 @@ impl FileCells {
                 Some(
                     rustix::io::fcntl_dupfd_cloexec(&*lock, 3).map_err(|e| StateError::Lock {
                         path: self.path.clone(),
-                        source: e.into(),
+                        error: e.into(),
                     })?,
                 )
             }
@@ -600,9 +640,9 @@ fn take_lock(path: &Path, handed: Option<OwnedFd>) -> Result<File, StateError> {
     let mut name = path.as_os_str().to_owned();
     name.push(".lock");
     let lock_path = PathBuf::from(name);
-    let lock_error = |source: std::io::Error| StateError::Lock {
+    let lock_error = |error: std::io::Error| StateError::Lock {
         path: path.to_owned(),
-        source,
+        error,
     };
     let mut file = match handed {
         Some(fd) => File::from(fd),
@@ -720,6 +760,26 @@ fn database_error(path: &Path, source: rusqlite::Error) -> StateError {
             detail: source.to_string(),
         },
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StateError::Locked { path, pid: None },
-        _ => StateError::Database { path, source },
+        _ => StateError::Database { path, error: source },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state file that cannot be used says why once, also in an error chain (`{:#}`, as the
+    /// host logs a failed start).
+    #[test]
+    fn the_reason_is_said_once() {
+        let scratch = tempfile::tempdir().expect("a temporary directory");
+        let not_a_directory = scratch.path().join("file");
+        std::fs::write(&not_a_directory, b"").expect("a file");
+        let Err(error) = open_durable(&not_a_directory.join("state.sqlite"), None) else {
+            panic!("a state file under a regular file opened");
+        };
+        let reason = std::io::Error::from_raw_os_error(libc::ENOTDIR).to_string();
+        let message = format!("{:#}", anyhow::Error::new(error).context("--state-file"));
+        assert_eq!(message.matches(&reason).count(), 1, "{message}");
     }
 }

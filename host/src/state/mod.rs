@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::lock;
 pub use file::FORMAT_VERSION;
+pub use file::remove_abandoned_hand_offs;
 use file::{FileCells, HandOffDirectory, open_durable, parent_runs};
 
 mod file;
@@ -92,10 +93,11 @@ pub enum StateError {
         .path.display()
     )]
     UnknownFormat { path: PathBuf, found: i64 },
-    #[error("cannot lock the state file {}: {source}", .path.display())]
-    Lock { path: PathBuf, source: std::io::Error },
-    #[error("state file {}: {source}", .path.display())]
-    Database { path: PathBuf, source: rusqlite::Error },
+    // The reason is in the message, and so not a `source` as well: `{:#}` would repeat it.
+    #[error("cannot lock the state file {}: {error}", .path.display())]
+    Lock { path: PathBuf, error: std::io::Error },
+    #[error("state file {}: {error}", .path.display())]
+    Database { path: PathBuf, error: rusqlite::Error },
     #[error("cannot make the hand-off state directory: {0}")]
     HandOffDirectory(std::io::Error),
     #[error("{0}")]

@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::wire::{self, Offer, Reply};
+use crate::child;
 use crate::child::HANDOFF_VARIABLE;
-use crate::child::{self, Target};
+use crate::private_dir;
 use crate::state::{Handed, StateError, StateStore};
 use crate::util::{lock, ms};
 
@@ -100,6 +101,21 @@ pub struct UpgradeRecord {
     pub trigger: String,
     /// The new process's pid, if it was started.
     pub new_pid: Option<u32>,
+}
+
+/// How the private directory of an upgrade's hand-off socket is named, in the system's temporary
+/// directory (`hot-reload-host-upgrade-<pid>-…`).
+const HANDOFF_SOCKET_PREFIX: &str = "hot-reload-host-upgrade-";
+
+/// Removes the hand-off socket directories of hosts that were killed during an upgrade. Only its
+/// host uses one: the new process is connected (or gone) once the socket is no longer listened on.
+pub fn remove_abandoned_directories() {
+    private_dir::remove_abandoned(
+        &std::env::temp_dir(),
+        HANDOFF_SOCKET_PREFIX,
+        "upgrade directory",
+        |_| false,
+    );
 }
 
 const IDLE: u8 = 0;
@@ -256,7 +272,7 @@ impl Upgrader {
         if self.stop.is_cancelled() {
             return (None, Err(UpgradeError::ShuttingDown));
         }
-        let directory = match tempfile::Builder::new().prefix("hot-reload-host-upgrade-").tempdir() {
+        let directory = match private_dir::create(&std::env::temp_dir(), HANDOFF_SOCKET_PREFIX) {
             Ok(directory) => directory,
             Err(e) => return (None, Err(UpgradeError::Directory(e))),
         };
@@ -276,6 +292,10 @@ impl Upgrader {
             .args(&self.settings.args)
             .env(HANDOFF_VARIABLE, &path)
             .stdin(Stdio::null())
+            // A group of its own, so that a new host that fails is stopped together with what it
+            // started (a wrapper script's children, say). systemd follows the service by its
+            // cgroup and `MAINPID=`, not by its process group.
+            .process_group(0)
             .spawn()
         {
             Ok(child) => child,
@@ -463,10 +483,10 @@ fn exited(pid: u32, status: ExitStatus, reason: Option<String>) -> UpgradeError 
     }
 }
 
-/// Stops a new process that failed, and reaps it.
+/// Stops a new process that failed, and everything in its process group, and reaps it.
 async fn stop_child(child: &mut Child, pid: u32) {
-    if let Some(target) = rustix::process::Pid::from_raw(pid as i32) {
-        child::stop(child, Target::Process(target), "the new host").await;
+    if let Some(group) = rustix::process::Pid::from_raw(pid as i32) {
+        child::stop(child, group, "the new host").await;
     }
     tracing::info!(pid, "stopped the new host");
 }
