@@ -360,6 +360,7 @@ async fn run(
             upgrader: upgrader.clone(),
             shutting_down: shutting_down.clone(),
             accepting_stopped: CancellationToken::new(),
+            header_read_timeout: settings.limits().header_read_timeout,
         },
         stop_admin.clone(),
     ));

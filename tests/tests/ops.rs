@@ -666,3 +666,55 @@ async fn head_is_answered_like_get_without_a_body() {
     assert!(reload.starts_with("http/1.1 405"), "HEAD /reload:\n{reload}");
     host.stop().await;
 }
+
+/// The admin listener has limits of its own: clients that open connections and send nothing (more
+/// of them than the host keeps open), or send half a request head, take no more than 64 of the
+/// host's descriptors and are closed after `--header-read-timeout`; the public listener serves on
+/// meanwhile, and the admin listener answers again once they are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_sent_admin_connections_are_bounded_and_timed_out() {
+    const IDLE: usize = 100;
+    let sandbox = sandbox();
+    sandbox.deploy(example_app(AppVersion::V1));
+    let host = sandbox.start_host(&["--header-read-timeout", "1s"]).await;
+    let descriptors = || fs::read_dir(format!("/proc/{}/fd", host.pid())).map_or(0, Iterator::count);
+    let before = descriptors();
+
+    let mut half_sent = tokio::net::TcpStream::connect(host.admin_addr())
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut half_sent, b"GET /status HTTP/1.1\r\nHo")
+        .await
+        .expect("half a head sent");
+    let mut idle = Vec::new();
+    for _ in 0..IDLE {
+        idle.push(
+            tokio::net::TcpStream::connect(host.admin_addr())
+                .await
+                .expect("connect"),
+        );
+    }
+    let greeting = client::get(host.addr(), "/")
+        .await
+        .expect("GET / while admin is flooded");
+    assert_eq!(greeting.status, StatusCode::OK);
+    let held = descriptors();
+    assert!(
+        held <= before + 64 + 2,
+        "{IDLE} idle admin connections took {} of the host's descriptors",
+        held.saturating_sub(before)
+    );
+
+    // The half-sent head is closed (its connection ends) after the timeout.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::io::AsyncReadExt::read_to_end(&mut half_sent, &mut rest),
+    )
+    .await;
+    assert!(ended.is_ok(), "a half-sent admin request head is still open after 30 s");
+    let status = host.admin_request(Method::GET, "/healthz").await;
+    assert_eq!(status.status, StatusCode::OK, "the admin listener answers again");
+    drop(idle);
+    host.stop().await;
+}

@@ -39,15 +39,37 @@ pub struct AdminOptions {
     pub shutting_down: CancellationToken,
     /// Cancelled by [`serve`] once it accepts no more connections.
     pub accepting_stopped: CancellationToken,
+    /// How long a client may take to send a request's head (`--header-read-timeout`), also the
+    /// longest an idle kept-alive admin connection stays open.
+    pub header_read_timeout: std::time::Duration,
 }
+
+/// The most admin connections open at once. More wait in the listener's backlog, unaccepted: they
+/// hold no descriptor of the host's, so that the public listeners never run short for them.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
 
 /// Serves the admin endpoints until `stop` is cancelled, or an upgrade hands the listener over.
 pub async fn serve(listener: TcpListener, reloader: Arc<Reloader>, options: AdminOptions, stop: CancellationToken) {
     let options = Arc::new(options);
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let handed_over = options.upgrader.handed_over();
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout);
+    let builder = Arc::new(builder);
     loop {
+        let permit = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            () = handed_over.cancelled() => break,
+            permit = Arc::clone(&open).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
         let stream = tokio::select! {
             biased;
             () = stop.cancelled() => break,
@@ -61,14 +83,22 @@ pub async fn serve(listener: TcpListener, reloader: Arc<Reloader>, options: Admi
                 }
             },
         };
-        let (reloader, options) = (reloader.clone(), options.clone());
-        let service = service_fn(move |request| route(request, reloader.clone(), options.clone()));
-        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-        let connection = graceful.watch(connection);
+        let (reloader, options, builder) = (reloader.clone(), options.clone(), builder.clone());
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            // Before hyper sees it: telling HTTP/1 from HTTP/2 waits for the first bytes, with no
+            // timeout of its own.
+            let first = tokio::time::timeout(options.header_read_timeout, stream.peek(&mut [0; 1])).await;
+            if !matches!(first, Ok(Ok(1..))) {
+                tracing::debug!("admin connection closed: nothing sent within --header-read-timeout");
+                return;
+            }
+            let service = service_fn(move |request| route(request, reloader.clone(), options.clone()));
+            let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+            if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(error = %e, "admin connection ended with an error");
             }
+            drop(permit);
         });
     }
     drop(listener);
