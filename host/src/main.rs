@@ -38,7 +38,7 @@ use crate::generation::loader;
 use crate::ops::admin::{self, AdminOptions};
 use crate::ops::config::{self, Command, LogFormat, Settings};
 use crate::ops::systemd;
-use crate::ops::upgrade::new_host::{self, Handoff, Predecessor};
+use crate::ops::upgrade::new_host::{self, HandedVersion, Handoff, Predecessor};
 use crate::ops::upgrade::old_host::{self, Upgrader};
 use crate::ops::{notify, pidfile, watch};
 use crate::reload::trigger::Trigger;
@@ -99,11 +99,18 @@ fn main() -> ExitCode {
         Ok(passed) => passed,
         Err(e) => return report(Err(e), ExitCode::FAILURE),
     };
-    let (predecessor, handed_state) = match handoff {
-        Some(Handoff { predecessor, state, .. }) => {
-            (Some(predecessor.clone()), state.map(|state| (state, predecessor.pid)))
-        }
-        None => (None, None),
+    let (predecessor, handed_state, handed_versions) = match handoff {
+        Some(Handoff {
+            predecessor,
+            state,
+            versions,
+            ..
+        }) => (
+            Some(predecessor.clone()),
+            state.map(|state| (state, predecessor.pid)),
+            versions,
+        ),
+        None => (None, None, Vec::new()),
     };
     // The old host serves on; it is told why this one could not.
     let tell_predecessor = |e: &anyhow::Error| {
@@ -135,7 +142,14 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return report(Err(e).context("cannot start the host's runtime"), ExitCode::FAILURE),
     };
-    let result = runtime.block_on(run(settings, activated, predecessor.clone(), launch, state));
+    let result = runtime.block_on(run(
+        settings,
+        activated,
+        predecessor.clone(),
+        handed_versions,
+        launch,
+        state,
+    ));
     // Everything was stopped (or given up on, within --stop-timeout) by `run`: what is left on
     // the runtime's blocking pool is the join of a generation whose threads would not stop, and
     // the process must exit anyway rather than wait for it.
@@ -299,6 +313,7 @@ async fn run(
     settings: Settings,
     activated: PassedSockets,
     predecessor: Option<Predecessor>,
+    handed_versions: Vec<HandedVersion>,
     launch: Launch,
     state: Arc<StateStore>,
 ) -> anyhow::Result<()> {
@@ -327,8 +342,10 @@ async fn run(
         settings.reload_settings(staging.path().to_owned(), trust),
         Listeners::new(public, &settings.limits())?,
         state.clone(),
+        &handed_versions,
     )
     .await?;
+    upgrader.hand_over_versions_of(&reloader);
     let parent_watch = predecessor
         .as_ref()
         .map(|predecessor| tokio::spawn(state.clone().follow_hand_off(predecessor.pid)));

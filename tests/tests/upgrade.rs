@@ -787,3 +787,50 @@ async fn reloads_wait_for_an_upgrade_under_way() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(host.status().await["canary"]["percent"], 50);
 }
+
+/// An upgrade does not undo what the operator did: after a rollback to v1 while `--app` holds v2,
+/// the new process serves v1, lists the same kept versions, and can roll forward to v2 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_serves_what_the_old_host_served_and_keeps_its_versions() {
+    let sandbox = sandbox();
+    let host = start(&sandbox, &[], None).await;
+    let v1 = host.status().await["library"]["sha256"]
+        .as_str()
+        .expect("a sha256")
+        .to_owned();
+    sandbox.deploy(example_app(AppVersion::V2));
+    host.reload_ok().await;
+    let reply = host.admin_request(hyper::Method::POST, "/rollback").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_answer(
+        &get(host.addr(), "/").await,
+        &AppVersion::V1.greeting(),
+        "after the rollback",
+    );
+
+    let (code, answer) = host.upgrade().await;
+    let new_host = upgraded(code, &answer, &host);
+    let status = host.status().await;
+    assert_eq!(status["pid"], new_host.pid(), "{status}");
+    assert_eq!(
+        status["library"]["sha256"],
+        v1.as_str(),
+        "the new process serves v1: {status}"
+    );
+    assert_answer(
+        &get(host.addr(), "/").await,
+        &AppVersion::V1.greeting(),
+        "after the upgrade",
+    );
+    let versions = status["versions"].as_array().map_or(0, Vec::len);
+    assert!(versions >= 2, "the kept versions came along: {}", status["versions"]);
+
+    let reply = host.admin_request(hyper::Method::POST, "/rollback").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_answer(
+        &get(host.addr(), "/").await,
+        &AppVersion::V2.greeting(),
+        "rolled forward on the new process",
+    );
+    new_host.stop(WAIT).await;
+}

@@ -39,6 +39,7 @@ use tokio_util::task::TaskTracker;
 use crate::generation::handover::Handover;
 use crate::generation::loader::thread_keys;
 use crate::generation::{Generation, LiveGenerations, Retirement, StartOptions};
+use crate::ops::upgrade::wire::HandedVersion;
 use crate::reload::build::BuildCommand;
 use crate::reload::canary::{Canary, CanarySettings, Verdict};
 use crate::reload::trigger::{Action, Done, Refusal, ReloadOutcome, Request, Trigger};
@@ -142,6 +143,7 @@ impl Reloader {
         settings: ReloadSettings,
         listeners: Listeners,
         state: Arc<StateStore>,
+        handed: &[HandedVersion],
     ) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Request>)> {
         let handover = Arc::new(Handover::new());
         let listeners = Arc::new(listeners);
@@ -155,12 +157,25 @@ impl Reloader {
             share: &share,
             serving: None,
         };
-        let first = load_generation(&settings, shared, 1, Source::App)
-            .await
-            .with_context(|| format!("cannot serve {}", settings.app_path.display()))?;
+        let mut versions = Versions::new(settings.staging_dir.join("versions"), settings.keep_versions);
+        // After an upgrade, what the old host served, not what `--app` holds now: an upgrade
+        // must not undo a rollback.
+        let serving = versions
+            .adopt(handed, &settings.app_path)
+            .context("cannot take over the versions the old host serves and keeps")?;
+        let first = match &serving {
+            Some(version) => {
+                tracing::info!(sha256 = version.sha256, "serving the version the old host served");
+                load_generation(&settings, shared, 1, Source::Kept(version, false))
+                    .await
+                    .with_context(|| format!("cannot serve the old host's version {}", version.sha256))?
+            }
+            None => load_generation(&settings, shared, 1, Source::App)
+                .await
+                .with_context(|| format!("cannot serve {}", settings.app_path.display()))?,
+        };
         first.take_handed_over_connections();
         lock(&live).push(Arc::clone(&first));
-        let mut versions = Versions::new(settings.staging_dir.join("versions"), settings.keep_versions);
         if !first.library.sha256.wait().await.is_empty() {
             versions.record(first.number, &first.library);
         }
@@ -487,6 +502,34 @@ impl Reloader {
                 }
             }
         });
+    }
+
+    /// What an upgrade hands the new process: the serving version first (its staged copy), then
+    /// the others kept for rollback. Nothing if the serving one has no name (its hash failed):
+    /// the new process then serves `--app`.
+    pub fn versions_to_hand_over(&self) -> Vec<HandedVersion> {
+        let serving = self.current.load_full();
+        let sha256 = serving.library.sha256.as_str();
+        if sha256.is_empty() {
+            return Vec::new();
+        }
+        let mut handed = vec![HandedVersion {
+            generation: serving.number,
+            sha256: sha256.to_owned(),
+            kept: serving.library.staged_copy.clone(),
+        }];
+        handed.extend(
+            lock(&self.versions)
+                .list()
+                .into_iter()
+                .filter(|version| version.sha256 != sha256)
+                .map(|version| HandedVersion {
+                    generation: version.generation,
+                    sha256: version.sha256.clone(),
+                    kept: version.kept().to_owned(),
+                }),
+        );
+        handed
     }
 
     /// Keeps the serving generation's library as the newest version (for rollback), once it is

@@ -15,6 +15,7 @@ use std::time::SystemTime;
 use anyhow::Context as _;
 
 use crate::generation::{LibraryInfo, Sha256};
+use crate::ops::upgrade::wire::HandedVersion;
 use crate::reload::staging::staged_path;
 
 /// What identifies one version of a file without reading it.
@@ -199,6 +200,50 @@ impl Versions {
     /// Newest first, as `/status` lists them.
     pub fn list(&self) -> Vec<Version> {
         self.list.iter().cloned().collect()
+    }
+
+    /// Takes over the versions the old host of an upgrade hands over (`handed`, newest first, the
+    /// one it serves first): each file is linked (or copied) into this host's own directory, since
+    /// the old host's goes when it exits, and its bytes are hashed again, so that a version is
+    /// kept under its name only if it is what the name says. Returns the one the old host serves,
+    /// for this host to serve; the others are kept for rollback (at most `--keep-versions`).
+    pub fn adopt(&mut self, handed: &[HandedVersion], app_path: &Path) -> anyhow::Result<Option<Version>> {
+        let Some(serving) = handed.first() else {
+            return Ok(None);
+        };
+        std::fs::create_dir_all(&self.dir).with_context(|| format!("cannot make {}", self.dir.display()))?;
+        let mut adopted = Vec::new();
+        for version in handed {
+            let kept = self.dir.join(format!("{}.so", version.sha256));
+            if !kept.exists() {
+                keep_copy(&version.kept, &self.dir, &kept)
+                    .with_context(|| format!("cannot take over the old host's version {}", version.sha256))?;
+            }
+            let bytes = std::fs::read(&kept).with_context(|| format!("cannot read {}", kept.display()))?;
+            let actual = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            anyhow::ensure!(
+                actual == version.sha256,
+                "the old host's version {} has sha256 {actual} in {}: it is not what it was",
+                version.sha256,
+                version.kept.display()
+            );
+            adopted.push(Version {
+                generation: version.generation,
+                sha256: version.sha256.clone(),
+                loaded_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                path: app_path.to_owned(),
+                stamp: FileStamp::of(&kept),
+                kept,
+            });
+        }
+        let serving = adopted.first().cloned().filter(|first| first.sha256 == serving.sha256);
+        // The serving one is kept (recorded as this host's first generation) even with
+        // `--keep-versions 0`; the others up to the limit.
+        self.list = adopted.into_iter().take(self.keep.max(1)).collect();
+        if self.keep == 0 {
+            self.list.clear();
+        }
+        Ok(serving)
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+pub use super::wire::HandedVersion;
 use super::wire::{Offer, Reply, receive};
 use crate::child::HANDOFF_VARIABLE;
 use crate::serving::listeners::PassedSockets;
@@ -28,6 +29,8 @@ pub struct Handoff {
     pub predecessor: Predecessor,
     /// Where the old host keeps its state cells, if it said.
     pub state: Option<Handed>,
+    /// The versions the old host kept, newest first: the first is the one it serves.
+    pub versions: Vec<HandedVersion>,
 }
 
 /// The host this one replaces.
@@ -94,7 +97,7 @@ pub fn take_handoff() -> anyhow::Result<Option<Handoff>> {
         .set_read_timeout(Some(RECEIVE_TIMEOUT))
         .context("cannot set a timeout on the hand-off socket")?;
     let (text, mut fds) = receive(&stream)?;
-    let Offer { names, state } = Offer::parse(&text)?;
+    let Offer { names, state, versions } = Offer::parse(&text)?;
     let state_lock = state.as_ref().is_some_and(|(kind, _)| *kind == HandedKind::File);
     anyhow::ensure!(
         names.len() + usize::from(state_lock) == fds.len(),
@@ -118,6 +121,7 @@ pub fn take_handoff() -> anyhow::Result<Option<Handoff>> {
             channel: HandoffChannel(Arc::new(Mutex::new(Some(stream)))),
         },
         state,
+        versions,
     }))
 }
 

@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -20,6 +20,7 @@ use super::wire::{self, Offer, Reply};
 use crate::child;
 use crate::child::HANDOFF_VARIABLE;
 use crate::private_dir;
+use crate::reload::Reloader;
 use crate::state::{Handed, StateError, StateStore};
 use crate::util::{lock, ms};
 
@@ -139,6 +140,9 @@ pub struct Upgrader {
     upgraded_from: Option<u32>,
     /// The state cells, handed to the new process with the sockets.
     cells: Arc<StateStore>,
+    /// What serves and what is kept for rollback, handed to the new process so that it serves
+    /// the same version (set once the reloader exists).
+    versions_of: OnceLock<Weak<Reloader>>,
 }
 
 impl Upgrader {
@@ -160,7 +164,13 @@ impl Upgrader {
             tasks: TaskTracker::new(),
             upgraded_from,
             cells: state,
+            versions_of: OnceLock::new(),
         })
+    }
+
+    /// Hands the versions `reloader` serves and keeps to the new process of every upgrade.
+    pub fn hand_over_versions_of(&self, reloader: &Arc<Reloader>) {
+        let _ = self.versions_of.set(Arc::downgrade(reloader));
     }
 
     /// Cancelled once a new process serves and this one must go.
@@ -440,9 +450,16 @@ impl Upgrader {
             }
             (names, fds)
         };
+        let versions = self
+            .versions_of
+            .get()
+            .and_then(Weak::upgrade)
+            .map(|reloader| reloader.versions_to_hand_over())
+            .unwrap_or_default();
         let message = Offer {
             names,
             state: Some((state.kind, state.path.clone())),
+            versions,
         }
         .encode()?;
         let mut borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
@@ -561,7 +578,7 @@ mod tests {
         let (text, mut fds) = tokio::task::spawn_blocking(move || wire::receive(&theirs).expect("received"))
             .await
             .expect("joined");
-        let Offer { names, state: said } = Offer::parse(&text).expect("parses");
+        let Offer { names, state: said, .. } = Offer::parse(&text).expect("parses");
         assert_eq!(names, ["http", "admin"]);
         assert_eq!(said, Some((HandedKind::File, state.path.clone())));
         assert_eq!(fds.len(), 3, "two sockets and the lock");

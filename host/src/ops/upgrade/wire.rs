@@ -8,6 +8,7 @@
 //! LISTEN_FDNAMES=http:http:admin
 //! STATE=hand-off                 (optional, with STATE_FILE)
 //! STATE_FILE=/tmp/…/state.sqlite
+//! VERSION=7 <sha256> /…/versions/<sha256>.so   (the kept versions, newest first: the first serves)
 //! END
 //! ```
 //!
@@ -40,6 +41,17 @@ pub struct Offer {
     pub names: Vec<String>,
     /// Where the state cells are, if the old host keeps any.
     pub state: Option<(HandedKind, PathBuf)>,
+    /// The versions the old host keeps for rollback, newest first; the first is the one serving.
+    pub versions: Vec<HandedVersion>,
+}
+
+/// A kept version as the old host hands it over: the generation that served it last, its sha256,
+/// and its kept file (in the old host's staging directory, which goes when the old host exits).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandedVersion {
+    pub generation: u64,
+    pub sha256: String,
+    pub kept: PathBuf,
 }
 
 impl Offer {
@@ -56,6 +68,17 @@ impl Offer {
                 .ok_or_else(|| format!("cannot name the state file {} in the message", path.display()))?;
             message.push_str(&format!("STATE={}\nSTATE_FILE={text}\n", kind.as_str()));
         }
+        for version in &self.versions {
+            let kept = version
+                .kept
+                .to_str()
+                .filter(|path| !path.contains(['\n', '\r']))
+                .ok_or_else(|| format!("cannot name the kept version {} in the message", version.kept.display()))?;
+            if !version.sha256.bytes().all(|b| b.is_ascii_hexdigit()) || version.sha256.is_empty() {
+                return Err(format!("cannot name a version whose sha256 is {:?}", version.sha256));
+            }
+            message.push_str(&format!("VERSION={} {} {kept}\n", version.generation, version.sha256));
+        }
         message.push_str("END\n");
         Ok(message)
     }
@@ -70,6 +93,7 @@ impl Offer {
         let mut names = None;
         let mut kind = None;
         let mut file = None;
+        let mut versions = Vec::new();
         let mut complete = false;
         for line in lines {
             if let Some(value) = line.strip_prefix("LISTEN_FDNAMES=") {
@@ -81,6 +105,18 @@ impl Offer {
                 );
             } else if let Some(value) = line.strip_prefix("STATE_FILE=") {
                 file = Some(PathBuf::from(value));
+            } else if let Some(value) = line.strip_prefix("VERSION=") {
+                let mut fields = value.splitn(3, ' ');
+                let (Some(generation), Some(sha256), Some(kept)) = (fields.next(), fields.next(), fields.next()) else {
+                    anyhow::bail!("the old host names a version as {value:?}, not \"GENERATION SHA256 PATH\"");
+                };
+                versions.push(HandedVersion {
+                    generation: generation
+                        .parse()
+                        .with_context(|| format!("the old host names a version's generation as {generation:?}"))?,
+                    sha256: sha256.to_owned(),
+                    kept: PathBuf::from(kept),
+                });
             } else if line == "END" {
                 complete = true;
             }
@@ -94,6 +130,7 @@ impl Offer {
         Ok(Offer {
             names: names.context("the old host's message names no sockets")?,
             state,
+            versions,
         })
     }
 }
@@ -224,11 +261,24 @@ mod tests {
         let offer = Offer {
             names: vec!["http".into(), "admin".into()],
             state: Some((HandedKind::File, PathBuf::from("/var/lib/host/state.sqlite"))),
+            versions: vec![
+                HandedVersion {
+                    generation: 7,
+                    sha256: "ab12".into(),
+                    kept: PathBuf::from("/tmp/staging dir/versions/ab12.so"),
+                },
+                HandedVersion {
+                    generation: 5,
+                    sha256: "cd34".into(),
+                    kept: PathBuf::from("/tmp/s/versions/cd34.so"),
+                },
+            ],
         };
         assert_eq!(Offer::parse(&offer.encode().expect("encodes")).expect("parses"), offer);
         let bad = Offer {
             names: vec!["http".into()],
             state: Some((HandedKind::File, PathBuf::from("/a\nb"))),
+            versions: Vec::new(),
         };
         assert!(bad.encode().is_err());
         let text = Reply::encode(&[Reply::Status("serving\ngeneration 1".into()), Reply::Ready]);
