@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use e2e_tests::client::{self, Reply};
-use e2e_tests::{Host, Hostile, Sandbox, assert_answer, hostile_app, hostile_app_panic_abort, thread_keys};
+use e2e_tests::{Host, Hostile, Sandbox, assert_answer, hostile_app, hostile_app_panic_abort, thread_keys, wait_until};
 use hyper::{Method, StatusCode};
 
 /// The longest a reload may take here (none of these versions is slow to start).
@@ -189,21 +189,28 @@ async fn stray_threads_keep_their_library_loaded(stray: Hostile) {
         thread_keeps_library_loaded_lines(&log).join("\n")
     );
 
-    // What stays loaded is visible: both stray generations, with why.
-    let status = host.status().await;
-    let kept: Vec<&serde_json::Value> = status["generations"]
-        .as_array()
-        .expect("/status lists generations")
-        .iter()
-        .filter(|g| g["phase"] == "kept_loaded")
-        .collect();
-    assert!(
-        kept.len() == 2
-            && kept
+    // What stays loaded is visible: both stray generations, with why (the log says so as the
+    // generation's thread finds it, a moment before its retirement records it).
+    wait_until(
+        "/status to list the two stray generations as kept loaded because of a thread",
+        Duration::from_secs(30),
+        || async {
+            let status = host.status().await;
+            let kept: Vec<&serde_json::Value> = status["generations"]
+                .as_array()
+                .map(|generations| generations.iter().filter(|g| g["phase"] == "kept_loaded").collect())
+                .unwrap_or_default();
+            let because_of_a_thread = kept
                 .iter()
-                .all(|g| g["kept_loaded"].as_str().is_some_and(|why| why.contains("thread"))),
-        "/status should list the two stray generations as kept loaded because of a thread: {status}"
-    );
+                .all(|g| g["kept_loaded"].as_str().is_some_and(|why| why.contains("thread")));
+            if kept.len() == 2 && because_of_a_thread {
+                Ok(())
+            } else {
+                Err(status.to_string())
+            }
+        },
+    )
+    .await;
     let metrics = host.admin_request(hyper::Method::GET, "/metrics").await.text();
     assert!(
         metrics.lines().any(|line| line == "host_generations_kept_loaded 2"),
