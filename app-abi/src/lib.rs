@@ -50,6 +50,12 @@ pub const DESCRIPTOR_VERSION: u32 = 1;
 /// Name of the symbol an app library exports (a `static` [`AppDescriptor`]).
 pub const DESCRIPTOR_SYMBOL: &str = "HOT_RELOAD_APP_DESCRIPTOR_V1";
 
+/// Name of the `extern "C" fn()` a library with a heap of its own exports (app-api's `heap`):
+/// called by the host just before `dlclose`, once it knows that no code of the copy can run any
+/// more, so that the copy's heap is unmapped with it. Never called for a copy that stays loaded,
+/// whose heap may still be in use (by a thread it left running) until the process ends.
+pub const RETURN_HEAP_SYMBOL: &str = "hot_reload_app_return_heap_at_unload";
+
 /// The version of this interface a library or host was compiled against.
 pub const ABI_VERSION: &str = env!("CARGO_PKG_VERSION");
 

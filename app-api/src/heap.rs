@@ -21,12 +21,14 @@ const DESTROY_ON_EXIT: mi_option_t = 22;
 /// The global allocator [`export_app!`](crate::export_app) gives an app library.
 pub use mimalloc::MiMalloc as GenerationHeap;
 
-/// Makes this copy's heap go when the copy is unloaded. Called when the generation starts, before
-/// its runtime allocates; mimalloc reads the option only in its destructor.
-pub(crate) fn return_when_unloaded() {
-    // SAFETY: `mi_option_set` only stores the option's value in this copy's mimalloc; it is
-    // called on the generation's first thread, before any other thread of this copy runs. The
-    // unmapping it enables happens at `dlclose`, after every thread that ran this copy's code was
-    // joined, and app-abi's rules keep the host from holding memory this copy allocated.
+/// Makes this copy's heap go when the copy is unloaded: mimalloc's destructor, which `dlclose`
+/// runs, then unmaps it. The host calls it (through the symbol `export_app!` exports,
+/// `app_abi::RETURN_HEAP_SYMBOL`) just before `dlclose`, and only for a copy it unloads: set at
+/// start, the destructor would also run at the exit of a process that keeps a copy loaded because
+/// one of its threads still runs, and unmap the heap under that thread.
+pub extern "C" fn return_at_unload() {
+    // SAFETY: `mi_option_set` only stores the option's value in this copy's mimalloc. The host
+    // calls this once every thread that ran this copy's code was joined, right before `dlclose`,
+    // and app-abi's rules keep the host from holding memory this copy allocated.
     unsafe { mi_option_set(DESTROY_ON_EXIT, 1) };
 }

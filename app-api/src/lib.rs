@@ -235,6 +235,12 @@ macro_rules! export_app {
         #[global_allocator]
         static HOT_RELOAD_GENERATION_HEAP: $crate::__private::GenerationHeap = $crate::__private::GenerationHeap;
 
+        /// Called by the host right before it unloads this library (`app_abi::RETURN_HEAP_SYMBOL`).
+        #[unsafe(no_mangle)]
+        pub extern "C" fn hot_reload_app_return_heap_at_unload() {
+            $crate::__private::return_heap_at_unload()
+        }
+
         $crate::export_app!($app, own_global_allocator);
     };
     ($app:ty, own_global_allocator) => {
@@ -257,7 +263,7 @@ macro_rules! export_app {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::guest::run;
-    pub use crate::heap::GenerationHeap;
+    pub use crate::heap::{GenerationHeap, return_at_unload as return_heap_at_unload};
     pub use abi_stable::StableAbi;
     pub use abi_stable::std_types::RStr;
     pub use app_abi as abi;

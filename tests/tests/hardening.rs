@@ -832,6 +832,33 @@ async fn settled_status(host: &mut Host) -> serde_json::Value {
     .await
 }
 
+/// Retiring libraries are unloaded however fast reloads and rollbacks follow each other: 100 of
+/// them back to back (a generation retiring while the next one's `dlopen` is under way waits for
+/// that open to end, then is unloaded), and none stays loaded; one copy is mapped at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_reloads_and_rollbacks_leave_no_library_loaded() {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(hostile_app(Hostile::Default));
+    let mut host = sandbox.start_host(&["--drain-timeout", "1s"]).await;
+    sandbox.deploy(hostile_app(Hostile::Counter));
+    host.reload_ok().await;
+    for round in 0..100 {
+        let path = if round % 2 == 0 { "/rollback" } else { "/reload" };
+        let reply = host.admin_request(hyper::Method::POST, path).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "POST {path} (round {round}): {}",
+            reply.text()
+        );
+    }
+    let status = settled_status(&mut host).await;
+    assert_eq!(kept_loaded(&host).await, Vec::new(), "nothing stays loaded: {status}");
+    let mapped = host.mapped_files_under(&sandbox.staging_dir());
+    assert_eq!(mapped.len(), 1, "only the serving copy is mapped: {mapped:?}");
+    terminate(&mut host, Duration::from_secs(30)).await;
+}
+
 /// pthread keys an app creates itself (as a C library with thread-specific data does) and never
 /// deletes are deleted by the host once its copy is unloaded: twelve generations of 100 keys each,
 /// more than glibc's 1 024 in all, and the host ends with the keys it started with.

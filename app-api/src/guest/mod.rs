@@ -34,7 +34,6 @@ pub extern "C" fn run<A: App>(host: &HostApi<'_>) -> RResult<(), RString> {
 }
 
 fn run_generation<A: App>(host: &HostApi<'_>) -> Result<(), String> {
-    crate::heap::return_when_unloaded();
     log::install(host.log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(host.worker_threads.max(1) as usize)

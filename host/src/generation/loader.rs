@@ -24,7 +24,7 @@ use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 use app_abi::{
     ABI_VERSION, AppDescriptor, DESCRIPTOR_MAGIC, DESCRIPTOR_SYMBOL, DESCRIPTOR_VERSION, GuestVTable, HandedConnection,
     HostApi, HostHandle, LifecycleState, ListenerRef, LogApi, LogCallsite, LogInterest, LogLevel, LogNewSpan,
-    LogOutcome, LogParent, LogValue, Socket, StateApi, StateValue,
+    LogOutcome, LogParent, LogValue, RETURN_HEAP_SYMBOL, Socket, StateApi, StateValue,
 };
 
 use crate::generation::applog::AppLog;
@@ -312,6 +312,15 @@ fn verify(library: &libloading::Library, display: &str) -> Result<*const GuestVT
 /// gone anyway.
 fn close(library: libloading::Library, path: &Path) -> Result<Unloaded, libloading::Error> {
     let keys = thread_keys_created_by(path);
+    // SAFETY: the symbol, if the library exports it, is app-api's `extern "C" fn()` that sets an
+    // option of the copy's own allocator (`app_abi::RETURN_HEAP_SYMBOL`); no thread that ran the
+    // copy's code lives any more (this function's contract), so nothing uses the heap it lets
+    // `dlclose` unmap.
+    unsafe {
+        if let Ok(return_heap) = library.get::<extern "C" fn()>(RETURN_HEAP_SYMBOL.as_bytes()) {
+            return_heap();
+        }
+    }
     library.close()?;
     let still_mapped = !mapped_ranges(path).is_empty();
     if still_mapped {
