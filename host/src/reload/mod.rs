@@ -39,12 +39,12 @@ use tokio_util::task::TaskTracker;
 use crate::generation::handover::Handover;
 use crate::generation::loader::thread_keys;
 use crate::generation::{Generation, LiveGenerations, Retirement, StartOptions};
-use crate::ops::upgrade::wire::HandedVersion;
+
 use crate::reload::build::BuildCommand;
 use crate::reload::canary::{Canary, CanarySettings, Verdict};
 use crate::reload::trigger::{Action, Done, Refusal, ReloadOutcome, Request, Trigger};
 use crate::reload::trust::TrustPolicy;
-use crate::reload::versions::{FileStamp, Version, Versions};
+use crate::reload::versions::{FileStamp, HandedVersion, Version, Versions};
 use crate::serving::listeners::Listeners;
 use crate::serving::share::AcceptShare;
 use crate::state::StateStore;

@@ -15,7 +15,6 @@ use std::time::SystemTime;
 use anyhow::Context as _;
 
 use crate::generation::{LibraryInfo, Sha256};
-use crate::ops::upgrade::wire::HandedVersion;
 use crate::reload::staging::staged_path;
 
 /// What identifies one version of a file without reading it.
@@ -38,6 +37,16 @@ impl FileStamp {
             modified: metadata.modified().ok(),
         })
     }
+}
+
+/// A kept version as the old host of an upgrade hands it over: the generation that served it last,
+/// its sha256, and its kept file (in the old host's staging directory, which goes when the old
+/// host exits).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandedVersion {
+    pub generation: u64,
+    pub sha256: String,
+    pub kept: PathBuf,
 }
 
 /// One kept version.

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-pub use super::wire::HandedVersion;
 use super::wire::{Offer, Reply, receive};
 use crate::child::HANDOFF_VARIABLE;
+pub use crate::reload::versions::HandedVersion;
 use crate::serving::listeners::PassedSockets;
 use crate::state::{Handed, HandedKind};
 use crate::util::lock;

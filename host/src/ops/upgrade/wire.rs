@@ -26,6 +26,7 @@ use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAnci
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
+use crate::reload::versions::HandedVersion;
 use crate::state::HandedKind;
 
 /// The first line of the old host's message: the protocol and its version.
@@ -43,15 +44,6 @@ pub struct Offer {
     pub state: Option<(HandedKind, PathBuf)>,
     /// The versions the old host keeps for rollback, newest first; the first is the one serving.
     pub versions: Vec<HandedVersion>,
-}
-
-/// A kept version as the old host hands it over: the generation that served it last, its sha256,
-/// and its kept file (in the old host's staging directory, which goes when the old host exits).
-#[derive(Debug, Clone, PartialEq)]
-pub struct HandedVersion {
-    pub generation: u64,
-    pub sha256: String,
-    pub kept: PathBuf,
 }
 
 impl Offer {
