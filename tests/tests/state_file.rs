@@ -387,6 +387,18 @@ async fn a_state_file_keeps_every_acknowledged_write_across_kill_9() {
     host.stop().await;
 }
 
+/// A host serving the example app with `--state-file` (in its sandbox), and the file, once one
+/// increment was acknowledged.
+async fn counted_once_on_a_state_file() -> (Sandbox, std::path::PathBuf, Host) {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(example_app(AppVersion::V1));
+    let file = sandbox.path().join("state.sqlite");
+    let host = sandbox.start_host(&["--state-file", text(&file)]).await;
+    let reply = increment(host.addr()).await.expect("POST /counter");
+    assert!(reply.status.is_success(), "{}", reply.text());
+    (sandbox, file, host)
+}
+
 /// Starts a host on `file` that must refuse to start: its log.
 async fn refused(sandbox: &Sandbox, file: &Path) -> String {
     let (exit, log) = sandbox
@@ -451,11 +463,7 @@ async fn bad_state_files_stop_the_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_file_that_fails_under_the_host_is_an_error_for_the_app_not_a_value_or_a_hang() {
-    let sandbox = Sandbox::new();
-    sandbox.deploy(example_app(AppVersion::V1));
-    let file = sandbox.path().join("state.sqlite");
-    let host = sandbox.start_host(&["--state-file", text(&file)]).await;
-    increment(host.addr()).await.expect("POST /counter");
+    let (_sandbox, file, host) = counted_once_on_a_state_file().await;
     assert_eq!(count(host.addr()).await, 1);
 
     // Another writer of the file (the host's lock keeps other hosts out, not SQLite) removes the
@@ -500,12 +508,7 @@ async fn a_state_file_that_fails_under_the_host_is_an_error_for_the_app_not_a_va
 /// free, writes go on and `/readyz` is ready again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_file_locked_by_another_process_refuses_writes_and_stalls_nothing_else() {
-    let sandbox = Sandbox::new();
-    sandbox.deploy(example_app(AppVersion::V1));
-    let file = sandbox.path().join("state.sqlite");
-    let host = sandbox.host().args(["--state-file", text(&file)]).start().await;
-    let reply = increment(host.addr()).await.expect("an increment");
-    assert!(reply.status.is_success(), "{}", reply.text());
+    let (_sandbox, file, host) = counted_once_on_a_state_file().await;
 
     let outside = rusqlite::Connection::open(&file).expect("the test opens the state file");
     outside
@@ -559,12 +562,7 @@ async fn a_state_file_locked_by_another_process_refuses_writes_and_stalls_nothin
 /// restart), and `/readyz` reports the store unavailable. Nothing acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_file_deleted_under_the_host_refuses_writes_instead_of_losing_them() {
-    let sandbox = Sandbox::new();
-    sandbox.deploy(example_app(AppVersion::V1));
-    let file = sandbox.path().join("state.sqlite");
-    let host = sandbox.host().args(["--state-file", text(&file)]).start().await;
-    let reply = increment(host.addr()).await.expect("an increment");
-    assert!(reply.status.is_success(), "{}", reply.text());
+    let (_sandbox, file, host) = counted_once_on_a_state_file().await;
 
     std::fs::remove_file(&file).expect("the test deletes the state file");
     for _ in 0..3 {

@@ -301,7 +301,8 @@ pub fn read_trusted<R: Send>(
     check_read(path, policy, &image, alongside).map(|(sha256, alongside)| (Digest::Known(sha256), alongside))
 }
 
-fn hash(bytes: &[u8]) -> String {
+/// The sha256 of `bytes`, in hex.
+pub fn hash(bytes: &[u8]) -> String {
     let hashing = std::time::Instant::now();
     let sha256 = format!("{:x}", Sha256::digest(bytes));
     tracing::debug!(duration_ms = crate::util::ms(hashing.elapsed()), "library hashed");

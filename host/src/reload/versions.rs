@@ -229,7 +229,7 @@ impl Versions {
                     .with_context(|| format!("cannot take over the old host's version {}", version.sha256))?;
             }
             let bytes = std::fs::read(&kept).with_context(|| format!("cannot read {}", kept.display()))?;
-            let actual = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            let actual = crate::reload::trust::hash(&bytes);
             anyhow::ensure!(
                 actual == version.sha256,
                 "the old host's version {} has sha256 {actual} in {}: it is not what it was",
@@ -246,12 +246,7 @@ impl Versions {
             });
         }
         let serving = adopted.first().cloned().filter(|first| first.sha256 == serving.sha256);
-        // The serving one is kept (recorded as this host's first generation) even with
-        // `--keep-versions 0`; the others up to the limit.
-        self.list = adopted.into_iter().take(self.keep.max(1)).collect();
-        if self.keep == 0 {
-            self.list.clear();
-        }
+        self.list = adopted.into_iter().take(self.keep).collect();
         Ok(serving)
     }
 }

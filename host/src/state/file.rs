@@ -77,8 +77,8 @@ enum Role {
 
 /// The private directory of a hand-off file, and who else may still write it.
 ///
-/// Every process that uses the file holds a lock on a file of its own in `users/` (named by its
-/// pid) for as long as it may write the cells; the kernel drops the lock when the process exits,
+/// Every process that uses the file holds a lock on a file of its own in `users/` (named after
+/// its pid) for as long as it may write the cells; the kernel drops the lock when the process exits,
 /// however it exits. So the newest process of a chain of upgrades sees every older one still
 /// draining, not only the parent it knows of.
 pub(super) struct HandOffDirectory {
@@ -193,17 +193,28 @@ pub fn remove_abandoned_hand_offs(runtime_dir: &Path) {
 /// Whether a process (of those whose descriptors this one may see) has a file in `directory`
 /// open. If that cannot be known, the directory counts as used.
 fn open_in_a_process(directory: &Path) -> bool {
-    let (Ok(directory), Ok(processes)) = (std::fs::canonicalize(directory), std::fs::read_dir("/proc")) else {
+    let Ok(directory) = std::fs::canonicalize(directory) else {
         return true;
     };
-    processes.flatten().any(|process| {
-        let Ok(descriptors) = std::fs::read_dir(process.path().join("fd")) else {
-            return false;
-        };
-        descriptors
-            .flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target.starts_with(&directory)))
-    })
+    processes_with_open(|target| target.starts_with(&directory)).is_none_or(|pids| !pids.is_empty())
+}
+
+/// The pids of the processes (of those whose descriptors this one may see, this one included)
+/// with a descriptor open on a path for which `open` holds; `None` if `/proc` cannot be read.
+fn processes_with_open(open: impl Fn(&Path) -> bool) -> Option<Vec<u32>> {
+    let processes = std::fs::read_dir("/proc").ok()?;
+    let pids = processes
+        .flatten()
+        .filter_map(|process| process.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| open(&target)))
+        })
+        .collect();
+    Some(pids)
 }
 
 /// Whether `parent` is still this process's parent (once it exits, this process is reparented).
@@ -579,24 +590,15 @@ fn lock_holders(path: &Path) -> String {
             PathBuf::from(name)
         })
         .collect();
-    let mut holders = Vec::new();
-    for process in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = process.file_name().to_str().and_then(|pid| pid.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == own {
-            continue;
-        }
-        let has_it = std::fs::read_dir(process.path().join("fd"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| names.contains(&target)));
-        if has_it {
-            let command = std::fs::read_to_string(process.path().join("comm")).unwrap_or_default();
-            holders.push(format!("pid {pid} ({})", command.trim()));
-        }
-    }
+    let holders: Vec<String> = processes_with_open(|target| names.iter().any(|name| name == target))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|&pid| pid != own)
+        .map(|pid| {
+            let command = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            format!("pid {pid} ({})", command.trim())
+        })
+        .collect();
     if holders.is_empty() {
         "another process (none that this host can see has it open)".to_string()
     } else {
@@ -759,7 +761,7 @@ fn database_error(path: &Path, source: rusqlite::Error) -> StateError {
             path,
             detail: source.to_string(),
         },
-        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StateError::Locked { path, pid: None },
+        _ if is_busy(&source) => StateError::Locked { path, pid: None },
         _ => StateError::Database { path, error: source },
     }
 }

@@ -224,18 +224,12 @@ impl StateStore {
                 tracing::info!(old_host = parent, "the old host has exited");
                 parent_ran = false;
             }
-            let shared = {
-                let mut backend = lock(&self.backend);
-                if let Backend::File(file) = &mut *backend {
-                    if let Some(directory) = file.hand_off_directory() {
-                        if !parent_ran {
-                            directory.parent = None;
-                        }
-                        back_to_memory(&mut backend);
-                    }
+            self.hand_off_user_gone(|directory| {
+                if !parent_ran {
+                    directory.parent = None;
                 }
-                matches!(&*backend, Backend::File(file) if file.kind() == HandedKind::HandOff)
-            };
+            });
+            let shared = matches!(&*lock(&self.backend), Backend::File(file) if file.kind() == HandedKind::HandOff);
             if !shared {
                 return;
             }
