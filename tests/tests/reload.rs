@@ -337,3 +337,91 @@ async fn sighup_reloads() {
     let reply = client::get(host.addr(), "/").await.expect("GET / after SIGHUP");
     assert_answer(&reply, &AppVersion::V2.greeting(), "after SIGHUP");
 }
+
+/// Waits until the host has staged the app path's library ahead of the next reload.
+async fn wait_staged_ahead(host: &e2e_tests::Host) {
+    wait_until(
+        "the library to be staged ahead",
+        Duration::from_secs(30),
+        || async move {
+            let status = host.status().await;
+            if status["staged_ahead"] == "ready" {
+                Ok(())
+            } else {
+                Err(status["staged_ahead"].to_string())
+            }
+        },
+    )
+    .await;
+}
+
+/// The host stages the app path's library between reloads; a reload that finds the file as it was
+/// copied loads that copy (and says so), and one that finds it written over in place since (the
+/// same inode) loads the file as it is now, never the copy made before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_library_written_over_in_place_after_it_was_staged_ahead_is_loaded_as_it_is_now() {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(example_app(AppVersion::V1));
+    let host = sandbox.start_host(&[]).await;
+
+    wait_staged_ahead(&host).await;
+    assert_eq!(host.reload_ok().await, 2);
+    assert_answer(
+        &client::get(host.addr(), "/").await.expect("GET /"),
+        &AppVersion::V1.greeting(),
+        "after a reload of the unchanged file",
+    );
+    assert!(
+        host.log_text().contains("staged_ahead=true"),
+        "the unchanged file's reload loaded the copy staged ahead:\n{}",
+        host.log_excerpt()
+    );
+
+    wait_staged_ahead(&host).await;
+    let v2 = std::fs::read(example_app(AppVersion::V2)).expect("read v2");
+    let mut app = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(sandbox.app_path())
+        .expect("open the app path for writing");
+    std::io::Write::write_all(&mut app, &v2).expect("write v2 over v1 in place");
+    drop(app);
+    assert_eq!(host.reload_ok().await, 3);
+    assert_answer(
+        &client::get(host.addr(), "/").await.expect("GET /"),
+        &AppVersion::V2.greeting(),
+        "after a reload of the file written over in place",
+    );
+    let staged_lines: Vec<String> = host
+        .log_text()
+        .lines()
+        .filter(|line| line.contains(" staged ") && line.contains("generation=3"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        staged_lines.iter().all(|line| line.contains("staged_ahead=false")) && !staged_lines.is_empty(),
+        "the file written over was staged anew: {staged_lines:?}"
+    );
+    host.stop().await;
+}
+
+/// A copy staged ahead serves a reload only if the file still passes the ownership checks: a
+/// directory made writable by others since refuses the reload, as it would without the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_library_staged_ahead_is_refused_once_its_directory_is_writable_by_others() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let sandbox = Sandbox::new();
+    sandbox.deploy(example_app(AppVersion::V1));
+    let host = sandbox.start_host(&[]).await;
+    wait_staged_ahead(&host).await;
+
+    let app_dir = sandbox.app_dir();
+    std::fs::set_permissions(&app_dir, std::fs::Permissions::from_mode(0o777)).expect("chmod 0777");
+    let answer = host.reload().await;
+    std::fs::set_permissions(&app_dir, std::fs::Permissions::from_mode(0o700)).expect("chmod back");
+    assert_eq!(answer["ok"], false, "{answer}");
+    let error = answer["error"].as_str().unwrap_or_default();
+    assert!(error.contains("writable by others"), "{answer}");
+    assert_eq!(host.status().await["generation"], 1);
+    host.stop().await;
+}

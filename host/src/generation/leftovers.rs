@@ -38,6 +38,15 @@ impl Descriptors {
         Descriptors(table)
     }
 
+    /// These descriptors without `host_own`: descriptors the host holds open across reloads for
+    /// its own use (a trial process waiting, `reload/probe.rs`), which no generation is to blame for.
+    pub fn without(mut self, host_own: &[RawFd]) -> Descriptors {
+        for fd in host_own {
+            self.0.remove(fd);
+        }
+        self
+    }
+
     fn contains(&self, fd: RawFd, target: &str) -> bool {
         self.0.get(&fd).is_some_and(|t| t == target)
     }

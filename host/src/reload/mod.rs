@@ -17,6 +17,7 @@
 //! the one the last build left (same inode, size and modification time), so that one change
 //! makes one reload rather than two.
 
+pub mod ahead;
 pub mod build;
 pub mod canary;
 pub mod probe;
@@ -40,6 +41,7 @@ use crate::generation::handover::Handover;
 use crate::generation::loader::thread_keys;
 use crate::generation::{Generation, LiveGenerations, Retirement, StartOptions};
 
+use crate::reload::ahead::Ahead;
 use crate::reload::build::BuildCommand;
 use crate::reload::canary::{Canary, CanarySettings, Verdict};
 use crate::reload::trigger::{Action, Done, Refusal, ReloadOutcome, Request, Trigger};
@@ -121,6 +123,8 @@ pub struct Reloader {
     versions: Mutex<Versions>,
     /// The generation last kept in `versions` (see [`Reloader::keep_serving_version`]).
     kept_generation: AtomicU64,
+    /// The app path's library, staged before a reload asks for it.
+    ahead: Ahead,
     /// Why this process should be replaced by a fresh one, once a budget of the process that
     /// unloading cannot refill runs low (see [`Reloader::process_spent`]).
     spent: watch::Sender<Option<String>>,
@@ -166,11 +170,11 @@ impl Reloader {
         let first = match &serving {
             Some(version) => {
                 tracing::info!(sha256 = version.sha256, "serving the version the old host served");
-                load_generation(&settings, shared, 1, Source::Kept(version, false))
+                load_generation(&settings, shared, 1, Source::Kept(version, false), None)
                     .await
                     .with_context(|| format!("cannot serve the old host's version {}", version.sha256))?
             }
-            None => load_generation(&settings, shared, 1, Source::App)
+            None => load_generation(&settings, shared, 1, Source::App, None)
                 .await
                 .with_context(|| format!("cannot serve {}", settings.app_path.display()))?,
         };
@@ -181,7 +185,15 @@ impl Reloader {
         }
         let (requests, receiver) = mpsc::unbounded_channel();
         let _ = tokio::task::spawn_blocking(probe::prepare_next).await;
+        let ahead = Ahead::new(
+            settings.app_path.clone(),
+            settings.staging_dir.clone(),
+            settings.trust.clone(),
+            settings.init_timeout,
+        );
+        ahead.refresh();
         let reloader = Arc::new(Reloader {
+            ahead,
             current: ArcSwap::new(Arc::clone(&first)),
             live,
             last_reload: Mutex::new(None),
@@ -283,8 +295,9 @@ impl Reloader {
                     let _ = reply.send(outcome.clone());
                 }
             }
-            // Between reloads, off their path (see `probe::prepare_next`).
+            // Between reloads, off their path (see `probe::prepare_next`, `ahead.rs`).
             let _ = tokio::task::spawn_blocking(probe::prepare_next).await;
+            self.ahead.refresh();
         }
     }
 
@@ -320,7 +333,7 @@ impl Reloader {
             share: &self.share,
             serving: Some(&serving),
         };
-        load_generation(&self.settings, shared, number, source).await
+        load_generation(&self.settings, shared, number, source, Some(&self.ahead)).await
     }
 
     /// Builds (with `--build`) and loads the app library, then swaps it in, or starts it as a
@@ -763,6 +776,7 @@ impl Reloader {
             "canary": lock(&self.canary).as_ref().map(|canary| canary.status(&current)),
             "versions": lock(&self.versions).list(),
             "last_reload": *lock(&self.last_reload),
+            "staged_ahead": self.ahead.state(),
             "state_cells": state.as_ref().map(|s| s.cells).ok(),
             "state": match &state {
                 Ok(summary) => serde_json::json!(summary),
@@ -815,6 +829,7 @@ async fn load_generation(
     shared: Shared<'_>,
     number: u64,
     source: Source<'_>,
+    ahead: Option<&Ahead>,
 ) -> anyhow::Result<Arc<Generation>> {
     if let Some((stuck, for_how_long)) = crate::generation::loader::open_under_way() {
         anyhow::bail!(
@@ -835,17 +850,27 @@ async fn load_generation(
         );
     }
     let began = Instant::now();
-    let (library, digest) = match source {
+    let (library, digest, staged_ahead) = match source {
         Source::App => {
-            let (library, digest) = staging::stage(
-                &settings.app_path,
-                &settings.staging_dir,
-                &settings.trust,
-                number,
-                settings.init_timeout,
-            )
-            .await?;
-            (library, Some(digest))
+            let staged = match ahead {
+                Some(ahead) => ahead.take(number).await,
+                None => None,
+            };
+            let staged_ahead = staged.is_some();
+            let staged = match staged {
+                Some(staged) => staged,
+                None => {
+                    let (app_path, trust) = (settings.app_path.clone(), settings.trust.clone());
+                    let copy = staging::staged_path(&settings.staging_dir, number, &app_path);
+                    let init_timeout = settings.init_timeout;
+                    tokio::task::spawn_blocking(move || {
+                        staging::stage(&app_path, copy, &trust, init_timeout, staging::Trial::StartedAhead)
+                    })
+                    .await
+                    .context("the staging task failed")??
+                }
+            };
+            (staged.library, Some(staged.digest), staged_ahead)
         }
         // A kept version's initialisers already returned in this process, when it was loaded first:
         // it is not tried again.
@@ -854,15 +879,17 @@ async fn load_generation(
             let library = version
                 .stage_again(&settings.staging_dir, number, in_use, pinned)
                 .await?;
-            (library, None)
+            (library, None, false)
         }
     };
     // Taken once the copy is staged and tried, not while: staging has the app's file, the copy
     // and the trial's pipe open, and a descriptor open at this moment that a later look finds
     // again at the same number is blamed on the serving generation (`leftovers.rs`).
-    let descriptors_before = tokio::task::spawn_blocking(crate::generation::leftovers::Descriptors::now)
-        .await
-        .unwrap_or_default();
+    let descriptors_before = tokio::task::spawn_blocking(|| {
+        crate::generation::leftovers::Descriptors::now().without(&probe::waiting_descriptors())
+    })
+    .await
+    .unwrap_or_default();
     if let Some(serving) = shared.serving {
         serving.successor_loading(&descriptors_before);
     }
@@ -871,6 +898,7 @@ async fn load_generation(
     tracing::info!(
         generation = number,
         staged_copy = %library.staged_copy.display(),
+        staged_ahead,
         duration_ms = ms(began.elapsed()),
         "staged"
     );

@@ -146,8 +146,9 @@ impl Trial {
 pub const FROM_STDIN: &str = "-";
 
 /// Starts the trial process the next reload will use, unless one waits already. Call between
-/// reloads: its descriptors (two pipes and a pidfd) are open from now until that reload's
-/// staging, and so never in a snapshot a generation's leftovers are told apart by.
+/// reloads: its descriptors (two pipes and a pidfd) are open from now until a reload's staging
+/// takes it, and left out of the snapshots a generation's leftovers are told apart by
+/// ([`waiting_descriptors`]).
 pub fn prepare_next() {
     let mut next = lock(&NEXT);
     if next.is_some() {
@@ -157,6 +158,17 @@ pub fn prepare_next() {
         Ok(trial) => *next = Some(trial),
         Err(e) => tracing::debug!(error = %e, "cannot start a trial process ahead; the next reload starts its own"),
     }
+}
+
+/// The descriptors the trial process [`prepare_next`] started holds open in the host while it
+/// waits (a reload that used a copy staged ahead did not take it).
+pub fn waiting_descriptors() -> Vec<std::os::fd::RawFd> {
+    use std::os::fd::AsRawFd as _;
+    lock(&NEXT).as_ref().map_or_else(Vec::new, |trial| {
+        let mut held = vec![trial.stdin.as_raw_fd(), trial.pidfd.as_raw_fd()];
+        held.extend(trial.child.stderr.as_ref().map(|stderr| stderr.as_raw_fd()));
+        held
+    })
 }
 
 /// Opens `library` in a child process and waits at most `timeout` for its initialisers to return;
@@ -171,6 +183,12 @@ pub fn initialisers_return(library: &Path, timeout: Duration) -> Result<(), Prob
         None => Trial::start()?,
     };
     trial.open(library, timeout)
+}
+
+/// [`initialisers_return`] in a process of its own, started now: for work off any reload's path
+/// (`ahead.rs`), which leaves the one started ahead to the next reload.
+pub fn initialisers_return_in_own_process(library: &Path, timeout: Duration) -> Result<(), ProbeError> {
+    Trial::start()?.open(library, timeout)
 }
 
 /// `SIGSEGV` for 11, and so on for the signals a crash ends with.

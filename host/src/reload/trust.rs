@@ -23,6 +23,7 @@ use std::fs::Metadata;
 use std::io::Read as _;
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use ed25519_dalek::pkcs8::{DecodePrivateKey as _, DecodePublicKey as _, EncodePrivateKey as _, EncodePublicKey as _};
@@ -235,6 +236,118 @@ impl Digest {
     }
 }
 
+/// One file as `stat` shows it: any write, truncation, rename over it or change of its mode moves
+/// one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    device: u64,
+    inode: u64,
+    size: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+}
+
+impl FileIdentity {
+    fn of(metadata: &Metadata) -> FileIdentity {
+        FileIdentity {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+            size: metadata.size(),
+            modified: (metadata.mtime(), metadata.mtime_nsec()),
+            changed: (metadata.ctime(), metadata.ctime_nsec()),
+        }
+    }
+
+    /// How long after `instant` the file will have last changed more than `margin` before.
+    fn unsettled_for(&self, instant: SystemTime, margin: Duration) -> Option<Duration> {
+        let nanos = u32::try_from(self.changed.1).ok()?;
+        let changed = UNIX_EPOCH + Duration::new(u64::try_from(self.changed.0).ok()?, nanos);
+        (changed + margin + Duration::from_millis(1))
+            .duration_since(instant)
+            .ok()
+    }
+
+    /// Whether the file last changed more than `margin` before `instant`. The kernel stamps
+    /// changes with a coarse clock (a tick, up to 10 ms): a file that changed in the same tick
+    /// as it was copied could change again without its stamp moving.
+    fn settled(&self, instant: SystemTime, margin: Duration) -> bool {
+        let Ok(nanos) = u32::try_from(self.changed.1) else {
+            return false;
+        };
+        let changed = match u64::try_from(self.changed.0) {
+            Ok(secs) => UNIX_EPOCH + Duration::new(secs, nanos),
+            Err(_) => return false,
+        };
+        changed + margin < instant
+    }
+}
+
+/// What a library (and its detached signature, when keys must sign it) was when it passed its
+/// checks and was copied. A later look that finds the same stamp, on a file that had settled
+/// before it was copied, knows the copy still holds the file's bytes and the checks still hold:
+/// a copy made ahead of a reload can serve it (`reload/ahead.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceStamp {
+    library: FileIdentity,
+    signature: Option<FileIdentity>,
+}
+
+impl SourceStamp {
+    /// Whether every file stamped had last changed more than `margin` before `instant`.
+    pub fn settled(&self, instant: SystemTime, margin: Duration) -> bool {
+        self.library.settled(instant, margin) && self.signature.is_none_or(|s| s.settled(instant, margin))
+    }
+}
+
+/// How long the file at `path` (and its signature) must stay as it is for its last change to lie
+/// more than `margin` before it: `None` if it already does, or cannot be looked at.
+pub fn unsettled_for(path: &Path, instant: SystemTime, margin: Duration) -> Option<Duration> {
+    let files = [path.to_owned(), signature_path(path)];
+    files
+        .iter()
+        .filter_map(|file| std::fs::metadata(file).ok())
+        .filter_map(|metadata| FileIdentity::of(&metadata).unsettled_for(instant, margin))
+        .max()
+}
+
+/// Opens the library at `path` and makes the checks on who could have put it there (the file, the
+/// directories above it, the symlinks on the way), and stamps it. The signature is stamped before
+/// anything reads it: a stamp found again later means it was not changed after being read.
+pub fn check_source(path: &Path, policy: &TrustPolicy) -> Result<(std::fs::File, SourceStamp), Refused> {
+    let read_error = |source| Refused::Read {
+        path: path.to_owned(),
+        error: source,
+    };
+    let uid = host_uid();
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let metadata = file.metadata().map_err(read_error)?;
+    if !metadata.is_file() {
+        return Err(Refused::NotAFile(path.to_owned()));
+    }
+    check_metadata(path, path, &metadata, uid)?;
+    check_directories(path, uid)?;
+    check_symlinks(path, uid)?;
+    let signature = (!policy.trusted_keys.is_empty())
+        .then(|| std::fs::metadata(signature_path(path)).ok())
+        .flatten()
+        .map(|metadata| FileIdentity::of(&metadata));
+    let stamp = SourceStamp {
+        library: FileIdentity::of(&metadata),
+        signature,
+    };
+    Ok((file, stamp))
+}
+
+/// A library checked and copied by [`read_trusted`].
+#[derive(Debug)]
+pub struct Copied<R> {
+    pub digest: Digest,
+    /// What `alongside` returned.
+    pub alongside: R,
+    /// The source as it was copied; `None` if it changed while it was copied.
+    pub source: Option<SourceStamp>,
+}
+
 /// Copies the library at `path` to `copy` (a new file in the host's staging directory), checks the
 /// copy against `policy`, and returns its sha256. The bytes checked are the copy's, mapped: the
 /// ones `dlopen` will map. They are given to `alongside`, which runs while they are hashed and
@@ -248,7 +361,7 @@ pub fn read_trusted<R: Send>(
     copy: &Path,
     policy: &TrustPolicy,
     alongside: impl FnOnce(&[u8]) -> R + Send,
-) -> Result<(Digest, R), Refused> {
+) -> Result<Copied<R>, Refused> {
     let read_error = |source| Refused::Read {
         path: path.to_owned(),
         error: source,
@@ -257,15 +370,7 @@ pub fn read_trusted<R: Send>(
         copy: copy.to_owned(),
         error: source,
     };
-    let uid = host_uid();
-    let mut file = std::fs::File::open(path).map_err(read_error)?;
-    let metadata = file.metadata().map_err(read_error)?;
-    if !metadata.is_file() {
-        return Err(Refused::NotAFile(path.to_owned()));
-    }
-    check_metadata(path, path, &metadata, uid)?;
-    check_directories(path, uid)?;
-    check_symlinks(path, uid)?;
+    let (mut file, stamp) = check_source(path, policy)?;
 
     let copying = std::time::Instant::now();
     let mut staged = std::fs::OpenOptions::new()
@@ -278,6 +383,9 @@ pub fn read_trusted<R: Send>(
         .map_err(stage_error)?;
     // Within the kernel (`copy_file_range`): no pass through a buffer of the host's.
     let copied = std::io::copy(&mut file, &mut staged).map_err(stage_error)?;
+    let unchanged = file
+        .metadata()
+        .is_ok_and(|after| FileIdentity::of(&after) == stamp.library);
     drop(file);
     tracing::debug!(
         duration_ms = crate::util::ms(copying.elapsed()),
@@ -287,6 +395,7 @@ pub fn read_trusted<R: Send>(
     if copied == 0 {
         return Err(Refused::Empty(path.to_owned()));
     }
+    let source = unchanged.then_some(stamp);
     let image = std::sync::Arc::new(crate::generation::loader::map_copy(&staged).map_err(stage_error)?);
     drop(staged);
     if policy.checks_nothing() {
@@ -296,9 +405,17 @@ pub fn read_trusted<R: Send>(
             .spawn(move || hash(&hashed))
             .map_err(read_error)?;
         let alongside = alongside(&image);
-        return Ok((Digest::Hashing(hashing), alongside));
+        return Ok(Copied {
+            digest: Digest::Hashing(hashing),
+            alongside,
+            source,
+        });
     }
-    check_read(path, policy, &image, alongside).map(|(sha256, alongside)| (Digest::Known(sha256), alongside))
+    check_read(path, policy, &image, alongside).map(|(sha256, alongside)| Copied {
+        digest: Digest::Known(sha256),
+        alongside,
+        source,
+    })
 }
 
 /// The sha256 of `bytes`, in hex.
@@ -552,7 +669,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let good = write(dir.path(), "good.so", b"code", 0o644);
         let copy = dir.path().join("copy.so");
-        let (sha256, seen) = read_trusted(&good, &copy, &TrustPolicy::default(), <[u8]>::to_vec).expect("accepted");
+        let Copied {
+            digest: sha256,
+            alongside: seen,
+            source,
+        } = read_trusted(&good, &copy, &TrustPolicy::default(), <[u8]>::to_vec).expect("accepted");
+        assert!(source.is_some(), "the file did not change while it was copied");
         assert_eq!(seen, b"code", "`alongside` gets exactly the bytes checked");
         assert!(matches!(sha256, Digest::Hashing(_)), "nothing waits for the digest");
         assert_eq!(sha256.wait(), format!("{:x}", Sha256::digest(b"code")));

@@ -9,40 +9,84 @@ use anyhow::{Context as _, bail};
 use serde_json::json;
 
 use super::stats::{percentile, step_table};
-use super::{Env, reload_once, wait_single_generation};
+use super::{Env, admin_json, reload_once, wait_single_generation};
 
-/// Item 3: reload latency and its steps.
+/// Item 3: reload latency and its steps, in two series: the library in place well before the
+/// trigger (as a deploy leaves it before it signals the host: the host has staged it ahead), and
+/// the library replaced by a fresh file right before each trigger (it must be staged on the
+/// reload's path).
 pub fn run(env: &Env) -> anyhow::Result<serde_json::Value> {
     say!(
-        "reload: trigger → serving for a prebuilt library ({:.1} MiB), {} reloads",
+        "reload: trigger → serving for a prebuilt library ({:.1} MiB), {} reloads in two series",
         env.library_bytes as f64 / 1048576.0,
         env.plan.reloads
     );
     let busy = env.quiet();
-    let (host, _) = env.start_host("reload")?;
+    let (host, slot) = env.start_host_in_slot("reload", &env.library, &[])?;
     let admin = host.admin.context("the host has no admin address")?;
     // Warm-up: the first reloads fault in the host's own code paths.
     for _ in 0..3 {
         reload_once(admin)?;
     }
-    let mut timed: Vec<(u64, f64)> = Vec::new();
-    for _ in 0..env.plan.reloads {
-        // Each reload starts on a quiet host: the previous generation is unloaded first.
+    let mut in_place = Vec::new();
+    let mut replaced = Vec::new();
+    for round in 0..env.plan.reloads.max(2) {
+        // Each reload starts on a quiet host: the previous generation is unloaded, and what the
+        // host stages between reloads is staged.
         wait_single_generation(admin, Duration::from_secs(30))?;
+        wait_staged_ahead(admin, Duration::from_secs(30))?;
+        // The two series alternate, so that both see the same machine.
+        let fresh = round % 2 == 1;
+        if fresh {
+            replace_with_fresh_copy(&slot.path, &env.library)?;
+        }
         let began = Instant::now();
         let generation = reload_once(admin)?;
-        timed.push((generation, began.elapsed().as_secs_f64() * 1e3));
+        let timed = (generation, began.elapsed().as_secs_f64() * 1e3);
+        if fresh {
+            replaced.push(timed)
+        } else {
+            in_place.push(timed)
+        }
     }
     wait_single_generation(admin, Duration::from_secs(30))?;
     let log = host.log.clone();
     host.stop()?;
     let steps = read_reload_steps(&log)?;
 
+    let in_place_table = series_table(&in_place, &steps)?;
+    let replaced_table = series_table(&replaced, &steps)?;
+    say!("  the library in place before the trigger (staged ahead):");
+    let table = step_table(&in_place_table);
+    say!("  the library replaced right before each trigger (staged on the reload's path):");
+    let replaced_steps = step_table(&replaced_table);
+    let p50 = percentile(&in_place_table[0].1, 0.5);
+    let replaced_p50 = percentile(&replaced_table[0].1, 0.5);
+    say!(
+        "reload: p50 trigger → serving {p50:.2} ms (target <= 2 ms: {}), {replaced_p50:.2} ms for a library \
+         replaced right before the trigger; others busy {:.0}%",
+        env.verdict(p50 <= 2.0),
+        busy * 100.0
+    );
+    Ok(json!({
+        "reloads": in_place.len() + replaced.len(),
+        "library_bytes": env.library_bytes,
+        "steps": table,
+        "steps_replaced_before_trigger": replaced_steps,
+        "others_busy": busy,
+    }))
+}
+
+/// The step columns of one series of reloads: the client's time, and the host's steps from its log.
+fn series_table(
+    timed: &[(u64, f64)],
+    steps: &HashMap<u64, ReloadSteps>,
+) -> anyhow::Result<Vec<(&'static str, Vec<f64>)>> {
     let mut columns: Vec<(&str, Vec<f64>)> = vec![
         ("trigger → serving (client)", Vec::new()),
         ("host reload total", Vec::new()),
         (
-            "stage (check, read, sha256 alongside write and trial of initialisers)",
+            "stage (check, copy, trial of initialisers; sha256 alongside), or take the copy staged ahead",
             Vec::new(),
         ),
         ("load (dlopen)", Vec::new()),
@@ -51,7 +95,7 @@ pub fn run(env: &Env) -> anyhow::Result<serde_json::Value> {
         ("swap (and the rest)", Vec::new()),
         ("retire: drain+stop+unload (after)", Vec::new()),
     ];
-    for (generation, client_ms) in &timed {
+    for (generation, client_ms) in timed {
         let Some(s) = steps.get(generation) else {
             bail!("the host's log has no steps for generation {generation}");
         };
@@ -75,14 +119,31 @@ pub fn run(env: &Env) -> anyhow::Result<serde_json::Value> {
             column.1.push(value);
         }
     }
-    let table = step_table(&columns);
-    let p50 = percentile(&columns[0].1, 0.5);
-    say!(
-        "reload: p50 trigger → serving {p50:.2} ms (target <= 5 ms: {}; others busy {:.0}%)",
-        env.verdict(p50 <= 5.0),
-        busy * 100.0
-    );
-    Ok(json!({ "reloads": timed.len(), "library_bytes": env.library_bytes, "steps": table, "others_busy": busy }))
+    Ok(columns)
+}
+
+/// Waits (at most `timeout`) until the host is not staging the library ahead (`/status`
+/// `staged_ahead`).
+fn wait_staged_ahead(admin: std::net::SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (_, status) = admin_json(admin, "GET", "/status", Duration::from_secs(5))?;
+        if status["staged_ahead"].as_str() != Some("preparing") {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the host was still staging the library ahead after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Puts a fresh copy of `library` (a new file: a new inode, changed just now) at `path`, as a
+/// deploy that drops a new build right before it signals the host.
+fn replace_with_fresh_copy(path: &Path, library: &Path) -> anyhow::Result<()> {
+    let next = path.with_extension("fresh");
+    std::fs::copy(library, &next).with_context(|| format!("cannot copy {}", library.display()))?;
+    std::fs::rename(&next, path).with_context(|| format!("cannot replace {}", path.display()))
 }
 
 /// The timed steps of one generation's reload, from the host's JSON log.

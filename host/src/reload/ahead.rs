@@ -1,0 +1,192 @@
+//! A copy of the app library staged before a reload asks for it.
+//!
+//! Staging (the copy, its checks, the trial of its initialisers, the hash) is most of what a
+//! reload costs, and none of it needs the trigger: a deploy puts the new library in place before
+//! it signals the host. So between reloads the host stages whatever the app path holds, on a
+//! thread of low priority, and a reload that finds the file as it was copied loads that copy at
+//! once. A copy made ahead never decides what is loaded, it only saves work: it serves a reload
+//! only if the file's stamp (`trust::SourceStamp`: device, inode, size, modification and change
+//! times, and those of its signature) is the same now, had settled before the copy was made, and
+//! did not move while it was made, and if the file still passes the ownership checks. Anything
+//! else (the file replaced or written since, a preparation refused or cut short) and the reload
+//! stages anew, exactly as without this.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::oneshot;
+
+use crate::reload::staging::{self, Staged, Trial};
+use crate::reload::trust::{self, TrustPolicy};
+use crate::util::lock;
+
+/// How long before a copy was made its file must have last changed for the copy to count: more
+/// than the kernel's coarse clock tick (up to 10 ms), within which a second change could leave the
+/// stamp as it was.
+const SETTLED: Duration = Duration::from_millis(50);
+
+/// The nice value the preparing thread (and the hashing thread and trial process it starts) runs
+/// at: it must not slow down serving, or a reload under way.
+const NICE: i32 = 10;
+
+/// The copy staged ahead, if one is.
+pub struct Ahead {
+    app_path: PathBuf,
+    staging_dir: PathBuf,
+    trust: TrustPolicy,
+    init_timeout: Duration,
+    held: Mutex<Option<Held>>,
+}
+
+enum Held {
+    Preparing(oneshot::Receiver<Prepared>),
+    Ready(Box<Prepared>),
+}
+
+struct Prepared {
+    /// When the preparation began: before the file was opened and copied.
+    began: SystemTime,
+    staged: anyhow::Result<Staged>,
+}
+
+impl Ahead {
+    pub fn new(app_path: PathBuf, staging_dir: PathBuf, trust: TrustPolicy, init_timeout: Duration) -> Ahead {
+        Ahead {
+            app_path,
+            staging_dir,
+            trust,
+            init_timeout,
+            held: Mutex::new(None),
+        }
+    }
+
+    /// Between reloads: starts staging the app path's library unless a copy that still holds is
+    /// staged or being staged. A finished copy that no longer holds is removed first.
+    pub fn refresh(&self) {
+        let mut held = lock(&self.held);
+        let prepared = match held.take() {
+            None => None,
+            Some(Held::Preparing(mut preparing)) => match preparing.try_recv() {
+                Ok(prepared) => Some(Box::new(prepared)),
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    *held = Some(Held::Preparing(preparing));
+                    return;
+                }
+                Err(oneshot::error::TryRecvError::Closed) => None,
+            },
+            Some(Held::Ready(prepared)) => Some(prepared),
+        };
+        if let Some(prepared) = prepared {
+            match self.still_holds(prepared) {
+                Ok(prepared) => {
+                    *held = Some(Held::Ready(prepared));
+                    return;
+                }
+                Err(why) => tracing::debug!(why, "the library staged ahead no longer holds"),
+            }
+        }
+        let (done, preparing) = oneshot::channel();
+        let app_path = self.app_path.clone();
+        // One at a time: a new preparation starts only once the last one is taken or removed.
+        let copy = staging::copy_path(&self.staging_dir, "ahead", &self.app_path);
+        let trust = self.trust.clone();
+        let init_timeout = self.init_timeout;
+        let started = std::thread::Builder::new().name("host-ahead".into()).spawn(move || {
+            // On Linux a thread's own priority; the threads and processes it starts inherit it.
+            let _ = rustix::process::setpriority_process(None, NICE);
+            // A file changed just now (a reload follows a deploy closely) is copied once it has
+            // settled, or the copy could never serve.
+            if let Some(wait) = trust::unsettled_for(&app_path, SystemTime::now(), SETTLED) {
+                std::thread::sleep(wait);
+            }
+            let began = SystemTime::now();
+            // The trial process started ahead stays for a reload that must stage anew: this
+            // one's, started here, runs at this thread's low priority.
+            let staged = staging::stage(&app_path, copy, &trust, init_timeout, Trial::OwnProcess);
+            let _ = done.send(Prepared { began, staged });
+        });
+        match started {
+            Ok(_) => *held = Some(Held::Preparing(preparing)),
+            Err(e) => tracing::debug!(error = %e, "cannot start staging the library ahead"),
+        }
+    }
+
+    /// For `/status`: `"preparing"`, `"ready"` (a copy waits; whether it still holds is known
+    /// only when a reload looks), or `"none"`.
+    pub fn state(&self) -> &'static str {
+        match &*lock(&self.held) {
+            Some(Held::Preparing(preparing)) if preparing.is_empty() && !preparing.is_terminated() => "preparing",
+            Some(Held::Preparing(_)) => "ready",
+            Some(Held::Ready(prepared)) if prepared.staged.is_ok() => "ready",
+            _ => "none",
+        }
+    }
+
+    /// The copy staged ahead as generation `number`'s (renamed to its staged path), if it still
+    /// holds; waits for a preparation under way. `None`: the caller stages anew.
+    pub async fn take(&self, number: u64) -> Option<Staged> {
+        let held = lock(&self.held).take()?;
+        let prepared = match held {
+            Held::Preparing(preparing) => Box::new(preparing.await.ok()?),
+            Held::Ready(prepared) => prepared,
+        };
+        let mut staged = match self.still_holds(prepared) {
+            Ok(prepared) => prepared.staged.ok()?,
+            Err(why) => {
+                tracing::debug!(
+                    generation = number,
+                    why,
+                    "the library staged ahead no longer holds: staging anew"
+                );
+                return None;
+            }
+        };
+        let path = staging::staged_path(&self.staging_dir, number, &self.app_path);
+        if let Err(e) = std::fs::rename(&staged.library.staged_copy, &path) {
+            tracing::debug!(generation = number, error = %e, "cannot rename the copy staged ahead: staging anew");
+            let _ = std::fs::remove_file(&staged.library.staged_copy);
+            return None;
+        }
+        staged.library.staged_copy = path;
+        Some(staged)
+    }
+
+    /// `prepared`, if its copy can serve a reload now; otherwise removes the copy and says why.
+    fn still_holds(&self, prepared: Box<Prepared>) -> Result<Box<Prepared>, &'static str> {
+        let why = match &prepared.staged {
+            Err(_) => Some("its staging failed"),
+            Ok(Staged { source: None, .. }) => Some("the file changed while it was copied"),
+            Ok(Staged {
+                source: Some(stamp), ..
+            }) => {
+                if !stamp.settled(prepared.began, SETTLED) {
+                    Some("the file had changed just before it was copied")
+                } else if !trust::check_source(&self.app_path, &self.trust).is_ok_and(|(_, now)| now == *stamp) {
+                    Some("the file changed since, or no longer passes the checks")
+                } else {
+                    None
+                }
+            }
+        };
+        match why {
+            None => Ok(prepared),
+            Some(why) => {
+                if let Ok(staged) = &prepared.staged {
+                    let _ = std::fs::remove_file(&staged.library.staged_copy);
+                }
+                Err(why)
+            }
+        }
+    }
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        if let Some(Held::Ready(prepared)) = lock(&self.held).take()
+            && let Ok(staged) = &prepared.staged
+        {
+            let _ = std::fs::remove_file(&staged.library.staged_copy);
+        }
+    }
+}
