@@ -125,3 +125,36 @@ impl Handover {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connection(unread: &[u8]) -> HandedSocket {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        HandedSocket {
+            socket: OwnedFd::from(listener),
+            unread: unread.to_vec(),
+        }
+    }
+
+    /// What waited goes first, then what is handed back later; `close` ends the forwarding, and
+    /// nothing is taken by a generation meanwhile.
+    #[test]
+    fn forwarding_takes_what_waits_and_what_comes() {
+        let handover = Handover::new();
+        handover.hand_back(connection(b"first"));
+        let (forward, mut forwarded) = tokio::sync::mpsc::unbounded_channel();
+        handover.forward_to(forward);
+        handover.hand_back(connection(b"second"));
+        assert!(handover.take_for(1).is_none());
+        handover.close();
+        handover.hand_back(connection(b"closed"));
+        let mut got = Vec::new();
+        while let Ok(connection) = forwarded.try_recv() {
+            got.push(connection.unread);
+        }
+        assert_eq!(got, [b"first".to_vec(), b"second".to_vec()]);
+        assert!(forwarded.is_closed(), "the forwarder learns that nothing more comes");
+    }
+}
