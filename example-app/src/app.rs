@@ -160,6 +160,8 @@ async fn increment_counter(Extract(app): Extract<ExampleApp>) -> Answer<Json<Cou
 
 #[derive(Serialize)]
 struct CacheView {
+    /// The process that answered: the app runs inside the host, so a host upgrade changes it.
+    pid: u32,
     generation: u64,
     version: &'static str,
     value: String,
@@ -170,6 +172,7 @@ async fn read_cache(Extract(app): Extract<ExampleApp>) -> Answer<Json<CacheView>
     let value = app.cache.lock().unwrap_or_else(PoisonError::into_inner).clone();
     let ticks = app.ticks.get().map_err(internal)?;
     Ok(Json(CacheView {
+        pid: std::process::id(),
         generation: app.generation,
         version: VERSION,
         value,

@@ -12,7 +12,8 @@
 //! - `POST /counter`, `GET /counter`: a counter kept in host-owned state, so it survives reloads;
 //!   `POST` increments it and answers the new state.
 //! - `GET /cache`: a value a background task refreshes every 100 ms, and how many times each
-//!   generation's task has ticked. Only the current generation's task ticks.
+//!   generation's task has ticked (only the current generation's task ticks), with the generation
+//!   and the pid of the host process that answered.
 //!
 //! Streaming routes, written as in any axum server (the generation serves them with hyper, so
 //! bodies flow with backpressure and are never held whole in memory):

@@ -42,7 +42,7 @@ use crate::ops::upgrade::new_host::{self, HandedVersion, Handoff, Predecessor};
 use crate::ops::upgrade::old_host::{self, Upgrader};
 use crate::ops::{notify, pidfile, watch};
 use crate::reload::trigger::Trigger;
-use crate::reload::{Reloader, probe, staging, trust};
+use crate::reload::{Leaving, Reloader, probe, staging, trust};
 use crate::serving::listeners::PassedSockets;
 use crate::serving::listeners::{self, HANDOFF_IDLE_GRACE, Listeners};
 use crate::state::StateStore;
@@ -294,15 +294,25 @@ impl Signals {
 }
 
 /// Says that this host serves: to the old host it replaces, which tells the service manager once
-/// it has handed over, or else to the service manager.
-fn say_serving(reloader: &Reloader, predecessor: Option<&Predecessor>) {
+/// it has handed over (and then carries its kept-alive connections over), or else to the service
+/// manager.
+fn say_serving(reloader: &Arc<Reloader>, upgrader: &Arc<Upgrader>, predecessor: Option<&Predecessor>) {
     let (generation, sha256) = reloader.serving();
     let status = format!("serving generation {generation} (sha256 {sha256})");
     match predecessor {
         Some(predecessor) => {
             tracing::info!(old_host = predecessor.pid, "serving; telling the old host");
-            if let Err(e) = predecessor.channel.ready(&status) {
-                tracing::warn!(error = %e, "cannot tell the old host that this one serves");
+            match predecessor.channel.ready(&status) {
+                Ok(Some(stream)) => {
+                    tokio::spawn(new_host::take_connections(
+                        stream,
+                        reloader.clone(),
+                        upgrader.clone(),
+                        predecessor.pid,
+                    ));
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot tell the old host that this one serves"),
             }
         }
         None => systemd::ready(&status),
@@ -382,7 +392,7 @@ async fn run(
         stop_admin.clone(),
     ));
 
-    say_serving(&reloader, predecessor.as_ref());
+    say_serving(&reloader, &upgrader, predecessor.as_ref());
     let watchdog = systemd::spawn_watchdog();
 
     signals.serve_until_stopped(&reloader, &upgrader).await;
@@ -390,8 +400,9 @@ async fn run(
     // Finish the reload under way, stop accepting, let open connections finish what they
     // started, then unload everything. After a hand-off the new host speaks for the service
     // (this process's notifications are off), and answers on the admin listener from now on;
-    // until it has taken over every client, responses here close their connections and idle
-    // ones are closed after a grace period.
+    // kept-alive HTTP/1 connections are carried over to it as they become idle, or, if it cannot
+    // take them, responses here close their connections and idle ones are closed after a grace
+    // period.
     let handed_over = upgrader.handed_over();
     systemd::stopping();
     shutting_down.cancel();
@@ -409,7 +420,20 @@ async fn run(
     } else {
         std::time::Duration::ZERO
     };
-    reloader.shutdown(idle_grace).await;
+    match upgrader.successor() {
+        Some(successor) => {
+            let (forward, connections) = tokio::sync::mpsc::unbounded_channel();
+            let failed = {
+                let reloader = reloader.clone();
+                move || reloader.forwarding_failed(idle_grace)
+            };
+            let forwarding = tokio::spawn(successor.forward(connections, failed));
+            reloader.shutdown(Leaving::Forward(forward)).await;
+            // It ends once it has sent what it was given: every send is bounded.
+            let _ = forwarding.await;
+        }
+        None => reloader.shutdown(Leaving::Close { idle_grace }).await,
+    }
     stop_admin.cancel();
     let _ = admin.await;
     if let Some(watchdog) = watchdog {

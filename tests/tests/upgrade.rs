@@ -4,6 +4,9 @@
 //! - under continuous load — keep-alive clients and clients that open a connection per request —
 //!   no request fails; requests in flight at the hand-off finish on the old process; new
 //!   connections land on the new process; the pid file, `/status` and the admin listener follow;
+//! - kept-alive HTTP/1 connections are carried to the new process (idle ones at once, busy ones
+//!   after their response): across upgrades each client keeps its one connection, is never told
+//!   `Connection: close`, and ends up answered by the newest process;
 //! - a new binary that crashes at start, and one that never becomes ready, leave the old host
 //!   serving as if nothing had happened, a second upgrade during one is refused, and a later good
 //!   upgrade still works.
@@ -142,22 +145,35 @@ struct Tally {
     closes: u64,
     /// Responses by serving generation, in order of change: (generation, count).
     generations: Vec<(u64, u64)>,
+    /// Responses by the host process that answered, in order of change: (pid, count).
+    processes: Vec<(u64, u64)>,
+}
+
+/// Counts one more of `value` in `runs`: (value, how many in a row).
+fn count_run(runs: &mut Vec<(u64, u64)>, value: u64) {
+    match runs.last_mut() {
+        Some((last, count)) if *last == value => *count += 1,
+        _ => runs.push((value, 1)),
+    }
+}
+
+/// How many of the last values in `runs` in a row are `value`.
+fn latest_run(runs: &[(u64, u64)], value: u64) -> u64 {
+    match runs.last() {
+        Some((last, count)) if *last == value => *count,
+        _ => 0,
+    }
 }
 
 impl Tally {
-    fn saw(&mut self, generation: u64) {
-        match self.generations.last_mut() {
-            Some((last, count)) if *last == generation => *count += 1,
-            _ => self.generations.push((generation, 1)),
-        }
-    }
-
     /// Responses from `generation` since it was last seen first.
     fn latest(&self, generation: u64) -> u64 {
-        match self.generations.last() {
-            Some((last, count)) if *last == generation => *count,
-            _ => 0,
-        }
+        latest_run(&self.generations, generation)
+    }
+
+    /// Responses from process `pid` since it was last seen first.
+    fn latest_from(&self, pid: u32) -> u64 {
+        latest_run(&self.processes, u64::from(pid))
     }
 }
 
@@ -219,9 +235,12 @@ fn load_client(address: SocketAddr, fresh: bool, stop: Arc<AtomicBool>, tally: A
         match result {
             Ok(response) if response.status == 200 => {
                 tally.ok += 1;
-                let answer: Option<serde_json::Value> = serde_json::from_str(&response.body).ok();
-                if let Some(generation) = answer.and_then(|answer| answer["generation"].as_u64()) {
-                    tally.saw(generation);
+                let answer: serde_json::Value = serde_json::from_str(&response.body).unwrap_or_default();
+                if let Some(generation) = answer["generation"].as_u64() {
+                    count_run(&mut tally.generations, generation);
+                }
+                if let Some(pid) = answer["pid"].as_u64() {
+                    count_run(&mut tally.processes, pid);
                 }
                 if response.close {
                     tally.closes += 1;
@@ -334,7 +353,7 @@ async fn upgrade_under_load_loses_no_request() {
         host.log_excerpt()
     );
 
-    // New connections land on the new process (generation 1), also for keep-alive clients.
+    // New connections land on the new process (generation 1), and kept-alive ones are carried there.
     wait_until("every load client is served by the new host", WAIT, every_client_saw(1)).await;
     stop.store(true, Ordering::Relaxed);
     let mut total = 0;
@@ -357,9 +376,11 @@ async fn upgrade_under_load_loses_no_request() {
             tally.generations
         );
         if !fresh {
-            assert!(
-                tally.closes + tally.reconnects >= 1,
-                "the keep-alive client was never told to reconnect"
+            // Carried over to the new process, as it became idle.
+            assert_eq!(
+                (tally.closes, tally.reconnects),
+                (0, 0),
+                "the keep-alive client was told to close, or its connection closed"
             );
         }
         total += tally.ok;
@@ -382,6 +403,207 @@ async fn upgrade_under_load_loses_no_request() {
 
     new_host.stop(WAIT).await;
     assert!(!pid_file.exists(), "the new host removes the pid file when it stops");
+}
+
+/// How many keep-alive clients follow the upgrades in [`keep_alive_connections_follow_three_upgrades`].
+const CARRIED_CLIENTS: usize = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_connections_follow_three_upgrades() {
+    let sandbox = sandbox();
+    let mut host = start(&sandbox, &[], None).await;
+    let mut pids = vec![host.pid()];
+
+    // Keep-alive clients on raw TCP, sending without pause: the load during the upgrades.
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CARRIED_CLIENTS)
+        .map(|_| {
+            let tally = Arc::new(Mutex::new(Tally::default()));
+            let (stop, tally_for_thread, address) = (stop.clone(), tally.clone(), host.addr());
+            let thread = std::thread::spawn(move || load_client(address, false, stop, tally_for_thread));
+            (tally, thread)
+        })
+        .collect();
+    let every_client_answered_by = |pid: u32| {
+        let clients = &clients;
+        move || async move {
+            let latest: Vec<u64> = clients
+                .iter()
+                .map(|(tally, _)| tally.lock().expect("tally").latest_from(pid))
+                .collect();
+            if latest.iter().all(|&count| count >= 20) {
+                Ok(())
+            } else {
+                Err(format!("responses from process {pid} in a row: {latest:?}"))
+            }
+        }
+    };
+    wait_until(
+        "every client is answered by the first host",
+        WAIT,
+        every_client_answered_by(pids[0]),
+    )
+    .await;
+
+    let mut newest: Option<Adopted> = None;
+    for _ in 0..3 {
+        let (status, answer) = host.upgrade().await;
+        let new_host = upgraded(status, &answer, &host);
+        // The old process carries its connections over, drains and exits.
+        match newest.take() {
+            None => {
+                let exit = host.wait_exit(WAIT).await;
+                assert!(
+                    exit.success(),
+                    "the old host exited with {exit}\n{}",
+                    host.log_excerpt()
+                );
+            }
+            Some(old) => {
+                let pid = old.pid();
+                wait_until("the old host exits", WAIT, || async {
+                    if old.is_running() {
+                        Err(format!("process {pid} still runs"))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .await;
+            }
+        }
+        wait_until(
+            "every client is answered by the new host",
+            WAIT,
+            every_client_answered_by(new_host.pid()),
+        )
+        .await;
+        pids.push(new_host.pid());
+        newest = Some(new_host);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let pids: Vec<u64> = pids.into_iter().map(u64::from).collect();
+    let mut total = 0;
+    for (tally, thread) in clients {
+        thread.join().expect("a load client");
+        let tally = tally.lock().expect("tally");
+        assert!(
+            tally.failures.is_empty(),
+            "a client had failed requests: {:?}\n{}",
+            tally.failures,
+            host.log_excerpt()
+        );
+        assert_eq!(
+            (tally.closes, tally.reconnects),
+            (0, 0),
+            "a client was told to close, or its connection closed\n{}",
+            host.log_excerpt()
+        );
+        // One connection, answered by each process in turn and never by an older one again.
+        let order: Vec<u64> = tally.processes.iter().map(|(pid, _)| *pid).collect();
+        assert_eq!(order, pids, "answered by processes {:?}", tally.processes);
+        total += tally.ok;
+    }
+    eprintln!("{total} requests on {CARRIED_CLIENTS} connections across 3 upgrades, none failed");
+
+    // The newest process says how many it took over, the old ones said how many they carried.
+    let status = host.status().await;
+    let newest = newest.expect("the newest host");
+    assert_eq!(number(&status, "pid"), Some(u64::from(newest.pid())), "{status}");
+    assert!(
+        number(&status, "connections_taken_over").is_some_and(|taken| taken >= CARRIED_CLIENTS as u64),
+        "{status}"
+    );
+    let log = host.log_text();
+    let carried = log
+        .lines()
+        .filter(|line| line.contains("kept-alive connection(s) to the new host"))
+        .count();
+    assert_eq!(carried, 3, "each old host says how many it carried\n{log}");
+    assert!(!log.contains("closing them instead"), "{log}");
+    newest.stop(WAIT).await;
+}
+
+/// Writes a `GET path` on `reader`'s connection.
+fn send_get(reader: &mut BufReader<TcpStream>, path: &str) {
+    let head = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+    reader.get_mut().write_all(head.as_bytes()).expect("a request sent");
+}
+
+/// `GET /cache` on `reader`'s connection: the pid of the process that answered.
+fn answered_by(reader: &mut BufReader<TcpStream>) -> u64 {
+    send_get(reader, "/cache");
+    let response = read_response(reader).expect("an answer to GET /cache");
+    assert_eq!((response.status, response.close), (200, false), "{}", response.body);
+    let answer: serde_json::Value = serde_json::from_str(&response.body).expect("JSON");
+    answer["pid"].as_u64().expect("/cache names the pid")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_at_the_upgrade_finishes_on_the_old_host_then_its_connection_moves() {
+    let sandbox = sandbox();
+    let mut host = start(&sandbox, &[], None).await;
+    let old = host.pid();
+    let stream = TcpStream::connect(host.addr()).expect("connected");
+    stream.set_read_timeout(Some(WAIT)).expect("a read timeout");
+    let mut reader = BufReader::new(stream);
+    assert_eq!(answered_by(&mut reader), u64::from(old));
+
+    // Long enough to be still in flight when the new process serves and the old one commits.
+    send_get(&mut reader, "/slow?ms=8000");
+    {
+        let host = &host;
+        wait_until("the slow request is in flight on the old host", WAIT, || async move {
+            let status = host.status().await;
+            let generations = status["generations"].as_array().cloned().unwrap_or_default();
+            if generations.iter().any(|g| g["in_flight"].as_u64().unwrap_or(0) >= 1) {
+                Ok(())
+            } else {
+                Err(status.to_string())
+            }
+        })
+        .await;
+    }
+    let (status, answer) = host.upgrade().await;
+    let new_host = upgraded(status, &answer, &host);
+    let mut byte = [0u8; 1];
+    reader.get_ref().set_nonblocking(true).expect("non-blocking");
+    let early = reader.get_ref().peek(&mut byte);
+    reader.get_ref().set_nonblocking(false).expect("blocking");
+    assert!(
+        matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the slow request was still in flight when the upgrade was over: {early:?}"
+    );
+
+    // It finishes on the old process, which keeps the connection open, then hands it over.
+    let reader = tokio::task::spawn_blocking(move || {
+        let slow = read_response(&mut reader).expect("the slow request's answer");
+        assert_eq!((slow.status, slow.close), (200, false), "{}", slow.body);
+        assert!(slow.body.starts_with("slow 8000 ms"), "{}", slow.body);
+        reader
+    })
+    .await
+    .expect("the slow request's reader");
+    let exit = host.wait_exit(WAIT).await;
+    assert!(
+        exit.success(),
+        "the old host exited with {exit}\n{}",
+        host.log_excerpt()
+    );
+    let mut reader = reader;
+    let pid = tokio::task::spawn_blocking(move || answered_by(&mut reader))
+        .await
+        .expect("the next request");
+    assert_eq!(
+        pid,
+        u64::from(new_host.pid()),
+        "the connection moved to the new process"
+    );
+    let status = host.status().await;
+    assert!(
+        number(&status, "connections_taken_over").is_some_and(|taken| taken >= 1),
+        "{status}"
+    );
+    new_host.stop(WAIT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

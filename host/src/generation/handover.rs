@@ -5,13 +5,15 @@
 //! woken through its eventfd, takes them with `next_connection`. Only a generation in phase
 //! `serving` takes any (`Generation::next_connection`), so a connection never goes back to
 //! retiring code; one that arrives while no generation serves (the host is shutting down) is
-//! closed.
+//! closed. After a host upgrade has handed over, they are forwarded instead
+//! ([`Handover::forward_to`]): the old host sends them to the new process, which serves them.
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
+use tokio::sync::mpsc::UnboundedSender;
 
 use crate::generation::wake::Wake;
 use crate::util::lock;
@@ -23,12 +25,20 @@ pub struct HandedSocket {
     pub unread: Vec<u8>,
 }
 
-#[derive(Default)]
 pub struct Handover {
-    /// `None` once the host stops serving: then a connection handed back is closed.
-    waiting: Mutex<Option<VecDeque<HandedSocket>>>,
+    /// Where a connection handed back goes.
+    waiting: Mutex<Destination>,
     /// The generation to wake when a connection arrives.
     serving: ArcSwapOption<Serving>,
+}
+
+enum Destination {
+    /// Queued for the serving generation.
+    Queue(VecDeque<HandedSocket>),
+    /// To another process, which serves them (the new host of an upgrade).
+    Forward(UnboundedSender<HandedSocket>),
+    /// Closed: no generation will serve again.
+    Closed,
 }
 
 /// The generation connections go to: its number and its wake-up.
@@ -40,7 +50,7 @@ struct Serving {
 impl Handover {
     pub fn new() -> Self {
         Handover {
-            waiting: Mutex::new(Some(VecDeque::new())),
+            waiting: Mutex::new(Destination::Queue(VecDeque::new())),
             serving: ArcSwapOption::empty(),
         }
     }
@@ -54,14 +64,17 @@ impl Handover {
         serving.wake.wake(generation);
     }
 
-    /// Queues a connection for the serving generation, or closes it if none will serve again.
+    /// Queues a connection for the serving generation, forwards it, or closes it if none will
+    /// serve again.
     pub fn hand_back(&self, connection: HandedSocket) {
-        {
-            let mut waiting = lock(&self.waiting);
-            match waiting.as_mut() {
-                Some(queue) => queue.push_back(connection),
-                None => return,
+        match &mut *lock(&self.waiting) {
+            Destination::Queue(queue) => queue.push_back(connection),
+            // A forwarder that has gone has failed: the connection is closed (dropped) with it.
+            Destination::Forward(forward) => {
+                let _ = forward.send(connection);
+                return;
             }
+            Destination::Closed => return,
         }
         if let Some(serving) = self.serving.load().as_ref() {
             serving.wake.wake(serving.generation);
@@ -79,14 +92,30 @@ impl Handover {
         if !goes_here {
             return None;
         }
-        lock(&self.waiting).as_mut()?.pop_front()
+        match &mut *lock(&self.waiting) {
+            Destination::Queue(queue) => queue.pop_front(),
+            Destination::Forward(_) | Destination::Closed => None,
+        }
     }
 
-    /// No generation serves any more: close what waits, and whatever comes later.
+    /// No generation of this process will serve again, but another process will: what waits and
+    /// whatever is handed back from now on goes to `forward`, until [`Handover::close`].
+    pub fn forward_to(&self, forward: UnboundedSender<HandedSocket>) {
+        let mut waiting = lock(&self.waiting);
+        if let Destination::Queue(queue) = &mut *waiting {
+            for connection in queue.drain(..) {
+                let _ = forward.send(connection);
+            }
+            *waiting = Destination::Forward(forward);
+        }
+    }
+
+    /// No generation serves any more: close what waits, and whatever comes later (a forwarder
+    /// gets what it was given, and then its end).
     pub fn close(&self) {
-        let waiting = lock(&self.waiting).take();
+        let waiting = std::mem::replace(&mut *lock(&self.waiting), Destination::Closed);
         self.serving.store(None);
-        if let Some(waiting) = waiting {
+        if let Destination::Queue(waiting) = waiting {
             if !waiting.is_empty() {
                 tracing::info!(
                     connections = waiting.len(),
@@ -94,5 +123,38 @@ impl Handover {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connection(unread: &[u8]) -> HandedSocket {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        HandedSocket {
+            socket: OwnedFd::from(listener),
+            unread: unread.to_vec(),
+        }
+    }
+
+    /// What waited goes first, then what is handed back later; `close` ends the forwarding, and
+    /// nothing is taken by a generation meanwhile.
+    #[test]
+    fn forwarding_takes_what_waits_and_what_comes() {
+        let handover = Handover::new();
+        handover.hand_back(connection(b"first"));
+        let (forward, mut forwarded) = tokio::sync::mpsc::unbounded_channel();
+        handover.forward_to(forward);
+        handover.hand_back(connection(b"second"));
+        assert!(handover.take_for(1).is_none());
+        handover.close();
+        handover.hand_back(connection(b"closed"));
+        let mut got = Vec::new();
+        while let Ok(connection) = forwarded.try_recv() {
+            got.push(connection.unread);
+        }
+        assert_eq!(got, [b"first".to_vec(), b"second".to_vec()]);
+        assert!(forwarded.is_closed(), "the forwarder learns that nothing more comes");
     }
 }

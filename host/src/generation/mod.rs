@@ -126,7 +126,8 @@ impl Phase {
 /// How a generation leaves.
 #[derive(Debug, Clone, Copy)]
 pub enum Retirement {
-    /// A newer generation takes over its kept-alive connections.
+    /// A newer generation takes over its kept-alive connections (of this process, or of the new
+    /// process of a host upgrade).
     HandOver,
     /// Nothing takes over: responses close their connections, and idle ones are closed after
     /// `idle_grace` (the time a request already on its way needs to arrive).
@@ -158,6 +159,9 @@ pub struct Generation {
     log: AppLog,
     phase: AtomicU8,
     idle_grace_ms: AtomicU64,
+    /// Set once the host stops serving: nothing is then left to protect from what this
+    /// generation leaves open, so its leftovers are not looked for.
+    host_stopping: AtomicBool,
     drained: AtomicBool,
     drained_signal: Notify,
     /// Why the library stays loaded after the generation stopped.
@@ -247,6 +251,7 @@ impl Generation {
             log: AppLog::new(number),
             phase: AtomicU8::new(Phase::Starting as u8),
             idle_grace_ms: AtomicU64::new(0),
+            host_stopping: AtomicBool::new(false),
             drained: AtomicBool::new(false),
             drained_signal: Notify::new(),
             kept_loaded: Mutex::new(None),
@@ -375,6 +380,7 @@ impl Generation {
             Retirement::Close { idle_grace } => {
                 let grace = u64::try_from(idle_grace.as_millis()).unwrap_or(u64::MAX);
                 self.idle_grace_ms.store(grace, Ordering::Release);
+                self.host_stops();
                 Phase::Closing
             }
         };
@@ -388,6 +394,12 @@ impl Generation {
         self.wake();
     }
 
+    /// The host stops serving (its last generations leave, by closing or by handing their
+    /// connections to a new host process).
+    pub fn host_stops(&self) {
+        self.host_stopping.store(true, Ordering::Release);
+    }
+
     /// The next generation's load begins: what this one opens from now on is no longer told
     /// apart from what the next one opens (the first such moment counts).
     pub fn successor_loading(&self, descriptors: &Descriptors) {
@@ -398,7 +410,7 @@ impl Generation {
     async fn stop(&self, stop_timeout: Duration) {
         let began = Instant::now();
         // At shutdown nothing is left to protect from leftovers: only a reload's are looked for.
-        let leftovers_matter = self.phase() != Phase::Closing;
+        let leftovers_matter = !self.host_stopping.load(Ordering::Acquire);
         self.set_phase(Phase::Stopping);
         self.wake();
         let Some(thread) = lock(&self.thread).take() else {

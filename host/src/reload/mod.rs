@@ -37,7 +37,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::generation::handover::Handover;
+use crate::generation::handover::{HandedSocket, Handover};
 use crate::generation::loader::thread_keys;
 use crate::generation::{Generation, LiveGenerations, Retirement, StartOptions};
 
@@ -96,6 +96,17 @@ pub struct ReloadRecord {
     /// The canary generation a rollback retired (then `generation` is the one that serves on).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rolled_back: Option<u64>,
+}
+
+/// How a host that stops serving lets its kept-alive connections go.
+pub enum Leaving {
+    /// Closed: responses say `Connection: close`, idle connections are closed after `idle_grace`
+    /// (the time a request already on its way needs to arrive), HTTP/2 ones get `GOAWAY`.
+    Close { idle_grace: Duration },
+    /// Handed back as at a reload — idle HTTP/1 connections at once, busy ones after their
+    /// response — to `forward`, which takes them to the new process of a host upgrade; HTTP/2 ones
+    /// get `GOAWAY`, upgraded ones stay until they end or the drain deadline.
+    Forward(mpsc::UnboundedSender<HandedSocket>),
 }
 
 pub struct Reloader {
@@ -675,21 +686,33 @@ impl Reloader {
         });
     }
 
-    /// Stops serving: no generation accepts any more, responses under way finish and close
-    /// their connections, idle connections are closed after `idle_grace`, streams end (within
-    /// the drain timeout), then every generation is stopped and unloaded.
-    pub async fn shutdown(self: &Arc<Self>, idle_grace: Duration) {
-        let how = Retirement::Close { idle_grace };
-        // A canary is closed like every other generation (it is one of the live ones).
+    /// Stops serving: no generation accepts any more, streams end (within the drain timeout), then
+    /// every generation is stopped and unloaded. What happens to kept-alive connections is
+    /// `leaving`'s: see [`Leaving`].
+    pub async fn shutdown(self: &Arc<Self>, leaving: Leaving) {
+        let (how, forwarding) = match leaving {
+            Leaving::Close { idle_grace } => (Retirement::Close { idle_grace }, false),
+            Leaving::Forward(forward) => {
+                self.handover.forward_to(forward);
+                (Retirement::HandOver, true)
+            }
+        };
+        // A canary leaves like every other generation (it is one of the live ones).
         drop(lock(&self.canary).take());
         for generation in lock(&self.live).iter() {
+            generation.host_stops();
             generation.leave(how);
         }
-        // Whatever a draining generation hands back from now on is closed.
-        self.handover.close();
+        if !forwarding {
+            // Whatever a draining generation hands back from now on is closed.
+            self.handover.close();
+        }
         self.retire(self.current.load_full(), how);
         self.retiring.close();
         self.retiring.wait().await;
+        // Every generation has stopped: nothing is handed back any more, and a forwarder has been
+        // given everything (this ends it).
+        self.handover.close();
         for generation in lock(&self.live).iter() {
             if let Some(reason) = generation.kept_loaded() {
                 tracing::warn!(
@@ -699,6 +722,21 @@ impl Reloader {
                 );
             }
         }
+    }
+
+    /// The new process that kept-alive connections were forwarded to cannot take them any more:
+    /// from now on they close as in [`Leaving::Close`].
+    pub fn forwarding_failed(&self, idle_grace: Duration) {
+        self.handover.close();
+        for generation in lock(&self.live).iter() {
+            generation.leave(Retirement::Close { idle_grace });
+        }
+    }
+
+    /// A kept-alive connection another process handed over (the old host of an upgrade): it goes
+    /// to the serving generation as one handed back by a retiring generation of this process.
+    pub fn take_over(&self, connection: HandedSocket) {
+        self.handover.hand_back(connection);
     }
 
     /// The serving generation's number and sha256.

@@ -15,7 +15,8 @@ use anyhow::Context as _;
 use app_abi::ConnectionLimits;
 use tokio::net::TcpListener;
 
-/// After a hand-off to a new host process, how long open connections get to finish on their own
+/// After a hand-off to a new host process that does not take kept-alive connections (an older
+/// host, or the channel to it failed), how long open connections get to finish on their own
 /// (their next HTTP/1 response closes them) before the idle ones are closed.
 pub const HANDOFF_IDLE_GRACE: Duration = Duration::from_secs(2);
 

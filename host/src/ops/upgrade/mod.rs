@@ -22,13 +22,29 @@
 //!    processes then read and write that one file until the old one exits.
 //! 3. The new host loads its app and starts serving on those sockets — both processes now accept
 //!    from the same sockets, so no connection is refused — and then writes `READY=1` (with a
-//!    `STATUS=` line) on the hand-off socket, where a systemd service would notify the manager.
+//!    `STATUS=` line, and `TAKES_CONNECTIONS=1`: it takes kept-alive connections) on the hand-off
+//!    socket, where a systemd service would notify the manager. It keeps the socket open.
 //! 4. The old host, on `READY=1`: under systemd sends `MAINPID=<new pid>`, `READY=1` and the new
 //!    process's `STATUS=` (and then nothing more), rewrites `--pid-file` with the new pid, and
-//!    answers the caller. Then it stops accepting, answers the requests it has in flight (HTTP/1
-//!    responses say `Connection: close`, so keep-alive clients reconnect, to the new process),
-//!    closes its idle connections after [`crate::serving::listeners::HANDOFF_IDLE_GRACE`] (HTTP/2: `GOAWAY`),
-//!    drains and unloads its generations, and exits 0.
+//!    answers the caller. Then it stops accepting and its generations retire as at a reload:
+//!    requests in flight finish here, and each kept-alive HTTP/1 connection is handed back as soon
+//!    as it is idle (at once, or after the response under way) and sent, with the bytes read
+//!    ahead on it, over the hand-off socket (`wire.rs`); the new host serves it as a connection
+//!    handed over by an older generation of its own, so its client never sees it close. Once no
+//!    connection is left (or at `--drain-timeout`) the old host unloads its generations, closes
+//!    the socket and exits 0.
+//!
+//!    What does not move: HTTP/2 connections get `GOAWAY` and finish their streams here (hyper
+//!    cannot hand their state over; HTTP/2 clients open a new connection for new streams), and
+//!    upgraded connections such as WebSockets stay until they end or the drain deadline (their
+//!    bytes belong to the app's task, not to hyper). When the new host did not say
+//!    `TAKES_CONNECTIONS=1` (an older binary), or from the moment sending to it fails (it closed
+//!    the socket, or took nothing for 5 s), the old host does what it did before connections
+//!    moved: HTTP/1 responses say `Connection: close`, so keep-alive clients reconnect, to the new
+//!    process, and idle connections are closed after
+//!    [`crate::serving::listeners::HANDOFF_IDLE_GRACE`]. A connection whose frame the kernel has
+//!    taken is the new host's: should the new host die before it reads it, the kernel closes it
+//!    and its client reconnects; it is never served twice.
 //!
 //! If the new process cannot be started, exits, closes the hand-off socket, or has not written
 //! `READY=1` within `--upgrade-timeout`, it gets SIGTERM (SIGKILL after [`KILL_GRACE`](crate::child::KILL_GRACE)) and the

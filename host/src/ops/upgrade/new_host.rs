@@ -1,6 +1,6 @@
 //! The new host's side of an upgrade: at start-up, before any thread exists, it takes the
-//! sockets (and where the state cells are) from the host it replaces, and later says whether it
-//! serves.
+//! sockets (and where the state cells are) from the host it replaces, later says whether it
+//! serves, and then takes over the kept-alive connections the old host carries over.
 
 use std::io::Write as _;
 use std::os::fd::OwnedFd;
@@ -11,8 +11,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use super::wire::{Offer, Reply, receive};
+use super::old_host::Upgrader;
+use super::wire::{ConnectionReceiver, Offer, Reply, receive};
 use crate::child::HANDOFF_VARIABLE;
+use crate::generation::handover::HandedSocket;
+use crate::reload::Reloader;
 pub use crate::reload::versions::HandedVersion;
 use crate::serving::listeners::PassedSockets;
 use crate::state::{Handed, HandedKind};
@@ -47,27 +50,75 @@ pub struct Predecessor {
 pub struct HandoffChannel(Arc<Mutex<Option<StdUnixStream>>>);
 
 impl HandoffChannel {
-    /// Writes `replies`, the last this host sends: the channel is closed after them.
-    fn send(&self, replies: &[Reply]) -> anyhow::Result<()> {
+    /// Writes `replies`, the last this host sends; the socket is this host's no longer (the
+    /// caller gets it, to receive on).
+    fn send(&self, replies: &[Reply]) -> anyhow::Result<Option<StdUnixStream>> {
         let Some(mut stream) = lock(&self.0).take() else {
-            return Ok(());
+            return Ok(None);
         };
         stream
             .write_all(Reply::encode(replies).as_bytes())
-            .context("cannot write to the hand-off socket")
+            .context("cannot write to the hand-off socket")?;
+        Ok(Some(stream))
     }
 
-    /// Tells the old host that this one serves (on every socket, with its first generation).
-    pub fn ready(&self, status: &str) -> anyhow::Result<()> {
-        self.send(&[Reply::Status(status.to_owned()), Reply::Ready])
+    /// Tells the old host that this one serves (on every socket, with its first generation) and
+    /// takes its kept-alive connections; returns the socket they come on.
+    pub fn ready(&self, status: &str) -> anyhow::Result<Option<StdUnixStream>> {
+        self.send(&[Reply::Status(status.to_owned()), Reply::TakesConnections, Reply::Ready])
     }
 
-    /// Tells the old host why this one cannot serve (it is about to exit).
+    /// Tells the old host why this one cannot serve (it is about to exit); the socket closes.
     pub fn fail(&self, error: &str) {
         if let Err(e) = self.send(&[Reply::Error(error.to_owned())]) {
             tracing::debug!(error = %e, "cannot report the failure to the old host");
         }
     }
+}
+
+/// Serves the kept-alive connections the old host carries over `stream` (see `wire.rs`) as
+/// connections handed back by a retiring generation of this process, until the old host closes
+/// its end (it has no more: it has exited, or it is an older host, which carries none).
+pub async fn take_connections(stream: StdUnixStream, reloader: Arc<Reloader>, upgrader: Arc<Upgrader>, old_host: u32) {
+    let stream = stream
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(stream));
+    let mut receiver = match stream {
+        Ok(stream) => ConnectionReceiver::new(stream),
+        Err(e) => {
+            tracing::warn!(old_host, error = %e, "cannot take kept-alive connections from the old host");
+            return;
+        }
+    };
+    let mut taken = 0u64;
+    loop {
+        match receiver.next().await {
+            Ok(Some(carried)) => {
+                taken += 1;
+                upgrader.took_over_connection();
+                reloader.take_over(HandedSocket {
+                    socket: carried.socket,
+                    unread: carried.unread,
+                });
+            }
+            Ok(None) => break,
+            Err(e) => {
+                // What it was sending is closed by the kernel with the socket: its client reconnects.
+                tracing::warn!(
+                    old_host,
+                    taken,
+                    error = format!("{e:#}"),
+                    "the old host's connections stopped coming"
+                );
+                return;
+            }
+        }
+    }
+    tracing::info!(
+        old_host,
+        taken,
+        "took {taken} kept-alive connection(s) over from the old host"
+    );
 }
 
 /// If this host was started by an upgrade, fetches its sockets from the old host.

@@ -5,20 +5,21 @@ use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::wire::{self, Offer, Reply};
 use crate::child;
 use crate::child::HANDOFF_VARIABLE;
+use crate::generation::handover::HandedSocket;
 use crate::private_dir;
 use crate::reload::Reloader;
 use crate::state::{Handed, StateError, StateStore};
@@ -143,6 +144,76 @@ pub struct Upgrader {
     /// What serves and what is kept for rollback, handed to the new process so that it serves
     /// the same version (set once the reloader exists).
     versions_of: OnceLock<Weak<Reloader>>,
+    /// The hand-off socket, kept after the hand-off when the new process takes kept-alive
+    /// connections over it.
+    successor: Mutex<Option<Successor>>,
+    /// Kept-alive connections this host took over from the one it replaced.
+    taken_over: AtomicU64,
+}
+
+/// How long the new process may take to accept one kept-alive connection's frame: one that reads
+/// nothing for this long is taken to have failed, and the connections left are closed.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The new process an upgrade handed over to, which takes kept-alive connections over the hand-off
+/// socket.
+#[derive(Debug)]
+pub struct Successor {
+    pid: u32,
+    stream: UnixStream,
+}
+
+impl Successor {
+    /// Sends each connection in `connections` to the new process, until the sender is dropped.
+    /// If the channel fails, `failed` runs once, and what is still sent here is closed: its client
+    /// sees the connection close and opens another. Returns how many were carried.
+    pub async fn forward(self, mut connections: mpsc::UnboundedReceiver<HandedSocket>, failed: impl FnOnce()) -> u64 {
+        let (mut carried, mut closed) = (0u64, 0u64);
+        let mut failed = Some(failed);
+        while let Some(connection) = connections.recv().await {
+            if failed.is_none() {
+                closed += 1;
+                continue;
+            }
+            let sent = tokio::time::timeout(
+                FORWARD_TIMEOUT,
+                wire::send_connection(&self.stream, connection.socket.as_fd(), &connection.unread),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the new host took nothing for {}",
+                        humantime::format_duration(FORWARD_TIMEOUT)
+                    ),
+                ))
+            });
+            match sent {
+                // This process's copy of the socket closes as `connection` is dropped.
+                Ok(()) => carried += 1,
+                Err(e) => {
+                    closed += 1;
+                    tracing::warn!(
+                        new_host = self.pid,
+                        carried,
+                        error = %e,
+                        "cannot carry kept-alive connections to the new host any more; closing them instead"
+                    );
+                    if let Some(failed) = failed.take() {
+                        failed();
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            new_host = self.pid,
+            carried,
+            closed,
+            "carried {carried} kept-alive connection(s) to the new host"
+        );
+        carried
+    }
 }
 
 impl Upgrader {
@@ -165,7 +236,19 @@ impl Upgrader {
             upgraded_from,
             cells: state,
             versions_of: OnceLock::new(),
+            successor: Mutex::new(None),
+            taken_over: AtomicU64::new(0),
         })
+    }
+
+    /// The new process to forward kept-alive connections to, once handed over, if it takes them.
+    pub fn successor(&self) -> Option<Successor> {
+        lock(&self.successor).take()
+    }
+
+    /// Counts a kept-alive connection taken over from the host this one replaced.
+    pub fn took_over_connection(&self) {
+        self.taken_over.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Hands the versions `reloader` serves and keeps to the new process of every upgrade.
@@ -270,6 +353,7 @@ impl Upgrader {
         serde_json::json!({
             "pid": std::process::id(),
             "upgraded_from": self.upgraded_from,
+            "connections_taken_over": self.taken_over.load(Ordering::Relaxed),
             "last_upgrade": *lock(&self.last),
         })
     }
@@ -325,7 +409,7 @@ impl Upgrader {
         tracing::info!(pid, "started the new host; waiting until it serves");
         let outcome = self.await_ready(&listener, &mut child, pid, &state).await;
         match outcome {
-            Ok(status) => {
+            Ok(Ready { status, carries }) => {
                 // Served, and still running: hand over. From here on this process only winds down.
                 if let Some(path) = &self.settings.pid_file {
                     if let Err(e) = crate::ops::pidfile::write_pid(path, pid) {
@@ -334,6 +418,7 @@ impl Upgrader {
                 }
                 crate::ops::systemd::hand_over(pid, &status);
                 *lock(&self.new_pid) = Some(pid);
+                *lock(&self.successor) = carries.map(|stream| Successor { pid, stream });
                 self.handed_over.cancel();
                 // The new process outlives this one: it is not waited for.
                 drop(child);
@@ -355,7 +440,7 @@ impl Upgrader {
         child: &mut Child,
         pid: u32,
         state: &Handed,
-    ) -> Result<String, UpgradeError> {
+    ) -> Result<Ready, UpgradeError> {
         let deadline = tokio::time::sleep(self.settings.timeout);
         tokio::pin!(deadline);
         let handshake = self.handshake(listener, pid, state);
@@ -365,10 +450,10 @@ impl Upgrader {
         loop {
             tokio::select! {
                 result = &mut handshake, if !handshake_done => match result {
-                    Ok(status) => {
+                    Ok(ready) => {
                         // Ready; but it must still be running.
                         return match child.try_wait() {
-                            Ok(None) => Ok(status),
+                            Ok(None) => Ok(ready),
                             Ok(Some(status)) => Err(exited(pid, status, Some("it exited right after saying it was ready".into()))),
                             Err(e) => Err(UpgradeError::Handoff { pid, error: format!("cannot check on it: {e}") }),
                         };
@@ -399,7 +484,7 @@ impl Upgrader {
     }
 
     /// Accepts the child's connection, sends it the sockets, and reads until `READY=1`.
-    async fn handshake(&self, listener: &UnixListener, pid: u32, state: &Handed) -> Result<String, HandshakeEnd> {
+    async fn handshake(&self, listener: &UnixListener, pid: u32, state: &Handed) -> Result<Ready, HandshakeEnd> {
         let stream = loop {
             let (stream, _) = listener
                 .accept()
@@ -419,11 +504,19 @@ impl Upgrader {
         tracing::debug!(pid, "sockets handed to the new host");
         let mut lines = BufReader::new(stream).lines();
         let mut status = String::new();
+        let mut takes_connections = false;
         loop {
             match lines.next_line().await {
                 Ok(Some(line)) => match Reply::parse(&line) {
-                    Some(Reply::Ready) => return Ok(status),
+                    Some(Reply::Ready) => {
+                        let reader = lines.into_inner();
+                        // It says nothing after `READY=1`: anything read past it is not ours to
+                        // understand, and the socket is not used further.
+                        let carries = (takes_connections && reader.buffer().is_empty()).then(|| reader.into_inner());
+                        return Ok(Ready { status, carries });
+                    }
                     Some(Reply::Status(text)) => status = text,
+                    Some(Reply::TakesConnections) => takes_connections = true,
                     Some(Reply::Error(error)) => return Err(HandshakeEnd::Closed(Some(error))),
                     None => {}
                 },
@@ -477,12 +570,20 @@ const LAST_WORDS_WAIT: Duration = Duration::from_millis(500);
 
 /// What a new host that has exited wrote before it did. Its exit and its last line arrive
 /// separately, and may be noticed in either order.
-async fn last_words(handshake: &mut (impl Future<Output = Result<String, HandshakeEnd>> + Unpin)) -> Option<String> {
+async fn last_words(handshake: &mut (impl Future<Output = Result<Ready, HandshakeEnd>> + Unpin)) -> Option<String> {
     match tokio::time::timeout(LAST_WORDS_WAIT, handshake).await {
         Ok(Ok(_)) => Some("it exited right after saying it was ready".into()),
         Ok(Err(HandshakeEnd::Closed(reason))) => reason,
         Ok(Err(HandshakeEnd::Failed(_))) | Err(_) => None,
     }
+}
+
+/// A new process that serves.
+struct Ready {
+    /// Its status line.
+    status: String,
+    /// The hand-off socket, if it takes kept-alive connections over it.
+    carries: Option<UnixStream>,
 }
 
 enum HandshakeEnd {
@@ -655,5 +756,40 @@ mod tests {
         let outcome = upgrader.start("test").await.expect("an answer");
         let message = outcome.expect_err("refused").to_string();
         assert!(message.contains("exit status: 3"), "{message}");
+    }
+
+    /// Connections go over the socket while the new host reads it; once it has gone, the first
+    /// that cannot go says so (once) and the rest are closed, and forwarding still ends.
+    #[tokio::test]
+    async fn forwarding_ends_and_closes_what_cannot_go() {
+        let connection = || {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            HandedSocket {
+                socket: OwnedFd::from(listener),
+                unread: b"GET / HTTP/1.1\r\n".to_vec(),
+            }
+        };
+        let (ours, theirs) = UnixStream::pair().expect("pair");
+        let (forward, connections) = mpsc::unbounded_channel();
+        let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&failures);
+        let forwarding = tokio::spawn(Successor { pid: 1, stream: ours }.forward(connections, move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+        }));
+        let mut receiver = wire::ConnectionReceiver::new(theirs);
+        forward.send(connection()).expect("sent");
+        let carried = receiver.next().await.expect("received").expect("a connection");
+        assert_eq!(carried.unread, b"GET / HTTP/1.1\r\n");
+        drop(receiver);
+        for _ in 0..3 {
+            forward.send(connection()).expect("sent");
+        }
+        drop(forward);
+        let carried = tokio::time::timeout(Duration::from_secs(10), forwarding)
+            .await
+            .expect("forwarding ends")
+            .expect("joined");
+        assert_eq!(carried, 1);
+        assert_eq!(failures.load(Ordering::Relaxed), 1, "the failure is told once");
     }
 }
