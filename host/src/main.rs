@@ -369,9 +369,18 @@ async fn run(
     let stop_reloads = CancellationToken::new();
     let reload_loop = tokio::spawn(reloader.clone().run(triggers, stop_reloads.clone()));
     let _watcher = if settings.watch {
-        Some(watch::watch(&settings.app, reloader.clone())?)
+        Some(watch::watch(&settings.app, reloader.clone(), watch::OnChange::Reload)?)
     } else {
-        None
+        // Only saves work: without it, a library replaced since the last reload is staged on
+        // the next reload's path.
+        watch::watch(&settings.app, reloader.clone(), watch::OnChange::StageAhead)
+            .inspect_err(|e| {
+                tracing::info!(
+                    error = format!("{e:#}"),
+                    "not watching the app path to stage new libraries ahead"
+                )
+            })
+            .ok()
     };
 
     // The admin listener outlives the public ones, so that `/readyz` can say the host is

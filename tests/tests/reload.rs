@@ -338,21 +338,26 @@ async fn sighup_reloads() {
     assert_answer(&reply, &AppVersion::V2.greeting(), "after SIGHUP");
 }
 
-/// Waits until the host has staged the app path's library ahead of the next reload.
-async fn wait_staged_ahead(host: &e2e_tests::Host) {
+/// Waits until the host has staged the app path's library ahead of the next reload, in a
+/// preparation after the first `after` (as `/status` counts them); returns their count.
+async fn wait_staged_ahead_after(host: &e2e_tests::Host, after: u64) -> u64 {
     wait_until(
         "the library to be staged ahead",
         Duration::from_secs(30),
         || async move {
             let status = host.status().await;
-            if status["staged_ahead"] == "ready" {
-                Ok(())
-            } else {
-                Err(status["staged_ahead"].to_string())
+            let ahead = &status["staged_ahead"];
+            match ahead["preparations"].as_u64() {
+                Some(started) if started > after && ahead["state"] == "ready" => Ok(started),
+                _ => Err(ahead.to_string()),
             }
         },
     )
-    .await;
+    .await
+}
+
+async fn wait_staged_ahead(host: &e2e_tests::Host) -> u64 {
+    wait_staged_ahead_after(host, 0).await
 }
 
 /// The host stages the app path's library between reloads; a reload that finds the file as it was
@@ -423,5 +428,35 @@ async fn a_library_staged_ahead_is_refused_once_its_directory_is_writable_by_oth
     let error = answer["error"].as_str().unwrap_or_default();
     assert!(error.contains("writable by others"), "{answer}");
     assert_eq!(host.status().await["generation"], 1);
+    host.stop().await;
+}
+
+/// A deploy that drops a new library and signals the host later: the host stages the new file as
+/// soon as it is in place (it watches the app path even without `--watch`), and the reload
+/// loads that copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_library_deployed_before_the_trigger_is_staged_ahead_and_loaded() {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(example_app(AppVersion::V1));
+    let host = sandbox.start_host(&[]).await;
+    let before = wait_staged_ahead(&host).await;
+    sandbox.deploy(example_app(AppVersion::V2));
+    wait_staged_ahead_after(&host, before).await;
+    assert_eq!(host.reload_ok().await, 2);
+    assert_answer(
+        &client::get(host.addr(), "/").await.expect("GET /"),
+        &AppVersion::V2.greeting(),
+        "after the reload of the deployed library",
+    );
+    let staged = host
+        .log_text()
+        .lines()
+        .find(|line| line.contains(" staged ") && line.contains("generation=2"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert!(
+        staged.contains("staged_ahead=true"),
+        "the deployed library was staged ahead: {staged:?}"
+    );
     host.stop().await;
 }

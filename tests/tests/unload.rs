@@ -91,14 +91,19 @@ async fn two_hundred_reloads_leave_one_copy_mapped_and_memory_flat() {
     println!("at most {most_mapped} staged copies were mapped right after a reload");
 
     // And only the serving copy is left on disk, besides the versions kept for rollback (at most
-    // --keep-versions, 3).
+    // --keep-versions, 3) and the one copy staged ahead of the next reload.
     let (kept, staged): (Vec<PathBuf>, Vec<PathBuf>) = std::fs::read_dir(sandbox.staging_dir())
         .expect("the staging directory exists")
         .flat_map(|host_dir| std::fs::read_dir(host_dir.expect("listing the staging directory").path()))
         .flatten()
         .map(|entry| entry.expect("listing the host's staging directory").path())
         .partition(|path| path.file_name().is_some_and(|name| name == "versions"));
+    let (ahead, staged): (Vec<PathBuf>, Vec<PathBuf>) = staged.into_iter().partition(|path| {
+        path.file_name()
+            .is_some_and(|name| name.to_string_lossy().starts_with("ahead-"))
+    });
     assert_eq!(staged.len(), 1, "staged copies left on disk: {staged:#?}");
+    assert!(ahead.len() <= 1, "more than one copy staged ahead: {ahead:#?}");
     for versions in kept {
         let versions: Vec<PathBuf> = std::fs::read_dir(&versions)
             .expect("listing the kept versions")

@@ -1,4 +1,5 @@
-//! `--watch`: reload when the file at the app path is replaced or rewritten.
+//! Watching the file at the app path: with `--watch`, a reload when it is replaced or rewritten;
+//! without, only staging it ahead of the next reload (`reload/ahead.rs`).
 //!
 //! The parent directory is watched rather than the file, because deployments replace the file
 //! (rename over it, or switch a symlink) and a watch on the old inode would go quiet. If the path
@@ -20,8 +21,21 @@ use crate::reload::trigger::Trigger;
 /// How long the file must stay quiet before a reload starts.
 const DEBOUNCE: Duration = Duration::from_millis(250);
 
+/// What a change of the app path's file leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnChange {
+    /// A reload (`--watch`).
+    Reload,
+    /// Staging it ahead, for the reload an operator asks for later.
+    StageAhead,
+}
+
 /// Starts watching; the watch lasts as long as the returned watcher is kept.
-pub fn watch(app_path: &Path, reloader: Arc<Reloader>) -> anyhow::Result<notify::RecommendedWatcher> {
+pub fn watch(
+    app_path: &Path,
+    reloader: Arc<Reloader>,
+    on_change: OnChange,
+) -> anyhow::Result<notify::RecommendedWatcher> {
     let mut watched: HashSet<PathBuf> = HashSet::new();
     watched.insert(absolute(app_path));
     if let Ok(target) = std::fs::canonicalize(app_path) {
@@ -42,14 +56,23 @@ pub fn watch(app_path: &Path, reloader: Arc<Reloader>) -> anyhow::Result<notify:
         watcher
             .watch(directory, RecursiveMode::NonRecursive)
             .with_context(|| format!("cannot watch {}", directory.display()))?;
-        tracing::info!(directory = %directory.display(), "watching for new app libraries");
+        match on_change {
+            OnChange::Reload => tracing::info!(directory = %directory.display(), "watching for new app libraries"),
+            OnChange::StageAhead => tracing::debug!(
+                directory = %directory.display(),
+                "watching for new app libraries, to stage them ahead"
+            ),
+        }
     }
 
     tokio::spawn(async move {
         while events.recv().await.is_some() {
             // Wait for the burst to end: every further event restarts the quiet period.
             while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, events.recv()).await {}
-            reloader.trigger(Trigger::Watch);
+            match on_change {
+                OnChange::Reload => reloader.trigger(Trigger::Watch),
+                OnChange::StageAhead => reloader.stage_ahead(),
+            }
         }
     });
     Ok(watcher)

@@ -18,13 +18,16 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::oneshot;
 
 use crate::reload::staging::{self, Staged, Trial};
-use crate::reload::trust::{self, TrustPolicy};
+use crate::reload::trust::{self, SourceStamp, TrustPolicy};
 use crate::util::lock;
 
 /// How long before a copy was made its file must have last changed for the copy to count: more
 /// than the kernel's coarse clock tick (up to 10 ms), within which a second change could leave the
 /// stamp as it was.
 const SETTLED: Duration = Duration::from_millis(50);
+
+/// How many times a preparation stages a file that keeps changing under it.
+const MAX_ATTEMPTS: u32 = 3;
 
 /// The nice value the preparing thread (and the hashing thread and trial process it starts) runs
 /// at: it must not slow down serving, or a reload under way.
@@ -37,6 +40,8 @@ pub struct Ahead {
     trust: TrustPolicy,
     init_timeout: Duration,
     held: Mutex<Option<Held>>,
+    /// How many preparations were started, for `/status`.
+    started: std::sync::atomic::AtomicU64,
 }
 
 enum Held {
@@ -58,6 +63,7 @@ impl Ahead {
             trust,
             init_timeout,
             held: Mutex::new(None),
+            started: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -95,32 +101,57 @@ impl Ahead {
         let started = std::thread::Builder::new().name("host-ahead".into()).spawn(move || {
             // On Linux a thread's own priority; the threads and processes it starts inherit it.
             let _ = rustix::process::setpriority_process(None, NICE);
-            // A file changed just now (a reload follows a deploy closely) is copied once it has
-            // settled, or the copy could never serve.
-            if let Some(wait) = trust::unsettled_for(&app_path, SystemTime::now(), SETTLED) {
-                std::thread::sleep(wait);
-            }
-            let began = SystemTime::now();
-            // The trial process started ahead stays for a reload that must stage anew: this
-            // one's, started here, runs at this thread's low priority.
-            let staged = staging::stage(&app_path, copy, &trust, init_timeout, Trial::OwnProcess);
+            let mut attempts = 0;
+            let (began, staged) = loop {
+                attempts += 1;
+                // A file changed just now (a reload follows a deploy closely) is copied once it
+                // has settled, or the copy could never serve.
+                if let Some(wait) = trust::unsettled_for(&app_path, SystemTime::now(), SETTLED) {
+                    std::thread::sleep(wait);
+                }
+                let began = SystemTime::now();
+                // The trial process started ahead stays for a reload that must stage anew: this
+                // one's, started here, runs at this thread's low priority.
+                let staged = staging::stage(&app_path, copy.clone(), &trust, init_timeout, Trial::OwnProcess);
+                // Changed while it was staged (a deploy under way): once more, within reason.
+                let changed = match &staged {
+                    Ok(Staged {
+                        source: Some(stamp), ..
+                    }) => !still_as_stamped(&app_path, &trust, stamp),
+                    Ok(_) => true,
+                    Err(_) => false,
+                };
+                if !changed || attempts == MAX_ATTEMPTS {
+                    break (began, staged);
+                }
+                if let Ok(staged) = staged {
+                    let _ = std::fs::remove_file(&staged.library.staged_copy);
+                }
+            };
             let _ = done.send(Prepared { began, staged });
         });
         match started {
-            Ok(_) => *held = Some(Held::Preparing(preparing)),
+            Ok(_) => {
+                self.started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                *held = Some(Held::Preparing(preparing));
+            }
             Err(e) => tracing::debug!(error = %e, "cannot start staging the library ahead"),
         }
     }
 
-    /// For `/status`: `"preparing"`, `"ready"` (a copy waits; whether it still holds is known
-    /// only when a reload looks), or `"none"`.
-    pub fn state(&self) -> &'static str {
-        match &*lock(&self.held) {
+    /// For `/status`: `state` is `"preparing"`, `"ready"` (a copy waits; whether it still
+    /// holds is known only when a reload looks), or `"none"`; `preparations` counts those started.
+    pub fn status(&self) -> serde_json::Value {
+        let state = match &*lock(&self.held) {
             Some(Held::Preparing(preparing)) if preparing.is_empty() && !preparing.is_terminated() => "preparing",
             Some(Held::Preparing(_)) => "ready",
             Some(Held::Ready(prepared)) if prepared.staged.is_ok() => "ready",
             _ => "none",
-        }
+        };
+        serde_json::json!({
+            "state": state,
+            "preparations": self.started.load(std::sync::atomic::Ordering::Relaxed),
+        })
     }
 
     /// The copy staged ahead as generation `number`'s (renamed to its staged path), if it still
@@ -162,7 +193,7 @@ impl Ahead {
             }) => {
                 if !stamp.settled(prepared.began, SETTLED) {
                     Some("the file had changed just before it was copied")
-                } else if !trust::check_source(&self.app_path, &self.trust).is_ok_and(|(_, now)| now == *stamp) {
+                } else if !still_as_stamped(&self.app_path, &self.trust, stamp) {
                     Some("the file changed since, or no longer passes the checks")
                 } else {
                     None
@@ -179,6 +210,11 @@ impl Ahead {
             }
         }
     }
+}
+
+/// Whether the file at `app_path` is as `stamp` says, and still passes the ownership checks.
+fn still_as_stamped(app_path: &std::path::Path, trust: &TrustPolicy, stamp: &SourceStamp) -> bool {
+    trust::check_source(app_path, trust).is_ok_and(|(_, now)| now == *stamp)
 }
 
 impl Drop for Ahead {

@@ -27,7 +27,7 @@ pub mod trust;
 pub mod versions;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -136,6 +136,8 @@ pub struct Reloader {
     kept_generation: AtomicU64,
     /// The app path's library, staged before a reload asks for it.
     ahead: Ahead,
+    /// Whether `run` is carrying out an action (staging ahead waits for its end).
+    acting: AtomicBool,
     /// Why this process should be replaced by a fresh one, once a budget of the process that
     /// unloading cannot refill runs low (see [`Reloader::process_spent`]).
     spent: watch::Sender<Option<String>>,
@@ -205,6 +207,7 @@ impl Reloader {
         ahead.refresh();
         let reloader = Arc::new(Reloader {
             ahead,
+            acting: AtomicBool::new(false),
             current: ArcSwap::new(Arc::clone(&first)),
             live,
             last_reload: Mutex::new(None),
@@ -227,6 +230,15 @@ impl Reloader {
             settings,
         });
         Ok((reloader, receiver))
+    }
+
+    /// Stages the app path's library ahead of the next reload (it changed), unless an action
+    /// runs: each ends by doing so.
+    pub fn stage_ahead(&self) {
+        if !self.acting.load(Ordering::Relaxed) {
+            self.acting.store(false, Ordering::Relaxed);
+            self.ahead.refresh();
+        }
     }
 
     /// Reloads starting and ending, from now on.
@@ -289,6 +301,7 @@ impl Reloader {
                 tracing::debug!("ignoring a change of the library that was the build's own output");
                 continue;
             }
+            self.acting.store(true, Ordering::Relaxed);
             let names: Vec<&str> = batch.iter().map(|request| request.trigger.name()).collect();
             let trigger = names.join(",");
             let outcome = match batch[0].action.clone() {
@@ -308,6 +321,7 @@ impl Reloader {
             }
             // Between reloads, off their path (see `probe::prepare_next`, `ahead.rs`).
             let _ = tokio::task::spawn_blocking(probe::prepare_next).await;
+            self.acting.store(false, Ordering::Relaxed);
             self.ahead.refresh();
         }
     }
@@ -814,7 +828,7 @@ impl Reloader {
             "canary": lock(&self.canary).as_ref().map(|canary| canary.status(&current)),
             "versions": lock(&self.versions).list(),
             "last_reload": *lock(&self.last_reload),
-            "staged_ahead": self.ahead.state(),
+            "staged_ahead": self.ahead.status(),
             "state_cells": state.as_ref().map(|s| s.cells).ok(),
             "state": match &state {
                 Ok(summary) => serde_json::json!(summary),

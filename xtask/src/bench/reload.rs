@@ -123,12 +123,12 @@ fn series_table(
 }
 
 /// Waits (at most `timeout`) until the host is not staging the library ahead (`/status`
-/// `staged_ahead`).
+/// `staged_ahead.state`).
 fn wait_staged_ahead(admin: std::net::SocketAddr, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let (_, status) = admin_json(admin, "GET", "/status", Duration::from_secs(5))?;
-        if status["staged_ahead"].as_str() != Some("preparing") {
+        if status["staged_ahead"]["state"].as_str() != Some("preparing") {
             return Ok(());
         }
         if Instant::now() > deadline {
