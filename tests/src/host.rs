@@ -386,7 +386,9 @@ impl Host {
             .unwrap_or_else(|| panic!("{path} has no numeric field {name}"))
     }
 
-    /// The distinct files under `dir` that the host has mapped (from `/proc/<pid>/maps`).
+    /// The distinct files under `dir` that the host has mapped (from `/proc/<pid>/maps`), leaving
+    /// out the copy the host stages ahead of the next reload (`ahead-…`): it is mapped read-only
+    /// for a moment while it is hashed, and is no library loaded.
     pub fn mapped_files_under(&self, dir: &Path) -> Vec<String> {
         let dir = fs::canonicalize(dir).unwrap_or_else(|e| panic!("cannot resolve {}: {e}", dir.display()));
         let prefix = format!("{}/", dir.display());
@@ -396,7 +398,7 @@ impl Host {
             .lines()
             .filter_map(mapped_path)
             .map(|name| name.strip_suffix(" (deleted)").unwrap_or(name).to_owned())
-            .filter(|name| name.starts_with(&prefix))
+            .filter(|name| name.starts_with(&prefix) && !name.contains("/ahead-"))
             .collect();
         files.sort();
         files.dedup();
