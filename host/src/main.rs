@@ -452,6 +452,8 @@ async fn run(
         parent_watch.abort();
     }
     drop(staging);
+    // Not left to the last holder's drop: that may be a thread still on its way out at exit.
+    state.close();
     tracing::info!("stopped");
     Ok(())
 }

@@ -452,6 +452,12 @@ impl FileCells {
         writer.retired = true;
         Ok(cells)
     }
+
+    /// Retires the writer once no write is under way: a write that waited for it goes to wherever
+    /// the cells are next.
+    pub(super) fn retire_writer(&self) {
+        lock(&self.writer).retired = true;
+    }
 }
 
 impl Writer {

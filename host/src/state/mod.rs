@@ -102,6 +102,8 @@ pub enum StateError {
     HandOffDirectory(std::io::Error),
     #[error("{0}")]
     Mismatch(String),
+    #[error("the state file {} is closed: the host is stopping", .path.display())]
+    Closed { path: PathBuf },
 }
 
 fn holder(pid: Option<u32>) -> String {
@@ -172,6 +174,8 @@ pub struct StateStore {
 enum Backend {
     Memory(HashMap<String, Cell>),
     File(FileCells),
+    /// The state file, closed at the end of the host's run.
+    Closed(PathBuf),
 }
 
 #[derive(Clone)]
@@ -186,6 +190,7 @@ impl std::fmt::Debug for StateStore {
         let store = match &*backend {
             Backend::Memory(_) => "memory",
             Backend::File(file) => file.store(),
+            Backend::Closed(_) => "closed",
         };
         f.debug_struct("StateStore")
             .field("store", &store)
@@ -316,6 +321,7 @@ impl StateStore {
                 tracing::error!(key, error = %error, "cannot read a state cell");
                 error
             }),
+            Backend::Closed(path) => Err(StateError::Closed { path: path.clone() }),
         }
     }
 
@@ -341,6 +347,7 @@ impl StateStore {
                         return Ok(true);
                     }
                     Backend::File(file) => file.writer(),
+                    Backend::Closed(path) => return Err(StateError::Closed { path: path.clone() }),
                 }
             };
             let mut writer = lock(&writer);
@@ -364,6 +371,7 @@ impl StateStore {
     pub fn unavailable(&self) -> Option<String> {
         let blocked = match &*lock(&self.backend) {
             Backend::Memory(_) => return None,
+            Backend::Closed(path) => return Some(StateError::Closed { path: path.clone() }.to_string()),
             Backend::File(file) => {
                 file.blocked()?;
                 file.writer()
@@ -393,6 +401,7 @@ impl StateStore {
                     unavailable: file.blocked(),
                 }
             }
+            Backend::Closed(path) => return Err(StateError::Closed { path: path.clone() }),
         })
     }
 
@@ -409,6 +418,7 @@ impl StateStore {
                 })
                 .collect(),
             Backend::File(file) => file.list()?,
+            Backend::Closed(path) => return Err(StateError::Closed { path: path.clone() }),
         };
         list.sort_by(|a: &CellInfo, b: &CellInfo| a.key.cmp(&b.key));
         Ok(list)
@@ -423,6 +433,7 @@ impl StateStore {
                 Ok((version, bytes)) => Ok(bytes.map(|bytes| (version, bytes))),
                 Err(source) => Err(file.error(source)),
             },
+            Backend::Closed(path) => Err(StateError::Closed { path: path.clone() }),
         }
     }
 
@@ -449,8 +460,23 @@ impl StateStore {
                 handed
             }
             Backend::File(file) => file.share_with_successor()?,
+            Backend::Closed(path) => return Err(StateError::Closed { path: path.clone() }),
         };
         Ok(handed)
+    }
+
+    /// Closes a state file at the end of the host's run, whoever still holds the store. The last
+    /// connection to close checkpoints the log into the file and removes it; a process that exits
+    /// with its connections open (a thread on its way out still holding the store) leaves the log
+    /// for the next start to replay. A write waiting for the file goes on to find the store closed.
+    pub fn close(&self) {
+        let mut backend = lock(&self.backend);
+        if let Backend::File(file) = &*backend {
+            file.retire_writer();
+            let path = file.path.clone();
+            // Dropping the cells closes their connections (and removes a hand-off directory).
+            *backend = Backend::Closed(path);
+        }
     }
 
     /// The new process an upgrade started is gone (it failed and was stopped): if nothing else
@@ -598,6 +624,32 @@ mod tests {
             other => panic!("a second opener must be refused: {:?}", other.err()),
         }
         drop(store);
+        let store = StateStore::open_file(&path, dir.path().to_owned()).expect("opens again");
+        assert_eq!(
+            store.read("k", <[u8]>::to_vec).expect("the store reads"),
+            (1, Some(b"1".to_vec()))
+        );
+    }
+
+    #[test]
+    fn a_closed_state_file_holds_every_cell_and_refuses_what_comes_after() {
+        let dir = scratch();
+        let path = dir.path().join("state.sqlite");
+        let store = std::sync::Arc::new(StateStore::open_file(&path, dir.path().to_owned()).expect("opens"));
+        assert!(store.compare_and_set("k", 0, b"1").expect("the store writes"));
+        let wal = dir.path().join("state.sqlite-wal");
+        assert!(wal.exists(), "a write leaves a log");
+        // Another holder keeps the store alive: closing must not wait for it.
+        let still_held = std::sync::Arc::clone(&store);
+        store.close();
+        assert!(
+            !wal.exists(),
+            "closing checkpoints the log into the file and removes it"
+        );
+        let written = still_held.compare_and_set("k", 1, b"2");
+        assert!(matches!(written, Err(StateError::Closed { .. })), "{written:?}");
+        assert!(still_held.read("k", <[u8]>::to_vec).is_err());
+        drop((store, still_held));
         let store = StateStore::open_file(&path, dir.path().to_owned()).expect("opens again");
         assert_eq!(
             store.read("k", <[u8]>::to_vec).expect("the store reads"),
