@@ -15,10 +15,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::util::lock;
 use std::sync::{Mutex, OnceLock};
 
-/// The open descriptors of the process at one moment: number → what it refers to
-/// (`/proc/self/fd`: a path, `socket:[inode]`, `anon_inode:[eventfd]`, …).
+/// The open descriptors of the process at one moment: number → the file each refers to. Taken on
+/// every reload's path, so it is told by `fstat` (device, inode, type), not by the text
+/// `/proc/self/fd` links to (a path walk each); the text is read only for what [`left_behind`]
+/// reports.
 #[derive(Debug, Clone, Default)]
-pub struct Descriptors(BTreeMap<RawFd, String>);
+pub struct Descriptors(BTreeMap<RawFd, FileIdentity>);
+
+/// The file a descriptor refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    device: u64,
+    inode: u64,
+    kind: u32,
+}
+
+impl FileIdentity {
+    fn socket_inode(&self) -> Option<u64> {
+        (self.kind == libc::S_IFSOCK).then_some(self.inode)
+    }
+}
 
 impl Descriptors {
     /// The descriptors open now (none if `/proc` cannot be read: then nothing is reported).
@@ -26,13 +42,16 @@ impl Descriptors {
         let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
             return Descriptors::default();
         };
-        let table = entries
-            .filter_map(|entry| {
-                let entry = entry.ok()?;
-                let fd: RawFd = entry.file_name().to_str()?.parse().ok()?;
-                // The directory's own descriptor is gone by now: reading its link fails.
-                let target = std::fs::read_link(entry.path()).ok()?;
-                Some((fd, target.to_string_lossy().into_owned()))
+        // Listed first and looked at after: the listing's own descriptor is closed by then, and
+        // its number no longer found.
+        let numbers: Vec<RawFd> = entries
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        let table = numbers
+            .into_iter()
+            .filter_map(|fd| {
+                let (device, inode, kind) = crate::generation::loader::descriptor_file(fd)?;
+                Some((fd, FileIdentity { device, inode, kind }))
             })
             .collect();
         Descriptors(table)
@@ -47,9 +66,16 @@ impl Descriptors {
         self
     }
 
-    fn contains(&self, fd: RawFd, target: &str) -> bool {
-        self.0.get(&fd).is_some_and(|t| t == target)
+    fn contains(&self, fd: RawFd, identity: &FileIdentity) -> bool {
+        self.0.get(&fd) == Some(identity)
     }
+}
+
+/// What `/proc/self/fd` says descriptor `fd` refers to: a path, `socket:[inode]`,
+/// `anon_inode:[eventfd]`, …
+fn target_of(fd: RawFd) -> Option<String> {
+    let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    Some(target.to_string_lossy().into_owned())
 }
 
 /// The descriptors open now that a generation opened and left: not open in `before_load`, open in
@@ -76,23 +102,22 @@ const CONFIRMATION_DELAY: std::time::Duration = std::time::Duration::from_millis
 /// One look at what [`left_behind`] reports.
 fn candidates(before_load: &Descriptors, successor_began: Option<&Descriptors>) -> Vec<(RawFd, String)> {
     let now = Descriptors::now();
-    let mut found: Vec<(RawFd, String)> = now
+    let mut found: Vec<(RawFd, String, FileIdentity)> = now
         .0
         .iter()
-        .filter(|(fd, target)| {
-            attributable(target)
-                && !before_load.contains(**fd, target)
-                && successor_began.is_none_or(|began| began.contains(**fd, target))
+        .filter(|(fd, identity)| {
+            !before_load.contains(**fd, identity) && successor_began.is_none_or(|began| began.contains(**fd, identity))
         })
-        .map(|(fd, target)| (*fd, target.clone()))
+        .filter_map(|(fd, identity)| Some((*fd, target_of(*fd)?, *identity)))
+        .filter(|(_, target, _)| attributable(target))
         .collect();
-    if found.iter().any(|(_, target)| socket_inode(target).is_some()) {
+    if found.iter().any(|(_, _, identity)| identity.socket_inode().is_some()) {
         // A connection that closed since the listing is missing from the table and stays a
         // candidate here, but not in the other look [`left_behind`] takes.
         let served = sockets_on_listening_ports(&tcp_sockets(), &now);
-        found.retain(|(_, target)| socket_inode(target).is_none_or(|inode| !served.contains(&inode)));
+        found.retain(|(_, _, identity)| identity.socket_inode().is_none_or(|inode| !served.contains(&inode)));
     }
-    found
+    found.into_iter().map(|(fd, target, _)| (fd, target)).collect()
 }
 
 /// Whether a descriptor referring to `target` can be told apart from another at the same number:
@@ -104,15 +129,10 @@ fn attributable(target: &str) -> bool {
     !target.starts_with("anon_inode:") && !target.starts_with("/proc/")
 }
 
-/// `socket:[12345]` → 12345.
-fn socket_inode(target: &str) -> Option<u64> {
-    target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
-}
-
 /// The inodes of TCP sockets on a port this process listens on: its listening sockets and the
 /// client connections accepted from them.
 fn sockets_on_listening_ports(rows: &[TcpRow], open: &Descriptors) -> BTreeSet<u64> {
-    let ours: BTreeSet<u64> = open.0.values().filter_map(|target| socket_inode(target)).collect();
+    let ours: BTreeSet<u64> = open.0.values().filter_map(FileIdentity::socket_inode).collect();
     let listening: BTreeSet<u16> = rows
         .iter()
         .filter(|row| row.listening && ours.contains(&row.inode))

@@ -136,7 +136,9 @@ unsafe impl Send for LoadedLibrary {}
 impl LoadedLibrary {
     /// Opens the library at `path` (a private staged copy) and checks that it is an app built
     /// against a compatible app-api, without running any of the app's code.
-    pub fn open(path: &Path, generation: u64) -> Result<Self, LoadError> {
+    /// `interface_checked`: a trial process checked the layout of this very copy's interface
+    /// (`try_initialisers_and_exit`), so only its descriptor is checked here.
+    pub fn open(path: &Path, generation: u64, interface_checked: bool) -> Result<Self, LoadError> {
         let display = path.display().to_string();
         // RTLD_LOCAL keeps each copy's symbols out of the global namespace, so two generations
         // of the same app never resolve to each other's code.
@@ -155,7 +157,12 @@ impl LoadedLibrary {
         let library = libloading::Library::from(library);
         let load_duration = opening.elapsed();
 
-        match verify(&library, &display) {
+        let layout = if interface_checked {
+            Layout::CheckedBefore
+        } else {
+            Layout::Check
+        };
+        match verify(&library, &display, layout) {
             Ok(vtable) => Ok(LoadedLibrary {
                 load_duration,
                 vtable,
@@ -252,7 +259,15 @@ impl LoadedLibrary {
 
 /// Checks that an opened library is an app built against a compatible app-api, without running
 /// any of its code, and finds its vtable.
-fn verify(library: &libloading::Library, display: &str) -> Result<*const GuestVTable, LoadError> {
+/// Whether [`verify`] checks the layout of the whole interface.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    Check,
+    /// Checked by a trial process, on the same private, unchanged copy.
+    CheckedBefore,
+}
+
+fn verify(library: &libloading::Library, display: &str, layout: Layout) -> Result<*const GuestVTable, LoadError> {
     let display = display.to_owned();
     // SAFETY: we only take the symbol's address here; it is dereferenced below, after checks.
     let symbol = unsafe { library.get::<*const AppDescriptor>(DESCRIPTOR_SYMBOL.as_bytes()) }
@@ -291,15 +306,15 @@ fn verify(library: &libloading::Library, display: &str) -> Result<*const GuestVT
 
     // A fresh `CheckingGlobals` per check: abi_stable's process-wide one would keep pointers
     // into this library's layouts after it is unloaded.
-    let globals = CheckingGlobals::new();
-    check_layout_compatibility_with_globals(<GuestVTable as StableAbi>::LAYOUT, descriptor.layout, &globals).map_err(
-        |errors| LoadError::Layout {
-            path: display.clone(),
-            library: library_api,
-            details: first_lines(&errors.to_string(), 12),
-        },
-    )?;
-    drop(globals);
+    if layout == Layout::Check {
+        let globals = CheckingGlobals::new();
+        check_layout_compatibility_with_globals(<GuestVTable as StableAbi>::LAYOUT, descriptor.layout, &globals)
+            .map_err(|errors| LoadError::Layout {
+                path: display.clone(),
+                library: library_api,
+                details: first_lines(&errors.to_string(), 12),
+            })?;
+    }
     if !descriptor.vtable.panic_unwinds {
         return Err(LoadError::PanicAbort { path: display });
     }
@@ -410,16 +425,25 @@ pub fn return_freed_heap_to_the_system() {
 }
 
 /// The trial process's whole work (see `reload/probe.rs`): opens `library`, which runs its
-/// initialisers, and exits at once, with 0 if that worked and [`OPEN_FAILED`],
-/// having written why to stderr, if not. Nothing else of the library runs.
+/// initialisers, checks its interface as the host would (descriptor, versions, the layout of the
+/// whole interface: this is the host's own binary), and exits at once, with 0 if that worked and
+/// [`OPEN_FAILED`], having written why to stderr, if not. Nothing else of the library runs.
 pub fn try_initialisers_and_exit(library: &Path) -> ! {
     let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL;
     // SAFETY: this process exists only to run the library's initialisers; whatever they do can
     // harm nothing but it, and it ends right after without running any other code of the library.
     match unsafe { libloading::os::unix::Library::open(Some(library), flags) } {
         Ok(opened) => {
+            let opened = libloading::Library::from(opened);
+            let checked = verify(&opened, &library.display().to_string(), Layout::Check);
             std::mem::forget(opened);
-            exit_at_once(0)
+            match checked {
+                Ok(_) => exit_at_once(0),
+                Err(e) => {
+                    eprintln!("{e}");
+                    exit_at_once(OPEN_FAILED)
+                }
+            }
         }
         Err(e) => {
             eprintln!(
@@ -436,7 +460,7 @@ pub fn try_initialisers_and_exit(library: &Path) -> ! {
 /// installed (tokio's `signal` feature does, through signal-hook-registry), which would crash the
 /// host on the next such signal once the library is unmapped.
 pub fn signals_handled_by(path: &Path) -> Vec<i32> {
-    let ranges = mapped_ranges(path);
+    let ranges = loaded_segments(path);
     if ranges.is_empty() {
         return Vec::new();
     }
@@ -462,6 +486,63 @@ pub fn signals_handled_by(path: &Path) -> Vec<i32> {
         }
     }
     handled
+}
+
+/// The device, inode and file type (`S_IFMT` bits) of what descriptor `fd` refers to, if it is open:
+/// `fstat` on the number, for the descriptor snapshots on a reload's path (`leftovers.rs`).
+pub fn descriptor_file(fd: std::os::fd::RawFd) -> Option<(u64, u64, u32)> {
+    // SAFETY: `fstat` only writes the struct it is given, a plain C struct for which all zeroes is
+    // a valid value; a number that is not open (or was closed meanwhile) gives EBADF.
+    let stat = unsafe {
+        let mut stat: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut stat) != 0 {
+            return None;
+        }
+        stat
+    };
+    Some((stat.st_dev, stat.st_ino, stat.st_mode & libc::S_IFMT))
+}
+
+/// The address ranges of the loadable segments of the object `dlopen` loaded from `path`, as the
+/// dynamic loader knows them: on a reload's path, where reading `/proc/self/maps` would cost more
+/// than all the rest of the check.
+fn loaded_segments(path: &Path) -> Vec<(usize, usize)> {
+    struct Search<'a> {
+        name: &'a [u8],
+        segments: Vec<(usize, usize)>,
+    }
+    unsafe extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: `data` is the `Search` passed to `dl_iterate_phdr` below, borrowed by nothing
+        // else while it runs; `info` and what it points to (the object's name and program
+        // headers) are valid during the callback, which holds the loader's lock.
+        unsafe {
+            let search = &mut *data.cast::<Search>();
+            let info = &*info;
+            if info.dlpi_name.is_null() || std::ffi::CStr::from_ptr(info.dlpi_name).to_bytes() != search.name {
+                return 0;
+            }
+            let headers = std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum));
+            for header in headers.iter().filter(|header| header.p_type == libc::PT_LOAD) {
+                let start = (info.dlpi_addr as usize).wrapping_add(header.p_vaddr as usize);
+                search
+                    .segments
+                    .push((start, start.wrapping_add(header.p_memsz as usize)));
+            }
+            1
+        }
+    }
+    let mut search = Search {
+        name: std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()),
+        segments: Vec::new(),
+    };
+    // SAFETY: `visit` only reads what the loader passes it and writes into `search`, which
+    // outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(visit), (&raw mut search).cast()) };
+    search.segments
 }
 
 /// The address ranges at which `path` is mapped in this process (one per mapping).

@@ -44,6 +44,10 @@ pub struct LibraryInfo {
     /// The private copy that was actually loaded.
     pub staged_copy: PathBuf,
     pub sha256: Sha256,
+    /// Whether the trial process checked this copy's interface already (`reload/probe.rs`): the
+    /// copy is private and unchanged since, so the host does not check its layout again on the
+    /// reload's path.
+    pub interface_checked: bool,
 }
 
 /// A library's sha256 (hex), known once its bytes are hashed. When no trust policy needs it
@@ -234,6 +238,7 @@ impl Generation {
     pub async fn start(options: StartOptions) -> Result<Arc<Generation>, StartError> {
         let number = options.number;
         let staged = options.library.staged_copy.clone();
+        let interface_checked = options.library.interface_checked;
         let wake = Wake::new().map_err(|e| StartError::Setup {
             what: "eventfd",
             source: e.into(),
@@ -263,36 +268,34 @@ impl Generation {
 
         let thread_generation = Arc::clone(&generation);
         let (config, worker_threads) = (options.config, options.worker_threads);
-        let thread = std::thread::Builder::new()
-            .name(format!("gen{number}"))
-            .spawn(move || {
-                let generation = thread_generation;
-                let loaded = Instant::now();
-                let library = match LoadedLibrary::open(&staged, number) {
-                    Ok(library) => library,
-                    Err(e) => {
-                        generation.report_started(Err(e.into()));
-                        return None;
-                    }
-                };
-                let elapsed = loaded.elapsed();
-                tracing::info!(
-                    generation = number,
-                    duration_ms = ms(elapsed),
-                    load_ms = ms(library.load_duration),
-                    verify_ms = ms(elapsed.saturating_sub(library.load_duration)),
-                    "loaded and verified"
-                );
-                if let Err(e) = library.run(&generation, &config, worker_threads) {
-                    tracing::error!(generation = number, error = %e, "the generation stopped with an error");
-                    generation.report_started(Err(StartError::App(e)));
+        let thread = spawn_generation_thread(number, move || {
+            let generation = thread_generation;
+            let loaded = Instant::now();
+            let library = match LoadedLibrary::open(&staged, number, interface_checked) {
+                Ok(library) => library,
+                Err(e) => {
+                    generation.report_started(Err(e.into()));
+                    return None;
                 }
-                Some(library)
-            })
-            .map_err(|source| StartError::Setup {
-                what: "cannot spawn the generation's thread",
-                source,
-            })?;
+            };
+            let elapsed = loaded.elapsed();
+            tracing::info!(
+                generation = number,
+                duration_ms = ms(elapsed),
+                load_ms = ms(library.load_duration),
+                verify_ms = ms(elapsed.saturating_sub(library.load_duration)),
+                "loaded and verified"
+            );
+            if let Err(e) = library.run(&generation, &config, worker_threads) {
+                tracing::error!(generation = number, error = %e, "the generation stopped with an error");
+                generation.report_started(Err(StartError::App(e)));
+            }
+            Some(library)
+        })
+        .map_err(|source| StartError::Setup {
+            what: "cannot spawn the generation's thread",
+            source,
+        })?;
         *lock(&generation.thread) = Some(thread);
 
         let outcome = match tokio::time::timeout(options.init_timeout, started_rx).await {
@@ -675,6 +678,56 @@ impl Host for Generation {
 /// generation owns has ended, so that unmapping it would crash the host: a thread the app started
 /// outside tokio (as C libraries do; it inherits its creator's name, `gen{N}…`), or a signal
 /// handler it installed. Says why in the log.
+/// What a generation's thread does: open the library, run it, and give it back to be unloaded.
+type GenerationJob = Box<dyn FnOnce() -> Option<LoadedLibrary> + Send>;
+
+/// A thread started between reloads that becomes the next generation's `gen{N}`: starting a
+/// thread is a tenth of a millisecond of a reload's path here. It has run only host code when it
+/// is taken, and is the generation's own from then on (renamed, so that threads the app starts
+/// from it inherit the generation's name), joined like one.
+struct SpareThread {
+    job: std::sync::mpsc::SyncSender<(u64, GenerationJob)>,
+    thread: JoinHandle<Option<LoadedLibrary>>,
+}
+
+static SPARE_THREAD: Mutex<Option<SpareThread>> = Mutex::new(None);
+
+/// Between reloads: starts the thread the next generation will take, unless one waits already.
+pub fn prepare_spare_thread() {
+    let mut spare = lock(&SPARE_THREAD);
+    if spare.is_some() {
+        return;
+    }
+    let (job, jobs) = std::sync::mpsc::sync_channel::<(u64, GenerationJob)>(1);
+    let started = std::thread::Builder::new().name("gen-next".into()).spawn(move || {
+        // No job: the host is exiting, or the spare is dropped.
+        let (number, job) = jobs.recv().ok()?;
+        if let Ok(name) = std::ffi::CString::new(format!("gen{number}")) {
+            let _ = rustix::thread::set_name(&name);
+        }
+        job()
+    });
+    match started {
+        Ok(thread) => *spare = Some(SpareThread { job, thread }),
+        Err(e) => tracing::debug!(error = %e, "cannot start a thread for the next generation ahead"),
+    }
+}
+
+/// Runs `job` on generation `number`'s own thread: the spare one, or a new one.
+fn spawn_generation_thread(
+    number: u64,
+    job: impl FnOnce() -> Option<LoadedLibrary> + Send + 'static,
+) -> std::io::Result<JoinHandle<Option<LoadedLibrary>>> {
+    let mut job: GenerationJob = Box::new(job);
+    if let Some(spare) = lock(&SPARE_THREAD).take() {
+        match spare.job.send((number, job)) {
+            Ok(()) => return Ok(spare.thread),
+            Err(std::sync::mpsc::SendError((_, returned))) => job = returned,
+        }
+    }
+    std::thread::Builder::new().name(format!("gen{number}")).spawn(job)
+}
+
 fn still_runs_code_of(number: u64, staged: &Path) -> Option<String> {
     let mut reasons = Vec::new();
     // tokio joins only the last of its blocking threads at shutdown; the others have finished

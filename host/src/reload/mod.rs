@@ -205,6 +205,7 @@ impl Reloader {
             settings.init_timeout,
         );
         ahead.refresh();
+        crate::generation::prepare_spare_thread();
         let reloader = Arc::new(Reloader {
             ahead,
             acting: AtomicBool::new(false),
@@ -320,7 +321,11 @@ impl Reloader {
                 }
             }
             // Between reloads, off their path (see `probe::prepare_next`, `ahead.rs`).
-            let _ = tokio::task::spawn_blocking(probe::prepare_next).await;
+            let _ = tokio::task::spawn_blocking(|| {
+                probe::prepare_next();
+                crate::generation::prepare_spare_thread();
+            })
+            .await;
             self.acting.store(false, Ordering::Relaxed);
             self.ahead.refresh();
         }
@@ -936,12 +941,9 @@ async fn load_generation(
     };
     // Taken once the copy is staged and tried, not while: staging has the app's file, the copy
     // and the trial's pipe open, and a descriptor open at this moment that a later look finds
-    // again at the same number is blamed on the serving generation (`leftovers.rs`).
-    let descriptors_before = tokio::task::spawn_blocking(|| {
-        crate::generation::leftovers::Descriptors::now().without(&probe::waiting_descriptors())
-    })
-    .await
-    .unwrap_or_default();
+    // again at the same number is blamed on the serving generation (`leftovers.rs`). Here, not on
+    // a blocking thread: an `fstat` per descriptor costs less than the hand-off there and back.
+    let descriptors_before = crate::generation::leftovers::Descriptors::now().without(&probe::waiting_descriptors());
     if let Some(serving) = shared.serving {
         serving.successor_loading(&descriptors_before);
     }

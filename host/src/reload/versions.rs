@@ -131,6 +131,7 @@ impl Version {
             path: version.path.clone(),
             staged_copy,
             sha256: Sha256::known(version.sha256.clone()),
+            interface_checked: false,
         })
     }
 }
@@ -273,6 +274,7 @@ mod tests {
             path: dir.join("app.so"),
             staged_copy,
             sha256: Sha256::known(sha256.to_owned()),
+            interface_checked: false,
         }
     }
 
