@@ -58,7 +58,7 @@ struct Launch {
 }
 
 fn main() -> ExitCode {
-    loader::return_large_allocations_to_the_system();
+    loader::tune_the_hosts_malloc();
     // A trial process for a library's initialisers does that and nothing else (`reload/probe.rs`).
     let mut args = std::env::args_os().skip(1);
     if args.next().is_some_and(|arg| arg == probe::ARG) {

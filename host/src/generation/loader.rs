@@ -391,15 +391,34 @@ pub fn open_under_way() -> Option<(u64, Duration)> {
 /// to the system when freed. By default the threshold adapts: once a large block (a library
 /// image read for staging, 4-50 MiB) is freed, blocks of that size come from the heap instead,
 /// and the heap keeps their pages after they are freed, so the host would hold on to one more
-/// library image's worth of memory than it uses. Call once, first thing in `main`.
-pub fn return_large_allocations_to_the_system() {
+/// library image's worth of memory than it uses.
+///
+/// And keeps the host's malloc to [`HOST_ARENAS`] arenas. glibc gives threads new arenas (each a
+/// 64 MiB reservation and the pages it keeps) up to eight per core, and every reload brings new
+/// threads that call into the host (a generation's `gen{N}` and workers, through the host's
+/// callbacks): the process's arenas and mappings would grow over the first thousands of reloads.
+/// The host's own allocations are few and off the request path (an app's go to its own heap).
+/// Call once, first thing in `main`.
+pub fn tune_the_hosts_malloc() {
     // SAFETY: `mallopt` only sets a parameter of glibc's allocator (under its own lock); a
     // failure (0) leaves the default, which is merely less thrifty.
-    let set = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) };
-    if set == 0 {
-        tracing::debug!("mallopt(M_MMAP_THRESHOLD) refused; large freed blocks may stay in the heap");
+    let (threshold, arenas) = unsafe {
+        (
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20),
+            libc::mallopt(libc::M_ARENA_MAX, HOST_ARENAS),
+        )
+    };
+    if threshold == 0 || arenas == 0 {
+        tracing::debug!(
+            threshold,
+            arenas,
+            "mallopt refused a setting; the host's heap may keep more than it uses"
+        );
     }
 }
+
+/// How many malloc arenas the host's threads share.
+const HOST_ARENAS: i32 = 4;
 
 /// Ends the process with `status` at once, without `exit`'s handlers and finalisers: for when a
 /// library's initialisers hold the dynamic loader's lock, which `exit` would wait for forever.
