@@ -125,6 +125,7 @@ mod guest;
 #[allow(unsafe_code, reason = "one call sets an option of the copy's own allocator")]
 mod heap;
 mod io;
+mod live_reload;
 mod server;
 mod state;
 mod without_host;
