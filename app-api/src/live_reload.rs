@@ -11,15 +11,18 @@
 //!   its `GET` answer has). Anything else passes as the app made it;
 //! - answers the reserved paths under `/_hot_reload/` (the app's own routes there are never
 //!   reached): `GET /_hot_reload/client.js`, the script (`live_reload.js`), and
-//!   `GET /_hot_reload/events`, a `text/event-stream` that sends this generation's number at
-//!   once (with `retry: 250`), then only keep-alive comments.
+//!   `GET /_hot_reload/events`, a `text/event-stream` that sends at once (with `retry: 250`)
+//!   the host's process id and this generation's number (`data: 1234 7`), then only keep-alive
+//!   comments.
 //!
 //! The stream ends as soon as the generation stops serving (its lifecycle leaves `Serving`), so
 //! an open page never holds a retiring generation's drain back. The browser's `EventSource` then
 //! reconnects by itself; new connections go to the newest generation, whose number is higher than
 //! the one the script was served with (written into its tag), and the script reloads the page.
 //! The generation that served the page is what the script compares with, rather than the first
-//! number it hears: a page served just before a swap may open its stream just after it.
+//! number it hears: a page served just before a swap may open its stream just after it. Another
+//! host process (the dev loop restarted, or the host upgraded) counts generations anew, so a
+//! stream from another process id reloads the page too.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -61,10 +64,12 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// The app's `router` with live reload around it, for `generation`, whose streams end when
 /// `lifecycle` leaves `Serving`.
 pub(crate) fn wrap(router: Router, generation: u64, lifecycle: watch::Receiver<LifecycleState>) -> Router {
-    let tag: Arc<str> = format!(r#"<script src="{CLIENT_PATH}" data-generation="{generation}"></script>"#).into();
+    // The library runs inside the host: this is the host's process.
+    let served = format!("{} {generation}", std::process::id());
+    let tag: Arc<str> = script_tag(&served).into();
     Router::new()
         .route(CLIENT_PATH, get(client))
-        .route(EVENTS_PATH, get(move || events(generation, lifecycle.clone())))
+        .route(EVENTS_PATH, get(move || events(served.clone(), lifecycle.clone())))
         .fallback_service(router)
         .layer(middleware::from_fn_with_state(tag, inject))
 }
@@ -79,8 +84,13 @@ async fn client() -> impl IntoResponse {
     )
 }
 
-async fn events(generation: u64, mut lifecycle: watch::Receiver<LifecycleState>) -> impl IntoResponse {
-    let hello = Event::default().retry(RETRY).data(generation.to_string());
+/// The tag every page gets; `served` is the host's process id and the generation's number.
+fn script_tag(served: &str) -> String {
+    format!(r#"<script src="{CLIENT_PATH}" data-served="{served}"></script>"#)
+}
+
+async fn events(served: String, mut lifecycle: watch::Receiver<LifecycleState>) -> impl IntoResponse {
+    let hello = Event::default().retry(RETRY).data(served);
     let retired = async move {
         // Err: the generation's state is gone, which it is only once it stops.
         let _ = lifecycle.wait_for(|state| state.phase != Lifecycle::Serving).await;
@@ -197,8 +207,12 @@ mod tests {
 
     const GENERATION: u64 = 7;
 
+    fn served() -> String {
+        format!("{} {GENERATION}", std::process::id())
+    }
+
     fn tag() -> String {
-        format!(r#"<script src="{CLIENT_PATH}" data-generation="{GENERATION}"></script>"#)
+        script_tag(&served())
     }
 
     fn lifecycle(phase: Lifecycle) -> (watch::Sender<LifecycleState>, watch::Receiver<LifecycleState>) {
@@ -347,7 +361,7 @@ mod tests {
             .expect("data");
         assert_eq!(
             String::from_utf8_lossy(&first),
-            format!("retry: 250\ndata: {GENERATION}\n\n")
+            format!("retry: 250\ndata: {}\n\n", served())
         );
         let pending = tokio::time::timeout(Duration::from_millis(50), body.frame()).await;
         assert!(pending.is_err(), "the stream stays open while the generation serves");

@@ -15,7 +15,8 @@ const SCRIPT_MARKER: &str = "/_hot_reload/client.js";
 const RELOAD_SHOWN_WITHIN: Duration = Duration::from_secs(20);
 
 /// A headless Chromium shows example-app's `/page` from v1; the host is made to serve v2, and the
-/// page, untouched, shows v2 within a bound. Answers that are not HTML get no script.
+/// page, untouched, shows v2 within a bound; then another host serves v1 in its place, and the
+/// page shows v1. Answers that are not HTML get no script.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_page_reloads_itself_after_a_swap() {
     let chromium = browser::chromium().await;
@@ -65,21 +66,8 @@ async fn an_open_page_reloads_itself_after_a_swap() {
 
     sandbox.deploy(example_app(AppVersion::V2));
     let generation = host.reload_ok().await;
-    let v2 = shows(AppVersion::V2);
-    let reloaded = std::time::Instant::now();
-    loop {
-        let text = tab.text().await.unwrap_or_else(|e| e);
-        if text.contains(&v2) {
-            break;
-        }
-        assert!(
-            reloaded.elapsed() < RELOAD_SHOWN_WITHIN,
-            "the page did not show {v2:?} by itself within {RELOAD_SHOWN_WITHIN:?} of generation \
-             {generation}'s swap; it shows {text:?}\n{}",
-            host.log_excerpt()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let swap = format!("generation {generation}'s swap");
+    shows_by_itself(&mut tab, &shows(AppVersion::V2), &swap, &host).await;
     // The retiring generation's stream ended with the swap, so nothing of it holds its drain.
     wait_until("generation 1 to be unloaded", Duration::from_secs(20), || {
         let host = &host;
@@ -94,6 +82,38 @@ async fn an_open_page_reloads_itself_after_a_swap() {
         }
     })
     .await;
+
+    // Another host process on the same addresses numbers its generations from 1 again: the page,
+    // whose stream reconnects to it, reloads all the same.
+    let (public, admin) = (host.addr(), host.admin_addr());
+    host.stop().await;
+    sandbox.deploy(example_app(AppVersion::V1));
+    let host = sandbox
+        .host()
+        .listening_on(public, admin)
+        .arg("--live-reload")
+        .start()
+        .await;
+    shows_by_itself(&mut tab, &v1, "another host's start", &host).await;
+}
+
+/// Waits until `tab` shows `text`, for at most [`RELOAD_SHOWN_WITHIN`] after `event`; panics with
+/// what it shows and `host`'s log otherwise.
+async fn shows_by_itself(tab: &mut browser::Page, text: &str, event: &str, host: &e2e_tests::Host) {
+    let began = std::time::Instant::now();
+    loop {
+        let shown = tab.text().await.unwrap_or_else(|e| e);
+        if shown.contains(text) {
+            return;
+        }
+        assert!(
+            began.elapsed() < RELOAD_SHOWN_WITHIN,
+            "the page did not show {text:?} by itself within {RELOAD_SHOWN_WITHIN:?} of {event}; it \
+             shows {shown:?}\n{}",
+            host.log_excerpt()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Without `--live-reload`, pages are served exactly as the app makes them, and the reserved
