@@ -9,8 +9,8 @@
 //!   touched: `text/html` with no `Content-Encoding`, a body of known length up to
 //!   [`MAX_PAGE_BYTES`], and not a 1xx, 204, 206 or 304 answer (a `HEAD` answer gets the length
 //!   its `GET` answer has). Anything else passes as the app made it;
-//! - answers the reserved paths under `/_hot_reload/` (the app's own routes there are never
-//!   reached): `GET /_hot_reload/client.js`, the script (`live_reload.js`), and
+//! - answers two paths under `/_hot_reload/`, which is reserved for it (the app's own routes at
+//!   these two are never reached): `GET /_hot_reload/client.js`, the script (`live_reload.js`), and
 //!   `GET /_hot_reload/events`, a `text/event-stream` that sends at once (with `retry: 250`)
 //!   the host's process id and this generation's number (`data: 1234 7`), then only keep-alive
 //!   comments.
@@ -52,7 +52,7 @@ const CLIENT: &str = include_str!("live_reload.js");
 
 /// The largest page given a script; a larger one, or one of unknown length (a stream), is left
 /// as it is rather than held whole in memory.
-pub(crate) const MAX_PAGE_BYTES: u64 = 4 << 20;
+const MAX_PAGE_BYTES: u64 = 4 << 20;
 
 /// How long the browser waits before it reconnects to a stream that ended.
 const RETRY: Duration = Duration::from_millis(250);
