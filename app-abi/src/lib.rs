@@ -218,6 +218,10 @@ pub struct HostApi<'a> {
     /// The public listening sockets, lent for the duration of `run`.
     pub listeners: RSlice<'a, ListenerRef>,
     pub limits: ConnectionLimits,
+    /// Whether HTML pages the app serves should reload themselves after each swap (the host's
+    /// `--live-reload`, which `cargo xtask dev` turns on): app-api then injects a script into them
+    /// and serves the event stream it listens to.
+    pub live_reload: bool,
     /// Reports the outcome of the app's initialisation. Called exactly once.
     pub started: extern "C" fn(HostHandle, RResult<(), RStr<'_>>),
     /// Clears the wake eventfd; called before looking at the lifecycle and handed connections.

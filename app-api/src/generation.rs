@@ -83,15 +83,23 @@ pub(crate) struct Generation {
 }
 
 impl Generation {
-    pub(crate) fn new(host: HostLink, router: axum::Router, limits: ConnectionLimits) -> Self {
+    /// With the host's `--live-reload` ([`HostApi::live_reload`]), the app's router is served
+    /// inside [`crate::live_reload::wrap`].
+    pub(crate) fn new(host: &HostApi<'_>, router: axum::Router) -> Self {
+        let lifecycle = watch::Sender::new(LifecycleState {
+            phase: Lifecycle::Starting,
+            idle_grace_ms: 0,
+        });
+        let router = if host.live_reload {
+            crate::live_reload::wrap(router, host.generation, lifecycle.subscribe())
+        } else {
+            router
+        };
         Generation {
-            host,
+            host: HostLink::new(host),
             router,
-            limits,
-            lifecycle: watch::Sender::new(LifecycleState {
-                phase: Lifecycle::Starting,
-                idle_grace_ms: 0,
-            }),
+            limits: host.limits,
+            lifecycle,
             live: AtomicUsize::new(0),
             accepting: AtomicUsize::new(0),
             emptied: Notify::new(),

@@ -117,6 +117,10 @@
 //! SSE response, a long download) goes on with this generation's code until it ends or the
 //! host's drain timeout passes. Then its connection is closed, and a WebSocket first receives a
 //! close frame with status 1012 (service restart), which tells a client to reconnect.
+//!
+//! Under `cargo xtask dev` (the host's `--live-reload`) an HTML page the app serves, open in a
+//! browser, reloads itself after each swap: its `text/html` answers get a small script, and the
+//! paths under `/_hot_reload/` are reserved for it. Nothing changes without the option.
 
 #[allow(unsafe_code, reason = "descriptors cross the boundary as raw numbers")]
 mod fd;
@@ -125,6 +129,7 @@ mod guest;
 #[allow(unsafe_code, reason = "one call sets an option of the copy's own allocator")]
 mod heap;
 mod io;
+mod live_reload;
 mod server;
 mod state;
 mod without_host;

@@ -11,6 +11,8 @@
 //!   finishes its streams here; an upgraded one stays until it ends or the generation stops.
 //! - When the host stops serving (shutdown, or a new host process took over), responses say
 //!   `Connection: close` and idle connections are closed after the host's grace period.
+//! - With the host's `--live-reload`, the router it runs is the app's inside
+//!   [`crate::live_reload::wrap`] (see `Generation::new`).
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -12,7 +12,7 @@ use app_api::axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use app_api::axum::extract::{Query, State as Extract};
 use app_api::axum::http::{StatusCode, header};
 use app_api::axum::response::sse::{Event, KeepAlive, Sse};
-use app_api::axum::response::{IntoResponse, Response};
+use app_api::axum::response::{Html, IntoResponse, Response};
 use app_api::axum::routing::{get, post};
 use app_api::axum::{Json, Router};
 use app_api::{App, InitContext, State, tokio, tracing};
@@ -76,6 +76,7 @@ impl App for ExampleApp {
     fn router(&self) -> Router {
         Router::new()
             .route("/", get(greet))
+            .route("/page", get(page))
             .route("/slow", get(slow))
             .route("/panic", get(panic))
             .route("/echo", post(echo))
@@ -125,6 +126,14 @@ fn internal(error: impl std::fmt::Display) -> (StatusCode, String) {
 
 async fn greet() -> String {
     format!("Hello from example-app {VERSION}\n")
+}
+
+/// Under `cargo xtask dev` (the host's `--live-reload`) this page, open in a browser, shows the
+/// new version by itself after each save: app-api adds the script that reloads it.
+async fn page() -> Html<String> {
+    Html(format!(
+        "<!doctype html>\n<html><head><title>example-app</title></head>\n<body><h1>Hello from example-app {VERSION}</h1></body></html>\n"
+    ))
 }
 
 #[derive(Deserialize)]

@@ -6,6 +6,8 @@
 //!
 //! Routes:
 //! - `GET /`: a greeting with the version.
+//! - `GET /page`: the greeting as an HTML page, which reloads itself in the browser after each
+//!   reload under `cargo xtask dev`.
 //! - `GET /slow?ms=N`: waits N milliseconds on a tokio timer, then answers with the version.
 //! - `GET /panic`: panics in the handler (the host answers 500 and keeps serving).
 //! - `POST /echo`: answers with the request body.

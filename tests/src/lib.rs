@@ -1,11 +1,13 @@
 //! End-to-end tests of the hot-reload host: they build the real `host` binary and real app
 //! libraries (see [`artifacts`]), run the host on loopback ports (see [`host`]), and talk to it
-//! over HTTP/1.1 and HTTP/2 (see [`client`]). The tests themselves are in `tests/tests/`.
+//! over HTTP/1.1 and HTTP/2 (see [`client`]), or through a headless Chromium (see [`browser`]).
+//! The tests themselves are in `tests/tests/`.
 //!
 //! `cargo test` builds everything they need by itself, into the workspace's target directory. [`process`] and
 //! [`systemd`] have what tests of the host's operation (service managers, wrappers) need besides.
 
 pub mod artifacts;
+pub mod browser;
 pub mod client;
 pub mod host;
 pub mod process;

@@ -11,6 +11,7 @@ mod dev_loop;
 mod handover;
 mod hardening;
 mod lifecycle;
+mod live_reload;
 mod ops;
 mod protocol;
 mod reload;

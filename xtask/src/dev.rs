@@ -81,7 +81,8 @@ pub struct DevArgs {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8081")]
     admin: SocketAddr,
 
-    /// Further arguments for the host, after `--`, passed on verbatim (see `host --help`).
+    /// Further arguments for the host, after `--`, passed on verbatim (see `host --help`); the
+    /// loop adds `--live-reload` unless they say otherwise.
     #[arg(last = true, value_name = "HOST ARGS")]
     host_args: Vec<OsString>,
 }

@@ -34,11 +34,17 @@ pub fn spawn(executable: &Path, app: &Path, options: &HostOptions) -> anyhow::Re
     for address in &options.listen {
         command.arg("--listen").arg(address.to_string());
     }
-    command
-        .arg("--admin")
-        .arg(options.admin.to_string())
-        .args(&options.extra)
-        .stdin(Stdio::null());
+    command.arg("--admin").arg(options.admin.to_string());
+    // The pages the app serves reload themselves after each swap, unless the developer said
+    // otherwise after `--` (clap refuses a flag given twice).
+    let chosen = options
+        .extra
+        .iter()
+        .any(|arg| arg.to_string_lossy().starts_with("--live-reload"));
+    if !chosen {
+        command.arg("--live-reload");
+    }
+    command.args(&options.extra).stdin(Stdio::null());
     command
         .spawn()
         .with_context(|| format!("cannot start the host {}", executable.display()))

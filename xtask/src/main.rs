@@ -45,7 +45,8 @@ enum Command {
     /// `Cargo.toml` and the sources of its path dependencies. Every change rebuilds the library
     /// and reloads it in the same host process, with one line per reload; a build or reload that
     /// fails leaves the previous version serving, and says why. A save during a build cancels it
-    /// and builds again. Ctrl-C (or SIGTERM) stops the build and the host; a second one kills the
+    /// and builds again. The host runs with `--live-reload`: an HTML page of the app open in a
+    /// browser reloads itself after each swap (`-- --live-reload=false` turns it off). Ctrl-C (or SIGTERM) stops the build and the host; a second one kills the
     /// host at once.
     Dev(dev::DevArgs),
     /// Create an app crate (./NAME, or --path DIR) that `cargo xtask dev --app DIR` serves.

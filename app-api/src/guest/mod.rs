@@ -136,7 +136,7 @@ async fn serve<A: App>(host: &HostApi<'_>) -> Result<(), String> {
     };
     (host.started)(host.handle, ROk(()));
 
-    let server = Arc::new(Server::new(Arc::new(Generation::new(link, router, host.limits))));
+    let server = Arc::new(Server::new(Arc::new(Generation::new(host, router))));
     // The control loop runs as a task, on the runtime's workers, not here: this future is driven
     // by `block_on` on the generation's own thread, which is not a worker, so every wake-up
     // would be handed from the worker that polls the eventfd to this thread and back. It is

@@ -180,7 +180,13 @@ impl LoadedLibrary {
     }
 
     /// Runs one generation of the app on the calling thread, until the host asks it to stop.
-    pub fn run<H: Host>(&self, host: &Arc<H>, config: &str, worker_threads: u32) -> Result<(), String> {
+    pub fn run<H: Host>(
+        &self,
+        host: &Arc<H>,
+        config: &str,
+        worker_threads: u32,
+        live_reload: bool,
+    ) -> Result<(), String> {
         // SAFETY: the handle points to `host`, which outlives this call; the callbacks below turn
         // it back into a reference only while the library runs, that is during it.
         let handle = unsafe { HostHandle::from_raw(Arc::as_ptr(host) as usize) };
@@ -199,6 +205,7 @@ impl LoadedLibrary {
             wake_fd: std::os::fd::AsRawFd::as_raw_fd(&host.wake_fd()),
             listeners: RSlice::from_slice(&listeners),
             limits: host.listeners().limits(),
+            live_reload,
             started: on_started::<H>,
             reset_wake: on_reset_wake::<H>,
             lifecycle: on_lifecycle::<H>,

@@ -187,6 +187,8 @@ pub struct StartOptions {
     pub library: LibraryInfo,
     pub config: String,
     pub worker_threads: u32,
+    /// `--live-reload`, passed on to the library (`HostApi::live_reload`).
+    pub live_reload: bool,
     pub state: Arc<StateStore>,
     pub handover: Arc<Handover>,
     pub listeners: Arc<Listeners>,
@@ -267,7 +269,7 @@ impl Generation {
         });
 
         let thread_generation = Arc::clone(&generation);
-        let (config, worker_threads) = (options.config, options.worker_threads);
+        let (config, worker_threads, live_reload) = (options.config, options.worker_threads, options.live_reload);
         let thread = spawn_generation_thread(number, move || {
             let generation = thread_generation;
             let loaded = Instant::now();
@@ -286,7 +288,7 @@ impl Generation {
                 verify_ms = ms(elapsed.saturating_sub(library.load_duration)),
                 "loaded and verified"
             );
-            if let Err(e) = library.run(&generation, &config, worker_threads) {
+            if let Err(e) = library.run(&generation, &config, worker_threads, live_reload) {
                 tracing::error!(generation = number, error = %e, "the generation stopped with an error");
                 generation.report_started(Err(StartError::App(e)));
             }

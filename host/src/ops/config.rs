@@ -171,6 +171,14 @@ options! {
           require_equals = true, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     watch: bool,
 
+    /// For development (`cargo xtask dev` turns it on): HTML pages the app serves reload
+    /// themselves in the browser after every swap. Each generation injects a script before
+    /// `</body>` of its `text/html` answers (uncompressed, at most 4 MiB) and serves the event
+    /// stream the script listens to under the reserved path `/_hot_reload/`.
+    #[arg(default_value = "false", long, env = "HOST_LIVE_RELOAD", value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    live_reload: bool,
+
     /// A file whose text is given to the app's init; read again on every reload.
     #[arg(long, env = "HOST_APP_CONFIG", value_name = "FILE")]
     app_config: PathBuf,
@@ -351,6 +359,7 @@ pub struct Settings {
     pub admin_reload: bool,
     pub admin_upgrade: bool,
     pub watch: bool,
+    pub live_reload: bool,
     pub app_config: Option<PathBuf>,
     pub build: Option<String>,
     pub build_timeout: Duration,
@@ -434,6 +443,7 @@ impl Settings {
             }),
             canary: self.canary.clone(),
             keep_versions: self.keep_versions,
+            live_reload: self.live_reload,
         }
     }
 
@@ -590,6 +600,7 @@ pub fn settle(options: Options) -> anyhow::Result<Settings> {
         admin_reload: defaulted(options.admin_reload, "admin-reload")?,
         admin_upgrade: defaulted(options.admin_upgrade, "admin-upgrade")?,
         watch: defaulted(options.watch, "watch")?,
+        live_reload: defaulted(options.live_reload, "live-reload")?,
         app_config: options.app_config,
         build: options.build.filter(|command| !command.trim().is_empty()),
         build_timeout: defaulted(options.build_timeout, "build-timeout")?,
@@ -690,6 +701,7 @@ mod tests {
         assert_eq!(settings.admin, DEFAULT_ADMIN.parse::<SocketAddr>().expect("address"));
         assert!(settings.admin_reload);
         assert!(!settings.watch);
+        assert!(!settings.live_reload);
         assert!(!settings.listen_configured);
         assert_eq!(settings.log_format, LogFormat::Text);
         assert_eq!(settings.build, None);
@@ -775,6 +787,22 @@ mod tests {
             }
         }
         assert!(flags >= 19, "{flags}");
+    }
+
+    #[test]
+    fn live_reload_comes_from_a_flag_the_environment_name_or_the_file() {
+        assert!(
+            merge(&["--app", "a.so"], "live-reload = true\n")
+                .expect("merges")
+                .live_reload
+        );
+        assert!(
+            merge(&["--app", "a.so", "--live-reload"], "")
+                .expect("merges")
+                .live_reload
+        );
+        let settings = merge(&["--app", "a.so", "--live-reload=false"], "live-reload = true\n").expect("merges");
+        assert!(!settings.live_reload);
     }
 
     #[test]

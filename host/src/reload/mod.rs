@@ -72,6 +72,8 @@ pub struct ReloadSettings {
     pub canary: CanarySettings,
     /// How many versions are kept for `POST /rollback`.
     pub keep_versions: usize,
+    /// `--live-reload`: every generation is told to make its HTML pages reload themselves.
+    pub live_reload: bool,
 }
 
 /// A reload starting or ending, for observers such as the systemd notifier.
@@ -834,6 +836,7 @@ impl Reloader {
             "versions": lock(&self.versions).list(),
             "last_reload": *lock(&self.last_reload),
             "staged_ahead": self.ahead.status(),
+            "live_reload": self.settings.live_reload,
             "state_cells": state.as_ref().map(|s| s.cells).ok(),
             "state": match &state {
                 Ok(summary) => serde_json::json!(summary),
@@ -969,6 +972,7 @@ async fn load_generation(
         library,
         config,
         worker_threads: settings.worker_threads,
+        live_reload: settings.live_reload,
         state: Arc::clone(shared.state),
         handover: Arc::clone(shared.handover),
         listeners: Arc::clone(shared.listeners),
