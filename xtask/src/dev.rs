@@ -4,9 +4,9 @@
 //! build the new library and ask for the swap. This loop does both on every save: it builds the
 //! app crate and the host, starts the host once, watches the app's sources, and on each change
 //! rebuilds the library and asks the same host process to reload it (`POST /reload`), printing
-//! one line per reload. A build or reload that fails leaves the old version serving, and says so.
-//! A save that arrives during a build cancels that build and starts a new one, so what is served
-//! is always the newest source that builds.
+//! one line per reload with where its time went (`Phases`). A build or reload that fails leaves
+//! the old version serving, and says so. A save that arrives during a build cancels that build and
+//! starts a new one, so what is served is always the newest source that builds.
 //!
 //! One thread, this one, owns all state and every child process. The file watcher, the signal
 //! handler, the reader of cargo's messages, the reload request and the host's start-up probe run
@@ -81,6 +81,11 @@ pub struct DevArgs {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8081")]
     admin: SocketAddr,
 
+    /// Append one JSON line per reload to FILE, with the phases it prints (for `cargo xtask bench
+    /// edit`).
+    #[arg(long, value_name = "FILE")]
+    phases_json: Option<PathBuf>,
+
     /// Further arguments for the host, after `--`, passed on verbatim (see `host --help`); the
     /// loop adds `--live-reload` unless they say otherwise.
     #[arg(last = true, value_name = "HOST ARGS")]
@@ -150,6 +155,8 @@ pub fn run(args: DevArgs, workspace: &Path) -> anyhow::Result<ExitCode> {
         reload: None,
         build_after: Some(Instant::now()),
         changed: BTreeSet::new(),
+        changed_since: None,
+        phases_json: args.phases_json.clone(),
         manifest_changed: false,
         serving: None,
         next_id: 0,
@@ -210,6 +217,8 @@ struct Build {
     id: u64,
     kind: BuildKind,
     child: Child,
+    /// When the first change it builds was seen, if it builds one.
+    saved: Option<Instant>,
     started: Instant,
     cancelled: bool,
     exited: Option<(ExitStatus, Instant)>,
@@ -218,7 +227,13 @@ struct Build {
 
 /// A library that built.
 struct Built {
+    saved: Option<Instant>,
+    /// From the first change seen to the build's start: the quiet period, and a build or
+    /// reload under way.
+    waited: Option<Duration>,
     duration: Duration,
+    /// When cargo exited.
+    ended: Instant,
     file: FileIdentity,
     warnings: usize,
 }
@@ -259,12 +274,16 @@ struct Dev {
     host_executable: Option<PathBuf>,
     build: Option<Build>,
     host: Host,
-    /// The build whose reload is under way.
-    reload: Option<Built>,
+    /// The build whose reload is under way, and when it was asked for.
+    reload: Option<(Built, Instant)>,
     /// When the next build may start (the end of the quiet period), if one is due.
     build_after: Option<Instant>,
     /// Sources changed since the last build started.
     changed: BTreeSet<PathBuf>,
+    /// When the first of them was seen.
+    changed_since: Option<Instant>,
+    /// Where each reload's phases are appended (`--phases-json`).
+    phases_json: Option<PathBuf>,
     manifest_changed: bool,
     serving: Option<Serving>,
     next_id: u64,
@@ -338,7 +357,9 @@ impl Dev {
 
     fn sources_changed(&mut self, paths: Vec<PathBuf>) {
         self.manifest_changed |= paths.iter().any(|p| p.file_name().is_some_and(|n| n == "Cargo.toml"));
-        self.build_after = Some(Instant::now() + DEBOUNCE);
+        let now = Instant::now();
+        self.build_after = Some(now + DEBOUNCE);
+        self.changed_since.get_or_insert(now);
         self.changed.extend(paths);
     }
 
@@ -385,7 +406,17 @@ impl Dev {
                 seconds(duration),
                 failure(&output, status, "no host binary")
             ),
-            (BuildKind::App, true, Some(library)) => self.app_built(&library, duration, output.warning_count)?,
+            (BuildKind::App, true, Some(library)) => {
+                let built = Built {
+                    saved: build.saved,
+                    waited: build.saved.map(|saved| build.started.saturating_duration_since(saved)),
+                    duration,
+                    ended: exited_at,
+                    file: FileIdentity::of(&library)?,
+                    warnings: output.warning_count,
+                };
+                self.app_built(&library, built)?
+            }
             (BuildKind::App, _, _) => say!(
                 "build failed after {}: {}; {}",
                 seconds(duration),
@@ -396,14 +427,9 @@ impl Dev {
         Ok(())
     }
 
-    fn app_built(&mut self, library: &Path, duration: Duration, warnings: usize) -> anyhow::Result<()> {
+    fn app_built(&mut self, library: &Path, built: Built) -> anyhow::Result<()> {
         let link = self.link.point_to(library)?;
-        let file = FileIdentity::of(library)?;
-        let built = Built {
-            duration,
-            file,
-            warnings,
-        };
+        let (duration, file) = (built.duration, built.file);
         match &self.host {
             Host::NotStarted => self.start_host(&link, built)?,
             // Builds wait until the host is up; there is nothing to do with this one.
@@ -429,25 +455,31 @@ impl Dev {
                 let _ = sender.send(Event::Reloaded(host::reload(admin, RELOAD_TIMEOUT)));
             })
             .context("cannot start a thread for the reload")?;
-        self.reload = Some(built);
+        self.reload = Some((built, Instant::now()));
         Ok(())
     }
 
     fn reloaded(&mut self, result: anyhow::Result<Reload>) {
-        let Some(built) = self.reload.take() else {
+        let Some((built, asked)) = self.reload.take() else {
             return;
         };
         match result {
             Ok(Reload::Swapped {
                 generation,
                 duration_ms,
+                steps,
             }) => {
+                let phases = Phases::of(&built, asked, duration_ms, steps);
                 say!(
-                    "reloaded: built in {}, loaded+verified+swapped in {duration_ms:.0} ms, now serving generation \
-                     {generation}{}",
-                    seconds(built.duration),
+                    "reloaded: generation {generation} serves{}{}",
+                    phases.describe(),
                     warnings(built.warnings)
                 );
+                if let Some(path) = &self.phases_json {
+                    if let Err(error) = phases.append_to(path, generation) {
+                        say!("warning: cannot write the phases to {}: {error:#}", path.display());
+                    }
+                }
                 self.serving = Some(Serving {
                     generation,
                     file: built.file,
@@ -595,6 +627,10 @@ impl Dev {
             if build.kind == BuildKind::App && !build.cancelled && build.exited.is_none() {
                 cargo::kill_group(&mut build.child);
                 build.cancelled = true;
+                // The save that started it is not served yet: the next build's wait counts from it.
+                if let Some(saved) = build.saved {
+                    self.changed_since = Some(self.changed_since.map_or(saved, |since| since.min(saved)));
+                }
                 let changed: Vec<PathBuf> = self.changed.iter().cloned().collect();
                 say!("{} changed: cancelling the build under way", self.describe(&changed));
             }
@@ -665,6 +701,11 @@ impl Dev {
             id,
             kind,
             child,
+            saved: if kind == BuildKind::App {
+                self.changed_since.take()
+            } else {
+                None
+            },
             started: Instant::now(),
             cancelled: false,
             exited: None,
@@ -815,6 +856,85 @@ fn warnings(count: usize) -> String {
         0 => String::new(),
         1 => " (1 warning)".into(),
         n => format!(" ({n} warnings)"),
+    }
+}
+
+/// Where the time of one edit went, from the first change the loop saw to the host's answer that
+/// the new generation serves.
+struct Phases {
+    /// Change seen → build started (the quiet period, or a build or reload under way).
+    waited: Option<Duration>,
+    built: Duration,
+    /// cargo's exit → the reload asked for (the library's link, this loop's own work).
+    handed: Duration,
+    /// The host's answer took this long, of which `host_ms` in the host and `steps` its steps.
+    answered: Duration,
+    host_ms: f64,
+    steps: Option<host::ReloadSteps>,
+    /// Change seen → the host answered.
+    total: Option<Duration>,
+}
+
+impl Phases {
+    fn of(built: &Built, asked: Instant, host_ms: f64, steps: Option<host::ReloadSteps>) -> Phases {
+        let answered_at = Instant::now();
+        Phases {
+            waited: built.waited,
+            built: built.duration,
+            handed: asked.saturating_duration_since(built.ended),
+            answered: answered_at.saturating_duration_since(asked),
+            host_ms,
+            steps,
+            total: built.saved.map(|saved| answered_at.saturating_duration_since(saved)),
+        }
+    }
+
+    /// ` 0.74 s after the save: waited 10 ms, built 0.65 s, …` (the parts it knows).
+    fn describe(&self) -> String {
+        let ms = |duration: Duration| duration.as_secs_f64() * 1e3;
+        let mut parts = Vec::new();
+        if let Some(waited) = self.waited {
+            parts.push(format!("waited {:.0} ms", ms(waited)));
+        }
+        parts.push(format!("built in {}", seconds(self.built)));
+        parts.push(format!("handed over {:.1} ms", ms(self.handed)));
+        match self.steps {
+            Some(steps) => parts.push(format!(
+                "staged {:.1} ms{}, loaded {:.1}, verified {:.1}, initialised {:.1}, swapped {:.1}, answered {:.1}",
+                steps.stage_ms,
+                if steps.staged_ahead { " (ahead)" } else { "" },
+                steps.load_ms,
+                steps.verify_ms,
+                steps.init_ms,
+                (self.host_ms - steps.stage_ms - steps.load_ms - steps.verify_ms - steps.init_ms).max(0.0),
+                (ms(self.answered) - self.host_ms).max(0.0),
+            )),
+            None => parts.push(format!("reloaded in {:.1} ms", ms(self.answered))),
+        }
+        match self.total {
+            Some(total) => format!(" {} after the change: {}", seconds(total), parts.join(", ")),
+            None => format!(": {}", parts.join(", ")),
+        }
+    }
+
+    fn append_to(&self, path: &Path, generation: u64) -> anyhow::Result<()> {
+        let ms = |duration: Duration| duration.as_secs_f64() * 1e3;
+        let line = serde_json::json!({
+            "generation": generation,
+            "total_ms": self.total.map(ms),
+            "waited_ms": self.waited.map(ms),
+            "build_ms": ms(self.built),
+            "handed_ms": ms(self.handed),
+            "reload_ms": ms(self.answered),
+            "host_ms": self.host_ms,
+            "steps": self.steps,
+        });
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        writeln!(file, "{line}").with_context(|| format!("cannot write to {}", path.display()))
     }
 }
 

@@ -65,10 +65,26 @@ pub fn generation(admin: SocketAddr) -> Option<u64> {
 /// The host's answer to `POST /reload`.
 #[derive(Debug)]
 pub enum Reload {
-    /// The new version serves: its generation and how long load, verify, init and swap took.
-    Swapped { generation: u64, duration_ms: f64 },
+    /// The new version serves: its generation, how long the host took, and its steps.
+    Swapped {
+        generation: u64,
+        duration_ms: f64,
+        steps: Option<ReloadSteps>,
+    },
     /// The new version was refused; the old one serves on.
     Refused { error: String },
+}
+
+/// How long the host's steps of a reload took: its answer's `steps`.
+#[derive(Debug, Clone, Copy, serde::Deserialize, serde::Serialize)]
+pub struct ReloadSteps {
+    /// Whether the host took a copy it had staged ahead of the reload.
+    pub staged_ahead: bool,
+    pub stage_ms: f64,
+    pub load_ms: f64,
+    pub verify_ms: f64,
+    /// The generation's thread, runtime and `App::init`.
+    pub init_ms: f64,
 }
 
 /// Asks the host to reload and waits for the outcome (the host bounds the wait with its own
@@ -86,6 +102,7 @@ pub fn reload(admin: SocketAddr, timeout: Duration) -> anyhow::Result<Reload> {
                 .as_u64()
                 .context("the reload answer has no generation")?,
             duration_ms: body["duration_ms"].as_f64().unwrap_or(f64::NAN),
+            steps: serde_json::from_value(body["steps"].clone()).ok(),
         }),
         (_, Some(false)) => Ok(Reload::Refused {
             error: body["error"].as_str().unwrap_or("no reason given").to_owned(),

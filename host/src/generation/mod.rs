@@ -176,6 +176,10 @@ pub struct Generation {
     /// it opened lies between (see `leftovers.rs`).
     descriptors_before: Option<Descriptors>,
     successor_began: OnceLock<Descriptors>,
+    /// How long `dlopen` and the interface check took, once its thread has done them.
+    opened_in: OnceLock<(Duration, Duration)>,
+    /// How long each step of its start took, once it has started.
+    start_steps: OnceLock<StartSteps>,
 }
 
 /// The generations still loaded: the serving one, those retiring, and those kept loaded.
@@ -266,6 +270,8 @@ impl Generation {
             thread: Mutex::new(None),
             descriptors_before: options.descriptors_before,
             successor_began: OnceLock::new(),
+            opened_in: OnceLock::new(),
+            start_steps: OnceLock::new(),
         });
 
         let thread_generation = Arc::clone(&generation);
@@ -281,6 +287,9 @@ impl Generation {
                 }
             };
             let elapsed = loaded.elapsed();
+            let _ = generation
+                .opened_in
+                .set((library.load_duration, elapsed.saturating_sub(library.load_duration)));
             tracing::info!(
                 generation = number,
                 duration_ms = ms(elapsed),
@@ -680,6 +689,37 @@ impl Host for Generation {
 /// generation owns has ended, so that unmapping it would crash the host: a thread the app started
 /// outside tokio (as C libraries do; it inherits its creator's name, `gen{N}…`), or a signal
 /// handler it installed. Says why in the log.
+/// How long the steps of a generation's start took (the reload's answer has them, and `cargo xtask
+/// dev` prints them): staging its copy (or taking the one staged ahead), `dlopen`, the interface
+/// check, and the rest until it had started (its thread, runtime and `App::init`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct StartSteps {
+    pub staged_ahead: bool,
+    pub stage_ms: f64,
+    pub load_ms: f64,
+    pub verify_ms: f64,
+    pub init_ms: f64,
+}
+
+impl Generation {
+    /// Records how long its start took: `staged` (and whether it was staged ahead) before
+    /// [`Generation::start`], `started` that call.
+    pub fn record_start_steps(&self, staged_ahead: bool, staged: Duration, started: Duration) {
+        let (load, verify) = self.opened_in.get().copied().unwrap_or_default();
+        let _ = self.start_steps.set(StartSteps {
+            staged_ahead,
+            stage_ms: ms(staged),
+            load_ms: ms(load),
+            verify_ms: ms(verify),
+            init_ms: ms(started.saturating_sub(load + verify)),
+        });
+    }
+
+    pub fn start_steps(&self) -> Option<StartSteps> {
+        self.start_steps.get().copied()
+    }
+}
+
 /// What a generation's thread does: open the library, run it, and give it back to be unloaded.
 type GenerationJob = Box<dyn FnOnce() -> Option<LoadedLibrary> + Send>;
 

@@ -273,6 +273,9 @@ async fn act(reloader: &Reloader, action: Action) -> Response<Full<Bytes>> {
             if let Some(canary) = done.rolled_back {
                 answer["rolled_back"] = serde_json::json!(canary);
             }
+            if let Some(steps) = done.steps {
+                answer["steps"] = serde_json::json!(steps);
+            }
             json(StatusCode::OK, &answer)
         }
         Err(refusal) => {

@@ -389,13 +389,21 @@ impl Reloader {
         let _transition = lock(&self.transition);
         let outcome = match loaded {
             Ok(new) if percent > 0 => {
+                let steps = new.start_steps();
                 self.start_canary(new, percent);
                 Ok(Done {
                     canary: Some(percent),
+                    steps,
                     ..Done::serving(number)
                 })
             }
-            Ok(new) => Ok(self.swap_in(new, began)),
+            Ok(new) => {
+                let steps = new.start_steps();
+                Ok(Done {
+                    steps,
+                    ..self.swap_in(new, began)
+                })
+            }
             Err(e) => Err(self.refused(number, e)),
         };
         self.finish(trigger, number, began, &outcome);
@@ -443,7 +451,13 @@ impl Reloader {
         let loaded = self.load(number, Source::Kept(&version, in_use)).await;
         let _transition = lock(&self.transition);
         let outcome = match loaded {
-            Ok(new) => Ok(self.swap_in(new, began)),
+            Ok(new) => {
+                let steps = new.start_steps();
+                Ok(Done {
+                    steps,
+                    ..self.swap_in(new, began)
+                })
+            }
             Err(e) => Err(self.refused(number, e)),
         };
         self.finish(trigger, number, began, &outcome);
@@ -959,6 +973,7 @@ async fn load_generation(
         duration_ms = ms(began.elapsed()),
         "staged"
     );
+    let staged_in = began.elapsed();
     let sha256 = library.sha256.clone();
     let config = match &settings.app_config {
         Some(path) => tokio::fs::read_to_string(path)
@@ -992,6 +1007,7 @@ async fn load_generation(
             sha256.set(hex);
         });
     }
+    generation.record_start_steps(staged_ahead, staged_in, started.elapsed());
     tracing::info!(generation = number, duration_ms = ms(started.elapsed()), "started");
     Ok(generation)
 }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
+use crate::generation::StartSteps;
 use crate::reload::canary::Verdict;
 
 /// Who asked.
@@ -54,13 +55,15 @@ pub struct Request {
 }
 
 /// What a generation that now serves is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Done {
     pub generation: u64,
     /// Its share of new connections, in percent, if it runs as a canary.
     pub canary: Option<u8>,
     /// The canary generation a rollback retired, if it retired one (the serving one stays).
     pub rolled_back: Option<u64>,
+    /// How long the steps of its start took, if it was started by this action.
+    pub steps: Option<StartSteps>,
 }
 
 impl Done {
@@ -69,6 +72,7 @@ impl Done {
             generation,
             canary: None,
             rolled_back: None,
+            steps: None,
         }
     }
 }

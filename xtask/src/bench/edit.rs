@@ -123,9 +123,10 @@ pub fn run(env: &Env) -> anyhow::Result<serde_json::Value> {
     let static_summary = summarise("static rebuild + restart", &cold);
     let ratio = hot_summary["median_served_ms"].as_f64().unwrap_or(f64::NAN)
         / static_summary["median_served_ms"].as_f64().unwrap_or(f64::NAN);
+    let phases = phase_table(&hot, &cold);
     say!("edit: hot reload / static restart time ratio {ratio:.3}");
     Ok(json!({
-        "hot_reload": hot_summary, "static_restart": static_summary, "time_ratio": ratio,
+        "hot_reload": hot_summary, "static_restart": static_summary, "time_ratio": ratio, "phases": phases,
         "others_busy": [busy, busy_static], "target_dir": target_dir,
     }))
 }
@@ -136,15 +137,17 @@ struct EditResult {
     refused: u64,
     failed: u64,
     ok: u64,
-    /// Static loop only: how long the build and the restart (stop → new text served) took.
+    /// How long the build took; and, static loop only, the restart (stop → new text served).
     build_ms: Option<f64>,
     restart_ms: Option<f64>,
+    /// Hot loop only: the phases `cargo xtask dev` reported (`--phases-json`).
+    phases: Option<serde_json::Value>,
 }
 
 impl EditResult {
     fn json(&self) -> serde_json::Value {
         json!({ "served_ms": self.served_ms, "refused": self.refused, "failed": self.failed,
-            "ok_polls": self.ok, "build_ms": self.build_ms, "restart_ms": self.restart_ms })
+            "ok_polls": self.ok, "build_ms": self.build_ms, "restart_ms": self.restart_ms, "phases": self.phases })
     }
 }
 
@@ -408,6 +411,7 @@ fn log_file(path: &Path) -> anyhow::Result<(File, File)> {
 fn hot_loop(env: &Env, workspace: &Path, target_dir: &Path, logs: &Path) -> anyhow::Result<Vec<EditResult>> {
     let (listen, admin) = (procs::free_address()?, procs::free_address()?);
     let log = logs.join("xtask-dev.log");
+    let phases_file = logs.join("xtask-dev-phases.jsonl");
     let (out, err) = log_file(&log)?;
     let xtask = std::env::current_exe().context("cannot find the xtask executable")?;
     say!(
@@ -420,6 +424,8 @@ fn hot_loop(env: &Env, workspace: &Path, target_dir: &Path, logs: &Path) -> anyh
         .arg("--app")
         .arg(workspace.join("app"))
         .args(["--listen", &listen.to_string(), "--admin", &admin.to_string()])
+        .arg("--phases-json")
+        .arg(&phases_file)
         .env("CARGO_TARGET_DIR", target_dir)
         .stdin(Stdio::null())
         .stdout(out)
@@ -440,18 +446,26 @@ fn hot_loop(env: &Env, workspace: &Path, target_dir: &Path, logs: &Path) -> anyh
         save_version(&source, APP_VERSION_LINE, &version)?;
         let served = poller.wait_for(&served_text(&version), EDIT_TIMEOUT, &mut alive)?;
         let (ok1, refused1, failed1) = poller.counts();
+        // The loop writes its line once the host has answered, a moment after the new text is
+        // served (the answer waits for the library's hash).
+        let phases = reload_phases(&phases_file, edit + 1);
         let result = EditResult {
             served_ms: served.duration_since(saved).as_secs_f64() * 1e3,
             refused: refused1 - refused0,
             failed: failed1 - failed0,
             ok: ok1 - ok0,
-            build_ms: None,
+            build_ms: phases.as_ref().and_then(|p| p["build_ms"].as_f64()),
             restart_ms: None,
+            phases,
         };
         say!(
-            "  cargo xtask dev, edit {edit}{}: served after {:.2} s; refused {}, failed {}",
+            "  cargo xtask dev, edit {edit}{}: served after {:.2} s ({}); refused {}, failed {}",
             if edit == 0 { " (untimed)" } else { "" },
             result.served_ms / 1e3,
+            result
+                .phases
+                .as_ref()
+                .map_or_else(|| "no phases reported".to_string(), describe_phases),
             result.refused,
             result.failed
         );
@@ -465,6 +479,87 @@ fn hot_loop(env: &Env, workspace: &Path, target_dir: &Path, logs: &Path) -> anyh
     dev.stop();
     save_version(&source, APP_VERSION_LINE, "v1")?;
     Ok(results)
+}
+
+/// The phases `cargo xtask dev` reported for its `nth` reload (the first is the untimed edit's),
+/// waiting a little for its line.
+fn reload_phases(file: &Path, nth: usize) -> Option<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        if let Some(line) = text.lines().nth(nth - 1) {
+            return serde_json::from_str(line).ok();
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `waited 12 ms, build 1.10 s, reload 52 ms (stage 31, load 0.6, init 1.4)`.
+fn describe_phases(phases: &serde_json::Value) -> String {
+    let number = |value: &serde_json::Value| value.as_f64().unwrap_or(f64::NAN);
+    let steps = &phases["steps"];
+    format!(
+        "waited {:.0} ms, build {:.2} s, reload {:.0} ms (stage {:.1}{}, load {:.1}, init {:.1})",
+        number(&phases["waited_ms"]),
+        number(&phases["build_ms"]) / 1e3,
+        number(&phases["reload_ms"]),
+        number(&steps["stage_ms"]),
+        if steps["staged_ahead"] == true { " ahead" } else { "" },
+        number(&steps["load_ms"]),
+        number(&steps["init_ms"]),
+    )
+}
+
+/// The phases of both loops side by side (medians, ms): the loop that waits for quiet before
+/// building, the build, and what comes after it until the new text is served.
+fn phase_table(hot: &[EditResult], cold: &[EditResult]) -> serde_json::Value {
+    let median_of = |edits: &[EditResult], pick: &dyn Fn(&EditResult) -> Option<f64>| -> Option<f64> {
+        let values: Vec<f64> = edits.iter().filter_map(pick).collect();
+        (!values.is_empty()).then(|| stats::median(&values))
+    };
+    let phase = |edit: &EditResult, key: &str| edit.phases.as_ref().and_then(|p| p[key].as_f64());
+    let step = |edit: &EditResult, key: &str| edit.phases.as_ref().and_then(|p| p["steps"][key].as_f64());
+    let rows: Vec<(&str, Option<f64>, Option<f64>)> = vec![
+        (
+            "save → build started",
+            median_of(hot, &|e| phase(e, "waited_ms")),
+            Some(0.0),
+        ),
+        (
+            "build",
+            median_of(hot, &|e| e.build_ms),
+            median_of(cold, &|e| e.build_ms),
+        ),
+        (
+            "build → served (reload / restart)",
+            median_of(hot, &|e| Some(e.served_ms - phase(e, "waited_ms")? - e.build_ms?)),
+            median_of(cold, &|e| e.restart_ms),
+        ),
+        ("  of which: staged", median_of(hot, &|e| step(e, "stage_ms")), None),
+        ("  loaded", median_of(hot, &|e| step(e, "load_ms")), None),
+        ("  initialised", median_of(hot, &|e| step(e, "init_ms")), None),
+        (
+            "save → served",
+            median_of(hot, &|e| Some(e.served_ms)),
+            median_of(cold, &|e| Some(e.served_ms)),
+        ),
+    ];
+    let cell = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |ms| format!("{ms:.1}"));
+    say!(
+        "  {:<36} {:>16} {:>16}",
+        "phase (ms, median)",
+        "cargo xtask dev",
+        "static restart"
+    );
+    for (name, hot, cold) in &rows {
+        say!("  {name:<36} {:>16} {:>16}", cell(*hot), cell(*cold));
+    }
+    rows.iter()
+        .map(|(name, hot, cold)| json!({ "phase": name, "hot_ms": hot, "static_ms": cold }))
+        .collect()
 }
 
 /// Builds the static server; returns its executable.
@@ -535,6 +630,7 @@ fn static_loop(env: &Env, workspace: &Path, target_dir: &Path, logs: &Path) -> a
             ok: ok1 - ok0,
             build_ms: Some(built.duration_since(saved).as_secs_f64() * 1e3),
             restart_ms: Some(served.duration_since(built).as_secs_f64() * 1e3),
+            phases: None,
         };
         say!(
             "  static server, edit {edit}{}: served after {:.2} s (build {:.2} s, restart {:.0} ms); refused {}, failed {}",
