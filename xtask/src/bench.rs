@@ -92,7 +92,8 @@ pub enum Item {
     Memory,
     /// Large bodies each way, host versus static baseline: MB/s and the host's RSS growth.
     Streaming,
-    /// Save → served: `cargo xtask dev` versus rebuilding and restarting a static server.
+    /// Save → served: `cargo xtask dev` versus rebuilding and restarting a static server, and
+    /// versus `cargo watch -x run`.
     Edit,
     /// A canary that answers 500: failed requests and time until it is rolled back by itself.
     Canary,

@@ -43,6 +43,9 @@ const DEBOUNCE: Duration = Duration::from_millis(10);
 /// How often children are checked on when nothing else happens.
 const TICK: Duration = Duration::from_millis(50);
 
+/// How often a build whose messages have all arrived is checked on until it has exited.
+const EXIT_POLL: Duration = Duration::from_millis(1);
+
 /// How long cargo's messages may trail its exit (they normally end with it).
 const MESSAGES_GRACE: Duration = Duration::from_secs(5);
 
@@ -306,11 +309,14 @@ impl Dev {
     fn turn(&mut self) -> anyhow::Result<Option<Stop>> {
         let event = match self.deferred.pop_front() {
             Some(event) => Some(event),
-            // Wake up for a build that falls due before the next tick.
-            None => match self.events.recv_timeout(
+            // Wake up for a build that falls due before the next tick, and soon after cargo's
+            // last message: it is exiting, and each millisecond until it is seen to is the edit's.
+            None => match self.events.recv_timeout(if self.build_exiting() {
+                EXIT_POLL
+            } else {
                 self.build_after
-                    .map_or(TICK, |after| after.saturating_duration_since(Instant::now()).min(TICK)),
-            ) {
+                    .map_or(TICK, |after| after.saturating_duration_since(Instant::now()).min(TICK))
+            }) {
                 Ok(event) => Some(event),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => bail!("the event channel closed"),
@@ -353,6 +359,13 @@ impl Dev {
             Event::HostUp { id, generation } => self.host_up(id, generation),
         }
         Ok(None)
+    }
+
+    /// Whether cargo has sent all its messages but was not yet seen to exit.
+    fn build_exiting(&self) -> bool {
+        self.build
+            .as_ref()
+            .is_some_and(|build| build.output.is_some() && build.exited.is_none())
     }
 
     fn sources_changed(&mut self, paths: Vec<PathBuf>) {

@@ -65,7 +65,7 @@ enum Command {
     /// while reloading every 100 ms), `reload` (reload latency by step), `memory` (RSS and mapped
     /// copies after many reloads), `streaming` (1 GiB each way, host vs baseline: MB/s and the
     /// host's RSS growth), `edit` (save → served, `cargo xtask dev` vs rebuild and restart
-    /// of a static server), or `all`. The full run uses wrk (installed with apt-get when missing
+    /// of a static server, and vs `cargo watch -x run`), or `all`. The full run uses wrk (installed with apt-get when missing
     /// and running as root); --smoke runs everything in seconds, for CI, with no thresholds.
     Bench(bench::BenchArgs),
 }
