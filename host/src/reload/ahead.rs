@@ -142,9 +142,17 @@ impl Ahead {
     /// For `/status`: `state` is `"preparing"`, `"ready"` (a copy waits; whether it still
     /// holds is known only when a reload looks), or `"none"`; `preparations` counts those started.
     pub fn status(&self) -> serde_json::Value {
-        let state = match &*lock(&self.held) {
-            Some(Held::Preparing(preparing)) if preparing.is_empty() && !preparing.is_terminated() => "preparing",
-            Some(Held::Preparing(_)) => "ready",
+        let mut held = lock(&self.held);
+        // A preparation that has ended is looked at: it may have failed, or its thread died.
+        if let Some(Held::Preparing(preparing)) = &mut *held {
+            match preparing.try_recv() {
+                Ok(prepared) => *held = Some(Held::Ready(Box::new(prepared))),
+                Err(oneshot::error::TryRecvError::Empty) => {}
+                Err(oneshot::error::TryRecvError::Closed) => *held = None,
+            }
+        }
+        let state = match &*held {
+            Some(Held::Preparing(_)) => "preparing",
             Some(Held::Ready(prepared)) if prepared.staged.is_ok() => "ready",
             _ => "none",
         };
