@@ -30,20 +30,35 @@ it failed; a bad argument exits 2.";
 #[command(after_help = CTL_AFTER_HELP)]
 pub struct CtlArgs {
     /// The host's admin address [default: the config file's `admin`, else 127.0.0.1:8081].
-    #[arg(long, env = "HOST_ADMIN", value_name = "ADDR", global = true)]
+    // Ids of their own: a global argument takes the value (the default) of the host's own
+    // argument of the same id.
+    #[arg(
+        id = "ctl-admin",
+        long = "admin",
+        env = "HOST_ADMIN",
+        value_name = "ADDR",
+        global = true
+    )]
     admin: Option<SocketAddr>,
 
     /// The host's TOML config file, read for its `admin` address.
-    #[arg(long, env = "HOST_CONFIG", value_name = "FILE", global = true)]
+    #[arg(
+        id = "ctl-config",
+        long = "config",
+        env = "HOST_CONFIG",
+        value_name = "FILE",
+        global = true
+    )]
     config: Option<PathBuf>,
 
     /// Print the host's JSON answer instead of a summary.
-    #[arg(long, global = true)]
+    #[arg(id = "ctl-json", long = "json", global = true)]
     json: bool,
 
     /// How long to wait for an answer (a reload waits for `--build`, an upgrade for the new
     /// process).
-    #[arg(long, default_value = "15m", value_name = "DURATION", value_parser = humantime::parse_duration, global = true)]
+    #[arg(id = "ctl-timeout", long = "timeout", default_value = "15m", value_name = "DURATION",
+          value_parser = humantime::parse_duration, global = true)]
     timeout: Duration,
 
     #[command(subcommand)]
@@ -425,6 +440,12 @@ mod tests {
         std::fs::write(&without, "admin = \"nowhere\"\n").expect("write the file");
         let message = format!("{:#}", admin_address(None, Some(&without)).expect_err("refused"));
         assert!(message.contains("admin"), "{message}");
+    }
+
+    #[test]
+    fn the_hosts_own_defaults_do_not_leak_in() {
+        let ctl = parse(&["status"]).expect("valid");
+        assert_eq!((ctl.admin, ctl.config), (None, None));
     }
 
     #[test]
