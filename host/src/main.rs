@@ -40,7 +40,7 @@ use crate::ops::config::{self, Command, LogFormat, Settings};
 use crate::ops::systemd;
 use crate::ops::upgrade::new_host::{self, HandedVersion, Handoff, Predecessor};
 use crate::ops::upgrade::old_host::{self, Upgrader};
-use crate::ops::{notify, pidfile, watch};
+use crate::ops::{ctl, notify, pidfile, watch};
 use crate::reload::trigger::Trigger;
 use crate::reload::{Leaving, Reloader, probe, staging, trust};
 use crate::serving::listeners::PassedSockets;
@@ -83,8 +83,7 @@ fn main() -> ExitCode {
     };
     let (cli, matches) = config::parse_command_line();
     if let Some(command) = cli.command {
-        init_logging(LogFormat::Text);
-        return report(run_command(command), ExitCode::FAILURE);
+        return run_command(command);
     }
     let settings = match config::load(cli.options, &matches) {
         Ok(settings) => settings,
@@ -208,22 +207,28 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn run_command(command: Command) -> anyhow::Result<()> {
-    match command {
+fn run_command(command: Command) -> ExitCode {
+    let result = match command {
+        // It prints its outcome; the others log theirs.
+        Command::Ctl(args) => return ctl::run(args),
         Command::Keygen { secret } => {
-            let public = trust::keygen(&secret)?;
-            tracing::info!(
-                private_key = %secret.display(),
-                public_key = %public.display(),
-                "key pair written; give the public key to --trusted-key"
-            );
+            init_logging(LogFormat::Text);
+            trust::keygen(&secret).map(|public| {
+                tracing::info!(
+                    private_key = %secret.display(),
+                    public_key = %public.display(),
+                    "key pair written; give the public key to --trusted-key"
+                );
+            })
         }
         Command::Sign { key, library } => {
-            let signature = trust::sign(&key, &library)?;
-            tracing::info!(library = %library.display(), signature = %signature.display(), "signed");
+            init_logging(LogFormat::Text);
+            trust::sign(&key, &library).map(|signature| {
+                tracing::info!(library = %library.display(), signature = %signature.display(), "signed");
+            })
         }
-    }
-    Ok(())
+    };
+    report(result, ExitCode::FAILURE)
 }
 
 /// The signals the host acts on. Installed before the pid file names this process: a SIGHUP

@@ -224,28 +224,57 @@ impl Page {
     /// Evaluates `expression` in the page and returns its value, or why there is none (the page
     /// may be between two documents, or the expression threw).
     pub async fn evaluate(&mut self, expression: &str) -> Result<serde_json::Value, String> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let command = serde_json::json!({
-            "id": id,
-            "method": "Runtime.evaluate",
-            "params": { "expression": expression, "returnByValue": true },
-        });
-        self.socket
-            .send(Message::text(command.to_string()))
-            .await
-            .map_err(|e| format!("cannot send to the page: {e}"))?;
-        let answer = tokio::time::timeout(COMMAND_TIMEOUT, self.answer_to(id))
-            .await
-            .map_err(|_| format!("no answer to Runtime.evaluate within {COMMAND_TIMEOUT:?}"))??;
-        if let Some(error) = answer.get("error") {
-            return Err(format!("Runtime.evaluate failed: {error}"));
-        }
-        let result = &answer["result"];
+        let params = serde_json::json!({ "expression": expression, "returnByValue": true });
+        let result = self.command("Runtime.evaluate", params).await?;
         if let Some(exception) = result.get("exceptionDetails") {
             return Err(format!("the expression threw: {exception}"));
         }
         Ok(result["result"]["value"].clone())
+    }
+
+    /// Sends the DevTools command `method` and returns its result, or why there is none.
+    pub async fn command(&mut self, method: &str, params: serde_json::Value) -> Result<serde_json::Value, String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let command = serde_json::json!({ "id": id, "method": method, "params": params });
+        self.socket
+            .send(Message::text(command.to_string()))
+            .await
+            .map_err(|e| format!("cannot send to the page: {e}"))?;
+        let mut answer = tokio::time::timeout(COMMAND_TIMEOUT, self.answer_to(id))
+            .await
+            .map_err(|_| format!("no answer to {method} within {COMMAND_TIMEOUT:?}"))??;
+        if let Some(error) = answer.get("error") {
+            return Err(format!("{method} failed: {error}"));
+        }
+        Ok(answer["result"].take())
+    }
+
+    /// Saves a PNG of the whole page, laid out `width` CSS pixels wide, at `path`.
+    pub async fn screenshot(&mut self, width: u32, path: &Path) -> Result<(), String> {
+        // Laid out at that width in a short window first: the page is at least as tall as its
+        // window, and is then measured.
+        let metrics = serde_json::json!({
+            "width": width, "height": 400, "deviceScaleFactor": 1, "mobile": false,
+        });
+        self.command("Emulation.setDeviceMetricsOverride", metrics).await?;
+        let height = self
+            .evaluate("document.documentElement.scrollHeight")
+            .await?
+            .as_u64()
+            .unwrap_or(900);
+        let metrics = serde_json::json!({
+            "width": width, "height": height, "deviceScaleFactor": 1, "mobile": false,
+        });
+        self.command("Emulation.setDeviceMetricsOverride", metrics).await?;
+        let shot = self
+            .command("Page.captureScreenshot", serde_json::json!({ "format": "png" }))
+            .await?;
+        let data = shot["data"].as_str().ok_or("Page.captureScreenshot sent no data")?;
+        let png = data_encoding::BASE64
+            .decode(data.as_bytes())
+            .map_err(|e| format!("the screenshot is not base64: {e}"))?;
+        std::fs::write(path, png).map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
 
     /// The answer to the command `id`; the events the page sends meanwhile are skipped.

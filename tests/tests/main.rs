@@ -12,6 +12,7 @@ mod handover;
 mod hardening;
 mod lifecycle;
 mod live_reload;
+mod operator;
 mod ops;
 mod protocol;
 mod reload;

@@ -71,9 +71,12 @@ pub struct Cli {
     pub options: Options,
 }
 
-/// Tools for signing app libraries (see `--trusted-key`).
+/// Tools for signing app libraries (see `--trusted-key`), and for talking to a running host.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Talk to a running host through its admin listener: status, reload (as a canary),
+    /// promote, rollback, upgrade, state.
+    Ctl(crate::ops::ctl::CtlArgs),
     /// Make an ed25519 key pair for signing app libraries: the private key is written to SECRET
     /// (PKCS#8 PEM, mode 0600) and the public key, for `--trusted-key`, to SECRET.pub (PEM).
     /// Both are the formats `openssl genpkey -algorithm ed25519` and `openssl pkey -pubout` use.

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod ctl;
 pub mod notify;
 pub mod pidfile;
 pub mod systemd;

@@ -52,6 +52,7 @@ mod tests {
 
     fn record(error: Option<&str>, canary: Option<u8>) -> ReloadRecord {
         ReloadRecord {
+            action: "reload",
             ok: error.is_none(),
             error: error.map(str::to_owned),
             at: "2026-12-02T12:00:00.000Z".into(),

@@ -133,13 +133,26 @@ impl Canary {
         self.began.elapsed()
     }
 
-    /// What `/status` shows.
-    pub fn status(&self, current: &Generation) -> serde_json::Value {
+    /// What `/status` shows, with the verdict so far: what judging it now would say.
+    pub fn status(&self, current: &Generation, settings: &CanarySettings) -> serde_json::Value {
         let (canary, current) = self.sides(current);
+        let elapsed = self.elapsed();
+        let verdict = match judge(&canary, &current, elapsed, settings) {
+            Some(Verdict::RollBack(reason)) => format!("failing: {reason}"),
+            Some(Verdict::Promote) => "healthy: promoting".to_owned(),
+            None if canary.requests < settings.min_requests => format!(
+                "measuring: {} of the {} requests it is judged on",
+                canary.requests, settings.min_requests
+            ),
+            None => "healthy so far".to_owned(),
+        };
         serde_json::json!({
             "generation": self.generation.number,
             "percent": self.percent,
             "since": humantime::format_rfc3339_millis(self.since).to_string(),
+            "elapsed_s": elapsed.as_secs_f64(),
+            "promoted_after_s": settings.duration.as_secs_f64(),
+            "verdict": verdict,
             "canary": canary,
             "current": current,
         })

@@ -26,6 +26,7 @@ pub mod trigger;
 pub mod trust;
 pub mod versions;
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -83,9 +84,11 @@ pub enum ReloadEvent {
     Finished(ReloadRecord),
 }
 
-/// The last reload, as `/status` reports it.
+/// A reload, promotion or rollback, as `/status` reports it (`last_reload`, `history`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ReloadRecord {
+    /// `reload`, `promote` or `rollback` (a canary started by a reload says so in `canary`).
+    pub action: &'static str,
     pub ok: bool,
     pub error: Option<String>,
     pub at: String,
@@ -116,6 +119,14 @@ pub struct Reloader {
     current: ArcSwap<Generation>,
     live: LiveGenerations,
     last_reload: Mutex<Option<ReloadRecord>>,
+    /// The last [`HISTORY_LENGTH`] records, oldest first.
+    history: Mutex<VecDeque<ReloadRecord>>,
+    /// The action under way, if one runs past its first step (for `/status`: an operator waiting
+    /// on a long `--build` sees what it waits for).
+    under_way: Mutex<Option<UnderWay>>,
+    /// When this process's reloader started, and since when the serving generation serves.
+    started: (SystemTime, Instant),
+    serving_since: Mutex<(SystemTime, Instant)>,
     attempts: AtomicU64,
     succeeded: AtomicU64,
     failed: AtomicU64,
@@ -143,6 +154,23 @@ pub struct Reloader {
     /// Why this process should be replaced by a fresh one, once a budget of the process that
     /// unloading cannot refill runs low (see [`Reloader::process_spent`]).
     spent: watch::Sender<Option<String>>,
+}
+
+/// How many reloads, promotions and rollbacks `/status` lists in `history`.
+const HISTORY_LENGTH: usize = 100;
+
+/// An action that has started and not finished yet.
+struct UnderWay {
+    action: &'static str,
+    trigger: String,
+    generation: u64,
+    since: SystemTime,
+    began: Instant,
+}
+
+/// A moment, as `/status` writes it.
+fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
 }
 
 /// How often a canary is judged.
@@ -214,6 +242,10 @@ impl Reloader {
             current: ArcSwap::new(Arc::clone(&first)),
             live,
             last_reload: Mutex::new(None),
+            history: Mutex::new(VecDeque::with_capacity(HISTORY_LENGTH)),
+            under_way: Mutex::new(None),
+            started: (SystemTime::now(), Instant::now()),
+            serving_since: Mutex::new((SystemTime::now(), Instant::now())),
             attempts: AtomicU64::new(1),
             kept_generation: AtomicU64::new(first.number),
             succeeded: AtomicU64::new(0),
@@ -383,8 +415,7 @@ impl Reloader {
         let began = Instant::now();
         let number = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::info!(generation = number, trigger, canary_percent = percent, "reloading");
-        // No receiver (not under systemd) is fine.
-        let _ = self.events.send(ReloadEvent::Started);
+        self.started_action("reload", trigger, number);
         let loaded = self.build_and_load(number, stop).await;
         let _transition = lock(&self.transition);
         let outcome = match loaded {
@@ -406,7 +437,7 @@ impl Reloader {
             }
             Err(e) => Err(self.refused(number, e)),
         };
-        self.finish(trigger, number, began, &outcome);
+        self.finish("reload", trigger, number, began, &outcome);
         outcome
     }
 
@@ -422,7 +453,7 @@ impl Reloader {
                 rolled_back: Some(number),
                 ..Done::serving(serving)
             });
-            self.finish(trigger, serving, began, &outcome);
+            self.finish("rollback", trigger, serving, began, &outcome);
             return outcome;
         }
         drop(transition);
@@ -444,7 +475,7 @@ impl Reloader {
         }
         let number = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::info!(generation = number, trigger, sha256 = version.sha256, "rolling back");
-        let _ = self.events.send(ReloadEvent::Started);
+        self.started_action("rollback", trigger, number);
         let in_use = lock(&self.live)
             .iter()
             .any(|g| g.library.sha256.as_str() == version.sha256);
@@ -460,7 +491,7 @@ impl Reloader {
             }
             Err(e) => Err(self.refused(number, e)),
         };
-        self.finish(trigger, number, began, &outcome);
+        self.finish("rollback", trigger, number, began, &outcome);
         outcome
     }
 
@@ -476,7 +507,7 @@ impl Reloader {
         drop(canary);
         let number = generation.number;
         let outcome = Ok(self.swap_in(generation, began));
-        self.finish(trigger, number, began, &outcome);
+        self.finish("promote", trigger, number, began, &outcome);
         outcome
     }
 
@@ -504,7 +535,7 @@ impl Reloader {
                 );
                 self.failed.fetch_add(1, Ordering::Relaxed);
                 let outcome = Err(Refusal::failed(reason));
-                self.finish(Trigger::Canary.name(), generation, began, &outcome);
+                self.finish("rollback", Trigger::Canary.name(), generation, began, &outcome);
                 outcome
             }
         }
@@ -618,6 +649,7 @@ impl Reloader {
             }
         }
         let old = self.current.swap(Arc::clone(&new));
+        *lock(&self.serving_since) = (SystemTime::now(), Instant::now());
         new.take_handed_over_connections();
         tracing::info!(
             generation = new.number,
@@ -687,13 +719,27 @@ impl Reloader {
         }
     }
 
+    /// Says that `action` (loading generation `number`) has started, to `/status` and observers.
+    fn started_action(&self, action: &'static str, trigger: &str, number: u64) {
+        *lock(&self.under_way) = Some(UnderWay {
+            action,
+            trigger: trigger.to_owned(),
+            generation: number,
+            since: SystemTime::now(),
+            began: Instant::now(),
+        });
+        // No receiver (not under systemd, no admin page open) is fine.
+        let _ = self.events.send(ReloadEvent::Started);
+    }
+
     /// Records the outcome for `/status`, `/metrics` and systemd.
-    fn finish(&self, trigger: &str, number: u64, began: Instant, outcome: &ReloadOutcome) {
+    fn finish(&self, action: &'static str, trigger: &str, number: u64, began: Instant, outcome: &ReloadOutcome) {
         crate::serving::metrics::global().observe_reload(began.elapsed());
         let record = ReloadRecord {
+            action,
             ok: outcome.is_ok(),
             error: outcome.as_ref().err().map(ToString::to_string),
-            at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            at: rfc3339(SystemTime::now()),
             duration_ms: ms(began.elapsed()),
             trigger: trigger.to_string(),
             generation: number,
@@ -701,6 +747,14 @@ impl Reloader {
             rolled_back: outcome.as_ref().ok().and_then(|done| done.rolled_back),
         };
         *lock(&self.last_reload) = Some(record.clone());
+        {
+            let mut history = lock(&self.history);
+            if history.len() == HISTORY_LENGTH {
+                history.pop_front();
+            }
+            history.push_back(record.clone());
+        }
+        lock(&self.under_way).take();
         let _ = self.events.send(ReloadEvent::Finished(record));
         self.check_process_budget();
     }
@@ -836,19 +890,36 @@ impl Reloader {
                     "streams": g.counters.streams.load(Ordering::Relaxed),
                     "in_flight": g.counters.in_flight.get(),
                     "requests": g.counters.requests.totals().iter().sum::<u64>(),
+                    "errors": g.traffic().errors(),
                     "kept_loaded": g.kept_loaded(),
                     "thread_keys": g.thread_keys(),
                     "sha256": g.library.sha256,
                 })
             })
             .collect();
+        let (serving_since, serving_for) = *lock(&self.serving_since);
+        let under_way = lock(&self.under_way).as_ref().map(|action| {
+            serde_json::json!({
+                "action": action.action,
+                "trigger": action.trigger,
+                "generation": action.generation,
+                "since": rfc3339(action.since),
+                "for_ms": ms(action.began.elapsed()),
+            })
+        });
         serde_json::json!({
             "generation": current.number,
             "library": current.library,
+            "serving_since": rfc3339(serving_since),
+            "serving_for_s": serving_for.elapsed().as_secs(),
             "generations": generations,
-            "canary": lock(&self.canary).as_ref().map(|canary| canary.status(&current)),
+            "canary": lock(&self.canary)
+                .as_ref()
+                .map(|canary| canary.status(&current, &self.settings.canary)),
             "versions": lock(&self.versions).list(),
             "last_reload": *lock(&self.last_reload),
+            "history": *lock(&self.history),
+            "under_way": under_way,
             "staged_ahead": self.ahead.status(),
             "live_reload": self.settings.live_reload,
             "state_cells": state.as_ref().map(|s| s.cells).ok(),
@@ -859,6 +930,8 @@ impl Reloader {
             "open_descriptors": open_descriptors,
             "leftovers": leftovers,
             "process": {
+                "started_at": rfc3339(self.started.0),
+                "uptime_s": self.started.1.elapsed().as_secs(),
                 "thread_keys": {
                     "in_use": thread_keys.in_use,
                     "limit": thread_keys.limit,

@@ -1,6 +1,7 @@
 //! The old host's side of an upgrade: [`Upgrader`] starts the new process, hands it the sockets
 //! and the state cells, waits for it to serve, and then lets this process go.
 
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -90,12 +91,17 @@ fn reason_text(reason: &Option<String>) -> String {
     }
 }
 
+/// How many upgrades `/status` lists in `history`.
+const HISTORY_LENGTH: usize = 100;
+
 /// The outcome an upgrade's caller learns.
 pub type UpgradeOutcome = Result<Upgraded, UpgradeError>;
 
-/// The last upgrade, as `/status` shows it.
+/// An upgrade, as `/status` shows it (`last_upgrade`, and in `history`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct UpgradeRecord {
+    /// Always `upgrade`: `history` lists these among the reloads.
+    pub action: &'static str,
     pub ok: bool,
     pub error: Option<String>,
     pub at: String,
@@ -135,7 +141,8 @@ pub struct Upgrader {
     new_pid: Mutex<Option<u32>>,
     handed_over: CancellationToken,
     stop: CancellationToken,
-    last: Mutex<Option<UpgradeRecord>>,
+    /// The last [`HISTORY_LENGTH`] upgrades this process tried, oldest first.
+    history: Mutex<VecDeque<UpgradeRecord>>,
     tasks: TaskTracker,
     /// The host this one replaced, if it was started by an upgrade.
     upgraded_from: Option<u32>,
@@ -231,7 +238,7 @@ impl Upgrader {
             new_pid: Mutex::new(None),
             handed_over: CancellationToken::new(),
             stop: CancellationToken::new(),
-            last: Mutex::new(None),
+            history: Mutex::new(VecDeque::new()),
             tasks: TaskTracker::new(),
             upgraded_from,
             cells: state,
@@ -275,7 +282,8 @@ impl Upgrader {
     /// `last_upgrade` in `/status`.
     pub fn refused(&self, trigger: &str, reason: &str) {
         tracing::warn!(trigger, reason, "upgrade refused");
-        *lock(&self.last) = Some(UpgradeRecord {
+        self.record(UpgradeRecord {
+            action: "upgrade",
             ok: false,
             error: Some(reason.to_owned()),
             at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -312,6 +320,7 @@ impl Upgrader {
             tracing::info!(trigger, binary = %this.settings.binary.display(), "upgrading the host");
             let (started, result) = this.attempt().await;
             let record = UpgradeRecord {
+                action: "upgrade",
                 ok: result.is_ok(),
                 error: result.as_ref().err().map(ToString::to_string),
                 at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -333,7 +342,7 @@ impl Upgrader {
                     this.state.store(IDLE, Ordering::Release);
                 }
             }
-            *lock(&this.last) = Some(record);
+            this.record(record);
             let _ = reply.send(result);
         });
         outcome
@@ -354,8 +363,21 @@ impl Upgrader {
             "pid": std::process::id(),
             "upgraded_from": self.upgraded_from,
             "connections_taken_over": self.taken_over.load(Ordering::Relaxed),
-            "last_upgrade": *lock(&self.last),
+            "last_upgrade": lock(&self.history).back(),
         })
+    }
+
+    /// The upgrades this process tried, oldest first.
+    pub fn history(&self) -> Vec<UpgradeRecord> {
+        lock(&self.history).iter().cloned().collect()
+    }
+
+    fn record(&self, record: UpgradeRecord) {
+        let mut history = lock(&self.history);
+        if history.len() == HISTORY_LENGTH {
+            history.pop_front();
+        }
+        history.push_back(record);
     }
 
     /// Starts the new process and waits for it to serve. Returns its pid if it was started.
