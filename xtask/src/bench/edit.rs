@@ -13,11 +13,12 @@
 //!   that serves it without the host (`app_api::serve_without_host`), with the same dependencies:
 //!   one crate, as a plain axum server usually is.
 //!
-//! The workspace copies the real one's dependency versions (`Cargo.lock`), settings and profiles,
-//! and both loops build with the dev profile, as one does while editing. The full run gives
-//! them a target directory of their own (the first build is cold and not timed), so that other
-//! cargo commands on the machine cannot hold the build lock during a measurement; the smoke run
-//! shares the workspace's target directory, whose dependencies `cargo test` already built.
+//! The workspace copies the real one's dependency versions (`Cargo.lock`) and settings, but not its
+//! profiles: both loops build with cargo's default dev profile, as an app outside this workspace
+//! does while editing. The full run gives them a target directory of their own (the first build
+//! is cold and not timed), so that other cargo commands on the machine cannot hold the build lock
+//! during a measurement; the smoke run shares the workspace's target directory, whose dependencies
+//! `cargo test` already built, and keeps the workspace's profiles to share them.
 //!
 //! A poller sends `GET /` on a new connection every ~5 ms for the whole of each loop. Save →
 //! served is the time from writing the file (to a temporary file renamed over the source, as
@@ -92,7 +93,7 @@ pub fn run(env: &Env) -> anyhow::Result<serde_json::Value> {
     } else {
         env.target_dir.join("bench").join("edit-target")
     };
-    prepare_workspace(&env.workspace, &workspace)?;
+    prepare_workspace(&env.workspace, &workspace, env.plan.smoke)?;
     say!(
         "edit: save → served, `cargo xtask dev` vs rebuild + restart of a static server (dev profile; {} timed \
          edit{} each, after one untimed)",
@@ -179,7 +180,7 @@ impl EditResult {
 
 /// Writes the scratch workspace: the real workspace's manifest with two members, its lock file,
 /// and the two crates.
-fn prepare_workspace(real: &Path, workspace: &Path) -> anyhow::Result<()> {
+fn prepare_workspace(real: &Path, workspace: &Path, keep_profiles: bool) -> anyhow::Result<()> {
     let manifest_path = real.join("Cargo.toml");
     let text =
         std::fs::read_to_string(&manifest_path).with_context(|| format!("cannot read {}", manifest_path.display()))?;
@@ -192,6 +193,12 @@ fn prepare_workspace(real: &Path, workspace: &Path) -> anyhow::Result<()> {
         .context("the workspace manifest has no [workspace]")?;
     ws.insert("members".into(), toml::Value::from(vec!["app", "static-server"]));
     ws.remove("default-members");
+    // Cargo's default profiles (full debug info, no split), which an app outside this workspace
+    // gets, not the ones this workspace tuned for its own builds: what users run. A smoke run keeps
+    // them, to share the dependencies `cargo test` built.
+    if !keep_profiles {
+        manifest.remove("profile");
+    }
     write(&workspace.join("Cargo.toml"), &manifest.to_string())?;
     let lock = real.join("Cargo.lock");
     if lock.exists() {
