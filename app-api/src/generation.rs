@@ -2,7 +2,8 @@
 //! the app's router, and the count of open connections that decides when the generation is
 //! drained.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use abi_stable::std_types::{ROption, RSlice};
@@ -80,12 +81,59 @@ pub(crate) struct Generation {
     accepting: AtomicUsize,
     /// Woken when `live` or `accepting` drops to 0.
     emptied: Notify,
+    activity: Arc<Activity>,
+}
+
+/// Requests and upgraded streams running now, for the nudging thread (`guest/mod.rs`): it wakes the
+/// runtime's workers only while something runs that a handler blocking its worker could hold up,
+/// and dozes (parked, no wake-ups at all) once the generation has been idle a while, until the next
+/// request or stream begins.
+#[derive(Default)]
+pub(crate) struct Activity {
+    running: AtomicUsize,
+    dozing: AtomicBool,
+    nudger: OnceLock<std::thread::Thread>,
+}
+
+impl Activity {
+    /// The thread that dozes, to be woken when something begins.
+    pub(crate) fn nudged_by(&self, thread: std::thread::Thread) {
+        let _ = self.nudger.set(thread);
+    }
+
+    pub(crate) fn is_idle(&self) -> bool {
+        self.running.load(Ordering::SeqCst) == 0
+    }
+
+    /// Parks the calling (nudging) thread while nothing runs and `stop` is not set; returns when
+    /// something begins, or at once if something runs.
+    pub(crate) fn doze(&self, stop: &AtomicBool) {
+        // SeqCst here and in `begin`: either `begin` sees the doze and wakes the thread, or the
+        // thread sees what began and does not park.
+        self.dozing.store(true, Ordering::SeqCst);
+        if self.is_idle() && !stop.load(Ordering::Acquire) {
+            std::thread::park();
+        }
+        self.dozing.store(false, Ordering::SeqCst);
+    }
+
+    fn begin(&self) {
+        if self.running.fetch_add(1, Ordering::SeqCst) == 0 && self.dozing.load(Ordering::SeqCst) {
+            if let Some(nudger) = self.nudger.get() {
+                nudger.unpark();
+            }
+        }
+    }
+
+    fn end(&self) {
+        self.running.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Generation {
     /// With the host's `--live-reload` ([`HostApi::live_reload`]), the app's router is served
     /// inside [`crate::live_reload::wrap`].
-    pub(crate) fn new(host: &HostApi<'_>, router: axum::Router) -> Self {
+    pub(crate) fn new(host: &HostApi<'_>, router: axum::Router, activity: Arc<Activity>) -> Self {
         let lifecycle = watch::Sender::new(LifecycleState {
             phase: Lifecycle::Starting,
             idle_grace_ms: 0,
@@ -103,6 +151,7 @@ impl Generation {
             live: AtomicUsize::new(0),
             accepting: AtomicUsize::new(0),
             emptied: Notify::new(),
+            activity,
         }
     }
 
@@ -180,18 +229,22 @@ impl Generation {
     }
 
     pub(crate) fn stream_opened(&self) {
+        self.activity.begin();
         (self.host.stream_opened)(self.host.handle)
     }
 
     pub(crate) fn stream_closed(&self) {
+        self.activity.end();
         (self.host.stream_closed)(self.host.handle)
     }
 
     pub(crate) fn request_started(&self) {
+        self.activity.begin();
         (self.host.request_started)(self.host.handle)
     }
 
     pub(crate) fn request_finished(&self, status: u16, micros: u64) {
+        self.activity.end();
         (self.host.request_finished)(self.host.handle, status, micros)
     }
 }

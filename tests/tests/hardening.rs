@@ -365,7 +365,8 @@ const ANSWER_LIMIT: Duration = Duration::from_secs(3);
 
 /// A handler that blocks its thread (`std::thread::sleep`) must not hold up the rest of its
 /// generation: with two app threads, `GET /` answers at once while `GET /block` sleeps, before
-/// and after a reload. The retired generation's stuck handler does not stop the host from
+/// and after a reload, and after the generation was idle long enough for its nudging thread to
+/// doze. The retired generation's stuck handler does not stop the host from
 /// serving, and SIGTERM while a handler is stuck exits 0 within the drain and stop timeouts.
 /// (Slow answers are collected and reported at the end, so that one run shows every failure.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -380,9 +381,11 @@ async fn a_blocking_handler_stalls_neither_its_generation_nor_the_shutdown() {
         .expect("/status names the generation");
     let mut failures = Vec::new();
 
+    // Idle for a while first: the generation's nudging thread dozes, and must wake for this.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let mut blocked = vec![start_blocking_request(&mut host, first).await];
     failures.extend(
-        answers_while_blocked(&mut host, "generation 1, while GET /block sleeps")
+        answers_while_blocked(&mut host, "generation 1, idle before, while GET /block sleeps")
             .await
             .err(),
     );

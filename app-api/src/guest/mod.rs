@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::fd::WakeFd;
-use crate::generation::{Generation, HostLink};
+use crate::generation::{Activity, Generation, HostLink};
 use crate::server::Server;
 use crate::{App, InitContext};
 
@@ -45,8 +45,9 @@ fn run_generation<A: App>(host: &HostApi<'_>) -> Result<(), String> {
         Ok(runtime) => runtime,
         Err(message) => return Err(refuse(host, message)),
     };
-    let nudger = Nudger::start(runtime.handle().clone(), host.generation);
-    let outcome = runtime.block_on(serve::<A>(host));
+    let activity = Arc::new(Activity::default());
+    let nudger = Nudger::start(runtime.handle().clone(), host.generation, Arc::clone(&activity));
+    let outcome = runtime.block_on(serve::<A>(host, activity));
     if let Err(e) = nudger.and_then(Nudger::stop) {
         tracing::warn!("the generation's nudging thread: {e}");
     }
@@ -59,29 +60,43 @@ fn run_generation<A: App>(host: &HostApi<'_>) -> Result<(), String> {
 /// How often idle workers are woken while a handler may be blocking one of them.
 const NUDGE_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// How many nudges with nothing running before the nudging thread dozes (a second's worth): an
+/// idle host then makes no wake-ups at all, and a lull between requests costs no park and unpark.
+const DOZE_AFTER: u32 = 50;
+
 /// Keeps a handler that blocks its worker thread (`std::thread::sleep`, blocking I/O) from
 /// stalling its generation's other connections: tokio wakes an idle worker only when new work
 /// is pushed, so tasks queued behind the blocked worker (a connection, the accept loop) would
 /// wait for it. An empty task spawned from outside every `NUDGE_EVERY` wakes an idle worker,
-/// which then steals them. The thread is the generation's own, joined before `run` returns.
+/// which then steals them. Only while requests or upgraded streams run: after a second without
+/// any it dozes until one begins. The thread is the generation's own, joined before `run` returns.
 struct Nudger {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl Nudger {
-    fn start(runtime: tokio::runtime::Handle, generation: u64) -> Result<Nudger, String> {
+    fn start(runtime: tokio::runtime::Handle, generation: u64, activity: Arc<Activity>) -> Result<Nudger, String> {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopped = std::sync::Arc::clone(&stop);
+        let dozer = Arc::clone(&activity);
         let thread = std::thread::Builder::new()
             .name(format!("gen{generation}-nudge"))
             .spawn(move || {
+                let mut quiet = 0;
                 while !stopped.load(std::sync::atomic::Ordering::Acquire) {
+                    quiet = if dozer.is_idle() { quiet + 1 } else { 0 };
+                    if quiet > DOZE_AFTER {
+                        dozer.doze(&stopped);
+                        quiet = 0;
+                        continue;
+                    }
                     std::thread::park_timeout(NUDGE_EVERY);
                     drop(runtime.spawn(async {}));
                 }
             })
             .map_err(|e| format!("cannot start it: {e}"))?;
+        activity.nudged_by(thread.thread().clone());
         Ok(Nudger { stop, thread })
     }
 
@@ -93,7 +108,7 @@ impl Nudger {
 }
 
 /// The generation's main task: initialise, serve until told to stop, shut the app down.
-async fn serve<A: App>(host: &HostApi<'_>) -> Result<(), String> {
+async fn serve<A: App>(host: &HostApi<'_>, activity: Arc<Activity>) -> Result<(), String> {
     let link = HostLink::new(host);
     let wake = match crate::fd::watch_wake_fd(host.wake_fd) {
         Ok(wake) => wake,
@@ -136,7 +151,7 @@ async fn serve<A: App>(host: &HostApi<'_>) -> Result<(), String> {
     };
     (host.started)(host.handle, ROk(()));
 
-    let server = Arc::new(Server::new(Arc::new(Generation::new(host, router))));
+    let server = Arc::new(Server::new(Arc::new(Generation::new(host, router, activity))));
     // The control loop runs as a task, on the runtime's workers, not here: this future is driven
     // by `block_on` on the generation's own thread, which is not a worker, so every wake-up
     // would be handed from the worker that polls the eventfd to this thread and back. It is
