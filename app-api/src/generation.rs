@@ -84,13 +84,14 @@ pub(crate) struct Generation {
     activity: Arc<Activity>,
 }
 
-/// Requests and upgraded streams running now, for the nudging thread (`guest/mod.rs`): it wakes the
-/// runtime's workers only while something runs that a handler blocking its worker could hold up,
-/// and dozes (parked, no wake-ups at all) once the generation has been idle a while, until the next
-/// request or stream begins.
+/// Connections open now, for the nudging thread (`guest/mod.rs`): it wakes the runtime's workers
+/// only while a connection is open, on which a handler blocking its worker could hold others up,
+/// and dozes (parked, no wake-ups at all) once the generation has had none for a while, until the
+/// next one opens. Counted per connection, not per request: a counter every request touched would
+/// cost each one a cache line moving between the workers.
 #[derive(Default)]
 pub(crate) struct Activity {
-    running: AtomicUsize,
+    open: AtomicUsize,
     dozing: AtomicBool,
     nudger: OnceLock<std::thread::Thread>,
 }
@@ -102,14 +103,14 @@ impl Activity {
     }
 
     pub(crate) fn is_idle(&self) -> bool {
-        self.running.load(Ordering::SeqCst) == 0
+        self.open.load(Ordering::SeqCst) == 0
     }
 
-    /// Parks the calling (nudging) thread while nothing runs and `stop` is not set; returns when
-    /// something begins, or at once if something runs.
+    /// Parks the calling (nudging) thread while no connection is open and `stop` is not set;
+    /// returns when one opens, or at once if one is open.
     pub(crate) fn doze(&self, stop: &AtomicBool) {
         // SeqCst here and in `begin`: either `begin` sees the doze and wakes the thread, or the
-        // thread sees what began and does not park.
+        // thread sees the connection and does not park.
         self.dozing.store(true, Ordering::SeqCst);
         if self.is_idle() && !stop.load(Ordering::Acquire) {
             std::thread::park();
@@ -118,7 +119,7 @@ impl Activity {
     }
 
     fn begin(&self) {
-        if self.running.fetch_add(1, Ordering::SeqCst) == 0 && self.dozing.load(Ordering::SeqCst) {
+        if self.open.fetch_add(1, Ordering::SeqCst) == 0 && self.dozing.load(Ordering::SeqCst) {
             if let Some(nudger) = self.nudger.get() {
                 nudger.unpark();
             }
@@ -126,7 +127,7 @@ impl Activity {
     }
 
     fn end(&self) {
-        self.running.fetch_sub(1, Ordering::SeqCst);
+        self.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -208,10 +209,12 @@ impl Generation {
 
     pub(crate) fn connection_opened(&self) {
         self.live.fetch_add(1, Ordering::AcqRel);
+        self.activity.begin();
         (self.host.connection_opened)(self.host.handle);
     }
 
     fn forget_connection(&self) {
+        self.activity.end();
         if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.emptied.notify_one();
         }
@@ -229,22 +232,18 @@ impl Generation {
     }
 
     pub(crate) fn stream_opened(&self) {
-        self.activity.begin();
         (self.host.stream_opened)(self.host.handle)
     }
 
     pub(crate) fn stream_closed(&self) {
-        self.activity.end();
         (self.host.stream_closed)(self.host.handle)
     }
 
     pub(crate) fn request_started(&self) {
-        self.activity.begin();
         (self.host.request_started)(self.host.handle)
     }
 
     pub(crate) fn request_finished(&self, status: u16, micros: u64) {
-        self.activity.end();
         (self.host.request_finished)(self.host.handle, status, micros)
     }
 }

@@ -60,16 +60,17 @@ fn run_generation<A: App>(host: &HostApi<'_>) -> Result<(), String> {
 /// How often idle workers are woken while a handler may be blocking one of them.
 const NUDGE_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// How many nudges with nothing running before the nudging thread dozes (a second's worth): an
-/// idle host then makes no wake-ups at all, and a lull between requests costs no park and unpark.
+/// How many nudges with no connection open before the nudging thread dozes (a second's worth): an
+/// idle host then makes no wake-ups at all, and a lull between connections costs no park and
+/// unpark.
 const DOZE_AFTER: u32 = 50;
 
 /// Keeps a handler that blocks its worker thread (`std::thread::sleep`, blocking I/O) from
 /// stalling its generation's other connections: tokio wakes an idle worker only when new work
 /// is pushed, so tasks queued behind the blocked worker (a connection, the accept loop) would
 /// wait for it. An empty task spawned from outside every `NUDGE_EVERY` wakes an idle worker,
-/// which then steals them. Only while requests or upgraded streams run: after a second without
-/// any it dozes until one begins. The thread is the generation's own, joined before `run` returns.
+/// which then steals them. Only while connections are open: after a second without any it dozes
+/// until one opens. The thread is the generation's own, joined before `run` returns.
 struct Nudger {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<()>,
