@@ -130,6 +130,7 @@ mod guest;
 mod heap;
 mod io;
 mod live_reload;
+mod panics;
 mod server;
 mod state;
 mod without_host;

@@ -461,7 +461,7 @@ impl AppService {
             Ok(Ok(response)) => response,
             Ok(Err(infallible)) => match infallible {},
             Err(panic) => {
-                tracing::error!("a handler panicked: {}", crate::guest::panic_message(&*panic));
+                tracing::error!("a handler panicked: {}", crate::panics::panic_message(&*panic));
                 plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
             }
         }
@@ -594,7 +594,7 @@ impl Body for ResponseBody {
         let frame = match polled {
             Ok(frame) => frame,
             Err(panic) => {
-                tracing::error!("a response body panicked: {}", crate::guest::panic_message(&*panic));
+                tracing::error!("a response body panicked: {}", crate::panics::panic_message(&*panic));
                 this.body = axum::body::Body::empty();
                 Poll::Ready(Some(Err(axum::Error::new("the response body panicked"))))
             }

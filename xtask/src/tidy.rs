@@ -102,11 +102,12 @@ fn paths_are_told_from_other_code_spans() {
     assert!(!exists("eload.rs", &paths));
 }
 
-/// The parts of the host's source that `crate::…` paths in each part name: a part is a folder of
-/// `host/src` or a file directly in it (`reload`, `child`), by the name a `crate::` path uses.
-fn host_part_imports(host_src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+/// The parts of a crate's source (`src`) that `crate::…` paths in each part name: a part is a
+/// folder of `src` or a file directly in it (`reload`, `child`), by the name a `crate::` path uses.
+/// The crate's root (`lib.rs`, `main.rs`) names its modules and is no part.
+fn part_imports(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
     let mut imports: BTreeMap<String, BTreeSet<String>> = Default::default();
-    let root = host_src.parent().expect("host/src has a parent");
+    let root = src.parent().expect("src has a parent");
     for path in repository_paths(root) {
         let Some(inside) = path.strip_prefix("src/") else {
             continue;
@@ -115,6 +116,9 @@ fn host_part_imports(host_src: &Path) -> BTreeMap<String, BTreeSet<String>> {
             continue;
         };
         let part = file.split('/').next().unwrap_or(file).to_owned();
+        if part == "lib" || part == "main" {
+            continue;
+        }
         let text = std::fs::read_to_string(root.join(&path)).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
         let named = text.split("crate::").skip(1).filter_map(|rest| {
             let name: String = rest
@@ -168,7 +172,7 @@ fn the_hosts_folders_import_no_circle() {
         .parent()
         .expect("xtask lives one level below the workspace root")
         .join("host/src");
-    let imports = host_part_imports(&host_src);
+    let imports = part_imports(&host_src);
     assert!(
         imports.contains_key("reload") && imports["reload"].contains("generation"),
         "the scan found the host's parts: {imports:?}"
@@ -179,6 +183,38 @@ fn the_hosts_folders_import_no_circle() {
             found.join(" → ")
         );
     }
+}
+
+/// The same for every crate of the workspace: their modules import no circle either.
+#[test]
+fn no_crates_modules_import_a_circle() {
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_owned();
+    let mut scanned = Vec::new();
+    let mut circles = Vec::new();
+    let entries = std::fs::read_dir(&workspace).expect("the workspace root can be listed");
+    for entry in entries.flatten() {
+        let src = entry.path().join("src");
+        if !entry.path().join("Cargo.toml").is_file() || !src.is_dir() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(found) = circle(&part_imports(&src)) {
+            circles.push(format!("{name}: {}", found.join(" → ")));
+        }
+        scanned.push(name);
+    }
+    assert!(
+        scanned.iter().any(|name| name == "app-api") && scanned.iter().any(|name| name == "host"),
+        "the scan found the crates: {scanned:?}"
+    );
+    assert!(
+        circles.is_empty(),
+        "modules that import each other in a circle:\n{}",
+        circles.join("\n")
+    );
 }
 
 #[test]

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fd::WakeFd;
 use crate::generation::{Activity, Generation, HostLink};
+use crate::panics::panic_message;
 use crate::server::Server;
 use crate::{App, InitContext};
 
@@ -231,15 +232,5 @@ async fn wait_for_stop(wake: &AsyncFd<WakeFd>, host: HostLink) {
         if host.lifecycle().phase == Lifecycle::Stopping {
             return;
         }
-    }
-}
-
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    if let Some(message) = panic.downcast_ref::<&str>() {
-        message
-    } else if let Some(message) = panic.downcast_ref::<String>() {
-        message
-    } else {
-        "(a non-string panic payload)"
     }
 }
