@@ -566,6 +566,19 @@ impl Registry {
     }
 }
 
+/// The most verbose level the host logs at now, which the app's events are filtered against before
+/// they cross (`LogApi::max_level`).
+pub fn host_log_level() -> LogLevel {
+    use tracing::level_filters::LevelFilter;
+    match LevelFilter::current() {
+        LevelFilter::TRACE => LogLevel::Trace,
+        LevelFilter::DEBUG => LogLevel::Debug,
+        LevelFilter::INFO => LogLevel::Info,
+        LevelFilter::WARN => LogLevel::Warn,
+        _ => LogLevel::Error,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;

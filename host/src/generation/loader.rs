@@ -23,12 +23,13 @@ use abi_stable::abi_stability::abi_checking::{CheckingGlobals, check_layout_comp
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 use app_abi::{
     ABI_VERSION, AppDescriptor, DESCRIPTOR_MAGIC, DESCRIPTOR_SYMBOL, DESCRIPTOR_VERSION, GuestVTable, HandedConnection,
-    HostApi, HostHandle, LifecycleState, ListenerRef, LogApi, LogCallsite, LogInterest, LogLevel, LogNewSpan,
-    LogOutcome, LogParent, LogValue, RETURN_HEAP_SYMBOL, Socket, StateApi, StateValue,
+    HostApi, HostHandle, LifecycleState, ListenerRef, LogApi, LogCallsite, LogInterest, LogNewSpan, LogOutcome,
+    LogParent, LogValue, RETURN_HEAP_SYMBOL, Socket, StateApi, StateValue,
 };
 
 use crate::generation::applog::AppLog;
 use crate::generation::handover::HandedSocket;
+use crate::generation::image;
 use crate::serving::listeners::Listeners;
 use crate::state::StateStore;
 use crate::util::lock;
@@ -221,7 +222,7 @@ impl LoadedLibrary {
             drained: on_drained::<H>,
             log: LogApi {
                 handle,
-                max_level: host_log_level(),
+                max_level: crate::generation::applog::host_log_level(),
                 register_callsite: on_log_register_callsite::<H>,
                 enabled: on_log_enabled::<H>,
                 event: on_log::<H>,
@@ -344,7 +345,7 @@ fn close(library: libloading::Library, path: &Path) -> Result<Unloaded, libloadi
         }
     }
     library.close()?;
-    let still_mapped = !mapped_ranges(path).is_empty();
+    let still_mapped = !image::mapped_ranges(path).is_empty();
     if still_mapped {
         return Ok(Unloaded {
             still_mapped,
@@ -362,7 +363,7 @@ fn close(library: libloading::Library, path: &Path) -> Result<Unloaded, libloadi
 
 /// The pthread keys alive now that code of the library copy at `path` created.
 pub fn thread_keys_created_by(path: &Path) -> Vec<thread_keys::CreatedKey> {
-    thread_keys::created_in(&mapped_ranges(path))
+    thread_keys::created_in(&image::mapped_ranges(path))
 }
 
 /// The `dlopen` under way, if any: which generation, since when. glibc runs a library's
@@ -571,25 +572,6 @@ fn loaded_segments(path: &Path) -> Vec<(usize, usize)> {
     search.segments
 }
 
-/// The address ranges at which `path` is mapped in this process (one per mapping).
-pub fn mapped_ranges(path: &Path) -> Vec<(usize, usize)> {
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
-        return Vec::new();
-    };
-    let needle = path.to_string_lossy();
-    maps.lines()
-        // `contains`: a mapping of a file deleted since ends with " (deleted)".
-        .filter(|line| line.contains(needle.as_ref()))
-        .filter_map(|line| {
-            let (start, end) = line.split_whitespace().next()?.split_once('-')?;
-            Some((
-                usize::from_str_radix(start, 16).ok()?,
-                usize::from_str_radix(end, 16).ok()?,
-            ))
-        })
-        .collect()
-}
-
 /// A read-only mapping of a staged copy the host has just written, in which its bytes are checked
 /// and hashed: what is checked is exactly what `dlopen` maps, with no second copy in memory.
 pub fn map_copy(copy: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
@@ -597,58 +579,6 @@ pub fn map_copy(copy: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
     // by this host and never written again: nothing changes the mapped bytes while they are
     // borrowed. The mapping is read-only and private to this process.
     unsafe { memmap2::MmapOptions::new().populate().map(copy) }
-}
-
-/// Refuses, before `dlopen`, an ELF image whose program headers or loadable segments run past its
-/// end, as a copy still being written does (glibc maps such a file anyway and the process dies of
-/// SIGBUS when the loader touches the missing pages), and one with tokio's signal driver in it.
-/// Files that are not 64-bit ELF at all are left for `dlopen` to refuse with its own reason.
-pub fn check_image(path: &Path, image: &[u8]) -> Result<(), LoadError> {
-    check_segments(path, image)?;
-    // A message of tokio's signal driver, linked in only with the `signal` feature: the driver
-    // is built with every runtime, so its mere presence means the leak described in the error.
-    if memchr::memmem::find(image, b"EOF on self-pipe").is_some() {
-        return Err(LoadError::TokioSignal {
-            path: path.display().to_string(),
-        });
-    }
-    Ok(())
-}
-
-/// The part of [`check_image`] about segments cut short.
-fn check_segments(path: &Path, image: &[u8]) -> Result<(), LoadError> {
-    use object::Endianness;
-    use object::elf::{FileHeader64, PT_LOAD};
-    use object::read::elf::{FileHeader as _, ProgramHeader as _};
-
-    let truncated = |reason: String| LoadError::Truncated {
-        path: path.display().to_string(),
-        reason,
-    };
-    let Ok(header) = FileHeader64::<Endianness>::parse(image) else {
-        return Ok(());
-    };
-    let Ok(endian) = header.endian() else { return Ok(()) };
-    let segments = header.program_headers(endian, image).map_err(|e| {
-        truncated(format!(
-            "its program headers do not fit in its {} bytes: {e}",
-            image.len()
-        ))
-    })?;
-    for (index, segment) in segments.iter().enumerate() {
-        if segment.p_type(endian) != PT_LOAD {
-            continue;
-        }
-        let end = segment.p_offset(endian).checked_add(segment.p_filesz(endian));
-        if end.is_none_or(|end| end > image.len() as u64) {
-            return Err(truncated(format!(
-                "loadable segment {index} needs bytes up to {} but the file has {}",
-                end.map_or_else(|| "beyond 2^64".to_string(), |end| end.to_string()),
-                image.len()
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// An error and its sources, as one line: libloading keeps glibc's reason in `source()`.
@@ -670,17 +600,6 @@ fn first_lines(text: &str, count: usize) -> String {
         kept.push_str(" | …");
     }
     kept
-}
-
-fn host_log_level() -> LogLevel {
-    use tracing::level_filters::LevelFilter;
-    match LevelFilter::current() {
-        LevelFilter::TRACE => LogLevel::Trace,
-        LevelFilter::DEBUG => LogLevel::Debug,
-        LevelFilter::INFO => LogLevel::Info,
-        LevelFilter::WARN => LogLevel::Warn,
-        _ => LogLevel::Error,
-    }
 }
 
 /// # Safety
@@ -893,24 +812,4 @@ extern "C" fn on_log_clone_span<H: Host>(handle: HostHandle, span: u64) {
 
 extern "C" fn on_log_try_close<H: Host>(handle: HostHandle, span: u64) -> bool {
     with_host::<H, _>("log_try_close", handle, false, |host| host.log().try_close(span))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn images_cut_short_are_refused_before_dlopen() {
-        let path = Path::new("/proc/self/exe");
-        let image = std::fs::read(path).expect("this test's own executable is readable");
-        // This test's executable has tokio's signal driver (the host uses it): only its segments
-        // are checked here.
-        check_segments(path, &image).expect("a whole ELF image passes");
-        check_image(path, b"not an ELF file at all").expect("non-ELF files are left for dlopen to refuse");
-        let error = check_image(path, &image[..4096]).expect_err("a cut image is refused");
-        let with_signal_driver = b"a library with the message `EOF on self-pipe` in it";
-        let refused = check_image(path, with_signal_driver).expect_err("tokio's signal driver is refused");
-        assert!(refused.to_string().contains("`signal` feature"), "{refused}");
-        assert!(error.to_string().contains("cut short"), "{error}");
-    }
 }

@@ -9,6 +9,7 @@
 
 pub mod applog;
 pub mod handover;
+pub mod image;
 pub mod leftovers;
 #[allow(unsafe_code, reason = "the one module that loads, calls and unloads libraries")]
 pub mod loader;

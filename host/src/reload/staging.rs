@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use crate::generation::loader::check_image;
+use crate::generation::image::check_image;
 use crate::generation::{LibraryInfo, Sha256};
 use crate::private_dir;
 use crate::reload::probe::{self, ProbeError};
