@@ -471,46 +471,76 @@ fn hot_loop(env: &Env, workspace: &Path, target_dir: &Path, logs: &Path) -> anyh
     poller.wait_for(&served_text("v1"), FIRST_BUILD_TIMEOUT, &mut alive)?;
 
     let source = workspace.join("app/src/lib.rs");
+    let results = timed_edits(
+        env,
+        &poller,
+        &source,
+        "hot",
+        "cargo xtask dev",
+        &mut alive,
+        |edit, result| {
+            // The loop writes its line once the host has answered, a moment after the new text is
+            // served (the answer waits for the library's hash).
+            result.phases = reload_phases(&phases_file, edit + 1);
+            result.build_ms = result.phases.as_ref().and_then(|p| p["build_ms"].as_f64());
+            format!(
+                " ({})",
+                result
+                    .phases
+                    .as_ref()
+                    .map_or_else(|| "no phases reported".to_string(), describe_phases)
+            )
+        },
+    )?;
+    drop(poller);
+    dev.stop();
+    save_version(&source, APP_VERSION_LINE, "v1")?;
+    Ok(results)
+}
+
+/// Saves one untimed and then `env.plan.edits` timed versions of the app's source (`{prefix}{edit}`),
+/// each after the last one is served and has had a moment to settle, and measures each from the
+/// save to the first answer with its text; `detail` adds to an edit's result and its line.
+fn timed_edits(
+    env: &Env,
+    poller: &Poller,
+    source: &Path,
+    prefix: &str,
+    loop_name: &str,
+    alive: &mut dyn FnMut() -> anyhow::Result<()>,
+    mut detail: impl FnMut(usize, &mut EditResult) -> String,
+) -> anyhow::Result<Vec<EditResult>> {
     let mut results = Vec::new();
     for edit in 0..=env.plan.edits {
-        let version = format!("hot{edit}");
+        let version = format!("{prefix}{edit}");
         let (ok0, refused0, failed0) = poller.counts();
         let saved = Instant::now();
-        save_version(&source, APP_VERSION_LINE, &version)?;
-        let served = poller.wait_for(&served_text(&version), EDIT_TIMEOUT, &mut alive)?;
+        save_version(source, APP_VERSION_LINE, &version)?;
+        let served = poller.wait_for(&served_text(&version), EDIT_TIMEOUT, alive)?;
         let (ok1, refused1, failed1) = poller.counts();
-        // The loop writes its line once the host has answered, a moment after the new text is
-        // served (the answer waits for the library's hash).
-        let phases = reload_phases(&phases_file, edit + 1);
-        let result = EditResult {
+        let mut result = EditResult {
             served_ms: served.duration_since(saved).as_secs_f64() * 1e3,
             refused: refused1 - refused0,
             failed: failed1 - failed0,
             ok: ok1 - ok0,
-            build_ms: phases.as_ref().and_then(|p| p["build_ms"].as_f64()),
+            build_ms: None,
             restart_ms: None,
-            phases,
+            phases: None,
         };
+        let detail = detail(edit, &mut result);
         say!(
-            "  cargo xtask dev, edit {edit}{}: served after {:.2} s ({}); refused {}, failed {}",
+            "  {loop_name}, edit {edit}{}: served after {:.2} s{detail}; refused {}, failed {}",
             if edit == 0 { " (untimed)" } else { "" },
             result.served_ms / 1e3,
-            result
-                .phases
-                .as_ref()
-                .map_or_else(|| "no phases reported".to_string(), describe_phases),
             result.refused,
             result.failed
         );
         if edit > 0 {
             results.push(result);
         }
-        // Let the old generation retire before the next save.
+        // Let the old generation (or process) go before the next save.
         std::thread::sleep(Duration::from_millis(500));
     }
-    drop(poller);
-    dev.stop();
-    save_version(&source, APP_VERSION_LINE, "v1")?;
     Ok(results)
 }
 
@@ -652,35 +682,15 @@ fn cargo_watch_loop(env: &Env, workspace: &Path, target_dir: &Path, logs: &Path)
     let poller = Poller::start(listen)?;
     let mut alive = || watcher.check_running(&log);
     poller.wait_for(&served_text("v1"), FIRST_BUILD_TIMEOUT, &mut alive)?;
-    let mut results = Vec::new();
-    for edit in 0..=env.plan.edits {
-        let version = format!("watch{edit}");
-        let (ok0, refused0, failed0) = poller.counts();
-        let saved = Instant::now();
-        save_version(&source, APP_VERSION_LINE, &version)?;
-        let served = poller.wait_for(&served_text(&version), EDIT_TIMEOUT, &mut alive)?;
-        let (ok1, refused1, failed1) = poller.counts();
-        let result = EditResult {
-            served_ms: served.duration_since(saved).as_secs_f64() * 1e3,
-            refused: refused1 - refused0,
-            failed: failed1 - failed0,
-            ok: ok1 - ok0,
-            build_ms: None,
-            restart_ms: None,
-            phases: None,
-        };
-        say!(
-            "  cargo watch -x run, edit {edit}{}: served after {:.2} s; refused {}, failed {}",
-            if edit == 0 { " (untimed)" } else { "" },
-            result.served_ms / 1e3,
-            result.refused,
-            result.failed
-        );
-        if edit > 0 {
-            results.push(result);
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let results = timed_edits(
+        env,
+        &poller,
+        &source,
+        "watch",
+        "cargo watch -x run",
+        &mut alive,
+        |_, _| String::new(),
+    )?;
     drop(poller);
     drop(watcher);
     save_version(&source, APP_VERSION_LINE, "v1")?;
