@@ -128,7 +128,10 @@ fn wait_staged_ahead(admin: std::net::SocketAddr, timeout: Duration) -> anyhow::
     let deadline = Instant::now() + timeout;
     loop {
         let (_, status) = admin_json(admin, "GET", "/status", Duration::from_secs(5))?;
-        if status["staged_ahead"]["state"].as_str() != Some("preparing") {
+        if !matches!(
+            status["staged_ahead"]["state"].as_str(),
+            Some("preparing" | "abandoned")
+        ) {
             return Ok(());
         }
         if Instant::now() > deadline {
