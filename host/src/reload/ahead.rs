@@ -47,9 +47,6 @@ pub struct Ahead {
 enum Held {
     Preparing(oneshot::Receiver<Prepared>),
     Ready(Box<Prepared>),
-    /// A preparation a reload did not wait for; it still writes the one copy path, so the next
-    /// one starts only once it has ended (and its copy is removed).
-    Abandoned(oneshot::Receiver<Prepared>),
 }
 
 struct Prepared {
@@ -85,17 +82,6 @@ impl Ahead {
                 Err(oneshot::error::TryRecvError::Closed) => None,
             },
             Some(Held::Ready(prepared)) => Some(prepared),
-            Some(Held::Abandoned(mut abandoned)) => match abandoned.try_recv() {
-                Ok(prepared) => {
-                    remove_copy(&prepared);
-                    None
-                }
-                Err(oneshot::error::TryRecvError::Empty) => {
-                    *held = Some(Held::Abandoned(abandoned));
-                    return;
-                }
-                Err(oneshot::error::TryRecvError::Closed) => None,
-            },
         };
         if let Some(prepared) = prepared {
             match self.still_holds(prepared) {
@@ -154,31 +140,19 @@ impl Ahead {
     }
 
     /// For `/status`: `state` is `"preparing"`, `"ready"` (a copy waits; whether it still
-    /// holds is known only when a reload looks), `"abandoned"` (a reload did not wait for it; the
-    /// next starts once it ends) or `"none"`; `preparations` counts those started.
+    /// holds is known only when a reload looks), or `"none"`; `preparations` counts those started.
     pub fn status(&self) -> serde_json::Value {
         let mut held = lock(&self.held);
-        // A preparation that has ended is looked at: it may have failed, or its thread died; an
-        // abandoned one's copy is removed.
-        match &mut *held {
-            Some(Held::Preparing(preparing)) => match preparing.try_recv() {
+        // A preparation that has ended is looked at: it may have failed, or its thread died.
+        if let Some(Held::Preparing(preparing)) = &mut *held {
+            match preparing.try_recv() {
                 Ok(prepared) => *held = Some(Held::Ready(Box::new(prepared))),
                 Err(oneshot::error::TryRecvError::Empty) => {}
                 Err(oneshot::error::TryRecvError::Closed) => *held = None,
-            },
-            Some(Held::Abandoned(abandoned)) => match abandoned.try_recv() {
-                Ok(prepared) => {
-                    remove_copy(&prepared);
-                    *held = None;
-                }
-                Err(oneshot::error::TryRecvError::Empty) => {}
-                Err(oneshot::error::TryRecvError::Closed) => *held = None,
-            },
-            _ => {}
+            }
         }
         let state = match &*held {
             Some(Held::Preparing(_)) => "preparing",
-            Some(Held::Abandoned(_)) => "abandoned",
             Some(Held::Ready(prepared)) if prepared.staged.is_ok() => "ready",
             _ => "none",
         };
@@ -188,32 +162,14 @@ impl Ahead {
         })
     }
 
-    /// The copy staged ahead as generation `number`'s (renamed to its staged path), if it is
-    /// ready and still holds. `None`: the caller stages anew. A preparation still under way is not
-    /// waited for: it runs at low priority and may be waiting for the file to settle, and staging
-    /// on the reload's path, at once, is faster than either.
-    pub fn take(&self, number: u64) -> Option<Staged> {
-        let mut held = lock(&self.held);
-        let prepared = match held.take()? {
-            Held::Preparing(mut preparing) => match preparing.try_recv() {
-                Ok(prepared) => Box::new(prepared),
-                Err(oneshot::error::TryRecvError::Empty) => {
-                    tracing::debug!(
-                        generation = number,
-                        "the library is still being staged ahead: staging anew, without waiting"
-                    );
-                    *held = Some(Held::Abandoned(preparing));
-                    return None;
-                }
-                Err(oneshot::error::TryRecvError::Closed) => return None,
-            },
+    /// The copy staged ahead as generation `number`'s (renamed to its staged path), if it still
+    /// holds; waits for a preparation under way. `None`: the caller stages anew.
+    pub async fn take(&self, number: u64) -> Option<Staged> {
+        let held = lock(&self.held).take()?;
+        let prepared = match held {
+            Held::Preparing(preparing) => Box::new(preparing.await.ok()?),
             Held::Ready(prepared) => prepared,
-            abandoned @ Held::Abandoned(_) => {
-                *held = Some(abandoned);
-                return None;
-            }
         };
-        drop(held);
         let mut staged = match self.still_holds(prepared) {
             Ok(prepared) => prepared.staged.ok()?,
             Err(why) => {
@@ -255,17 +211,12 @@ impl Ahead {
         match why {
             None => Ok(prepared),
             Some(why) => {
-                remove_copy(&prepared);
+                if let Ok(staged) = &prepared.staged {
+                    let _ = std::fs::remove_file(&staged.library.staged_copy);
+                }
                 Err(why)
             }
         }
-    }
-}
-
-/// Removes a finished preparation's copy.
-fn remove_copy(prepared: &Prepared) {
-    if let Ok(staged) = &prepared.staged {
-        let _ = std::fs::remove_file(&staged.library.staged_copy);
     }
 }
 
@@ -276,8 +227,10 @@ fn still_as_stamped(app_path: &std::path::Path, trust: &TrustPolicy, stamp: &Sou
 
 impl Drop for Ahead {
     fn drop(&mut self) {
-        if let Some(Held::Ready(prepared)) = lock(&self.held).take() {
-            remove_copy(&prepared);
+        if let Some(Held::Ready(prepared)) = lock(&self.held).take()
+            && let Ok(staged) = &prepared.staged
+        {
+            let _ = std::fs::remove_file(&staged.library.staged_copy);
         }
     }
 }

@@ -1000,7 +1000,7 @@ async fn load_generation(
     let (library, digest, staged_ahead) = match source {
         Source::App => {
             let staged = match ahead {
-                Some(ahead) => ahead.take(number),
+                Some(ahead) => ahead.take(number).await,
                 None => None,
             };
             let staged_ahead = staged.is_some();

@@ -128,10 +128,7 @@ fn wait_staged_ahead(admin: std::net::SocketAddr, timeout: Duration) -> anyhow::
     let deadline = Instant::now() + timeout;
     loop {
         let (_, status) = admin_json(admin, "GET", "/status", Duration::from_secs(5))?;
-        if !matches!(
-            status["staged_ahead"]["state"].as_str(),
-            Some("preparing" | "abandoned")
-        ) {
+        if status["staged_ahead"]["state"].as_str() != Some("preparing") {
             return Ok(());
         }
         if Instant::now() > deadline {
