@@ -460,3 +460,39 @@ async fn a_library_deployed_before_the_trigger_is_staged_ahead_and_loaded() {
     );
     host.stop().await;
 }
+
+/// A reload right after a deploy, while the copy staged ahead of it is still waiting for the new
+/// file to settle, calls that preparation off and stages the file itself: it serves the new
+/// version, and leaves no copy behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_right_after_a_deploy_serves_it_and_leaves_no_copy_behind() {
+    let sandbox = Sandbox::new();
+    sandbox.deploy(example_app(AppVersion::V1));
+    let host = sandbox.start_host(&[]).await;
+    wait_staged_ahead(&host).await;
+    sandbox.deploy(example_app(AppVersion::V2));
+    assert_eq!(host.reload_ok().await, 2);
+    assert_answer(
+        &client::get(host.addr(), "/").await.expect("GET /"),
+        &AppVersion::V2.greeting(),
+        "after the reload right after the deploy",
+    );
+    wait_until("the next preparation to end", Duration::from_secs(30), || async {
+        let status = host.status().await;
+        match status["staged_ahead"]["state"].as_str() {
+            Some("preparing") => Err(status["staged_ahead"].to_string()),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    let ahead: Vec<_> = std::fs::read_dir(sandbox.staging_dir())
+        .expect("the staging directory exists")
+        .flat_map(|host_dir| std::fs::read_dir(host_dir.expect("listing the staging directory").path()))
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("ahead-"))
+        .map(|entry| entry.path())
+        .collect();
+    assert!(ahead.len() <= 1, "copies staged ahead left on disk: {ahead:#?}");
+    host.stop().await;
+}

@@ -12,7 +12,8 @@
 //! stages anew, exactly as without this.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::oneshot;
@@ -45,8 +46,46 @@ pub struct Ahead {
 }
 
 enum Held {
-    Preparing(oneshot::Receiver<Prepared>),
+    Preparing(oneshot::Receiver<Prepared>, Arc<Settling>),
     Ready(Box<Prepared>),
+}
+
+/// A preparation's wait for the file to settle, which a reload may call off: the reload copies the
+/// file itself at once, and the copy the preparation would make after the wait could not have
+/// served it. Called off only while waiting, when the preparation has opened nothing yet.
+#[derive(Default)]
+struct Settling {
+    waiting: AtomicBool,
+    called_off: AtomicBool,
+    thread: OnceLock<std::thread::Thread>,
+}
+
+impl Settling {
+    /// On the preparation's thread: waits `wait`, unless called off; whether it was.
+    fn wait(&self, wait: Duration) -> bool {
+        let until = std::time::Instant::now() + wait;
+        // SeqCst with `call_off`: either it sees this wait, or this sees the call.
+        self.waiting.store(true, Ordering::SeqCst);
+        while !self.called_off.load(Ordering::SeqCst) {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::park_timeout(left);
+        }
+        self.waiting.store(false, Ordering::SeqCst);
+        self.called_off.load(Ordering::SeqCst)
+    }
+
+    /// Calls the wait off if the preparation is in it (then it ends at once).
+    fn call_off(&self) {
+        if self.waiting.load(Ordering::SeqCst) {
+            self.called_off.store(true, Ordering::SeqCst);
+            if let Some(thread) = self.thread.get() {
+                thread.unpark();
+            }
+        }
+    }
 }
 
 struct Prepared {
@@ -73,10 +112,10 @@ impl Ahead {
         let mut held = lock(&self.held);
         let prepared = match held.take() {
             None => None,
-            Some(Held::Preparing(mut preparing)) => match preparing.try_recv() {
+            Some(Held::Preparing(mut preparing, settling)) => match preparing.try_recv() {
                 Ok(prepared) => Some(Box::new(prepared)),
                 Err(oneshot::error::TryRecvError::Empty) => {
-                    *held = Some(Held::Preparing(preparing));
+                    *held = Some(Held::Preparing(preparing, settling));
                     return;
                 }
                 Err(oneshot::error::TryRecvError::Closed) => None,
@@ -98,6 +137,8 @@ impl Ahead {
         let copy = staging::copy_path(&self.staging_dir, "ahead", &self.app_path);
         let trust = self.trust.clone();
         let init_timeout = self.init_timeout;
+        let settling = Arc::new(Settling::default());
+        let settle = Arc::clone(&settling);
         let started = std::thread::Builder::new().name("host-ahead".into()).spawn(move || {
             // On Linux a thread's own priority; the threads and processes it starts inherit it.
             let _ = rustix::process::setpriority_process(None, NICE);
@@ -106,8 +147,13 @@ impl Ahead {
                 attempts += 1;
                 // A file changed just now (a reload follows a deploy closely) is copied once it
                 // has settled, or the copy could never serve.
-                if let Some(wait) = trust::unsettled_for(&app_path, SystemTime::now(), SETTLED) {
-                    std::thread::sleep(wait);
+                if let Some(wait) = trust::unsettled_for(&app_path, SystemTime::now(), SETTLED)
+                    && settle.wait(wait)
+                {
+                    break (
+                        SystemTime::now(),
+                        Err(anyhow::anyhow!("called off: a reload stages the file itself")),
+                    );
                 }
                 let began = SystemTime::now();
                 // The trial process started ahead stays for a reload that must stage anew: this
@@ -131,9 +177,10 @@ impl Ahead {
             let _ = done.send(Prepared { began, staged });
         });
         match started {
-            Ok(_) => {
+            Ok(thread) => {
+                let _ = settling.thread.set(thread.thread().clone());
                 self.started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                *held = Some(Held::Preparing(preparing));
+                *held = Some(Held::Preparing(preparing, settling));
             }
             Err(e) => tracing::debug!(error = %e, "cannot start staging the library ahead"),
         }
@@ -144,7 +191,7 @@ impl Ahead {
     pub fn status(&self) -> serde_json::Value {
         let mut held = lock(&self.held);
         // A preparation that has ended is looked at: it may have failed, or its thread died.
-        if let Some(Held::Preparing(preparing)) = &mut *held {
+        if let Some(Held::Preparing(preparing, _)) = &mut *held {
             match preparing.try_recv() {
                 Ok(prepared) => *held = Some(Held::Ready(Box::new(prepared))),
                 Err(oneshot::error::TryRecvError::Empty) => {}
@@ -152,7 +199,7 @@ impl Ahead {
             }
         }
         let state = match &*held {
-            Some(Held::Preparing(_)) => "preparing",
+            Some(Held::Preparing(..)) => "preparing",
             Some(Held::Ready(prepared)) if prepared.staged.is_ok() => "ready",
             _ => "none",
         };
@@ -163,11 +210,17 @@ impl Ahead {
     }
 
     /// The copy staged ahead as generation `number`'s (renamed to its staged path), if it still
-    /// holds; waits for a preparation under way. `None`: the caller stages anew.
+    /// holds; waits for a preparation under way, calling it off if it is still waiting for the file
+    /// to settle. `None`: the caller stages anew.
     pub async fn take(&self, number: u64) -> Option<Staged> {
         let held = lock(&self.held).take()?;
         let prepared = match held {
-            Held::Preparing(preparing) => Box::new(preparing.await.ok()?),
+            // One waiting for the file to settle ends at once: it opened nothing yet, and could
+            // not serve this reload. One that is copying or trying is waited for: it may.
+            Held::Preparing(preparing, settling) => {
+                settling.call_off();
+                Box::new(preparing.await.ok()?)
+            }
             Held::Ready(prepared) => prepared,
         };
         let mut staged = match self.still_holds(prepared) {
@@ -232,5 +285,31 @@ impl Drop for Ahead {
         {
             let _ = std::fs::remove_file(&staged.library.staged_copy);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_for_the_file_to_settle_is_called_off_by_a_reload() {
+        let settling = Arc::new(Settling::default());
+        // Not waiting yet: nothing to call off.
+        settling.call_off();
+        let waiter = Arc::clone(&settling);
+        let thread = std::thread::spawn(move || waiter.wait(Duration::from_secs(600)));
+        let _ = settling.thread.set(thread.thread().clone());
+        while !settling.waiting.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        settling.call_off();
+        assert!(thread.join().expect("the waiting thread"), "the wait was called off");
+    }
+
+    #[test]
+    fn a_wait_nobody_calls_off_runs_its_course() {
+        let settling = Settling::default();
+        assert!(!settling.wait(Duration::from_millis(5)));
     }
 }
