@@ -75,12 +75,11 @@ pub(crate) struct Generation {
     pub(crate) router: axum::Router,
     pub(crate) limits: ConnectionLimits,
     lifecycle: watch::Sender<LifecycleState>,
-    /// Connections of this generation that are open (upgraded ones included).
-    live: AtomicUsize,
     /// Accept loops still running.
     accepting: AtomicUsize,
-    /// Woken when `live` or `accepting` drops to 0.
+    /// Woken when the open connections or `accepting` drop to 0.
     emptied: Notify,
+    /// The connections of this generation that are open (upgraded ones included).
     activity: Arc<Activity>,
 }
 
@@ -97,7 +96,7 @@ pub(crate) struct Activity {
 }
 
 impl Activity {
-    /// The thread that dozes, to be woken when something begins.
+    /// The thread that dozes, to be woken when a connection opens.
     pub(crate) fn nudged_by(&self, thread: std::thread::Thread) {
         let _ = self.nudger.set(thread);
     }
@@ -126,8 +125,9 @@ impl Activity {
         }
     }
 
-    fn end(&self) {
-        self.open.fetch_sub(1, Ordering::SeqCst);
+    /// Whether it was the last one open.
+    fn end(&self) -> bool {
+        self.open.fetch_sub(1, Ordering::SeqCst) == 1
     }
 }
 
@@ -149,7 +149,6 @@ impl Generation {
             router,
             limits: host.limits,
             lifecycle,
-            live: AtomicUsize::new(0),
             accepting: AtomicUsize::new(0),
             emptied: Notify::new(),
             activity,
@@ -189,7 +188,7 @@ impl Generation {
 
     /// Whether nothing is left to serve: no accept loop runs and no connection is open.
     pub(crate) fn is_empty(&self) -> bool {
-        self.accepting.load(Ordering::Acquire) == 0 && self.live.load(Ordering::Acquire) == 0
+        self.accepting.load(Ordering::Acquire) == 0 && self.activity.is_idle()
     }
 
     /// Resolves when the generation may have become empty.
@@ -208,14 +207,12 @@ impl Generation {
     }
 
     pub(crate) fn connection_opened(&self) {
-        self.live.fetch_add(1, Ordering::AcqRel);
         self.activity.begin();
         (self.host.connection_opened)(self.host.handle);
     }
 
     fn forget_connection(&self) {
-        self.activity.end();
-        if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.activity.end() {
             self.emptied.notify_one();
         }
     }

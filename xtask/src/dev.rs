@@ -902,9 +902,9 @@ impl Phases {
         }
     }
 
-    /// ` 0.74 s after the save: waited 10 ms, built 0.65 s, …` (the parts it knows).
+    /// ` 0.74 s after the change: waited 10 ms, built in 0.65 s, …` (the parts it knows).
     fn describe(&self) -> String {
-        let ms = |duration: Duration| duration.as_secs_f64() * 1e3;
+        let ms = millis;
         let mut parts = Vec::new();
         if let Some(waited) = self.waited {
             parts.push(format!("waited {:.0} ms", ms(waited)));
@@ -931,7 +931,7 @@ impl Phases {
     }
 
     fn append_to(&self, path: &Path, generation: u64) -> anyhow::Result<()> {
-        let ms = |duration: Duration| duration.as_secs_f64() * 1e3;
+        let ms = millis;
         let line = serde_json::json!({
             "generation": generation,
             "total_ms": self.total.map(ms),
@@ -949,6 +949,10 @@ impl Phases {
             .with_context(|| format!("cannot open {}", path.display()))?;
         writeln!(file, "{line}").with_context(|| format!("cannot write to {}", path.display()))
     }
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
 }
 
 fn seconds(duration: Duration) -> String {

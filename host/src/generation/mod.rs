@@ -288,14 +288,13 @@ impl Generation {
                 }
             };
             let elapsed = loaded.elapsed();
-            let _ = generation
-                .opened_in
-                .set((library.load_duration, elapsed.saturating_sub(library.load_duration)));
+            let verify = elapsed.saturating_sub(library.load_duration);
+            let _ = generation.opened_in.set((library.load_duration, verify));
             tracing::info!(
                 generation = number,
                 duration_ms = ms(elapsed),
                 load_ms = ms(library.load_duration),
-                verify_ms = ms(elapsed.saturating_sub(library.load_duration)),
+                verify_ms = ms(verify),
                 "loaded and verified"
             );
             if let Err(e) = library.run(&generation, &config, worker_threads, live_reload) {
@@ -686,10 +685,6 @@ impl Host for Generation {
     }
 }
 
-/// Whether code of the library copy at `staged` may still run after every thread the
-/// generation owns has ended, so that unmapping it would crash the host: a thread the app started
-/// outside tokio (as C libraries do; it inherits its creator's name, `gen{N}…`), or a signal
-/// handler it installed. Says why in the log.
 /// How long the steps of a generation's start took (the reload's answer has them, and `cargo xtask
 /// dev` prints them): staging its copy (or taking the one staged ahead), `dlopen`, the interface
 /// check, and the rest until it had started (its thread, runtime and `App::init`).
@@ -771,6 +766,10 @@ fn spawn_generation_thread(
     std::thread::Builder::new().name(format!("gen{number}")).spawn(job)
 }
 
+/// Whether code of the library copy at `staged` may still run after every thread the
+/// generation owns has ended, so that unmapping it would crash the host: a thread the app started
+/// outside tokio (as C libraries do; it inherits its creator's name, `gen{N}…`), or a signal
+/// handler it installed. Says why in the log.
 fn still_runs_code_of(number: u64, staged: &Path) -> Option<String> {
     let mut reasons = Vec::new();
     // tokio joins only the last of its blocking threads at shutdown; the others have finished

@@ -12,7 +12,7 @@
 //! stages anew, exactly as without this.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -42,7 +42,7 @@ pub struct Ahead {
     init_timeout: Duration,
     held: Mutex<Option<Held>>,
     /// How many preparations were started, for `/status`.
-    started: std::sync::atomic::AtomicU64,
+    started: AtomicU64,
 }
 
 enum Held {
@@ -102,7 +102,7 @@ impl Ahead {
             trust,
             init_timeout,
             held: Mutex::new(None),
-            started: std::sync::atomic::AtomicU64::new(0),
+            started: AtomicU64::new(0),
         }
     }
 
@@ -179,7 +179,7 @@ impl Ahead {
         match started {
             Ok(thread) => {
                 let _ = settling.thread.set(thread.thread().clone());
-                self.started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.started.fetch_add(1, Ordering::Relaxed);
                 *held = Some(Held::Preparing(preparing, settling));
             }
             Err(e) => tracing::debug!(error = %e, "cannot start staging the library ahead"),
@@ -205,7 +205,7 @@ impl Ahead {
         };
         serde_json::json!({
             "state": state,
-            "preparations": self.started.load(std::sync::atomic::Ordering::Relaxed),
+            "preparations": self.started.load(Ordering::Relaxed),
         })
     }
 

@@ -271,7 +271,6 @@ impl Reloader {
     /// runs: each ends by doing so.
     pub fn stage_ahead(&self) {
         if !self.acting.load(Ordering::Relaxed) {
-            self.acting.store(false, Ordering::Relaxed);
             self.ahead.refresh();
         }
     }
@@ -1039,14 +1038,14 @@ async fn load_generation(
     }
     // At start-up the host is still opening its own descriptors: they would be blamed on the app.
     let descriptors_before = shared.serving.is_some().then_some(descriptors_before);
+    let staged_in = began.elapsed();
     tracing::info!(
         generation = number,
         staged_copy = %library.staged_copy.display(),
         staged_ahead,
-        duration_ms = ms(began.elapsed()),
+        duration_ms = ms(staged_in),
         "staged"
     );
-    let staged_in = began.elapsed();
     let sha256 = library.sha256.clone();
     let config = match &settings.app_config {
         Some(path) => tokio::fs::read_to_string(path)
